@@ -1,0 +1,58 @@
+"""A request on its way through the pool, and the one place its answer is settled."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import trio
+
+from .errors import PoolError
+
+log = logging.getLogger("modelpool.job")
+_ids = itertools.count(1)
+
+
+class Job:
+    """One request line and the caller waiting for its answer.
+
+    `queued` is true while the job sits in the channel; `abandoned` once the caller
+    stopped waiting (its client went away, or its queue wait ran out). A worker skips
+    an abandoned job it has not started, and throws away the answer of one it has.
+    """
+
+    def __init__(self, line: bytes) -> None:
+        self.id = next(_ids)
+        self.line = line
+        self.queued = False
+        self.abandoned = False
+        self.attempts = 0
+        self.enqueued_at = trio.current_time()
+        self.taken = trio.Event()
+        self.done = trio.Event()
+        self._value: dict[str, Any] | None = None
+        self._error: PoolError | None = None
+
+    def succeed(self, value: dict[str, Any]) -> None:
+        if not self.done.is_set():
+            self._value = value
+            self._settle()
+
+    def fail(self, error: PoolError) -> None:
+        if not self.done.is_set():
+            self._error = error
+            self._settle()
+
+    def result(self) -> dict[str, Any]:
+        """The model's answer; raises the PoolError that stands for it instead."""
+        assert self.done.is_set(), "job is not done"
+        if self._error is not None:
+            raise self._error
+        assert self._value is not None
+        return self._value
+
+    def _settle(self) -> None:
+        self.done.set()
+        if self.abandoned:
+            log.info("job %d: its caller is gone; answer dropped", self.id)

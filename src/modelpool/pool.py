@@ -1,0 +1,218 @@
+"""The pool: N workers pulling jobs from one FIFO memory channel.
+
+Embed it in any trio program::
+
+    async with open_pool(PoolConfig(workers=2)) as pool:
+        answer = await pool.predict({"data": 3})
+
+Admission is counted here rather than by the channel's buffer, so a request whose
+caller gave up stops counting against `max_queue` at once, even before a worker
+pops it and skips it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from .config import PoolConfig
+from .errors import BadRequest, ModelFailed, QueueFull, QueueTimeout, ShuttingDown
+from .job import Job
+from .worker import State, Worker
+
+log = logging.getLogger("modelpool.pool")
+
+MAX_ATTEMPTS = 2  # a job whose model died before reading it is tried once more
+
+
+def encode_request(request: Any) -> bytes:
+    """One compact JSON line; ASCII-only, so nothing inside can break the line."""
+    try:
+        text = json.dumps(request, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise BadRequest(f"request is not serialisable as JSON: {exc}") from None
+    return text.encode("ascii") + b"\n"
+
+
+class Pool:
+    """Hands each request to the first free model; built and run by `open_pool`."""
+
+    def __init__(self, config: PoolConfig, nursery: trio.Nursery) -> None:
+        self.config = config
+        self.closing = False
+        self._nursery = nursery
+        self._send, self.jobs = trio.open_memory_channel[Job](math.inf)
+        self._pending = 0
+        self._changed = trio.Event()
+        self.stopped = trio.Event()
+        self.workers = [Worker(i, self) for i in range(config.workers)]
+
+    # -- what callers use -------------------------------------------------------------
+
+    async def predict(self, request: Any) -> dict[str, Any]:
+        """The model's answer to `request`, or a PoolError saying why there is none."""
+        job = self._submit(encode_request(request))
+        try:
+            if self.config.queue_timeout is not None:
+                with trio.move_on_after(self.config.queue_timeout):
+                    await job.taken.wait()
+                if not job.taken.is_set():
+                    log.warning(
+                        "job %d: no model free within %g s", job.id, self.config.queue_timeout
+                    )
+                    raise QueueTimeout()
+            await job.done.wait()
+        finally:
+            if not job.done.is_set():
+                self._abandon(job)
+        return job.result()
+
+    @property
+    def queue_length(self) -> int:
+        return self._pending
+
+    @property
+    def ready_count(self) -> int:
+        return sum(w.ready for w in self.workers)
+
+    async def wait_ready(self, count: int | None = None) -> None:
+        """Wait until `count` models (all by default) are ready to take requests."""
+        want = len(self.workers) if count is None else count
+        while self.ready_count < want:
+            await self._changed.wait()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "workers": [w.snapshot() for w in self.workers],
+            "size": len(self.workers),
+            "ready": self.ready_count,
+            "queue": self._pending,
+            "max_queue": self.config.max_queue,
+            "shutting_down": self.closing,
+        }
+
+    def shutdown(self) -> None:
+        """Take no new requests; serve the queued ones until the drain deadline, then stop."""
+        if self.closing:
+            return
+        self.closing = True
+        self._send.close()
+        log.info(
+            "shutting down: %d request(s) queued, draining for up to %g s",
+            self._pending,
+            self.config.effective_drain_timeout,
+        )
+        self._nursery.start_soon(self._drain)
+        self._stop_idle_starts()
+
+    def kill(self) -> None:
+        """Hard stop: SIGKILL every model now; every waiting request gets ShuttingDown."""
+        self.shutdown()
+        for worker in self.workers:
+            worker.kill_model()
+        self._abort()
+
+    # -- what workers use -------------------------------------------------------------
+
+    def take(self, job: Job) -> bool:
+        """Claim a job popped from the channel; False if its caller already gave up."""
+        if job.abandoned:
+            return False
+        job.queued = False
+        job.attempts += 1
+        self._pending -= 1
+        job.taken.set()
+        self._stop_idle_starts()
+        return True
+
+    def retry(self, job: Job, reason: str) -> None:
+        """Queue a job again whose model died before it could have read it."""
+        if job.abandoned or self.closing or job.attempts >= MAX_ATTEMPTS:
+            job.fail(ModelFailed(reason))
+            return
+        log.warning("job %d: %s; queued again", job.id, reason)
+        self._enqueue(job)
+
+    def wants_models(self) -> bool:
+        """False once shutting down with nothing left in the queue."""
+        return not (self.closing and self._pending == 0)
+
+    def worker_changed(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+        if all(w.state is State.STOPPED for w in self.workers):
+            self.stopped.set()
+
+    # -- inside -----------------------------------------------------------------------
+
+    def _submit(self, line: bytes) -> Job:
+        if self.closing:
+            raise ShuttingDown()
+        if self._pending >= self.config.max_queue:
+            raise QueueFull()
+        job = Job(line)
+        self._enqueue(job)
+        return job
+
+    def _enqueue(self, job: Job) -> None:
+        job.queued = True
+        self._pending += 1
+        self._send.send_nowait(job)
+
+    def _abandon(self, job: Job) -> None:
+        job.abandoned = True
+        if job.queued:
+            job.queued = False
+            self._pending -= 1
+            self._stop_idle_starts()
+
+    def _stop_idle_starts(self) -> None:
+        """While draining with an empty queue, a model still starting has nothing to do."""
+        if self.wants_models():
+            return
+        for worker in self.workers:
+            if worker.state in (State.STARTING, State.RESTARTING):
+                worker.scope.cancel()
+
+    async def _drain(self) -> None:
+        with trio.move_on_after(self.config.effective_drain_timeout):
+            await self.stopped.wait()
+        if self.stopped.is_set():
+            return
+        log.warning(
+            "drain deadline passed with %d request(s) queued; stopping all models", self._pending
+        )
+        self._abort()
+
+    def _abort(self) -> None:
+        """Fail every queued job and stop every worker, busy or not."""
+        while True:
+            try:
+                job = self.jobs.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            if self.take(job):
+                job.fail(ShuttingDown())
+        for worker in self.workers:
+            worker.scope.cancel()
+
+
+@asynccontextmanager
+async def open_pool(config: PoolConfig | None = None) -> AsyncIterator[Pool]:
+    """Run a pool for the duration of the block; on exit, drain it and stop every model."""
+    config = config or PoolConfig()
+    async with trio.open_nursery() as nursery:
+        pool = Pool(config, nursery)
+        log.info("starting %d model(s): %s", config.workers, " ".join(config.model_cmd))
+        for worker in pool.workers:
+            nursery.start_soon(worker.run, name=f"modelpool {worker.name}")
+        try:
+            yield pool
+        finally:
+            pool.shutdown()

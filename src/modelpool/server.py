@@ -1,0 +1,115 @@
+"""The service: a pool and a hypercorn server on top of it, with graceful and hard stops.
+
+`shutdown()` (first SIGINT/SIGTERM): the listener closes, new requests on open
+connections get 503, queued and in-flight requests get until the drain deadline, then
+every model's stdin is closed and whatever has not exited after `exit_grace` is killed.
+`kill()` (a second signal): every model is SIGKILLed at once and waiting requests get 503.
+"""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ASGISendEvent,
+    Scope,
+)
+
+from .app import create_app
+from .config import ServerConfig
+from .pool import Pool, open_pool
+
+log = logging.getLogger("modelpool.server")
+
+RESPONSE_SLACK = 2.0  # seconds the server waits past the drain deadline for responses to go out
+
+
+class ShieldedSends:
+    """ASGI wrapper that runs each `send` of the app shielded from cancellation.
+
+    After the last body chunk, hypercorn restarts its keep-alive idle timer from inside
+    that very `send` call, while quart-trio cancels the request's nursery as soon as it
+    sees the disconnect hypercorn queued on the way. The cancellation reached the new
+    timer, so idle keep-alive connections were never closed: not after
+    keep_alive_timeout, and not on shutdown, which then waited for graceful_timeout.
+    Hypercorn already shields its own socket writes, so this adds no new way to block.
+    """
+
+    def __init__(self, app: ASGIFramework) -> None:
+        self.app = app
+
+    async def __call__(
+        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+    ) -> None:
+        async def shielded_send(message: ASGISendEvent) -> None:
+            with trio.CancelScope(shield=True):
+                await send(message)
+
+        await self.app(scope, receive, shielded_send)
+
+
+class Service:
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._stop = trio.Event()
+        self._hard = False
+        self._pool: Pool | None = None
+
+    @property
+    def pool(self) -> Pool | None:
+        """The running pool, once `run()` has started it."""
+        return self._pool
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        if self._pool is not None:
+            self._pool.shutdown()
+
+    def kill(self) -> None:
+        self._hard = True
+        self._stop.set()
+        if self._pool is not None:
+            self._pool.kill()
+
+    async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve until `shutdown()`; reports the URL it listens on through task_status."""
+        async with open_pool(self.config.pool) as pool:
+            self._pool = pool
+            if self._hard:
+                pool.kill()
+            elif self._stop.is_set():
+                pool.shutdown()
+            app = ShieldedSends(create_app(pool, self.config.max_body))
+            async with trio.open_nursery() as nursery:
+                binds = await nursery.start(
+                    partial(
+                        serve,
+                        app,
+                        self._hypercorn_config(),
+                        shutdown_trigger=self._stop.wait,
+                        mode="asgi",
+                    )
+                )
+                url = binds[0]
+                log.info("listening on %s with %d model(s)", url, len(pool.workers))
+                task_status.started(url)
+        log.info("stopped")
+
+    def _hypercorn_config(self) -> HypercornConfig:
+        config = HypercornConfig()
+        host = self.config.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        config.bind = [f"{host}:{self.config.port}"]
+        config.graceful_timeout = self.config.pool.effective_drain_timeout + RESPONSE_SLACK
+        config.keep_alive_timeout = self.config.keep_alive_timeout
+        config.errorlog = logging.getLogger("hypercorn.error")
+        config.accesslog = logging.getLogger("hypercorn.access") if self.config.access_log else None
+        return config

@@ -1,0 +1,130 @@
+"""Shared helpers: real model commands, a real server on a free loopback port, and a
+check after every test that it left no child process behind."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from modelpool import PoolConfig, PoolError, ServerConfig
+from modelpool.pool import Pool
+from modelpool.server import Service
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL3 = [sys.executable, "-u", str(ROOT / "model3.py")]
+SCRIPTED = [sys.executable, "-u", str(Path(__file__).parent / "models" / "scripted.py")]
+FAST_MODEL3 = {"MODEL3_STEP_SECONDS": "0.05"}  # model3 ready in about 0.25 s
+
+
+def model3_config(**overrides: object) -> PoolConfig:
+    options: dict = {"model_cmd": MODEL3, "env": FAST_MODEL3, "workers": 2}
+    options.update(overrides)
+    return PoolConfig(**options)
+
+
+def scripted_config(**overrides: object) -> PoolConfig:
+    options: dict = {"model_cmd": SCRIPTED, "workers": 1}
+    options.update(overrides)
+    return PoolConfig(**options)
+
+
+def children_of(pid: int) -> list[int]:
+    """Live (non-zombie) processes whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        state, ppid = fields[0], int(fields[1])
+        if ppid == pid and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def process_alive(pid: int) -> bool:
+    """True if `pid` runs and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes in process group `pgid`."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if os.getpgid(int(entry.name)) == pgid and process_alive(int(entry.name)):
+                    members.append(int(entry.name))
+            except OSError:
+                continue
+    return members
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> object:
+    """Every test must stop every process it started."""
+    before = set(children_of(os.getpid()))
+    yield
+    deadline = time.monotonic() + 5
+    while (left := set(children_of(os.getpid())) - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not left, f"test left child processes behind: {sorted(left)}"
+
+
+async def wait_until(predicate: Callable[[], bool], within: float, what: str) -> None:
+    """Poll `predicate` until it holds; fail the test after `within` seconds."""
+    with trio.move_on_after(within):
+        while not predicate():
+            await trio.sleep(0.02)
+        return
+    raise AssertionError(f"timed out after {within} s waiting for {what}")
+
+
+async def predict_into(pool: Pool, request: object, outcomes: list) -> None:
+    """Run one prediction as a task, keeping its answer or its PoolError."""
+    try:
+        outcomes.append(await pool.predict(request))
+    except PoolError as exc:
+        outcomes.append(exc)
+
+
+@dataclass
+class RunningServer:
+    url: str
+    service: Service
+    client: httpx.AsyncClient
+
+    @property
+    def pool(self) -> Pool:
+        assert self.service.pool is not None
+        return self.service.pool
+
+
+@asynccontextmanager
+async def running_server(pool: PoolConfig, **server: object) -> AsyncIterator[RunningServer]:
+    """The real service (pool + hypercorn) on a free loopback port, stopped on exit."""
+    config = ServerConfig(pool=pool, host="127.0.0.1", port=0, **server)  # type: ignore[arg-type]
+    service = Service(config)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(service.run)
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            try:
+                yield RunningServer(url, service, client)
+            finally:
+                service.shutdown()

@@ -1,0 +1,272 @@
+"""POST /predict and friends, over real HTTP to a real hypercorn server on loopback."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from functools import partial
+
+import httpx
+import pytest
+import trio
+
+from conftest import model3_config, running_server, scripted_config, wait_until
+from modelpool import ServerConfig
+from modelpool.server import Service
+
+
+async def post_many(client: httpx.AsyncClient, bodies: list[object]) -> list[httpx.Response]:
+    responses: list[httpx.Response | None] = [None] * len(bodies)
+
+    async def post(i: int) -> None:
+        responses[i] = await client.post("/predict", json=bodies[i])
+
+    async with trio.open_nursery() as nursery:
+        for i in range(len(bodies)):
+            nursery.start_soon(post, i)
+    return [r for r in responses if r is not None]
+
+
+async def test_predict_answers_with_the_models_json_object() -> None:
+    async with running_server(model3_config()) as server:
+        response = await server.client.post("/predict", content=b'{"data": 3}')
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/json"
+        assert response.json() == {"ice_found": True}
+
+
+async def test_four_requests_run_in_parallel_and_eight_in_two_rounds() -> None:
+    # {"data": 2} computes for 2.19 s: one after the other, 4 take 8.7 s and 8 take 17.5 s.
+    async with running_server(model3_config(workers=4)) as server:
+        await server.pool.wait_ready()
+        started = trio.current_time()
+        responses = await post_many(server.client, [{"data": 2}] * 4)
+        four = trio.current_time() - started
+        assert [r.status_code for r in responses] == [200] * 4
+        assert 2.1 < four < 3.6
+
+        started = trio.current_time()
+        responses = await post_many(server.client, [{"data": 2}] * 8)
+        eight = trio.current_time() - started
+        assert [r.json() for r in responses] == [{"ice_found": True}] * 8
+        assert 4.3 < eight < 6.5
+        assert [w.served for w in server.pool.workers] == [3, 3, 3, 3]
+
+
+async def test_requests_sent_before_the_models_are_ready_wait_for_them() -> None:
+    config = model3_config(env={"MODEL3_STEP_SECONDS": "0.3"})  # ready after 1.5 s
+    async with running_server(config) as server:
+        ready = await server.client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["ready"] == 0
+        started = trio.current_time()
+        responses = await post_many(server.client, [{"data": 0}] * 3)
+        assert [r.json() for r in responses] == [{"ice_found": True}] * 3
+        assert trio.current_time() - started > 1.2
+        assert (await server.client.get("/readyz")).status_code == 200
+
+
+async def test_timeout_answers_504_and_the_next_request_gets_a_fresh_model() -> None:
+    async with running_server(model3_config(workers=1, timeout=1)) as server:
+        await server.pool.wait_ready()
+        old_pid = server.pool.workers[0].pid
+        started = trio.current_time()
+        response = await server.client.post("/predict", json={"data": 33})  # 75 s of work
+        assert response.status_code == 504
+        assert response.json() == {"error": "model timeout"}
+        assert trio.current_time() - started < 4
+        response = await server.client.post("/predict", json={"data": 3})
+        assert response.status_code == 200
+        status = (await server.client.get("/status")).json()
+        assert status["workers"][0]["restarts"] == 1
+        assert status["workers"][0]["pid"] != old_pid
+
+
+@pytest.mark.parametrize("body", [{"foo": 1}, {"data": "abc"}, [1, 2], "just a string"])
+async def test_a_request_that_crashes_model3_gets_502_and_the_pool_recovers(body: object) -> None:
+    async with running_server(model3_config(workers=2)) as server:
+        await server.pool.wait_ready()
+        response = await server.client.post("/predict", json=body)
+        assert response.status_code == 502
+        failure = response.json()
+        assert failure["error"] == "model failed"
+        assert failure["exit_code"] == 1
+        assert "Traceback (most recent call last):" in failure["stderr"]
+        assert "exited with code 1" in failure["detail"]
+        await wait_until(lambda: server.pool.ready_count == 2, 10, "two ready models again")
+        readyz = (await server.client.get("/readyz")).json()
+        assert readyz["ready"] == 2
+        assert (await server.client.post("/predict", json={"data": 0})).status_code == 200
+
+
+async def test_a_body_with_newlines_is_one_request() -> None:
+    raw_newline = b'{\n  "text": "two\nlines",\n  "n": 1\n}\n'
+    escaped = b'{"text": "two\\nlines", "n": 2}'
+    async with running_server(scripted_config()) as server:
+        first = (await server.client.post("/predict", content=raw_newline)).json()
+        second = (await server.client.post("/predict", content=escaped)).json()
+        assert first["echo"] == {"text": "two\nlines", "n": 1}
+        assert second["echo"] == {"text": "two\nlines", "n": 2}
+        assert (first["count"], second["count"]) == (1, 2)
+
+
+async def chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+async def test_bad_requests_are_refused_without_touching_a_model() -> None:
+    async with running_server(scripted_config(workers=2), max_body=1000) as server:
+        await server.pool.wait_ready()
+        pids = [w.pid for w in server.pool.workers]
+        client = server.client
+        cases = [
+            (await client.post("/predict", content=b""), 400, "bad request"),
+            (await client.post("/predict", content=b"  \n"), 400, "bad request"),
+            (await client.post("/predict", content=b"{not json"), 400, "bad request"),
+            (await client.post("/predict", content=b'{"data": NaN}'), 400, "bad request"),
+            (await client.post("/predict", content=b"[" * 900 + b"]" * 90), 400, "bad request"),
+            (await client.post("/predict", content=b"\xff\xfe\x00"), 400, "bad request"),
+            (await client.post("/predict", content=b"1" * 1001), 413, "request body too large"),
+            (
+                await client.post("/predict", content=chunks(b"2" * 5000, 700)),
+                413,
+                "request body too large",
+            ),
+            (await client.get("/predict"), 405, "method not allowed"),
+            (await client.post("/nowhere", json={"data": 1}), 404, "not found"),
+            (await client.post("/status"), 405, "method not allowed"),
+        ]
+        for response, status, error in cases:
+            assert response.status_code == status, response.text
+            assert response.json()["error"] == error
+        assert cases[2][0].json()["detail"].startswith("body is not valid JSON")
+        assert cases[6][0].json()["max_body"] == 1000
+        assert "POST" in cases[8][0].headers["allow"]
+        assert [w.pid for w in server.pool.workers] == pids
+        assert all(w.served == 0 and w.restarts == 0 for w in server.pool.workers)
+        # the largest body allowed still goes through
+        body = json.dumps({"pad": "p" * 980}).encode()
+        assert len(body) <= 1000
+        assert (await client.post("/predict", content=body)).status_code == 200
+
+
+async def test_a_full_queue_answers_503_with_retry_after_at_once() -> None:
+    async with running_server(scripted_config(max_queue=1)) as server:
+        await server.pool.wait_ready()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(partial(server.client.post, "/predict", json={"sleep": 1.5}))
+            await wait_until(lambda: server.pool.workers[0].state == "busy", 5, "the blocker")
+            nursery.start_soon(partial(server.client.post, "/predict", json={"n": 1}))
+            await wait_until(lambda: server.pool.queue_length == 1, 5, "a queued request")
+            started = trio.current_time()
+            response = await server.client.post("/predict", json={"n": 2})
+            assert trio.current_time() - started < 0.5
+            assert response.status_code == 503
+            assert response.json() == {"error": "queue full"}
+            assert response.headers["retry-after"] == "1"
+
+
+async def test_a_client_that_disconnects_does_not_corrupt_later_answers() -> None:
+    async with running_server(scripted_config()) as server:
+        await server.pool.wait_ready()
+        async with httpx.AsyncClient(base_url=server.url, timeout=0.3) as impatient:
+            with pytest.raises(httpx.ReadTimeout):
+                await impatient.post("/predict", json={"id": "A", "sleep": 1})
+            with pytest.raises(httpx.ReadTimeout):
+                await impatient.post("/predict", json={"id": "B"})  # queued behind A
+        answer = (await server.client.post("/predict", json={"id": "C"})).json()
+        assert answer["echo"] == {"id": "C"}
+        assert answer["count"] == 2  # A ran to its end unheard; B never reached the model
+        assert server.pool.workers[0].restarts == 0
+        assert server.pool.queue_length == 0
+
+
+async def test_health_readiness_and_status() -> None:
+    config = scripted_config(workers=2, env={"SCRIPTED_INIT_SECONDS": "0.5"})
+    async with running_server(config) as server:
+        client = server.client
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        early = await client.get("/readyz")
+        assert early.status_code == 503
+        assert early.json() == {"ready": 0, "size": 2, "queue": 0, "shutting_down": False}
+        await server.pool.wait_ready()
+        assert (await client.get("/readyz")).json()["ready"] == 2
+        await client.post("/predict", json={"n": 1})
+        status = (await client.get("/status")).json()
+        assert status["size"] == 2
+        assert status["queue"] == 0
+        assert {w["state"] for w in status["workers"]} == {"idle"}
+        assert all(isinstance(w["pid"], int) for w in status["workers"])
+        assert sum(w["served"] for w in status["workers"]) == 1
+        assert {"restarts", "failed", "id"} <= set(status["workers"][0])
+
+
+async def test_during_shutdown_new_requests_get_503_and_running_ones_finish() -> None:
+    async with running_server(scripted_config()) as server:
+        await server.pool.wait_ready()
+        shutting_down = trio.Event()
+
+        async def body_finished_after_shutdown() -> AsyncIterator[bytes]:
+            yield b'{"n":'
+            await shutting_down.wait()
+            yield b" 2}"
+
+        responses: dict[str, httpx.Response] = {}
+
+        async def post(name: str, content: object) -> None:
+            responses[name] = await server.client.post("/predict", content=content)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(post, "running", b'{"sleep": 1}')
+            await wait_until(lambda: server.pool.workers[0].state == "busy", 5, "the request")
+            nursery.start_soon(post, "late", body_finished_after_shutdown())
+            await trio.sleep(0.2)
+            server.service.shutdown()
+            shutting_down.set()
+        assert responses["late"].status_code == 503
+        assert responses["late"].json() == {"error": "shutting down"}
+        assert responses["running"].status_code == 200
+        assert responses["running"].json()["echo"] == {"sleep": 1}
+        async with httpx.AsyncClient(base_url=server.url) as fresh:
+            with pytest.raises(httpx.ConnectError):  # the listener is closed
+                await fresh.post("/predict", json={"n": 3})
+
+
+async def read_response(stream: trio.SocketStream) -> bytes:
+    data = b""
+    while not data.endswith(b"}\n"):
+        data += await stream.receive_some(4096)
+    return data
+
+
+async def test_idle_keep_alive_connections_are_closed_after_the_timeout() -> None:
+    async with running_server(scripted_config(), keep_alive_timeout=0.5) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            assert b"200" in await read_response(stream)
+            with trio.fail_after(5):
+                assert await stream.receive_some(4096) == b""  # the server hung up
+
+
+async def test_shutdown_is_not_held_up_by_idle_keep_alive_connections() -> None:
+    # The drain deadline is 61 s, and hypercorn would wait for open connections that long.
+    service = Service(ServerConfig(pool=scripted_config(timeout=60), port=0))
+    returned = trio.Event()
+
+    async def run(task_status: trio.TaskStatus[str]) -> None:
+        await service.run(task_status=task_status)
+        returned.set()
+
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(run)
+        async with httpx.AsyncClient(base_url=url) as keep_alive:
+            assert (await keep_alive.get("/healthz")).status_code == 200
+            started = trio.current_time()
+            service.shutdown()
+            with trio.move_on_after(5):
+                await returned.wait()
+            stopped_after = trio.current_time() - started
+            service.kill()
+    assert stopped_after < 2, "the service waited for an idle keep-alive connection"
