@@ -161,7 +161,7 @@ async def test_a_full_queue_answers_503_with_retry_after_at_once() -> None:
             await wait_until(lambda: server.pool.queue_length == 1, 5, "a queued request")
             started = trio.current_time()
             response = await server.client.post("/predict", json={"n": 2})
-            assert trio.current_time() - started < 0.5
+            assert trio.current_time() - started < 1.0  # not after the 1.5 s blocker
             assert response.status_code == 503
             assert response.json() == {"error": "queue full"}
             assert response.headers["retry-after"] == "1"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import signal
 from pathlib import Path
 
@@ -77,6 +78,39 @@ async def test_timeout_kills_the_model_and_the_next_request_gets_a_fresh_one() -
         assert answer["pid"] != first_pid
         assert answer["count"] == 1
         assert pool.workers[0].restarts == 1
+
+
+async def test_time_waiting_in_the_queue_does_not_count_towards_the_timeout() -> None:
+    async with open_pool(scripted_config(timeout=1.5)) as pool:
+        await pool.wait_ready()
+        outcomes: list = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(predict_into, pool, {"n": 1, "sleep": 1}, outcomes)
+            await wait_until(lambda: pool.workers[0].state == "busy", 5, "the first request")
+            nursery.start_soon(predict_into, pool, {"n": 2, "sleep": 1}, outcomes)
+        # the second waited about 1 s and computed 1 s: 2 s in all, but only 1 s of compute
+        assert [o["echo"]["n"] for o in outcomes] == [1, 2]
+
+
+async def test_the_log_tells_what_happened(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    async with open_pool(scripted_config(timeout=0.5)) as pool:
+        await pool.predict({"n": 1})
+        with pytest.raises(ModelTimeout):
+            await pool.predict({"sleep": 5})
+        with pytest.raises(ModelFailed):
+            await pool.predict({"exit": 9})
+        await pool.wait_ready()
+    text = caplog.text
+    for expected in (
+        r"worker 0 \[pid \d+\] started: ",
+        r"worker 0 \[pid \d+\] ready after \d+\.\d s",
+        r"job \d+ served in \d+\.\d\d s \(queued \d+\.\d\d s\)",
+        r"job \d+ failed, model killed: no result after 0.5 s",
+        r"job \d+ failed, model killed: model exited with code 9",
+        r"worker 0: restart 2 in 0\.0 s",
+    ):
+        assert re.search(expected, text), expected
 
 
 async def test_timeout_also_kills_what_the_model_started(tmp_path: Path) -> None:
@@ -165,6 +199,8 @@ async def test_a_model_that_dies_while_idle_is_replaced_before_the_next_request(
 async def test_a_request_its_model_could_not_read_is_queued_again() -> None:
     async with open_pool(scripted_config()) as pool:
         first = await pool.predict({"close_stdin": True})
+        stdin = Path(f"/proc/{first['pid']}/fd/0")
+        await wait_until(lambda: not stdin.exists(), 5, "the model to close its stdin")
         answer = await pool.predict({"id": "next"})  # the write to the first model fails
         assert answer["echo"] == {"id": "next"}
         assert answer["pid"] != first["pid"]
@@ -172,9 +208,18 @@ async def test_a_request_its_model_could_not_read_is_queued_again() -> None:
         assert pool.workers[0].restarts == 1
 
 
-async def test_start_up_failures_back_off_instead_of_looping() -> None:
+@pytest.mark.parametrize(
+    ("command", "logged"),
+    [
+        (["sh", "-c", "echo cannot load >&2; exit 3"], "model exited with code 3: cannot load"),
+        (["/nonexistent/model"], "cannot run '/nonexistent/model'"),
+    ],
+)
+async def test_start_up_failures_back_off_instead_of_looping(
+    command: list[str], logged: str, caplog: pytest.LogCaptureFixture
+) -> None:
     config = scripted_config(
-        model_cmd=["sh", "-c", "echo cannot load >&2; exit 3"],
+        model_cmd=command,
         backoff_initial=0.1,
         backoff_max=0.4,
         queue_timeout=0.5,
@@ -188,6 +233,7 @@ async def test_start_up_failures_back_off_instead_of_looping() -> None:
         assert worker["state"] in ("restarting", "starting")
         with pytest.raises(QueueTimeout):  # the pool stays up and says why it cannot serve
             await pool.predict({"n": 1})
+    assert f"failed to start: {logged}" in caplog.text
 
 
 async def test_a_model_that_fails_to_start_a_few_times_recovers(tmp_path: Path) -> None:

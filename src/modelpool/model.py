@@ -44,6 +44,7 @@ class ModelProcess:
         self.proc = proc
         self.pid = proc.pid
         self.name = f"{name} [pid {proc.pid}]"
+        self.started_at = trio.current_time()
         self.ready = False
         self.busy = False
         self.overflowed = False
@@ -65,9 +66,9 @@ class ModelProcess:
         if self.ready:
             return
         if not self._init_done.is_set():
-            raise StartFailed(f"no ready line within {timeout:g} s")
+            raise StartFailed(f"{self.name} failed to start: no ready line within {timeout:g} s")
         failure = await self.describe_failure()
-        raise StartFailed(f"during start-up, {failure.detail}")
+        raise StartFailed(f"{self.name} failed to start: {failure.detail}")
 
     async def send(self, line: bytes) -> None:
         """Write one request line; trio.BrokenResourceError if the model is gone."""
@@ -230,7 +231,9 @@ async def open_model(config: PoolConfig, name: str) -> AsyncIterator[ModelProces
             env=env,
         )
     except OSError as exc:
-        raise StartFailed(f"cannot run {config.model_cmd[0]!r}: {exc}") from exc
+        raise StartFailed(
+            f"{name} failed to start: cannot run {config.model_cmd[0]!r}: {exc}"
+        ) from exc
     model = ModelProcess(proc, config, name)
     log.info("%s started: %s", model.name, " ".join(config.model_cmd))
     async with trio.open_nursery() as nursery:

@@ -169,6 +169,7 @@ class Pool:
         job.abandoned = True
         if job.queued:
             job.queued = False
+            job.line = b""  # it waits in the channel until a worker skips it: keep it small
             self._pending -= 1
             self._stop_idle_starts()
 

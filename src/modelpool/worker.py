@@ -82,30 +82,33 @@ class Worker:
     async def _loop(self) -> None:
         while self._pool.wants_models():
             delay = self._config.backoff(self._failures_in_a_row)
-            if delay:
-                self._set(State.RESTARTING)
+            if self._starts:
+                self.restarts += 1
                 log.info(
-                    "%s: restarting in %.1f s after %d failure(s) in a row",
+                    "%s: restart %d in %.1f s (%d failure(s) on its own in a row)",
                     self.name,
+                    self.restarts,
                     delay,
                     self._failures_in_a_row,
                 )
+            if delay:
+                self._set(State.RESTARTING)
                 await trio.sleep(delay)
-            if self._starts:
-                self.restarts += 1
             self._starts += 1
             self._set(State.STARTING)
             try:
                 async with open_model(self._config, self.name) as model:
                     self._model = model
                     self.pid = model.pid
-                    if not await self._start(model):
-                        continue
+                    await model.wait_ready()
+                    self._ready_at = trio.current_time()
+                    log.info("%s ready after %.1f s", model.name, self._ready_at - model.started_at)
                     if await self._serve(model):
                         return
-            except StartFailed as exc:
+            except* StartFailed as group:  # raised inside open_model's nursery: grouped
                 self._failures_in_a_row += 1
-                log.error("%s: model failed to start: %s", self.name, exc)
+                for exc in group.exceptions:
+                    log.error("%s", exc)
             finally:
                 self._model = None
                 self.pid = None
@@ -114,19 +117,6 @@ class Worker:
         """Hard stop: SIGKILL the current model's process group without waiting."""
         if self._model is not None:
             self._model.kill_group()
-
-    async def _start(self, model: ModelProcess) -> bool:
-        started = trio.current_time()
-        try:
-            await model.wait_ready()
-        except StartFailed as exc:
-            self._failures_in_a_row += 1
-            log.error("%s failed to start: %s", model.name, exc)
-            await model.kill()
-            return False
-        self._ready_at = trio.current_time()
-        log.info("%s ready after %.1f s", model.name, self._ready_at - started)
-        return True
 
     async def _serve(self, model: ModelProcess) -> bool:
         """Feed jobs to a ready model; True when the pool has no more jobs to give."""
@@ -167,7 +157,6 @@ class Worker:
                     payload = await model.results.receive()
                 except trio.EndOfChannel:
                     payload = None
-            model.busy = False
             if deadline.cancelled_caught:
                 timeout = self._config.timeout
                 await self._fail(model, job, ModelTimeout(f"no result after {timeout:g} s"))

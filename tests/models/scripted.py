@@ -20,6 +20,7 @@ Per request (a JSON object), keys act in this order:
 otherwise it answers: result: {"echo": <request>, "pid": <pid>, "count": <requests so far>}
 """
 
+import fcntl
 import json
 import os
 import subprocess
@@ -31,11 +32,11 @@ def start() -> None:
     fail_starts = os.environ.get("SCRIPTED_FAIL_STARTS")
     if fail_starts:
         path, limit = fail_starts.rsplit(":", 1)
-        count = 1
-        if os.path.exists(path):
-            with open(path) as counter:
-                count += int(counter.read() or 0)
-        with open(path, "w") as counter:
+        with open(path, "a+") as counter:
+            fcntl.flock(counter, fcntl.LOCK_EX)  # models of one pool start at the same time
+            counter.seek(0)
+            count = int(counter.read() or 0) + 1
+            counter.truncate(0)
             counter.write(str(count))
         if count <= int(limit):
             print(f"start {count} fails on purpose", file=sys.stderr)
