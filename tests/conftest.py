@@ -96,6 +96,11 @@ async def wait_until(predicate: Callable[[], bool], within: float, what: str) ->
     raise AssertionError(f"timed out after {within} s waiting for {what}")
 
 
+async def wait_busy(pool: Pool) -> None:
+    """Wait until the first worker is computing (the tests' "blocker" request)."""
+    await wait_until(lambda: pool.workers[0].state == "busy", 5, "worker 0 to be busy")
+
+
 async def predict_into(pool: Pool, request: object, outcomes: list) -> None:
     """Run one prediction as a task, keeping its answer or its PoolError."""
     try:

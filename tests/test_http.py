@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import model3_config, running_server, scripted_config, wait_until
+from conftest import model3_config, running_server, scripted_config, wait_busy, wait_until
 from modelpool import ServerConfig
 from modelpool.server import Service
 
@@ -110,6 +110,16 @@ async def test_a_body_with_newlines_is_one_request() -> None:
         assert (first["count"], second["count"]) == (1, 2)
 
 
+async def test_large_requests_and_answers_cross_the_pipes_without_deadlock() -> None:
+    # Far more than a pipe buffer (64 KiB) each way: the request line going in, and
+    # the model's echo of it coming back.
+    body = {"text": "é" * 150_000, "pad": "x" * 150_000}  # about 1 MB once escaped
+    async with running_server(scripted_config()) as server:
+        response = await server.client.post("/predict", json=body)
+        assert response.status_code == 200, response.text
+        assert response.json()["echo"] == body
+
+
 async def chunks(data: bytes, size: int) -> AsyncIterator[bytes]:
     for i in range(0, len(data), size):
         yield data[i : i + size]
@@ -156,7 +166,7 @@ async def test_a_full_queue_answers_503_with_retry_after_at_once() -> None:
         await server.pool.wait_ready()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(partial(server.client.post, "/predict", json={"sleep": 1.5}))
-            await wait_until(lambda: server.pool.workers[0].state == "busy", 5, "the blocker")
+            await wait_busy(server.pool)
             nursery.start_soon(partial(server.client.post, "/predict", json={"n": 1}))
             await wait_until(lambda: server.pool.queue_length == 1, 5, "a queued request")
             started = trio.current_time()
@@ -219,7 +229,7 @@ async def test_during_shutdown_new_requests_get_503_and_running_ones_finish() ->
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(post, "running", b'{"sleep": 1}')
-            await wait_until(lambda: server.pool.workers[0].state == "busy", 5, "the request")
+            await wait_busy(server.pool)
             nursery.start_soon(post, "late", body_finished_after_shutdown())
             await trio.sleep(0.2)
             server.service.shutdown()

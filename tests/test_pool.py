@@ -12,7 +12,14 @@ from pathlib import Path
 import pytest
 import trio
 
-from conftest import model3_config, predict_into, process_alive, scripted_config, wait_until
+from conftest import (
+    model3_config,
+    predict_into,
+    process_alive,
+    scripted_config,
+    wait_busy,
+    wait_until,
+)
 from modelpool import (
     BadRequest,
     ModelFailed,
@@ -56,7 +63,7 @@ async def test_first_free_model_takes_the_oldest_request() -> None:
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pool.predict, {"sleep": 0.5})
-            await wait_until(lambda: pool.workers[0].state == "busy", 5, "the blocker")
+            await wait_busy(pool)
             for n in range(6):
                 nursery.start_soon(ask, n)
                 await wait_until(lambda n=n: pool.queue_length == n + 1, 5, "the queue")
@@ -86,7 +93,7 @@ async def test_time_waiting_in_the_queue_does_not_count_towards_the_timeout() ->
         outcomes: list = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(predict_into, pool, {"n": 1, "sleep": 1}, outcomes)
-            await wait_until(lambda: pool.workers[0].state == "busy", 5, "the first request")
+            await wait_busy(pool)
             nursery.start_soon(predict_into, pool, {"n": 2, "sleep": 1}, outcomes)
         # the second waited about 1 s and computed 1 s: 2 s in all, but only 1 s of compute
         assert [o["echo"]["n"] for o in outcomes] == [1, 2]
@@ -278,7 +285,7 @@ async def test_a_full_queue_is_refused_at_once() -> None:
         await pool.wait_ready()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pool.predict, {"sleep": 1})
-            await wait_until(lambda: pool.workers[0].state == "busy", 5, "the blocker")
+            await wait_busy(pool)
             nursery.start_soon(pool.predict, {"n": 1})
             nursery.start_soon(pool.predict, {"n": 2})
             await wait_until(lambda: pool.queue_length == 2, 5, "a full queue")
@@ -291,7 +298,7 @@ async def test_a_request_that_waits_too_long_for_a_model_gives_up() -> None:
         await pool.wait_ready()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pool.predict, {"sleep": 1.5})
-            await wait_until(lambda: pool.workers[0].state == "busy", 5, "the blocker")
+            await wait_busy(pool)
             with pytest.raises(QueueTimeout):
                 await pool.predict({"n": 1})
             assert pool.queue_length == 0
@@ -331,7 +338,7 @@ async def test_shutdown_finishes_queued_and_running_requests_then_refuses() -> N
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ask, 0)
-            await wait_until(lambda: pool.workers[0].state == "busy", 5, "the first request")
+            await wait_busy(pool)
             for n in (1, 2):
                 nursery.start_soon(ask, n)
                 await wait_until(lambda n=n: pool.queue_length == n, 5, "a queued request")
@@ -350,7 +357,7 @@ async def test_shutdown_gives_up_on_requests_at_the_drain_deadline() -> None:
         outcomes: list = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(predict_into, pool, {"sleep": 30}, outcomes)
-            await wait_until(lambda: pool.workers[0].state == "busy", 5, "the request")
+            await wait_busy(pool)
             started = trio.current_time()
             pool.shutdown()
             with pytest.raises(ShuttingDown):
@@ -367,7 +374,7 @@ async def test_a_running_request_is_answered_when_the_pool_is_killed() -> None:
         outcomes: list = []
         async with trio.open_nursery() as nursery:
             nursery.start_soon(predict_into, pool, {"sleep": 30}, outcomes)
-            await wait_until(lambda: pool.workers[0].state == "busy", 5, "the request")
+            await wait_busy(pool)
             nursery.start_soon(predict_into, pool, {"n": 1}, outcomes)
             await wait_until(lambda: pool.queue_length == 1, 5, "a queued request")
             started = trio.current_time()
