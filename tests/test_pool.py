@@ -348,6 +348,25 @@ async def test_shutdown_finishes_queued_and_running_requests_then_refuses() -> N
         assert answers == [0, 1, 2]
 
 
+async def test_waiting_for_readiness_ends_when_the_pool_stops() -> None:
+    config = scripted_config(env={"SCRIPTED_INIT_SECONDS": "30"})
+    errors: list[Exception] = []
+
+    async def wait_ready(pool: Pool) -> None:
+        try:
+            await pool.wait_ready()
+        except ShuttingDown as exc:
+            errors.append(exc)
+
+    async with open_pool(config) as pool:
+        with trio.fail_after(5):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(wait_ready, pool)
+                await wait_until(lambda: pool.workers[0].pid is not None, 5, "a model")
+                pool.shutdown()
+    assert len(errors) == 1
+
+
 async def test_shutdown_gives_up_on_requests_at_the_drain_deadline() -> None:
     config = scripted_config(drain_timeout=0.5, exit_grace=0.2, timeout=60)
     async with open_pool(config) as pool:

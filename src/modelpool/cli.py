@@ -8,7 +8,7 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,7 +181,7 @@ async def run_service(config: ServerConfig) -> None:
             nursery.cancel_scope.cancel()
 
 
-async def _on_signals(signals: trio.abc.ReceiveChannel[int] | Any, service: Service) -> None:
+async def _on_signals(signals: AsyncIterator[int], service: Service) -> None:
     received = 0
     async for signum in signals:
         received += 1
@@ -207,16 +207,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.log_level.upper() not in LOG_LEVELS:
         parser.error(f"--log-level must be one of {', '.join(LOG_LEVELS)}")
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    failed = False
     try:
         trio.run(run_service, config)
-    except (OSError, ExceptionGroup) as exc:
-        errors = exc.exceptions if isinstance(exc, ExceptionGroup) else (exc,)
-        if not all(isinstance(error, OSError) for error in _leaves(errors)):
-            raise
-        for error in _leaves(errors):
+    except* OSError as group:  # such as the port being in use
+        failed = True
+        for error in _leaves(group.exceptions):
             log.error("cannot serve: %s", error)
-        return 1
-    return 0
+    return 1 if failed else 0
 
 
 def _leaves(errors: Sequence[BaseException]) -> list[BaseException]:

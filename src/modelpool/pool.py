@@ -82,9 +82,11 @@ class Pool:
         return sum(w.ready for w in self.workers)
 
     async def wait_ready(self, count: int | None = None) -> None:
-        """Wait until `count` models (all by default) are ready to take requests."""
+        """Wait until `count` models (all by default) are ready; ShuttingDown if stopping."""
         want = len(self.workers) if count is None else count
         while self.ready_count < want:
+            if self.closing:
+                raise ShuttingDown()
             await self._changed.wait()
 
     def status(self) -> dict[str, Any]:
