@@ -239,3 +239,15 @@ async def test_a_port_in_use_is_a_clear_error_and_leaves_no_model() -> None:
             assert await server.exit_code(within=15) == 1
     assert any("cannot serve" in line and "in use" in line for line in server.log)
     assert_all_gone(server.model_pids())
+
+
+async def test_models_exit_by_themselves_when_the_service_is_killed_outright() -> None:
+    async with server_process(env=FAST_MODEL3) as server:
+        async with await wait_listening(server) as client:
+            await wait_ready(client, 4, within=15)
+        server.proc.kill()  # SIGKILL: no clean-up code of ours runs
+        await server.exit_code(within=5)
+        pids = server.model_pids()
+        assert len(pids) == 4
+        # their stdin closed with the service, and the protocol says: exit when it closes
+        await wait_until(lambda: not any(process_alive(pid) for pid in pids), 5, "the models")
