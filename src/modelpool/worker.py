@@ -40,7 +40,6 @@ class Worker:
         self.index = index
         self.name = f"worker {index}"
         self.state = State.STARTING
-        self.pid: int | None = None
         self.served = 0
         self.failed = 0
         self.restarts = 0
@@ -51,6 +50,11 @@ class Worker:
         self._failures_in_a_row = 0  # models that died with no request to blame
         self._ready_at = 0.0
         self._model: ModelProcess | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The current model's pid, while there is one."""
+        return None if self._model is None else self._model.pid
 
     @property
     def ready(self) -> bool:
@@ -73,7 +77,6 @@ class Worker:
                 await self._loop()
         finally:
             self._set(State.STOPPED)
-            self.pid = None
 
     def _set(self, state: State) -> None:
         self.state = state
@@ -99,7 +102,6 @@ class Worker:
             try:
                 async with open_model(self._config, self.name) as model:
                     self._model = model
-                    self.pid = model.pid
                     await model.wait_ready()
                     self._ready_at = trio.current_time()
                     log.info("%s ready after %.1f s", model.name, self._ready_at - model.started_at)
@@ -111,7 +113,6 @@ class Worker:
                     log.error("%s", exc)
             finally:
                 self._model = None
-                self.pid = None
 
     def kill_model(self) -> None:
         """Hard stop: SIGKILL the current model's process group without waiting."""
