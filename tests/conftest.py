@@ -87,6 +87,15 @@ def no_leftover_processes() -> object:
     assert not left, f"test left child processes behind: {sorted(left)}"
 
 
+def error_body(response: httpx.Response, status: int, error: str) -> dict:
+    """Check an error answer: its status, its `error`, and the request id in body and header."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert body["error"] == error
+    assert body["request_id"] == response.headers["x-request-id"]
+    return body
+
+
 async def wait_until(predicate: Callable[[], bool], within: float, what: str) -> None:
     """Poll `predicate` until it holds; fail the test after `within` seconds."""
     with trio.move_on_after(within):

@@ -15,8 +15,16 @@ from dataclasses import dataclass, field
 import httpx
 import trio
 
-from conftest import FAST_MODEL3, SCRIPTED, children_of, group_members, process_alive, wait_until
-from modelpool.cli import OPTIONS
+from conftest import (
+    FAST_MODEL3,
+    SCRIPTED,
+    children_of,
+    error_body,
+    group_members,
+    process_alive,
+    wait_until,
+)
+from modelpool.options import OPTIONS
 
 LISTENING = re.compile(r"listening on (http://\S+)")
 STARTED = re.compile(r"\[pid (\d+)\] started")
@@ -115,7 +123,8 @@ async def test_default_service_answers_after_the_real_start_up() -> None:
             status = (await client.get("/status")).json()
             # all four started together: one at a time, the last would be ready at 20 s
             assert status["ready"] == 4
-            assert len([line for line in server.log if "ready after 5." in line]) == 4
+            assert len([line for line in server.log if "] ready after 5." in line]) == 4
+            assert any("4/4 models ready after 5." in line for line in server.log)
         server.proc.send_signal(signal.SIGTERM)
         assert await server.exit_code(within=15) == 0
         assert len(server.model_pids()) == 4
@@ -170,7 +179,7 @@ async def test_a_second_signal_kills_every_model_at_once() -> None:
                 started = trio.current_time()
                 server.proc.send_signal(signal.SIGTERM)
             assert answers[0].status_code == 503
-            assert answers[0].json() == {"error": "shutting down"}
+            error_body(answers[0], 503, "shutting down")
             assert await server.exit_code(within=10) == 0
             assert trio.current_time() - started < 3
         assert_all_gone(server.model_pids())
@@ -207,11 +216,17 @@ async def test_help_documents_every_option_and_its_variable() -> None:
     assert "serve" in top.stdout.decode()
 
 
-async def test_bad_settings_are_refused_with_a_reason() -> None:
+async def test_bad_settings_are_refused_with_a_reason_before_anything_starts() -> None:
+    # Each used to start the service: "nan" crashed it at the first request.
     for args, env, reason in [
-        (["--workers", "0"], {}, "workers must be positive"),
-        ([], {"MODELPOOL_TIMEOUT": "soon"}, "invalid float value: 'soon'"),
-        (["--log-level", "LOUD"], {}, "--log-level must be one of"),
+        (["--timeout", "nan"], {}, "--timeout: must be a finite number, got nan"),
+        (
+            [],
+            {"MODELPOOL_MAX_BODY": "-5"},
+            "--max-body (from MODELPOOL_MAX_BODY='-5'): must be at least 1, got -5",
+        ),
+        ([], {"MODELPOOL_TIMEOUT": "soon"}, "MODELPOOL_TIMEOUT='soon' (for --timeout)"),
+        (["--log-level", "LOUD"], {}, "argument --log-level: must be one of"),
     ]:
         done = await trio.run_process(
             [sys.executable, "-m", "modelpool", "serve", *args],
@@ -221,6 +236,7 @@ async def test_bad_settings_are_refused_with_a_reason() -> None:
         )
         assert done.returncode == 2
         assert reason in done.stderr.decode()
+        assert "Traceback" not in done.stderr.decode()
 
 
 async def test_a_port_in_use_is_a_clear_error_and_leaves_no_model() -> None:

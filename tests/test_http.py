@@ -10,7 +10,14 @@ import httpx
 import pytest
 import trio
 
-from conftest import model3_config, running_server, scripted_config, wait_busy, wait_until
+from conftest import (
+    error_body,
+    model3_config,
+    running_server,
+    scripted_config,
+    wait_busy,
+    wait_until,
+)
 from modelpool import ServerConfig
 from modelpool.server import Service
 
@@ -73,7 +80,7 @@ async def test_timeout_answers_504_and_the_next_request_gets_a_fresh_model() -> 
         started = trio.current_time()
         response = await server.client.post("/predict", json={"data": 33})  # 75 s of work
         assert response.status_code == 504
-        assert response.json() == {"error": "model timeout"}
+        error_body(response, 504, "model timeout")
         assert trio.current_time() - started < 4
         response = await server.client.post("/predict", json={"data": 3})
         assert response.status_code == 200
@@ -87,16 +94,34 @@ async def test_a_request_that_crashes_model3_gets_502_and_the_pool_recovers(body
     async with running_server(model3_config(workers=2)) as server:
         await server.pool.wait_ready()
         response = await server.client.post("/predict", json=body)
-        assert response.status_code == 502
-        failure = response.json()
-        assert failure["error"] == "model failed"
+        failure = error_body(response, 502, "model failed")
         assert failure["exit_code"] == 1
-        assert "Traceback (most recent call last):" in failure["stderr"]
-        assert "exited with code 1" in failure["detail"]
+        assert failure["detail"] == "model exited with code 1"
         await wait_until(lambda: server.pool.ready_count == 2, 10, "two ready models again")
         readyz = (await server.client.get("/readyz")).json()
         assert readyz["ready"] == 2
         assert (await server.client.post("/predict", json={"data": 0})).status_code == 200
+
+
+async def test_a_502_shows_no_stderr_unless_the_operator_asks() -> None:
+    async with running_server(model3_config(workers=1)) as server:
+        response = await server.client.post("/predict", json={"foo": 1})
+        failure = error_body(response, 502, "model failed")
+        # one line, the exit code and the request's id: no traceback, no server paths
+        assert set(failure) == {"error", "detail", "exit_code", "request_id"}
+        assert "model3.py" not in response.text and "Traceback" not in response.text
+        # the operator finds the traceback in /status, tagged with the request id
+        last = (await server.client.get("/status")).json()["workers"][0]["last_failure"]
+        assert last["request_id"] == failure["request_id"]
+        assert last["reason"] == "crashed"
+        assert "Traceback (most recent call last):" in last["stderr"]
+        assert any("model3.py" in line for line in last["stderr"])
+
+    async with running_server(model3_config(workers=1), expose_model_stderr=True) as server:
+        response = await server.client.post("/predict", json={"foo": 1})
+        failure = error_body(response, 502, "model failed")
+        assert "Traceback (most recent call last):" in failure["stderr"]
+        assert failure["stderr"][-1].startswith("ValueError: request has no 'data' field")
 
 
 async def test_a_body_with_newlines_is_one_request() -> None:
@@ -173,7 +198,7 @@ async def test_a_full_queue_answers_503_with_retry_after_at_once() -> None:
             response = await server.client.post("/predict", json={"n": 2})
             assert trio.current_time() - started < 1.0  # not after the 1.5 s blocker
             assert response.status_code == 503
-            assert response.json() == {"error": "queue full"}
+            error_body(response, 503, "queue full")
             assert response.headers["retry-after"] == "1"
 
 
@@ -235,7 +260,7 @@ async def test_during_shutdown_new_requests_get_503_and_running_ones_finish() ->
             server.service.shutdown()
             shutting_down.set()
         assert responses["late"].status_code == 503
-        assert responses["late"].json() == {"error": "shutting down"}
+        error_body(responses["late"], 503, "shutting down")
         assert responses["running"].status_code == 200
         assert responses["running"].json()["echo"] == {"sleep": 1}
         async with httpx.AsyncClient(base_url=server.url) as fresh:

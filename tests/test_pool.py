@@ -22,6 +22,7 @@ from conftest import (
 )
 from modelpool import (
     BadRequest,
+    ModelCommandError,
     ModelFailed,
     ModelTimeout,
     QueueFull,
@@ -112,9 +113,10 @@ async def test_the_log_tells_what_happened(caplog: pytest.LogCaptureFixture) -> 
     for expected in (
         r"worker 0 \[pid \d+\] started: ",
         r"worker 0 \[pid \d+\] ready after \d+\.\d s",
-        r"job \d+ served in \d+\.\d\d s \(queued \d+\.\d\d s\)",
-        r"job \d+ failed, model killed: no result after 0.5 s",
-        r"job \d+ failed, model killed: model exited with code 9",
+        r"request \S+ served in \d+\.\d\d s \(queued \d+\.\d\d s\)",
+        r"request \S+ failed, model killed: no result after 0.5 s",
+        r"request \S+ failed, model killed: model exited with code 9",
+        r"1/1 models ready after \d+\.\d s",
         r"worker 0: restart 2 in 0\.0 s",
     ):
         assert re.search(expected, text), expected
@@ -215,18 +217,11 @@ async def test_a_request_its_model_could_not_read_is_queued_again() -> None:
         assert pool.workers[0].restarts == 1
 
 
-@pytest.mark.parametrize(
-    ("command", "logged"),
-    [
-        (["sh", "-c", "echo cannot load >&2; exit 3"], "model exited with code 3: cannot load"),
-        (["/nonexistent/model"], "cannot run '/nonexistent/model'"),
-    ],
-)
 async def test_start_up_failures_back_off_instead_of_looping(
-    command: list[str], logged: str, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     config = scripted_config(
-        model_cmd=command,
+        model_cmd=["sh", "-c", "echo cannot load >&2; exit 3"],
         backoff_initial=0.1,
         backoff_max=0.4,
         queue_timeout=0.5,
@@ -238,9 +233,48 @@ async def test_start_up_failures_back_off_instead_of_looping(
         assert 3 <= worker["restarts"] <= 9
         assert worker["next_backoff"] == 0.4
         assert worker["state"] in ("restarting", "starting")
+        assert worker["last_failure"]["reason"] == "start_failed"
+        assert worker["last_failure"]["stderr"] == ["cannot load"]
         with pytest.raises(QueueTimeout):  # the pool stays up and says why it cannot serve
             await pool.predict({"n": 1})
-    assert f"failed to start: {logged}" in caplog.text
+    assert "failed to start: model exited with code 3: cannot load" in caplog.text
+
+
+@pytest.mark.parametrize("command", [["/nonexistent/model"], ["nonexistent-binary", "--x"]])
+async def test_a_model_command_that_cannot_run_at_all_stops_the_pool_at_once(
+    command: list[str],
+) -> None:
+    started = trio.current_time()
+    with pytest.raises(ModelCommandError, match=f"cannot run '{command[0]}': No such file"):
+        async with open_pool(scripted_config(model_cmd=command, workers=3)) as pool:
+            await trio.sleep(30)  # not reached: the pool raises first
+            pool.shutdown()
+    assert trio.current_time() - started < 2
+
+
+async def test_a_model_command_that_stops_working_later_is_retried(tmp_path: Path) -> None:
+    # Once models have served, a missing command is one more start failure (the file may
+    # come back, as during a deployment), not a reason to stop serving.
+    model = tmp_path / "model.sh"
+    model.write_text(
+        "#!/bin/sh\necho 'ready: Model-initialized'\n"
+        "while read -r line; do echo 'result: {}'; done\n"
+    )
+    model.chmod(0o755)
+    config = scripted_config(
+        model_cmd=[str(model)], workers=1, backoff_initial=0.1, backoff_max=0.2
+    )
+    async with open_pool(config) as pool:
+        await pool.wait_ready()
+        model.chmod(0o644)  # no longer executable
+        pid = pool.workers[0].pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await wait_until(lambda: pool.workers[0].restarts >= 2, 5, "failed restarts")
+        model.chmod(0o755)
+        await wait_until(lambda: pool.ready_count == 1, 5, "the model back")
+        assert "Permission denied" in pool.workers[0].last_failure["detail"]
+        assert await pool.predict({"n": 1}) == {}
 
 
 async def test_a_model_that_fails_to_start_a_few_times_recovers(tmp_path: Path) -> None:

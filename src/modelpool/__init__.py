@@ -1,8 +1,9 @@
 """modelpool: a pool of warm, long-lived model processes behind POST /predict."""
 
-from .config import PoolConfig, ServerConfig
+from .config import ConfigError, PoolConfig, ServerConfig
 from .errors import (
     BadRequest,
+    ModelCommandError,
     ModelFailed,
     ModelTimeout,
     PoolError,
@@ -11,9 +12,12 @@ from .errors import (
     ShuttingDown,
 )
 from .pool import Pool, open_pool
+from .reaper import Reaper
 
 __all__ = [
     "BadRequest",
+    "ConfigError",
+    "ModelCommandError",
     "ModelFailed",
     "ModelTimeout",
     "Pool",
@@ -21,6 +25,7 @@ __all__ = [
     "PoolError",
     "QueueFull",
     "QueueTimeout",
+    "Reaper",
     "ServerConfig",
     "ShuttingDown",
     "open_pool",

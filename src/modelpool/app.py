@@ -1,19 +1,26 @@
 """The HTTP face of the pool: POST /predict, plus /healthz, /readyz and /status.
 
 Everything a client can get wrong is answered here, before a model is involved, and
-every answer, error or not, is a JSON object.
+every answer, error or not, is a JSON object. Every response carries the request's id
+in `X-Request-ID` (the client's own, if it sent a sane one), and every error body
+carries it as `request_id`, so a failed request can be found in the log.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import secrets
 from typing import Any
 
-from quart import Response, request
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from .auth import ApiKey
+from .codec import parse_request
+from .config import ServerConfig
 from .errors import (
     BadRequest,
     ModelFailed,
@@ -23,11 +30,14 @@ from .errors import (
     QueueTimeout,
     ShuttingDown,
 )
+from .listener import Connections
 from .pool import Pool
 
 log = logging.getLogger("modelpool.http")
 
 RETRY_AFTER_SECONDS = "1"
+REQUEST_ID_HEADER = "X-Request-ID"
+SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 STATUS_OF: dict[type[PoolError], int] = {
     BadRequest: 400,
     QueueFull: 503,
@@ -46,38 +56,57 @@ def json_response(status: int, body: dict[str, Any], **headers: str) -> Response
     return response
 
 
-def parse_body(body: bytes) -> Any:
-    """The request's JSON value; raises BadRequest with a reason a person can act on."""
-    if not body.strip():
-        raise BadRequest('empty body: send one JSON value, e.g. {"data": 2}')
-    try:
-        return json.loads(body, strict=False, parse_constant=_reject_constant)
-    except RecursionError:
-        raise BadRequest("body is not valid JSON: nested too deeply") from None
-    except ValueError as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}") from None
+def request_id_from(header: str | None) -> str:
+    """The client's X-Request-ID if it is a sane token, else a new one."""
+    if header is not None and SANE_REQUEST_ID.fullmatch(header):
+        return header
+    return secrets.token_hex(8)
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not a JSON value")
-
-
-def create_app(pool: Pool, max_body: int) -> QuartTrio:
+def create_app(
+    pool: Pool, config: ServerConfig, connections: Connections | None = None
+) -> QuartTrio:
     app = QuartTrio("modelpool")
-    app.config["MAX_CONTENT_LENGTH"] = max_body
+    app.config["MAX_CONTENT_LENGTH"] = config.max_body
+    app.config["BODY_TIMEOUT"] = config.body_timeout
+    api_key = None if config.api_key is None else ApiKey(config.api_key)
+
+    @app.before_request
+    async def identify_and_authorize() -> Response | None:
+        g.request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        if api_key is not None and not api_key.allows(
+            request.path, request.headers.get("Authorization")
+        ):
+            return json_response(
+                401,
+                {"error": "unauthorized", "request_id": g.request_id},
+                WWW_Authenticate='Bearer realm="modelpool"',
+            )
+        return None
+
+    @app.after_request
+    async def tag(response: Response) -> Response:
+        response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
+        if pool.closing:
+            response.headers["Connection"] = "close"  # so clients stop sending on it
+        return response
 
     @app.post("/predict")
     async def predict() -> Response:
         try:
-            value = parse_body(await request.get_data(cache=False))
-            result = await pool.predict(value)
+            value = parse_request(await request.get_data(cache=False))
+            result = await pool.predict(value, g.request_id)
         except PoolError as exc:
-            return pool_error_response(exc)
+            exc.request_id = g.request_id
+            return pool_error_response(exc, config.expose_model_stderr)
         return json_response(200, result)
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        return json_response(200, {"status": "ok"})
+        healthy, problem = pool.health()
+        if healthy:
+            return json_response(200, {"status": "ok"})
+        return json_response(503, {"status": "failing", "detail": problem})
 
     @app.get("/readyz")
     async def readyz() -> Response:
@@ -88,14 +117,18 @@ def create_app(pool: Pool, max_body: int) -> QuartTrio:
 
     @app.get("/status")
     async def status() -> Response:
-        return json_response(200, pool.status())
+        body = pool.status()
+        if connections is not None:
+            body["connections"] = {"open": connections.open, "limit": connections.limit}
+        return json_response(200, body)
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         code = exc.code or 500
         body: dict[str, Any] = {"error": (exc.name or "error").lower()}
         if code == 413:
-            body = {"error": "request body too large", "max_body": max_body}
+            body = {"error": "request body too large", "max_body": config.max_body}
+        body["request_id"] = g.get("request_id")
         response = json_response(code, body)
         allow = dict(exc.get_headers()).get("Allow")
         if allow:
@@ -104,14 +137,19 @@ def create_app(pool: Pool, max_body: int) -> QuartTrio:
 
     @app.errorhandler(Exception)
     async def internal_error(exc: Exception) -> Response:
-        log.exception("unhandled error in %s %s", request.method, request.path)
-        return json_response(500, {"error": "internal error"})
+        request_id = g.get("request_id")
+        log.exception(
+            "request %s: unhandled error in %s %s", request_id, request.method, request.path
+        )
+        return json_response(500, {"error": "internal error", "request_id": request_id})
 
     return app
 
 
-def pool_error_response(exc: PoolError) -> Response:
+def pool_error_response(exc: PoolError, expose_stderr: bool = False) -> Response:
     status = STATUS_OF.get(type(exc), 500)
-    if isinstance(exc, (QueueFull, QueueTimeout)):
+    if isinstance(exc, ModelFailed):
+        return json_response(status, exc.payload(expose_stderr))
+    if isinstance(exc, QueueFull | QueueTimeout):
         return json_response(status, exc.payload(), Retry_After=RETRY_AFTER_SECONDS)
     return json_response(status, exc.payload())

@@ -1,13 +1,32 @@
-"""Settings of the pool and of the HTTP service, with the defaults the README documents."""
+"""Settings of the pool and of the HTTP service, with the defaults the README documents.
+
+Every value is checked here, once, for the library and the command line alike. A bad
+value raises `ConfigError`, which names the field, so the CLI can name the flag and the
+environment variable it came from instead.
+"""
 
 from __future__ import annotations
 
+import ipaddress
+import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 MiB = 1024 * 1024
+MIN_MAX_LINE = 64  # room for "result: " and a small object
+
+
+class ConfigError(ValueError):
+    """A setting that makes no sense. `field` is its name in PoolConfig or ServerConfig."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field} {problem}")
+        self.field = field
+        self.problem = problem
 
 
 def bundled_model_path() -> Path:
@@ -27,9 +46,38 @@ def default_model_cmd() -> list[str]:
     return [sys.executable, "-u", str(bundled_model_path())]
 
 
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    minimum: float,
+    above: bool = False,
+    integer: bool = False,
+    maximum: float | None = None,
+) -> None:
+    """Raise ConfigError unless `value` is a finite number within the bounds.
+
+    NaN compares false with everything, so a plain `value <= 0` lets it through; it is
+    refused here first, along with infinities.
+    """
+    kind = "a whole number" if integer else "a finite number"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(name, f"must be {kind}, got {value!r}")
+    if integer and not isinstance(value, int):
+        raise ConfigError(name, f"must be {kind}, got {value!r}")
+    if not math.isfinite(value):
+        raise ConfigError(name, f"must be {kind}, got {value!r}")
+    if above and value <= minimum:
+        raise ConfigError(name, f"must be greater than {minimum:g}, got {value:g}")
+    if not above and value < minimum:
+        raise ConfigError(name, f"must be at least {minimum:g}, got {value:g}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(name, f"must be at most {maximum:g}, got {value:g}")
+
+
 @dataclass(frozen=True)
 class PoolConfig:
-    """How many models to keep warm, how to start them and how long to wait for them."""
+    """How many models to keep warm, how to start them, and what to accept from them."""
 
     model_cmd: list[str] = field(default_factory=default_model_cmd)
     workers: int = 4
@@ -43,30 +91,42 @@ class PoolConfig:
     backoff_max: float = 30.0
     drain_timeout: float | None = None
     exit_grace: float = 5.0
+    unhealthy_after: float | None = 60.0
+    id_field: str | None = None
+    request_schema: Mapping[str, Any] | None = None
     stderr_tail: int = 20
     env: dict[str, str] | None = None
 
     def __post_init__(self) -> None:
-        if not self.model_cmd:
-            raise ValueError("model_cmd must name a program")
-        positive = {
-            "workers": self.workers,
-            "timeout": self.timeout,
-            "init_timeout": self.init_timeout,
-            "max_queue": self.max_queue,
-            "max_line": self.max_line,
-            "backoff_initial": self.backoff_initial,
-            "backoff_max": self.backoff_max,
-        }
-        for name, value in positive.items():
-            if value <= 0:
-                raise ValueError(f"{name} must be positive, got {value}")
-        for name in ("queue_timeout", "drain_timeout"):
+        if not self.model_cmd or not all(isinstance(arg, str) for arg in self.model_cmd):
+            raise ConfigError("model_cmd", "must name a program")
+        if not self.model_cmd[0].strip():
+            raise ConfigError("model_cmd", "must name a program")
+        if not self.ready_line.strip():
+            raise ConfigError("ready_line", "must not be empty")
+        check_number("workers", self.workers, minimum=1, integer=True)
+        check_number("timeout", self.timeout, minimum=0, above=True)
+        check_number("init_timeout", self.init_timeout, minimum=0, above=True)
+        check_number("max_queue", self.max_queue, minimum=1, integer=True)
+        check_number("max_line", self.max_line, minimum=MIN_MAX_LINE, integer=True)
+        check_number("backoff_initial", self.backoff_initial, minimum=0, above=True)
+        check_number("backoff_max", self.backoff_max, minimum=self.backoff_initial)
+        check_number("exit_grace", self.exit_grace, minimum=0)
+        check_number("stderr_tail", self.stderr_tail, minimum=1, integer=True)
+        for name in ("queue_timeout", "drain_timeout", "unhealthy_after"):
             value = getattr(self, name)
-            if value is not None and value <= 0:
-                raise ValueError(f"{name} must be positive or None, got {value}")
-        if self.exit_grace < 0:
-            raise ValueError(f"exit_grace must not be negative, got {self.exit_grace}")
+            if value is not None:
+                check_number(name, value, minimum=0, above=True)
+        if self.id_field is not None and not self.id_field.strip():
+            raise ConfigError("id_field", "must be a non-empty field name")
+        if self.request_schema is not None:
+            from .schema import RequestSchema, SchemaError
+
+            try:
+                RequestSchema(self.request_schema)
+            except SchemaError as exc:
+                problem = f"is not a valid JSON Schema: {exc.message}"
+                raise ConfigError("request_schema", problem) from None
 
     @property
     def effective_drain_timeout(self) -> float:
@@ -88,19 +148,44 @@ class PoolConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """The HTTP front: where it listens and what it accepts."""
+    """The HTTP front: where it listens, whom it serves and what it accepts."""
 
     pool: PoolConfig = field(default_factory=PoolConfig)
     host: str = "127.0.0.1"
     port: int = 8080
     max_body: int = 1 * MiB
+    body_timeout: float = 60.0
     keep_alive_timeout: float = 5.0
+    max_connections: int = 1000
     access_log: bool = False
+    api_key: str | None = None
+    allow_unauthenticated: bool = False
+    expose_model_stderr: bool = False
 
     def __post_init__(self) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be 0..65535, got {self.port}")
-        if self.max_body <= 0:
-            raise ValueError(f"max_body must be positive, got {self.max_body}")
-        if self.keep_alive_timeout <= 0:
-            raise ValueError(f"keep_alive_timeout must be positive, got {self.keep_alive_timeout}")
+        check_number("port", self.port, minimum=0, maximum=65535, integer=True)
+        check_number("max_body", self.max_body, minimum=1, integer=True)
+        check_number("body_timeout", self.body_timeout, minimum=0, above=True)
+        check_number("keep_alive_timeout", self.keep_alive_timeout, minimum=0, above=True)
+        check_number("max_connections", self.max_connections, minimum=1, integer=True)
+        if not self.host.strip():
+            raise ConfigError("host", "must not be empty")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ConfigError("api_key", "must not be empty (leave it unset for no key)")
+        if self.api_key is None and not self.allow_unauthenticated and not is_loopback(self.host):
+            raise ConfigError(
+                "host",
+                f"{self.host} is not a loopback address and no API key is set: anyone who "
+                "can reach it could use the models; set an API key, or allow "
+                "unauthenticated access explicitly",
+            )
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything

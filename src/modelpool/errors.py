@@ -1,4 +1,8 @@
-"""What can go wrong with one prediction, as exceptions that carry a JSON-ready payload."""
+"""What can go wrong with one prediction, as exceptions that carry a JSON-ready payload.
+
+Each error knows the id of the request it answers (`request_id`), so every error body a
+client sees names the request, and the log lines about it can be found.
+"""
 
 from __future__ import annotations
 
@@ -9,13 +13,19 @@ class PoolError(Exception):
     """Base of every error `Pool.predict` raises; `payload()` is what a client is shown."""
 
     message = "prediction failed"
+    request_id: str | None = None
 
     def payload(self) -> dict[str, Any]:
-        return {"error": self.message}
+        return self._with_id({"error": self.message})
+
+    def _with_id(self, body: dict[str, Any]) -> dict[str, Any]:
+        if self.request_id is not None:
+            body["request_id"] = self.request_id
+        return body
 
 
 class BadRequest(PoolError):
-    """The request cannot be sent to a model (not serialisable as one JSON line)."""
+    """The request cannot be sent to a model: not JSON, too deep, or refused by the schema."""
 
     message = "bad request"
 
@@ -24,7 +34,7 @@ class BadRequest(PoolError):
         self.detail = detail
 
     def payload(self) -> dict[str, Any]:
-        return {"error": self.message, "detail": self.detail}
+        return self._with_id({"error": self.message, "detail": self.detail})
 
 
 class QueueFull(PoolError):
@@ -52,22 +62,42 @@ class ModelTimeout(PoolError):
 
 
 class ModelFailed(PoolError):
-    """The model died, or broke the protocol, before it printed a result."""
+    """The model died, or broke the protocol, before it gave a usable result.
+
+    `detail` is one line that says why, without anything the model printed: a model's
+    stderr can hold file paths and data of other users. The last stderr lines are kept
+    in `stderr` for the log, for /status, and for answers when the operator asks.
+    """
 
     message = "model failed"
 
     def __init__(
-        self, detail: str, exit_code: int | None = None, stderr: list[str] | None = None
+        self,
+        detail: str,
+        exit_code: int | None = None,
+        stderr: list[str] | None = None,
+        kind: str = "crashed",
     ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.exit_code = exit_code
         self.stderr = stderr or []
+        self.kind = kind  # crashed or protocol
 
-    def payload(self) -> dict[str, Any]:
-        return {
+    def payload(self, expose_stderr: bool = False) -> dict[str, Any]:
+        body: dict[str, Any] = {
             "error": self.message,
             "detail": self.detail,
             "exit_code": self.exit_code,
-            "stderr": self.stderr,
         }
+        if expose_stderr:
+            body["stderr"] = list(self.stderr)
+        return self._with_id(body)
+
+
+class ModelCommandError(Exception):
+    """The model command cannot be run at all (missing, not executable).
+
+    Raised out of `open_pool` when it happens before any model was ever ready: retrying
+    a command that cannot be executed would only hide the mistake.
+    """

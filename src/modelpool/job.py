@@ -11,19 +11,23 @@ import trio
 from .errors import PoolError
 
 log = logging.getLogger("modelpool.job")
-_ids = itertools.count(1)
+_numbers = itertools.count(1)
 
 
 class Job:
     """One request line and the caller waiting for its answer.
 
-    `queued` is true while the job sits in the channel; `abandoned` once the caller
-    stopped waiting (its client went away, or its queue wait ran out). A worker skips
-    an abandoned job it has not started, and throws away the answer of one it has.
+    `request_id` names the request to people (logs, error bodies); `wire_id` is the
+    unique value sent to the model under `--id-field`, when that is on. `queued` is
+    true while the job sits in the channel; `abandoned` once the caller stopped waiting
+    (its client went away, or its queue wait ran out). A worker skips an abandoned job
+    it has not started, and throws away the answer of one it has.
     """
 
-    def __init__(self, line: bytes) -> None:
-        self.id = next(_ids)
+    def __init__(self, line: bytes, request_id: str, wire_id: str | None = None) -> None:
+        self.number = next(_numbers)
+        self.request_id = request_id
+        self.wire_id = wire_id
         self.line = line
         self.queued = False
         self.abandoned = False
@@ -41,6 +45,7 @@ class Job:
 
     def fail(self, error: PoolError) -> None:
         if not self.done.is_set():
+            error.request_id = self.request_id
             self._error = error
             self._settle()
 
@@ -55,4 +60,4 @@ class Job:
     def _settle(self) -> None:
         self.done.set()
         if self.abandoned:
-            log.info("job %d: its caller is gone; answer dropped", self.id)
+            log.info("request %s: its caller is gone; answer dropped", self.request_id)

@@ -25,6 +25,10 @@ class LineReader:
         self._scanned = 0  # bytes of the buffer already known to hold no newline
         self._eof = False
 
+    def has_line(self) -> bool:
+        """True if a whole line is already buffered (readline() would not wait)."""
+        return self._buffer.find(b"\n", self._scanned) >= 0
+
     async def readline(self) -> bytes | None:
         """The next line without its line ending, or None at end of stream."""
         while True:

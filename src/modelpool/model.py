@@ -1,19 +1,23 @@
 """One model process: start it, read what it prints, hand it requests, and make sure it dies.
 
-The model runs in a session of its own, so killing its process group also kills any
-helper processes it started. A pump task reads its stdout for the whole of its life:
-lines before the ready line and lines that are not results go to the log, and a result
-line goes to the worker only while the worker is waiting for one. Another pump logs
-stderr and keeps its last lines for error reports.
+The model runs in a session of its own, with a token in its environment; the reaper
+(reaper.py) kills its process group, its tree and anything that carries the token when
+it ends. A pump task reads its stdout for the whole of its life: lines before the ready
+line and lines that are not results go to the log, and a result line goes to the
+worker only while the worker awaits one. A result nobody awaits puts the model out of
+step: it will be replaced, since a stray result could otherwise answer the next
+request. Another pump logs stderr and keeps its last lines for error reports.
 """
 
 from __future__ import annotations
 
-import contextlib
+import array
+import fcntl
 import logging
 import os
 import signal
 import subprocess
+import termios
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -23,12 +27,15 @@ import trio
 from .config import PoolConfig
 from .errors import ModelFailed
 from .lines import LineReader, LineTooLong
+from .reaper import TOKEN_VAR, Reaper
 
 RESULT_PREFIX = b"result: "
 MAX_STDERR_LINE = 64 * 1024
 LOGGED_CHARS = 2000
 EXIT_WAIT = 2.0  # how long a model whose output ended gets to exit before it is killed
 PUMP_DRAIN = 1.0  # how long the pumps get to read what a dead model left in its pipes
+CATCH_UP_TRIES = 10  # scheduler rounds a worker gives the pump to read what is in the pipe
+HIDDEN_VARIABLES = ("MODELPOOL_",)  # the service's settings, its API key among them
 
 log = logging.getLogger("modelpool.model")
 
@@ -37,22 +44,32 @@ class StartFailed(Exception):
     """The model exited, could not be run, or printed no ready line in time."""
 
 
+class CommandNotRunnable(StartFailed):
+    """The model command could not be executed at all (missing, not executable)."""
+
+
 class ModelProcess:
     """A running model and what is known of it; built by `open_model`."""
 
-    def __init__(self, proc: trio.Process, config: PoolConfig, name: str) -> None:
+    def __init__(
+        self, proc: trio.Process, config: PoolConfig, name: str, reaper: Reaper, token: str
+    ) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.name = f"{name} [pid {proc.pid}]"
         self.started_at = trio.current_time()
         self.ready = False
-        self.busy = False
         self.overflowed = False
+        self.out_of_step: str | None = None  # why, once it printed a result nobody awaited
         self.stdout_ended = trio.Event()
         self.stderr_ended = trio.Event()
         self._config = config
+        self._reaper = reaper
+        self._token = token
+        self._awaiting = False
+        self._reader: LineReader | None = None
         self._init_done = trio.Event()
-        self._death_scopes: set[trio.CancelScope] = set()
+        self._trouble_scopes: set[trio.CancelScope] = set()
         self._results_send, self.results = trio.open_memory_channel[bytes](1)
         self._stderr_tail: deque[str] = deque(maxlen=config.stderr_tail)
 
@@ -68,7 +85,12 @@ class ModelProcess:
         if not self._init_done.is_set():
             raise StartFailed(f"{self.name} failed to start: no ready line within {timeout:g} s")
         failure = await self.describe_failure()
-        raise StartFailed(f"{self.name} failed to start: {failure.detail}")
+        tail = f": {failure.stderr[-1]}" if failure.stderr else ""
+        raise StartFailed(f"{self.name} failed to start: {failure.detail}{tail}")
+
+    def expect_result(self) -> None:
+        """The next result line answers the request about to be sent; only that one."""
+        self._awaiting = True
 
     async def send(self, line: bytes) -> None:
         """Write one request line; trio.BrokenResourceError if the model is gone."""
@@ -79,20 +101,45 @@ class ModelProcess:
         except trio.ClosedResourceError as exc:
             raise trio.BrokenResourceError("model stdin is closed") from exc
 
+    async def catch_up(self) -> None:
+        """Give the pump the chance to read what the model has printed so far.
+
+        Called after a result, before the model gets its next request: a second result
+        the model printed at the same time is then seen as the stray it is, instead of
+        waiting in the pipe to answer the next request. A model that prints without
+        pause does not hold the worker up: it gets a few scheduler rounds, no more.
+        """
+        for _ in range(CATCH_UP_TRIES):
+            if self.stdout_ended.is_set() or self._pending_output() == 0:
+                return
+            await trio.lowlevel.checkpoint()
+
+    def _pending_output(self) -> int:
+        stdout = self.proc.stdout
+        assert stdout is not None
+        if self._reader is not None and self._reader.has_line():
+            return 1
+        pending = array.array("i", [0])
+        try:
+            fcntl.ioctl(stdout.fileno(), termios.FIONREAD, pending)
+        except (OSError, trio.ClosedResourceError):
+            return 0
+        return pending[0]
+
     @contextmanager
-    def cancel_on_death(self) -> Iterator[trio.CancelScope]:
-        """A cancel scope that is cancelled as soon as the model's output ends."""
+    def cancel_on_trouble(self) -> Iterator[trio.CancelScope]:
+        """A cancel scope that is cancelled once the model's output ends or goes out of step."""
         with trio.CancelScope() as scope:
-            if self.stdout_ended.is_set():
+            if self.stdout_ended.is_set() or self.out_of_step:
                 scope.cancel()
-            self._death_scopes.add(scope)
+            self._trouble_scopes.add(scope)
             try:
                 yield scope
             finally:
-                self._death_scopes.discard(scope)
+                self._trouble_scopes.discard(scope)
 
     async def describe_failure(self) -> ModelFailed:
-        """Why the model stopped answering, with its exit code and last stderr lines."""
+        """Why the model stopped answering: one line, the exit code, the last stderr lines."""
         with trio.move_on_after(EXIT_WAIT):
             await self.proc.wait()
         with trio.move_on_after(PUMP_DRAIN):
@@ -100,25 +147,34 @@ class ModelProcess:
         code = self.proc.returncode
         if self.overflowed:
             detail = f"model printed a line longer than {self._config.max_line} bytes"
+            kind = "protocol"
         elif code is None:
             detail = "model closed its output but did not exit"
+            kind = "protocol"
         elif code < 0:
             detail = f"model was killed by signal {_signal_name(-code)}"
+            kind = "crashed"
         else:
             detail = f"model exited with code {code}"
-        if self._stderr_tail:
-            detail = f"{detail}: {self._stderr_tail[-1]}"
-        return ModelFailed(detail, exit_code=code, stderr=list(self._stderr_tail))
+            kind = "crashed"
+        return ModelFailed(detail, exit_code=code, stderr=list(self._stderr_tail), kind=kind)
+
+    @property
+    def stderr_tail(self) -> list[str]:
+        return list(self._stderr_tail)
 
     # -- ending it ------------------------------------------------------------------
 
     def kill_group(self) -> None:
-        """SIGKILL the model and everything in its process group, at once."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
+        """SIGKILL the model, its process group and every process below it, at once.
+
+        Once the model is reaped its pid may name another process, so only its group
+        (which keeps the number reserved while it has members) is killed then.
+        """
+        self._reaper.kill_tree(self.pid, walk=self.proc.returncode is None)
 
     async def kill(self) -> None:
-        """Kill the process group and reap the model."""
+        """Kill the model and its tree, reap it, and kill whatever escaped it."""
         self.kill_group()
         await self.proc.wait()
 
@@ -144,10 +200,10 @@ class ModelProcess:
     async def _pump_stdout(self) -> None:
         stdout = self.proc.stdout
         assert stdout is not None
-        reader = LineReader(stdout, self._config.max_line)
+        self._reader = reader = LineReader(stdout, self._config.max_line)
         try:
             while (line := await reader.readline()) is not None:
-                await self._on_stdout_line(line)
+                self._on_stdout_line(line)
         except LineTooLong:
             self.overflowed = True
             log.error("%s printed a line longer than %d bytes", self.name, self._config.max_line)
@@ -157,22 +213,27 @@ class ModelProcess:
             self.stdout_ended.set()
             self._init_done.set()
             self._results_send.close()
-            for scope in self._death_scopes:
-                scope.cancel()
+            self._cancel_trouble_scopes()
 
-    async def _on_stdout_line(self, line: bytes) -> None:
+    def _on_stdout_line(self, line: bytes) -> None:
+        """Route one line; never awaits, so lines are handled in the order they came."""
         if self.ready and line.startswith(RESULT_PREFIX):
-            if self.busy:
-                await self._results_send.send(line[len(RESULT_PREFIX) :])
-            else:
-                log.warning(
-                    "%s printed a result nobody asked for; dropped: %s", self.name, _text(line)
-                )
+            if self._awaiting:
+                self._awaiting = False
+                self._results_send.send_nowait(line[len(RESULT_PREFIX) :])
+            elif self.out_of_step is None:
+                self.out_of_step = "printed a result when none was awaited"
+                log.error("%s %s: %s", self.name, self.out_of_step, _text(line))
+                self._cancel_trouble_scopes()
             return
         log.info("%s stdout: %s", self.name, _text(line))
         if not self.ready and _text(line).strip().startswith(self._config.ready_line):
             self.ready = True
             self._init_done.set()
+
+    def _cancel_trouble_scopes(self) -> None:
+        for scope in self._trouble_scopes:
+            scope.cancel()
 
     async def _pump_stderr(self) -> None:
         stderr = self.proc.stderr
@@ -217,41 +278,64 @@ class ModelProcess:
                 await stdout.aclose()
 
 
+def model_environment(config: PoolConfig, token: str) -> dict[str, str]:
+    """The service's environment minus its own settings, plus the model's token.
+
+    MODELPOOL_* variables are the service's business (one may hold the API key); a
+    model, which is untrusted, gets none of them. PYTHONUNBUFFERED makes a Python model
+    that prints with plain print() heard at once.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(HIDDEN_VARIABLES)}
+    env.update(config.env or {})
+    env["PYTHONUNBUFFERED"] = "1"
+    env[TOKEN_VAR] = token
+    return env
+
+
 @asynccontextmanager
-async def open_model(config: PoolConfig, name: str) -> AsyncIterator[ModelProcess]:
+async def open_model(config: PoolConfig, name: str, reaper: Reaper) -> AsyncIterator[ModelProcess]:
     """Start a model; on the way out, close its stdin, give it `exit_grace`, then kill it."""
-    env = {**os.environ, **(config.env or {}), "PYTHONUNBUFFERED": "1"}
-    try:
-        proc = await trio.lowlevel.open_process(
-            config.model_cmd,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            start_new_session=True,
-            env=env,
-        )
-    except OSError as exc:
-        raise StartFailed(
-            f"{name} failed to start: cannot run {config.model_cmd[0]!r}: {exc}"
-        ) from exc
-    model = ModelProcess(proc, config, name)
-    log.info("%s started: %s", model.name, " ".join(config.model_cmd))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(model._pump_stdout)
-        nursery.start_soon(model._pump_stderr)
-        nursery.start_soon(model._watch_exit)
+    token = reaper.new_token()
+    async with reaper.spawning():
         try:
-            yield model
-        finally:
-            with trio.CancelScope(shield=True):
-                await model.stop(config.exit_grace)
-                with trio.move_on_after(PUMP_DRAIN):
-                    await model.stdout_ended.wait()
-                    await model.stderr_ended.wait()
-                nursery.cancel_scope.cancel()
-                for stream in (proc.stdin, proc.stdout, proc.stderr):
-                    if stream is not None:
-                        await stream.aclose()
+            proc = await trio.lowlevel.open_process(
+                config.model_cmd,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                env=model_environment(config, token),
+            )
+        except OSError as exc:
+            raise CommandNotRunnable(
+                f"{name} failed to start: cannot run {config.model_cmd[0]!r}: {exc.strerror or exc}"
+            ) from exc
+        reaper.model_started(proc.pid, token)
+    model = ModelProcess(proc, config, name, reaper, token)
+    log.info("%s started: %s", model.name, " ".join(config.model_cmd))
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(model._pump_stdout)
+            nursery.start_soon(model._pump_stderr)
+            nursery.start_soon(model._watch_exit)
+            try:
+                yield model
+            finally:
+                with trio.CancelScope(shield=True):
+                    await model.stop(config.exit_grace)
+                    with trio.move_on_after(PUMP_DRAIN):
+                        await model.stdout_ended.wait()
+                        await model.stderr_ended.wait()
+                    nursery.cancel_scope.cancel()
+                    for stream in (proc.stdin, proc.stdout, proc.stderr):
+                        if stream is not None:
+                            await stream.aclose()
+    finally:
+        with trio.CancelScope(shield=True):
+            if proc.returncode is None:  # only if something above failed half-way
+                reaper.kill_tree(proc.pid)
+                await proc.wait()
+            await reaper.model_reaped(proc.pid, token)
 
 
 def _text(line: bytes) -> str:

@@ -12,18 +12,28 @@ pops it and skips it.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
+import secrets
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
+from .codec import encode_request
 from .config import PoolConfig
-from .errors import BadRequest, ModelFailed, QueueFull, QueueTimeout, ShuttingDown
+from .errors import (
+    ModelCommandError,
+    ModelFailed,
+    PoolError,
+    QueueFull,
+    QueueTimeout,
+    ShuttingDown,
+)
 from .job import Job
+from .reaper import Reaper
+from .schema import RequestSchema
 from .worker import State, Worker
 
 log = logging.getLogger("modelpool.pool")
@@ -31,42 +41,53 @@ log = logging.getLogger("modelpool.pool")
 MAX_ATTEMPTS = 2  # a job whose model died before reading it is tried once more
 
 
-def encode_request(request: Any) -> bytes:
-    """One compact JSON line; ASCII-only, so nothing inside can break the line."""
-    try:
-        text = json.dumps(request, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as exc:
-        raise BadRequest(f"request is not serialisable as JSON: {exc}") from None
-    return text.encode("ascii") + b"\n"
-
-
 class Pool:
     """Hands each request to the first free model; built and run by `open_pool`."""
 
-    def __init__(self, config: PoolConfig, nursery: trio.Nursery) -> None:
+    def __init__(self, config: PoolConfig, nursery: trio.Nursery, reaper: Reaper) -> None:
         self.config = config
+        self.reaper = reaper
         self.closing = False
+        self.ever_ready = False
+        self.started_at = trio.current_time()
         self._nursery = nursery
         self._send, self.jobs = trio.open_memory_channel[Job](math.inf)
         self._pending = 0
         self._changed = trio.Event()
+        self._schema = (
+            None if config.request_schema is None else RequestSchema(config.request_schema)
+        )
+        self._prefix = secrets.token_hex(4)
+        self._requests = 0
         self.stopped = trio.Event()
         self.workers = [Worker(i, self) for i in range(config.workers)]
 
     # -- what callers use -------------------------------------------------------------
 
-    async def predict(self, request: Any) -> dict[str, Any]:
-        """The model's answer to `request`, or a PoolError saying why there is none."""
-        job = self._submit(encode_request(request))
+    async def predict(self, request: Any, request_id: str | None = None) -> dict[str, Any]:
+        """The model's answer to `request`, or a PoolError saying why there is none.
+
+        `request_id` names the request in logs and errors; one is made up if not given.
+        """
+        self._requests += 1
+        request_id = request_id or f"{self._prefix}-{self._requests}"
+        try:
+            job = self._submit(request, request_id)
+        except PoolError as exc:
+            exc.request_id = request_id
+            raise
         try:
             if self.config.queue_timeout is not None:
                 with trio.move_on_after(self.config.queue_timeout):
                     await job.taken.wait()
                 if not job.taken.is_set():
                     log.warning(
-                        "job %d: no model free within %g s", job.id, self.config.queue_timeout
+                        "request %s: no model free within %g s",
+                        request_id,
+                        self.config.queue_timeout,
                     )
-                    raise QueueTimeout()
+                    self._abandon(job)
+                    job.fail(QueueTimeout())
             await job.done.wait()
         finally:
             if not job.done.is_set():
@@ -90,6 +111,7 @@ class Pool:
             await self._changed.wait()
 
     def status(self) -> dict[str, Any]:
+        healthy, problem = self.health()
         return {
             "workers": [w.snapshot() for w in self.workers],
             "size": len(self.workers),
@@ -97,7 +119,29 @@ class Pool:
             "queue": self._pending,
             "max_queue": self.config.max_queue,
             "shutting_down": self.closing,
+            "healthy": healthy,
+            "problem": problem,
+            "orphans_killed": self.reaper.killed,
         }
+
+    def health(self) -> tuple[bool, str | None]:
+        """Unhealthy once every model has kept failing for `unhealthy_after` seconds.
+
+        Failing means failing on its own: a start that fails, a model that dies while
+        idle. A request that crashes its model says nothing about the model's health,
+        and neither does a long first start-up.
+        """
+        limit = self.config.unhealthy_after
+        since = [w.failing_since for w in self.workers]
+        if limit is None or not since or None in since:
+            return True, None
+        failing_for = trio.current_time() - max(s for s in since if s is not None)
+        if failing_for < limit:
+            return True, None
+        last = next(
+            (w.last_failure["detail"] for w in self.workers if w.last_failure is not None), ""
+        )
+        return False, f"every model has failed for {failing_for:.0f} s; last: {last}"
 
     def shutdown(self) -> None:
         """Take no new requests; serve the queued ones until the drain deadline, then stop."""
@@ -138,7 +182,7 @@ class Pool:
         if job.abandoned or self.closing or job.attempts >= MAX_ATTEMPTS:
             job.fail(ModelFailed(reason))
             return
-        log.warning("job %d: %s; queued again", job.id, reason)
+        log.warning("request %s: %s; queued again", job.request_id, reason)
         self._enqueue(job)
 
     def wants_models(self) -> bool:
@@ -148,17 +192,26 @@ class Pool:
     def worker_changed(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+        if not self.ever_ready and self.ready_count == len(self.workers):
+            self.ever_ready = True
+            elapsed = trio.current_time() - self.started_at
+            size = len(self.workers)
+            log.info("%d/%d models ready after %.1f s", size, size, elapsed)
         if all(w.state is State.STOPPED for w in self.workers):
             self.stopped.set()
 
     # -- inside -----------------------------------------------------------------------
 
-    def _submit(self, line: bytes) -> Job:
+    def _submit(self, request: Any, request_id: str) -> Job:
         if self.closing:
             raise ShuttingDown()
+        if self._schema is not None:
+            self._schema.check(request)
+        wire_id = None if self.config.id_field is None else f"{self._prefix}.{self._requests}"
+        line = encode_request(request, self.config.id_field, wire_id)
         if self._pending >= self.config.max_queue:
             raise QueueFull()
-        job = Job(line)
+        job = Job(line, request_id, wire_id)
         self._enqueue(job)
         return job
 
@@ -207,15 +260,45 @@ class Pool:
 
 
 @asynccontextmanager
-async def open_pool(config: PoolConfig | None = None) -> AsyncIterator[Pool]:
-    """Run a pool for the duration of the block; on exit, drain it and stop every model."""
+async def open_pool(
+    config: PoolConfig | None = None, reaper: Reaper | None = None
+) -> AsyncIterator[Pool]:
+    """Run a pool for the duration of the block; on exit, drain it and stop every model.
+
+    `reaper` decides how far the pool goes to kill what its models leave behind; the
+    default kills each model's group, tree and token carriers (see reaper.py). Raises
+    ModelCommandError at once if the model command cannot even be executed.
+    """
     config = config or PoolConfig()
+    reaper = reaper or Reaper()
+    try:
+        async with trio.open_nursery() as nursery:
+            pool = Pool(config, nursery, reaper)
+            log.info("starting %d model(s): %s", config.workers, " ".join(config.model_cmd))
+            for worker in pool.workers:
+                nursery.start_soon(worker.run, name=f"modelpool {worker.name}")
+            nursery.start_soon(_sweep_until_stopped, pool)
+            try:
+                yield pool
+            finally:
+                pool.shutdown()
+    except BaseExceptionGroup as group:
+        fatal = group.subgroup(ModelCommandError)
+        if fatal is None:
+            raise
+        raise _first(fatal) from None
+    finally:
+        with trio.CancelScope(shield=True):
+            await reaper.final_sweep()
+
+
+async def _sweep_until_stopped(pool: Pool) -> None:
     async with trio.open_nursery() as nursery:
-        pool = Pool(config, nursery)
-        log.info("starting %d model(s): %s", config.workers, " ".join(config.model_cmd))
-        for worker in pool.workers:
-            nursery.start_soon(worker.run, name=f"modelpool {worker.name}")
-        try:
-            yield pool
-        finally:
-            pool.shutdown()
+        nursery.start_soon(pool.reaper.run)
+        await pool.stopped.wait()
+        nursery.cancel_scope.cancel()
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    error = group.exceptions[0]
+    return _first(error) if isinstance(error, BaseExceptionGroup) else error

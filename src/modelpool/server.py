@@ -1,9 +1,11 @@
-"""The service: a pool and a hypercorn server on top of it, with graceful and hard stops.
+"""The service: a pool and an HTTP listener on top of it, with graceful and hard stops.
 
-`shutdown()` (first SIGINT/SIGTERM): the listener closes, new requests on open
-connections get 503, queued and in-flight requests get until the drain deadline, then
-every model's stdin is closed and whatever has not exited after `exit_grace` is killed.
-`kill()` (a second signal): every model is SIGKILLed at once and waiting requests get 503.
+Start-up binds the port first, then starts the models, then serves. `shutdown()` (first
+SIGINT/SIGTERM): the listener closes, requests on connections already open get 503,
+queued and in-flight requests get until the drain deadline; once the pool has stopped,
+idle connections are closed and every model's stdin is closed, and whatever has not
+exited after `exit_grace` is killed. `kill()` (a second signal): every model is
+SIGKILLed at once and waiting requests get 503.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from functools import partial
 
 import trio
 from hypercorn.config import Config as HypercornConfig
-from hypercorn.trio import serve
 from hypercorn.typing import (
     ASGIFramework,
     ASGIReceiveCallable,
@@ -24,11 +25,13 @@ from hypercorn.typing import (
 
 from .app import create_app
 from .config import ServerConfig
+from .listener import Connections, bind, connection_budget, serve
 from .pool import Pool, open_pool
+from .reaper import Reaper
 
 log = logging.getLogger("modelpool.server")
 
-RESPONSE_SLACK = 2.0  # seconds the server waits past the drain deadline for responses to go out
+RESPONSE_SLACK = 2.0  # seconds responses still get once the pool has stopped
 
 
 class ShieldedSends:
@@ -56,8 +59,12 @@ class ShieldedSends:
 
 
 class Service:
-    def __init__(self, config: ServerConfig) -> None:
+    """The whole service in one trio task; `reaper` as for `open_pool`."""
+
+    def __init__(self, config: ServerConfig, reaper: Reaper | None = None) -> None:
         self.config = config
+        self.connections: Connections | None = None
+        self._reaper = reaper
         self._stop = trio.Event()
         self._hard = False
         self._pool: Pool | None = None
@@ -79,27 +86,41 @@ class Service:
             self._pool.kill()
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
-        """Serve until `shutdown()`; reports the URL it listens on through task_status."""
-        async with open_pool(self.config.pool) as pool:
-            self._pool = pool
-            if self._hard:
-                pool.kill()
-            elif self._stop.is_set():
-                pool.shutdown()
-            app = ShieldedSends(create_app(pool, self.config.max_body))
-            async with trio.open_nursery() as nursery:
-                binds = await nursery.start(
-                    partial(
-                        serve,
-                        app,
-                        self._hypercorn_config(),
-                        shutdown_trigger=self._stop.wait,
-                        mode="asgi",
+        """Serve until `shutdown()`; reports the URL it listens on through task_status.
+
+        Raises listener.CannotListen before any model starts if the port cannot be
+        bound, and errors.ModelCommandError if the model command cannot be run.
+        """
+        hypercorn_config = self._hypercorn_config()
+        sockets = bind(hypercorn_config)
+        try:
+            limit = connection_budget(self.config.max_connections, self.config.pool.workers)
+            self.connections = Connections(limit)
+            async with open_pool(self.config.pool, self._reaper) as pool:
+                self._pool = pool
+                if self._hard:
+                    pool.kill()
+                elif self._stop.is_set():
+                    pool.shutdown()
+                app = ShieldedSends(create_app(pool, self.config, self.connections))
+                async with trio.open_nursery() as nursery:
+                    binds = await nursery.start(
+                        partial(
+                            serve,
+                            app,
+                            hypercorn_config,
+                            sockets,
+                            self.connections,
+                            stop_accepting=self._stop.wait,
+                            close_connections=pool.stopped.wait,
+                        )
                     )
-                )
-                url = binds[0]
-                log.info("listening on %s with %d model(s)", url, len(pool.workers))
-                task_status.started(url)
+                    url = binds[0]
+                    log.info("listening on %s with %d model(s)", url, len(pool.workers))
+                    task_status.started(url)
+        finally:
+            for sock in sockets.insecure_sockets:
+                sock.close()
         log.info("stopped")
 
     def _hypercorn_config(self) -> HypercornConfig:
@@ -108,7 +129,7 @@ class Service:
         if ":" in host and not host.startswith("["):
             host = f"[{host}]"
         config.bind = [f"{host}:{self.config.port}"]
-        config.graceful_timeout = self.config.pool.effective_drain_timeout + RESPONSE_SLACK
+        config.graceful_timeout = RESPONSE_SLACK
         config.keep_alive_timeout = self.config.keep_alive_timeout
         config.errorlog = logging.getLogger("hypercorn.error")
         config.accesslog = logging.getLogger("hypercorn.access") if self.config.access_log else None

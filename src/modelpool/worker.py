@@ -3,21 +3,24 @@
 Its loop: start a model (after a back-off delay if models keep failing on their own),
 wait for the ready line, then take jobs one by one. A job that times out, crashes the
 model or gets a broken answer costs the model: the worker answers the job, kills the
-model's process group, and starts a fresh one.
+model and everything it started, and starts a fresh one. So does a model that goes out
+of step (prints a result nobody asked for): its current request keeps its first result,
+but the model is not trusted with another.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import logging
+import time
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .errors import ModelFailed, ModelTimeout, ShuttingDown
+from .codec import ResultError, parse_result
+from .errors import ModelCommandError, ModelFailed, ModelTimeout, ShuttingDown
 from .job import Job
-from .model import ModelProcess, StartFailed, open_model
+from .model import CommandNotRunnable, ModelProcess, StartFailed, open_model
 
 if TYPE_CHECKING:
     from .pool import Pool
@@ -43,11 +46,13 @@ class Worker:
         self.served = 0
         self.failed = 0
         self.restarts = 0
+        self.failing_since: float | None = None  # trio time of the first failure in a row
+        self.last_failure: dict[str, Any] | None = None
         self.scope = trio.CancelScope()
         self._pool = pool
         self._config = pool.config
         self._starts = 0
-        self._failures_in_a_row = 0  # models that died with no request to blame
+        self._failures_in_a_row = 0  # models that failed with no request to blame
         self._ready_at = 0.0
         self._model: ModelProcess | None = None
 
@@ -69,6 +74,7 @@ class Worker:
             "failed": self.failed,
             "restarts": self.restarts,
             "next_backoff": self._config.backoff(self._failures_in_a_row),
+            "last_failure": self.last_failure,
         }
 
     async def run(self) -> None:
@@ -99,23 +105,31 @@ class Worker:
                 await trio.sleep(delay)
             self._starts += 1
             self._set(State.STARTING)
-            try:
-                async with open_model(self._config, self.name) as model:
-                    self._model = model
-                    await model.wait_ready()
-                    self._ready_at = trio.current_time()
-                    log.info("%s ready after %.1f s", model.name, self._ready_at - model.started_at)
-                    if await self._serve(model):
-                        return
-            except* StartFailed as group:  # raised inside open_model's nursery: grouped
-                self._failures_in_a_row += 1
-                for exc in group.exceptions:
-                    log.error("%s", exc)
-            finally:
-                self._model = None
+            if await self._one_model():
+                return
+
+    async def _one_model(self) -> bool:
+        """Start a model and serve with it; True when the pool has no more jobs to give."""
+        try:
+            async with open_model(self._config, self.name, self._pool.reaper) as model:
+                self._model = model
+                await model.wait_ready()
+                self._ready_at = trio.current_time()
+                self.failing_since = None
+                log.info("%s ready after %.1f s", model.name, self._ready_at - model.started_at)
+                return await self._serve(model)
+        except* StartFailed as group:  # raised inside open_model's nursery: grouped
+            for exc in group.exceptions:
+                if isinstance(exc, CommandNotRunnable) and not self._pool.ever_ready:
+                    raise ModelCommandError(str(exc)) from exc
+                log.error("%s", exc)
+                self._failed_on_its_own("start_failed", str(exc), self._model)
+        finally:
+            self._model = None
+        return False
 
     def kill_model(self) -> None:
-        """Hard stop: SIGKILL the current model's process group without waiting."""
+        """Hard stop: SIGKILL the current model and its tree without waiting."""
         if self._model is not None:
             self._model.kill_group()
 
@@ -123,13 +137,13 @@ class Worker:
         """Feed jobs to a ready model; True when the pool has no more jobs to give."""
         while True:
             self._set(State.IDLE)
-            with model.cancel_on_death() as death:
+            with model.cancel_on_trouble() as trouble:
                 try:
                     job = await self._pool.jobs.receive()
                 except trio.EndOfChannel:
                     return True
-            if death.cancelled_caught:
-                await self._died_unprompted(model, "died while idle")
+            if trouble.cancelled_caught:
+                await self._replace_unprompted(model)
                 return False
             if not self._pool.take(job):
                 continue
@@ -141,18 +155,18 @@ class Worker:
         self._set(State.BUSY)
         started = trio.current_time()
         try:
-            if model.stdout_ended.is_set():
-                self._pool.retry(job, "model died before it received the request")
-                await self._died_unprompted(model, "died while idle")
+            if model.stdout_ended.is_set() or model.out_of_step:
+                self._pool.retry(job, "model failed before it received the request")
+                await self._replace_unprompted(model)
                 return False
-            model.busy = True
             payload: bytes | None = None
             with trio.move_on_after(self._config.timeout) as deadline:
+                model.expect_result()
                 try:
                     await model.send(job.line)
                 except trio.BrokenResourceError:
                     self._pool.retry(job, "model stopped reading before the request")
-                    await self._died_unprompted(model, "closed its stdin")
+                    await self._replace_unprompted(model)
                     return False
                 try:
                     payload = await model.results.receive()
@@ -166,24 +180,28 @@ class Worker:
                 await self._fail(model, job, await model.describe_failure())
                 return False
             try:
-                value = _parse_result(payload)
-            except ValueError as exc:
-                await self._fail(model, job, ModelFailed(f"model printed an invalid result: {exc}"))
+                value = parse_result(payload, self._config.id_field, job.wire_id)
+            except ResultError as exc:
+                failure = ModelFailed(f"model printed an invalid result: {exc}", kind="protocol")
+                await self._fail(model, job, failure)
                 return False
             self.served += 1
             self._failures_in_a_row = 0
             now = trio.current_time()
             log.info(
-                "%s job %d served in %.2f s (queued %.2f s)",
+                "%s request %s served in %.2f s (queued %.2f s)",
                 model.name,
-                job.id,
+                job.request_id,
                 now - started,
                 started - job.enqueued_at,
             )
             job.succeed(value)
+            await model.catch_up()
+            if model.out_of_step:
+                await self._replace_after_answer(model, job)
+                return False
             return True
         finally:
-            model.busy = False
             if not job.done.is_set() and not job.queued:
                 job.fail(ShuttingDown())
 
@@ -192,28 +210,65 @@ class Worker:
         await model.kill()
         self._set(State.RESTARTING)
         self.failed += 1
-        log.error("%s job %d failed, model killed: %s", model.name, job.id, error)
+        reason = "timeout" if isinstance(error, ModelTimeout) else error.kind
+        self._record(reason, str(error), job.request_id, model)
+        tail = model.stderr_tail
+        log.error(
+            "%s request %s failed, model killed: %s%s",
+            model.name,
+            job.request_id,
+            error,
+            _format_tail(tail),
+        )
         job.fail(error)
 
-    async def _died_unprompted(self, model: ModelProcess, what: str) -> None:
-        """A model died with no request to blame: count it towards the back-off."""
+    async def _replace_after_answer(self, model: ModelProcess, job: Job) -> None:
+        """The model answered, then printed another result: it is out of step."""
         self._set(State.RESTARTING)
+        await model.kill()
+        detail = f"{model.out_of_step} (after answering request {job.request_id})"
+        self._record("protocol", detail, job.request_id, model)
+        log.error("%s %s; replaced", model.name, detail)
+
+    async def _replace_unprompted(self, model: ModelProcess) -> None:
+        """A model died, or went out of step, with no request to blame."""
+        self._set(State.RESTARTING)
+        if model.out_of_step:
+            what, reason = model.out_of_step, "protocol"
+        else:
+            failure = await model.describe_failure()
+            what, reason = f"died while idle: {failure.detail}", "died_idle"
+        await model.kill()
+        log.error("%s %s; killed%s", model.name, what, _format_tail(model.stderr_tail))
         if trio.current_time() - self._ready_at > self._config.backoff_max:
             self._failures_in_a_row = 0  # it had been healthy for a good while
+        self._failed_on_its_own(reason, what, model)
+
+    def _failed_on_its_own(
+        self, reason: str, detail: str, model: ModelProcess | None = None
+    ) -> None:
+        """Count a failure towards the back-off and the pool's health."""
         self._failures_in_a_row += 1
-        if model.stdout_ended.is_set():
-            what = f"{what}: {(await model.describe_failure()).detail}"
-        await model.kill()
-        log.error("%s %s; killed", model.name, what)
+        if self.failing_since is None:
+            self.failing_since = trio.current_time()
+        self._record(reason, detail, None, model)
+
+    def _record(
+        self, reason: str, detail: str, request_id: str | None, model: ModelProcess | None
+    ) -> None:
+        """Keep the last failure for /status: the one place a model's stderr is shown."""
+        self.last_failure = {
+            "at": time.time(),
+            "reason": reason,
+            "detail": detail,
+            "request_id": request_id,
+            "pid": None if model is None else model.pid,
+            "exit_code": None if model is None else model.proc.returncode,
+            "stderr": [] if model is None else model.stderr_tail,
+        }
 
 
-def _parse_result(payload: bytes) -> dict[str, Any]:
-    try:
-        value = json.loads(payload)
-    except ValueError as exc:
-        raise ValueError(f"not JSON ({exc})") from None
-    except RecursionError:
-        raise ValueError("JSON nested too deeply") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"a JSON {type(value).__name__}, not an object")  # noqa: TRY004
-    return value
+def _format_tail(tail: list[str]) -> str:
+    if not tail:
+        return ""
+    return "; its stderr ended with:\n    " + "\n    ".join(tail)

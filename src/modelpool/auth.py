@@ -1,0 +1,28 @@
+"""API key check: `Authorization: Bearer <key>`, compared in constant time.
+
+Probes (`/healthz`, `/readyz`) stay open, so an orchestrator needs no secret; everything
+else, present and future, needs the key once one is set. The check runs before the
+body is read, so a client without the key cannot make the service read a large body.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+class ApiKey:
+    def __init__(self, key: str) -> None:
+        self._key = key.encode("utf-8")
+
+    def allows(self, path: str, authorization: str | None) -> bool:
+        """True if the request may go on: an open path, or the right bearer token."""
+        if path in OPEN_PATHS:
+            return True
+        if authorization is None:
+            return False
+        scheme, _, token = authorization.strip().partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        return hmac.compare_digest(token.strip().encode("utf-8", "surrogateescape"), self._key)

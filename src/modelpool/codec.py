@@ -1,0 +1,150 @@
+"""The JSON side of the model protocol: what goes into a model and what is taken out.
+
+Everything a client sends is parsed and checked here before it can reach a model, and
+everything a model prints as a result is checked here before it can reach a client:
+
+- NaN and the infinities are not JSON; they are refused both ways, so a result can
+  always be written back as standard JSON.
+- Nesting is bounded well below Python's recursion limit, so no JSON value can make
+  the parser, the encoder, a schema validator or a Python model overflow its stack
+  somewhere further down the line.
+- A request goes to the model as one compact ASCII-only line, so nothing inside it
+  (raw or escaped newlines, U+2028) can split it into two requests.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from .errors import BadRequest
+
+MAX_REQUEST_DEPTH = 200
+MAX_RESULT_DEPTH = 256  # a model may wrap a request in a few levels of its own
+OUT_OF_RANGE = "a number is out of range (JSON has no infinity)"
+CONTAINERS = (dict, list)
+
+
+class ResultError(ValueError):
+    """A result line that cannot be accepted; the model broke the protocol."""
+
+
+def parse_request(body: bytes) -> Any:
+    """The JSON value of a request body; raises BadRequest with a reason a person can act on."""
+    if not body.strip():
+        raise BadRequest('empty body: send one JSON value, e.g. {"data": 2}')
+    try:
+        value = _loads(body)
+    except RecursionError:
+        raise BadRequest(f"body is not accepted: nested deeper than {MAX_REQUEST_DEPTH}") from None
+    except ValueError as exc:
+        raise BadRequest(f"body is not valid JSON: {exc}") from None
+    problem = _check(value, MAX_REQUEST_DEPTH)
+    if problem:
+        raise BadRequest(f"body is not accepted: {problem}")
+    return value
+
+
+def encode_request(value: Any, id_field: str | None = None, id_value: str | None = None) -> bytes:
+    """One compact, ASCII-only JSON line for the model, with the request id added if asked.
+
+    NaN and infinities are refused here too, for values that did not come through
+    `parse_request` (the library API takes any Python value).
+    """
+    if id_field is not None:
+        if not isinstance(value, dict):
+            raise BadRequest(
+                f"the request must be a JSON object: the service adds the field {id_field!r} to it"
+            )
+        if id_field in value:
+            raise BadRequest(f"the request must not contain {id_field!r}: the service sets it")
+        value = {**value, id_field: id_value}
+    try:
+        text = json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise BadRequest(f"request is not serialisable as JSON: {exc}") from None
+    return text.encode("ascii") + b"\n"
+
+
+def parse_result(
+    payload: bytes, id_field: str | None = None, id_value: str | None = None
+) -> dict[str, Any]:
+    """The JSON object a model printed after `result: `; ResultError if it is unusable.
+
+    With an id field, the result must carry the id the request was sent with; the field
+    is removed before the result goes back to the caller.
+    """
+    try:
+        value = _loads(payload)
+    except RecursionError:
+        raise ResultError(f"JSON nested deeper than {MAX_RESULT_DEPTH}") from None
+    except ValueError as exc:
+        raise ResultError(f"not JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ResultError(f"a JSON {_json_type(value)}, not an object")
+    problem = _check(value, MAX_RESULT_DEPTH)
+    if problem:
+        raise ResultError(problem)
+    if id_field is not None:
+        if id_field not in value:
+            raise ResultError(f"it does not carry the request id in {id_field!r}")
+        got = value.pop(id_field)
+        if got != id_value:
+            raise ResultError(
+                f"it carries the id {_short(got)} in {id_field!r}, not this request's {id_value}"
+            )
+    return value
+
+
+def _loads(data: bytes) -> Any:
+    return json.loads(data, strict=False, parse_constant=_reject_constant)
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _check(value: Any, max_depth: int) -> str | None:
+    """Why `value` cannot travel as standard JSON, or None if it can.
+
+    Walks the containers with a stack of its own (recursion is what it guards against):
+    nesting deeper than `max_depth`, or a float that is not finite (such as 1e400,
+    which Python's parser reads as infinity without complaint). Each container's
+    element types are gathered at C speed first, so a long flat array of numbers, the
+    common large request, costs little.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return OUT_OF_RANGE
+    if not isinstance(value, dict | list):
+        return None
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        children = list(item.values()) if isinstance(item, dict) else item
+        kinds = set(map(type, children))
+        if float in kinds and not _all_finite(children):
+            return OUT_OF_RANGE
+        if dict in kinds or list in kinds:
+            if depth >= max_depth:
+                return f"nested deeper than {max_depth}"
+            stack.extend((child, depth + 1) for child in children if type(child) in CONTAINERS)
+    return None
+
+
+def _all_finite(items: list[Any]) -> bool:
+    try:
+        return all(map(math.isfinite, items))  # fast when every item is a number
+    except (TypeError, OverflowError):  # strings, containers, or ints past float range
+        return all(math.isfinite(item) for item in items if type(item) is float)
+
+
+def _json_type(value: Any) -> str:
+    return {list: "array", str: "string", bool: "boolean", type(None): "null"}.get(
+        type(value), "number"
+    )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 80 else f"{text[:80]}..."

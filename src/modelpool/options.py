@@ -1,0 +1,345 @@
+"""The command line's options: each from its flag, else its MODELPOOL_* variable, else a default.
+
+Syntax is checked here (is it a number at all); sense is checked once, by the config
+classes, which raise ConfigError naming a field. `parse()` turns either kind of
+mistake into a message that names what the user typed: the flag, and the variable
+with its value when the value came from the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import shlex
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .config import ConfigError, MiB, PoolConfig, ServerConfig
+from .schema import load_schema
+
+TRUE_WORDS = {"1", "true", "yes", "on"}
+FALSE_WORDS = {"0", "false", "no", "off", ""}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+UNSET: Any = object()  # not on the command line (a converted value may well be None)
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+
+
+def number(text: str) -> float:
+    try:
+        return float(text.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def seconds_or_none(text: str) -> float | None:
+    """A number of seconds, where 0 means no limit."""
+    value = number(text)
+    if math.isnan(value) or value < 0:
+        problem = f"must be 0 (no limit) or a number of seconds, got {text!r}"
+        raise argparse.ArgumentTypeError(problem)
+    return None if value == 0 else value
+
+
+def command(text: str) -> list[str]:
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"cannot split {text!r} into words: {exc}") from None
+    if not words:
+        raise argparse.ArgumentTypeError("must name a program")
+    return words
+
+
+def schema_file(text: str) -> dict[str, Any]:
+    try:
+        return load_schema(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def log_level(text: str) -> str:
+    if text.upper() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return text.upper()
+
+
+def text_value(text: str) -> str:
+    return text
+
+
+@dataclass(frozen=True)
+class Option:
+    flag: str
+    convert: Callable[[str], Any] | None  # None: an on/off switch
+    default: Any
+    help: str
+    field: str | None = None  # "pool.<name>" or "<name>" in the config; None: not config
+
+    @property
+    def env(self) -> str:
+        return "MODELPOOL_" + self.dest.upper()
+
+    @property
+    def dest(self) -> str:
+        return self.flag.lstrip("-").replace("-", "_")
+
+
+OPTIONS = [
+    Option("--host", text_value, "127.0.0.1", "address to listen on", "host"),
+    Option(
+        "--port", integer, 8080, "port to listen on; 0 picks a free one (the log names it)", "port"
+    ),
+    Option(
+        "--workers", integer, 4, "model processes kept warm, started in parallel", "pool.workers"
+    ),
+    Option(
+        "--model-cmd",
+        command,
+        None,
+        "command that starts one model, quoted as in a shell (no shell runs it); "
+        "default: the bundled model3.py, run unbuffered by this Python",
+        "pool.model_cmd",
+    ),
+    Option(
+        "--ready-line",
+        text_value,
+        "ready: Model-initialized",
+        "a model is ready once it prints a line that starts with this",
+        "pool.ready_line",
+    ),
+    Option(
+        "--timeout",
+        number,
+        10.0,
+        "seconds a model may compute one request; past it the model is killed and "
+        "replaced, and the request gets 504",
+        "pool.timeout",
+    ),
+    Option(
+        "--init-timeout",
+        number,
+        60.0,
+        "seconds a model may take to print its ready line before it is killed and started again",
+        "pool.init_timeout",
+    ),
+    Option(
+        "--max-queue",
+        integer,
+        256,
+        "requests that may wait for a model; more get 503",
+        "pool.max_queue",
+    ),
+    Option(
+        "--queue-timeout",
+        seconds_or_none,
+        120.0,
+        "seconds a request may wait for a free model before it gets 503; 0 waits forever",
+        "pool.queue_timeout",
+    ),
+    Option(
+        "--max-body", integer, MiB, "largest request body in bytes; larger ones get 413", "max_body"
+    ),
+    Option(
+        "--body-timeout",
+        number,
+        60.0,
+        "seconds a client may take to send its request body; slower ones get 408",
+        "body_timeout",
+    ),
+    Option(
+        "--keep-alive-timeout",
+        number,
+        5.0,
+        "seconds an idle keep-alive connection stays open (and a connection may take to "
+        "send its request headers); behind a load balancer, make it longer than the "
+        "balancer's idle timeout",
+        "keep_alive_timeout",
+    ),
+    Option(
+        "--max-connections",
+        integer,
+        1000,
+        "open client connections at most; more wait in the kernel's backlog until one closes",
+        "max_connections",
+    ),
+    Option(
+        "--max-line",
+        integer,
+        16 * MiB,
+        "longest line in bytes a model may print; a longer one is a model failure",
+        "pool.max_line",
+    ),
+    Option(
+        "--id-field",
+        text_value,
+        None,
+        "for models that echo a field: send a unique id under this name in every request "
+        "and accept a result only if it carries the same id (off by default)",
+        "pool.id_field",
+    ),
+    Option(
+        "--request-schema",
+        schema_file,
+        None,
+        "JSON Schema file every request must match; others get 400 before a model sees them",
+        "pool.request_schema",
+    ),
+    Option(
+        "--backoff-initial",
+        number,
+        0.5,
+        "seconds before restarting a model that failed on its own; doubles each time",
+        "pool.backoff_initial",
+    ),
+    Option(
+        "--backoff-max", number, 30.0, "longest delay between such restarts", "pool.backoff_max"
+    ),
+    Option(
+        "--unhealthy-after",
+        seconds_or_none,
+        60.0,
+        "/healthz answers 503 once every model has kept failing on its own for this many "
+        "seconds, so an orchestrator restarts the service; 0 never",
+        "pool.unhealthy_after",
+    ),
+    Option(
+        "--drain-timeout",
+        number,
+        None,
+        "on SIGTERM/SIGINT, seconds queued and in-flight requests still get; "
+        "default: --timeout plus one second",
+        "pool.drain_timeout",
+    ),
+    Option(
+        "--exit-grace",
+        number,
+        5.0,
+        "seconds a model gets to exit after its stdin is closed before it is killed",
+        "pool.exit_grace",
+    ),
+    Option(
+        "--api-key",
+        text_value,
+        None,
+        "require 'Authorization: Bearer KEY' on every path but /healthz and /readyz; "
+        "prefer the variable, which other users cannot see in the process list",
+        "api_key",
+    ),
+    Option(
+        "--allow-unauthenticated",
+        None,
+        False,
+        "listen on a non-loopback address without --api-key",
+        "allow_unauthenticated",
+    ),
+    Option(
+        "--expose-model-stderr",
+        None,
+        False,
+        "put the model's last stderr lines into 502 answers (they may hold paths and data)",
+        "expose_model_stderr",
+    ),
+    Option("--log-level", log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Option("--access-log", None, False, "log every HTTP request", "access_log"),
+]
+BY_FIELD = {option.field: option for option in OPTIONS if option.field}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Parsed options: `config` for the service, plus the one outside it."""
+
+    config: ServerConfig
+    log_level: str
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelpool",
+        description="Keep a pool of warm model processes behind POST /predict.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = commands.add_parser(
+        "serve",
+        help="start the HTTP service (the default command)",
+        description="Start the pool and serve POST /predict, GET /healthz, /readyz, /status. "
+        "Every option can also be set by the environment variable named in its help; "
+        "a command-line option wins over the variable.",
+    )
+    for option in OPTIONS:
+        default_text = "" if option.default is None else f"; default {option.default}"
+        help_text = f"{option.help} (env {option.env}{default_text})"
+        if option.convert is None:
+            serve.add_argument(option.flag, action="store_true", default=UNSET, help=help_text)
+        else:
+            serve.add_argument(option.flag, type=option.convert, default=UNSET, help=help_text)
+    return parser
+
+
+def parse(
+    argv: Sequence[str], environ: Mapping[str, str] = os.environ
+) -> tuple[argparse.ArgumentParser, Settings]:
+    """Parse `serve` options; exits with status 2 and a message naming the culprit."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    from_env: dict[str, str] = {}
+    for option in OPTIONS:
+        value = getattr(args, option.dest)
+        if value is UNSET and option.env in environ:
+            raw = environ[option.env]
+            from_env[option.dest] = raw
+            try:
+                value = _from_env(option, raw)
+            except argparse.ArgumentTypeError as exc:
+                parser.error(f"{option.env}={raw!r} (for {option.flag}): {exc}")
+        values[option.dest] = option.default if value is UNSET else value
+    try:
+        config = _build_config(values)
+    except ConfigError as exc:
+        option = BY_FIELD.get(exc.field) or BY_FIELD.get(f"pool.{exc.field}")
+        if option is None:
+            parser.error(str(exc))
+        source = ""
+        if option.dest in from_env:
+            source = f" (from {option.env}={from_env[option.dest]!r})"
+        problem = exc.problem
+        if exc.field == "host":
+            problem += " (--api-key or --allow-unauthenticated)"
+        parser.error(f"{option.flag}{source}: {problem}")
+    return parser, Settings(config, values["log_level"])
+
+
+def _from_env(option: Option, raw: str) -> Any:
+    if option.convert is not None:
+        return option.convert(raw)
+    word = raw.strip().lower()
+    if word in TRUE_WORDS:
+        return True
+    if word in FALSE_WORDS:
+        return False
+    raise argparse.ArgumentTypeError("must be one of 1/0, true/false, yes/no, on/off")
+
+
+def _build_config(values: dict[str, Any]) -> ServerConfig:
+    pool: dict[str, Any] = {}
+    server: dict[str, Any] = {}
+    for option in OPTIONS:
+        if option.field is None:
+            continue
+        value = values[option.dest]
+        if value is None and option.field == "pool.model_cmd":
+            continue  # the bundled model
+        if option.field.startswith("pool."):
+            pool[option.field.removeprefix("pool.")] = value
+        else:
+            server[option.field] = value
+    return ServerConfig(pool=PoolConfig(**pool), **server)

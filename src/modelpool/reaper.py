@@ -1,0 +1,259 @@
+"""Containment: every process a model starts dies with its model, wherever it moved itself.
+
+A model runs in a session of its own, so one `killpg` reaches every helper that stayed in
+its process group. A helper can leave the group (`setsid`, `setpgid`) or leave the
+model's tree altogether (a double fork or a daemon: its parent exits and it is
+re-parented). Three mechanisms cover those, from the cheapest:
+
+1. The process tree: when a model is killed, every process still below it in the tree
+   is killed too, found through /proc, round after round until none is left.
+2. A token: every model gets `MODELPOOL_MODEL=<unique token>` in its environment, which
+   its descendants inherit. An orphan that carries the token of a model that has ended
+   is killed.
+3. Adoption (`adopt_orphans=True`, which `modelpool serve` uses): the process becomes a
+   child subreaper (`prctl(PR_SET_CHILD_SUBREAPER)`), so every orphan from a model's
+   tree is re-parented to it rather than to init, however it escaped and whatever it did
+   to its environment. Adopted processes are killed unless they carry the token of a
+   live model (a live model's helper is left alone until its model ends), and each is
+   reaped by its own pid: `waitpid(-1)` would steal the exit status of trio's children.
+
+Adoption is process-wide, and would kill any other child the process has, so an
+embedding program only turns it on if the pool's models are its only child processes.
+Without it, mechanisms 1 and 2 still catch every escape that keeps its environment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import secrets
+import signal
+import sys
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+log = logging.getLogger("modelpool.reaper")
+
+TOKEN_VAR = "MODELPOOL_MODEL"
+PR_SET_CHILD_SUBREAPER = 36
+KILL_ROUNDS = 10  # a tree that keeps forking while it is killed is walked again
+SWEEP_INTERVAL = 1.0  # how often adopted orphans are looked for without a reason
+REAP_RETRY = 0.02  # how soon a killed orphan is looked at again, to reap it
+FINAL_SWEEP = 3.0  # how long the last sweep at shutdown waits for orphans to die
+
+# token -> pid of every live model in this process, shared by all pools in it: one
+# pool's sweep must never mistake another pool's model for an orphan. Keyed by the
+# token, which is never reused, where a pid may be.
+_live: dict[str, int] = {}
+
+
+class Reaper:
+    """Kills what a model leaves behind; see the module's docstring for how."""
+
+    def __init__(self, adopt_orphans: bool = False) -> None:
+        self.adopt_orphans = adopt_orphans
+        self.killed = 0  # orphans and descendants killed, for /status and tests
+        self._spawning = trio.Lock()
+        self._kick = trio.Event()
+        self._prefix = secrets.token_hex(6)
+        self._count = 0
+        if adopt_orphans:
+            become_subreaper()
+
+    def new_token(self) -> str:
+        """A token no other model, in this process or any other, carries."""
+        self._count += 1
+        return f"{self._prefix}-{os.getpid()}-{self._count}"
+
+    @asynccontextmanager
+    async def spawning(self) -> AsyncIterator[None]:
+        """Hold off sweeps while a model is being started.
+
+        trio starts processes from a thread, so a new model is a child of ours for a
+        moment before it is registered; a sweep then would take it for an orphan.
+        """
+        async with self._spawning:
+            yield
+
+    def model_started(self, pid: int, token: str) -> None:
+        _live[token] = pid
+
+    def kill_tree(self, pid: int, walk: bool = True) -> None:
+        """SIGKILL a model's process group and, if it is not reaped yet, its whole tree."""
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        if not walk:
+            return
+        for _ in range(KILL_ROUNDS):
+            alive = [p for p in descendants(pid) if not is_zombie(p)]
+            if not alive:
+                break
+            self._kill(alive)
+
+    async def model_reaped(self, pid: int, token: str) -> None:
+        """The model is gone: nothing that carries its token may outlive it."""
+        _live.pop(token, None)
+        if self.adopt_orphans:
+            self.sweep()
+        else:
+            await trio.to_thread.run_sync(self._kill_carriers, token)
+
+    def sweep(self) -> None:
+        """Kill and reap adopted orphans, unless they belong to a live model."""
+        if not self.adopt_orphans:
+            return
+        if self._spawning.locked():
+            self._kick.set()  # the background sweep will do it once the start is over
+            return
+        live_pids = set(_live.values())
+        doomed = []
+        for child in own_children():
+            if child in live_pids:
+                continue
+            if is_zombie(child):
+                _reap(child)
+            elif token_of(child) not in _live:
+                doomed.append(child)
+        if doomed:
+            self._kill(doomed)
+            self._kick.set()  # come back soon to reap them
+
+    async def run(self) -> None:
+        """Sweep now and then, and soon after each kill, for as long as the pool runs."""
+        if not self.adopt_orphans:
+            return
+        while True:
+            with trio.move_on_after(SWEEP_INTERVAL):
+                await self._kick.wait()
+            if self._kick.is_set():
+                self._kick = trio.Event()
+                await trio.sleep(REAP_RETRY)
+            async with self._spawning:
+                self.sweep()
+
+    async def final_sweep(self) -> None:
+        """When the pool has stopped: sweep until no orphan is left, or give up and say so."""
+        if not self.adopt_orphans:
+            return
+        with trio.move_on_after(FINAL_SWEEP):
+            while self._orphans():
+                self.sweep()
+                await trio.sleep(REAP_RETRY)
+        left = self._orphans()
+        if left:
+            log.error("orphans still alive after %g s: %s", FINAL_SWEEP, left)
+
+    def _orphans(self) -> list[int]:
+        live_pids = set(_live.values())
+        return [c for c in own_children() if c not in live_pids and token_of(c) not in _live]
+
+    def _kill_carriers(self, token: str) -> None:
+        """Without adoption: find escaped descendants anywhere by the token they carry."""
+        for _ in range(KILL_ROUNDS):
+            carriers = [p for p in all_pids() if token_of(p) == token and not is_zombie(p)]
+            if not carriers:
+                return
+            self._kill(carriers)
+
+    def _kill(self, pids: Iterable[int]) -> None:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
+            self.killed += 1
+            log.warning("killed pid %d, left behind by a model: %s", pid, command_of(pid))
+
+
+def become_subreaper() -> None:
+    """Make orphaned descendants re-parent to this process instead of to init (Linux)."""
+    if not sys.platform.startswith("linux"):
+        log.warning("not Linux: orphans that escape a model's process group cannot be adopted")
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        error = ctypes.get_errno()
+        log.warning("cannot become a child subreaper: %s", os.strerror(error))
+
+
+# -- /proc ---------------------------------------------------------------------------
+
+
+def own_children() -> list[int]:
+    """This process's children, from every thread (trio starts processes from threads)."""
+    found: list[int] = []
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            found.extend(int(pid) for pid in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return found
+
+
+def children_of(pid: int) -> list[int]:
+    found: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            found.extend(int(child) for child in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` in the tree, parents before their children."""
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        children = [child for parent in frontier for child in children_of(parent)]
+        found.extend(children)
+        frontier = children
+    return found
+
+
+def all_pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def is_zombie(pid: int) -> bool:
+    """True if `pid` has exited (or is gone) and only waits to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def token_of(pid: int) -> str | None:
+    """The model token in a process's environment, if it still carries one."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    prefix = TOKEN_VAR.encode() + b"="
+    for entry in environ.split(b"\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix) :].decode(errors="replace")
+    return None
+
+
+def command_of(pid: int) -> str:
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:200] or "?"
+
+
+def _reap(pid: int) -> None:
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)
