@@ -3,7 +3,9 @@ check after every test that it left no child process behind."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +25,28 @@ ROOT = Path(__file__).resolve().parents[1]
 MODEL3 = [sys.executable, "-u", str(ROOT / "model3.py")]
 SCRIPTED = [sys.executable, "-u", str(Path(__file__).parent / "models" / "scripted.py")]
 FAST_MODEL3 = {"MODEL3_STEP_SECONDS": "0.05"}  # model3 ready in about 0.25 s
+MODELS = Path(__file__).parent / "models"
+
+
+def hostile(name: str) -> list[str]:
+    """The command of a model in tests/models/ (Python ones run by this interpreter)."""
+    path = MODELS / name
+    return [sys.executable, "-u", str(path)] if path.suffix == ".py" else [str(path)]
+
+
+def read_pids(path: Path) -> list[int]:
+    """Pids a model wrote to a file, one per line (none if it has not written yet)."""
+    try:
+        return [int(word) for word in path.read_text().split()]
+    except FileNotFoundError:
+        return []
+
+
+def kill_if_alive(pids: list[int]) -> None:
+    """Clean-up for tests about escapes: whatever got away is killed here."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def model3_config(**overrides: object) -> PoolConfig:

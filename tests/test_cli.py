@@ -2,111 +2,27 @@
 
 from __future__ import annotations
 
-import os
+import json
 import re
 import signal
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import trio
 
-from conftest import (
-    FAST_MODEL3,
-    SCRIPTED,
-    children_of,
-    error_body,
-    group_members,
-    process_alive,
-    wait_until,
-)
+from conftest import FAST_MODEL3, SCRIPTED, error_body, process_alive, wait_until
 from modelpool.options import OPTIONS
-
-LISTENING = re.compile(r"listening on (http://\S+)")
-STARTED = re.compile(r"\[pid (\d+)\] started")
-
-
-@dataclass
-class ServerProcess:
-    proc: trio.Process
-    log: list[str] = field(default_factory=list)
-    url: str = ""
-    listening: trio.Event = field(default_factory=trio.Event)
-
-    def model_pids(self) -> set[int]:
-        """Every model the server started, read from its log."""
-        return {int(m.group(1)) for line in self.log if (m := STARTED.search(line))}
-
-    async def read_log(self) -> None:
-        assert self.proc.stderr is not None
-        pending = b""
-        async for chunk in self.proc.stderr:
-            pending += chunk
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                text = line.decode(errors="replace")
-                self.log.append(text)
-                if match := LISTENING.search(text):
-                    self.url = match.group(1)
-                    self.listening.set()
-
-    async def exit_code(self, within: float) -> int:
-        with trio.move_on_after(within):
-            return await self.proc.wait()
-        log = "\n".join(self.log[-30:])
-        raise AssertionError(f"server still running after {within} s; its log ends:\n{log}")
-
-
-@asynccontextmanager
-async def server_process(
-    *args: str, env: dict[str, str] | None = None, command: tuple[str, ...] = ("serve",)
-) -> AsyncIterator[ServerProcess]:
-    """`python -m modelpool serve --port 0 ARGS`, made sure to be gone (with its models) on exit."""
-    proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "modelpool", *command, "--port", "0", *args],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=clean_env(env),
-    )
-    server = ServerProcess(proc)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(server.read_log)
-        try:
-            yield server
-        finally:
-            if proc.returncode is None:  # the test failed half-way: clean up hard
-                for child in children_of(proc.pid):
-                    os.killpg(child, signal.SIGKILL)
-                proc.kill()
-            with trio.move_on_after(10):
-                await proc.wait()
-
-
-async def wait_listening(server: ServerProcess, within: float = 20) -> httpx.AsyncClient:
-    with trio.fail_after(within):
-        await server.listening.wait()
-    return httpx.AsyncClient(base_url=server.url, timeout=60)
-
-
-async def wait_ready(client: httpx.AsyncClient, count: int, within: float) -> None:
-    with trio.fail_after(within):
-        while (await client.get("/readyz")).json()["ready"] < count:
-            await trio.sleep(0.05)
-
-
-def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This environment without settings of ours or of the models, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELPOOL_", "MODEL3_"))}
-    return {**env, **(extra or {})}
-
-
-def assert_all_gone(pids: set[int]) -> None:
-    assert not [pid for pid in pids if process_alive(pid)], "a model outlived the server"
-    assert not [pid for pid in pids if group_members(pid)], "a model's child outlived it"
+from serverproc import (
+    ServerProcess,
+    assert_all_gone,
+    clean_env,
+    server_process,
+    wait_listening,
+    wait_ready,
+)
 
 
 async def test_default_service_answers_after_the_real_start_up() -> None:
@@ -253,8 +169,71 @@ async def test_a_port_in_use_is_a_clear_error_and_leaves_no_model() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.read_log)
             assert await server.exit_code(within=15) == 1
-    assert any("cannot serve" in line and "in use" in line for line in server.log)
-    assert_all_gone(server.model_pids())
+    expected = f"cannot serve: cannot listen on 127.0.0.1:{port}: Address already in use"
+    assert any(expected in line for line in server.log), server.log
+    assert not server.model_pids(), "the port is bound before any model starts"
+
+
+async def test_a_model_command_that_cannot_run_exits_at_once_with_code_3(tmp_path: Path) -> None:
+    not_executable = tmp_path / "model.py"
+    not_executable.write_text("print('ready: Model-initialized')\n")
+    cases = [("nonexistent-binary", "No such file or directory")]
+    cases.append((str(not_executable), "Permission denied"))
+    for command, reason in cases:
+        started = trio.current_time()
+        proc = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "modelpool", "serve", "--port", "0", "--model-cmd", command],
+            stderr=subprocess.PIPE,
+            env=clean_env(),
+        )
+        server = ServerProcess(proc)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.read_log)
+            assert await server.exit_code(within=15) == 3
+        assert trio.current_time() - started < 5
+        message = re.compile(
+            r"cannot start any model, so not serving: worker \d failed to start: "
+            + re.escape(f"cannot run {command!r}: {reason}")
+        )
+        assert any(message.search(line) for line in server.log), server.log
+        assert not any("Traceback" in line for line in server.log)
+
+
+async def test_a_request_on_an_open_keep_alive_connection_after_sigterm_gets_503() -> None:
+    async with server_process(env=FAST_MODEL3) as server:
+        async with await wait_listening(server) as client:
+            await wait_ready(client, 4, within=15)
+            answers: list[httpx.Response] = []
+
+            async def slow_request() -> None:  # keeps the service draining for 2.2 s
+                answers.append(await client.post("/predict", json={"data": 2}))
+
+            host, port = server.url.removeprefix("http://").split(":")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(slow_request)
+                async with await trio.open_tcp_stream(host, int(port)) as idle:
+                    await idle.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    first = b""
+                    while not first.endswith(b'"ok"}\n'):
+                        first += await idle.receive_some(4096)
+                    assert b" 200 " in first
+                    await trio.sleep(0.3)
+                    server.proc.send_signal(signal.SIGTERM)
+                    await trio.sleep(0.5)
+                    # the same, idle, keep-alive connection: not cut off, but told
+                    request = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n"
+                    await idle.send_all(request + b'{"data": 0}')
+                    answer = b""
+                    with trio.fail_after(5):
+                        while chunk := await idle.receive_some(4096):
+                            answer += chunk
+                    head, _, body = answer.partition(b"\r\n\r\n")
+                    assert head.startswith(b"HTTP/1.1 503 "), answer
+                    assert b"connection: close" in head.lower()
+                    assert json.loads(body)["error"] == "shutting down"
+            assert answers[0].status_code == 200  # the request that was running finished
+        assert await server.exit_code(within=15) == 0
+        assert_all_gone(server.model_pids())
 
 
 async def test_models_exit_by_themselves_when_the_service_is_killed_outright() -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+import sys
 from collections.abc import AsyncIterator
 from functools import partial
 
@@ -11,14 +13,16 @@ import pytest
 import trio
 
 from conftest import (
+    ROOT,
     error_body,
+    hostile,
     model3_config,
     running_server,
     scripted_config,
     wait_busy,
     wait_until,
 )
-from modelpool import ServerConfig
+from modelpool import PoolConfig, ServerConfig
 from modelpool.server import Service
 
 
@@ -305,3 +309,111 @@ async def test_shutdown_is_not_held_up_by_idle_keep_alive_connections() -> None:
             stopped_after = trio.current_time() - started
             service.kill()
     assert stopped_after < 2, "the service waited for an idle keep-alive connection"
+
+
+async def test_every_answer_carries_a_request_id_and_a_sane_one_from_the_client_is_kept() -> None:
+    async with running_server(scripted_config()) as server:
+        client = server.client
+        ok = await client.post("/predict", json={"n": 1}, headers={"X-Request-ID": "job-42.a"})
+        assert ok.headers["x-request-id"] == "job-42.a"
+        made_up = await client.post("/predict", json={"n": 2})
+        assert re.fullmatch(r"[0-9a-f]{16}", made_up.headers["x-request-id"])
+        for insane in ("x" * 200, "has space", "new\\nline", ""):
+            response = await client.get("/healthz", headers={"X-Request-ID": insane})
+            assert response.headers["x-request-id"] != insane
+        error_body(await client.post("/predict", content=b"{"), 400, "bad request")
+        error_body(await client.get("/nowhere"), 404, "not found")
+        bad = await client.post("/predict", content=b"[", headers={"X-Request-ID": "mine"})
+        assert error_body(bad, 400, "bad request")["request_id"] == "mine"
+
+
+async def test_a_request_schema_refuses_bad_requests_before_any_model_sees_them() -> None:
+    schema = json.loads((ROOT / "model3.schema.json").read_text())
+    async with running_server(model3_config(workers=1, request_schema=schema)) as server:
+        await server.pool.wait_ready()
+        pid = server.pool.workers[0].pid
+        for body, complaint in [
+            ({"foo": 1}, "'data' is a required property"),
+            ({"data": "abc"}, "at [\"data\"]: 'abc' is not of type 'number'"),
+            ({"data": True}, "True is not of type 'number'"),
+            ([1, 2], "is not of type 'object'"),
+            ({"data": 10**400}, "is greater than the maximum"),
+        ]:
+            response = await server.client.post("/predict", json=body)
+            failure = error_body(response, 400, "bad request")
+            assert failure["detail"].startswith("request does not match the schema")
+            assert complaint in failure["detail"], failure["detail"]
+        # not one model was harmed
+        assert server.pool.workers[0].pid == pid
+        assert server.pool.workers[0].restarts == 0
+        assert (await server.client.post("/predict", json={"data": 0})).status_code == 200
+
+
+async def test_an_api_key_protects_everything_but_the_probes() -> None:
+    async with running_server(scripted_config(), api_key="s3cret key") as server:
+        client = server.client
+        for method, path in [("POST", "/predict"), ("GET", "/status"), ("GET", "/nowhere")]:
+            for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret key"}]:
+                response = await client.request(method, path, json={"n": 1}, headers=headers)
+                error_body(response, 401, "unauthorized")
+                assert response.headers["www-authenticate"] == 'Bearer realm="modelpool"'
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code in (200, 503)
+        key = {"Authorization": "Bearer s3cret key"}
+        assert (await client.post("/predict", json={"n": 1}, headers=key)).status_code == 200
+        assert (await client.get("/status", headers=key)).status_code == 200
+        assert server.pool.workers[0].served == 1  # no unauthorised request reached it
+
+
+async def test_an_unauthorised_client_cannot_make_the_service_read_a_large_body() -> None:
+    async with running_server(scripted_config(), api_key="k", max_body=10_000_000) as server:
+        sent = 0
+
+        async def endless() -> AsyncIterator[bytes]:
+            nonlocal sent
+            while sent < 5_000_000:
+                sent += 65536
+                yield b"x" * 65536
+
+        response = await server.client.post("/predict", content=endless())
+        assert response.status_code == 401
+        assert sent < 5_000_000
+
+
+async def test_healthz_turns_503_when_every_model_keeps_failing() -> None:
+    config = PoolConfig(
+        model_cmd=hostile("exit_after_ready.py"),
+        workers=2,
+        backoff_initial=0.1,
+        backoff_max=0.2,
+        unhealthy_after=1.0,
+    )
+    async with running_server(config) as server:
+        started = trio.current_time()
+        assert (await server.client.get("/healthz")).status_code == 200  # starting is healthy
+        while (response := await server.client.get("/healthz")).status_code == 200:
+            assert trio.current_time() - started < 10, "never turned unhealthy"
+            await trio.sleep(0.05)
+        assert trio.current_time() - started >= 1.0
+        body = response.json()
+        assert body["status"] == "failing"
+        assert "every model has failed for" in body["detail"]
+        assert "died while idle" in body["detail"]
+
+
+async def test_healthz_stays_200_while_only_some_models_fail() -> None:
+    # One model that can never start and one healthy one: degraded, not dead.
+    script = "import os,sys\nif os.environ['MODELPOOL_MODEL'].endswith('-1'): sys.exit(1)\n"
+    script += "print('ready: Model-initialized')\nfor l in sys.stdin: print('result: {}')\n"
+    config = PoolConfig(
+        model_cmd=[sys.executable, "-c", script],
+        workers=2,
+        backoff_initial=0.1,
+        backoff_max=0.2,
+        unhealthy_after=0.5,
+    )
+    async with running_server(config) as server:
+        await wait_until(lambda: server.pool.ready_count >= 1, 5, "one model")
+        await trio.sleep(1.5)
+        assert (await server.client.get("/healthz")).status_code == 200
+        assert sum(w.failed + w.restarts for w in server.pool.workers) >= 1

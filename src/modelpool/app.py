@@ -119,7 +119,11 @@ def create_app(
     async def status() -> Response:
         body = pool.status()
         if connections is not None:
-            body["connections"] = {"open": connections.open, "limit": connections.limit}
+            body["connections"] = {
+                "open": connections.open,
+                "limit": connections.limit,
+                "evicted_idle": connections.evicted,
+            }
         return json_response(200, body)
 
     @app.errorhandler(HTTPException)

@@ -98,7 +98,18 @@ def parse_result(
 
 
 def _loads(data: bytes) -> Any:
-    return json.loads(data, strict=False, parse_constant=_reject_constant)
+    """Parse UTF-8 JSON (a leading BOM is allowed, as RFC 8259 permits).
+
+    Decoding here, rather than handing bytes to json.loads, keeps it from guessing
+    UTF-16 or UTF-32 from NUL bytes. Raw control characters inside strings are
+    accepted (strict=False): they cannot survive into the model's line, which is
+    re-encoded with escapes.
+    """
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
+    return json.loads(text, strict=False, parse_constant=_reject_constant)
 
 
 def _reject_constant(name: str) -> Any:

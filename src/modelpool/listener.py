@@ -6,11 +6,13 @@ connection the way `hypercorn.trio.run.worker_serve` does, with these difference
 
 - Sockets are bound first (`bind()`), before any model starts, so a port in use is an
   error at once and not after the models have loaded.
-- At most `max_connections` connections are open at a time. Past that, the service
-  stops accepting: new connections wait in the kernel's backlog, and get their turn as
-  others close (idle keep-alive connections close after `keep_alive_timeout`, and so
-  does a connection whose request headers have not all arrived by then). A flood of
-  idle connections thus cannot use up the file descriptors that model restarts need.
+- At most `max_connections` connections are open at a time (about 18 KiB and one
+  file descriptor each). When a new client comes at the limit, the connection that
+  has been idle longest is closed to make room for it: an idle keep-alive connection,
+  or one that has not finished sending its request headers. Only when every
+  connection has a request in progress does the service stop accepting, and new
+  connections wait in the kernel's backlog until one closes. Idle connections thus
+  cannot starve other clients, nor use up the file descriptors model restarts need.
 - Shutdown has two steps. `stop_accepting` closes the listeners but keeps open
   connections, so a request that arrives on one while the pool drains is answered
   (503, with `Connection: close`) rather than cut off. `close_connections` then closes
@@ -23,6 +25,7 @@ import logging
 import resource
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -30,7 +33,13 @@ from hypercorn.config import Sockets
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import ASGIFramework, ConnectionState
+from hypercorn.typing import (
+    ASGIFramework,
+    ASGIReceiveCallable,
+    ASGISendCallable,
+    ConnectionState,
+    Scope,
+)
 from hypercorn.utils import repr_socket_addr, wrap_app
 
 log = logging.getLogger("modelpool.listener")
@@ -86,32 +95,104 @@ def connection_budget(max_connections: int, models: int) -> int:
     return max_connections
 
 
-class LimitedListener(trio.abc.Listener[trio.SocketStream]):
-    """Accepts only while fewer than the limit are open; the handler releases the slot."""
+class Connection:
+    """One open client connection: its stream, and whether a request is in progress."""
 
-    def __init__(self, inner: trio.SocketListener, slots: trio.Semaphore) -> None:
+    def __init__(self, stream: trio.SocketStream, peer: tuple[str, int]) -> None:
+        self.stream = stream
+        self.peer = peer
+        self.requests = 0
+        self.last_active = trio.current_time()
+        self.scope = trio.CancelScope()
+
+    @property
+    def evicted(self) -> bool:
+        return self.scope.cancel_called
+
+    def evict(self) -> None:
+        """End it now. Only for a connection with no request in progress: hypercorn
+        keeps even a closed connection's tasks until its idle timer runs out, so its
+        handler is cancelled rather than its socket shut down."""
+        self.scope.cancel()
+
+
+class Connections:
+    """The open connections, by peer address; what /status reports and the limit acts on."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.evicted = 0
+        self._by_peer: dict[tuple[str, int], Connection] = {}
+        self._slots = trio.Semaphore(limit)
+
+    @property
+    def open(self) -> int:
+        return len(self._by_peer)
+
+    async def admit(self) -> None:
+        """Wait for room for one more connection, closing the longest-idle one if need be."""
+        if self._slots.value == 0:
+            idle = [c for c in self._by_peer.values() if not c.requests and not c.evicted]
+            if idle:
+                oldest = min(idle, key=lambda c: c.last_active)
+                oldest.evict()
+                self.evicted += 1
+        await self._slots.acquire()
+
+    def opened(self, stream: trio.SocketStream) -> Connection:
+        """Register a new connection; OSError if its client is already gone."""
+        connection = Connection(stream, _peer(stream.socket.getpeername()))
+        self._by_peer[connection.peer] = connection
+        return connection
+
+    def closed(self, connection: Connection | None) -> None:
+        """A connection ended (or never started): its slot is free again."""
+        if connection is not None and self._by_peer.get(connection.peer) is connection:
+            del self._by_peer[connection.peer]
+        self._slots.release()
+
+    def track(self, app: ASGIFramework) -> ASGIFramework:
+        """Wrap `app` so each connection knows when it has a request in progress."""
+
+        async def tracked(
+            scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
+        ) -> None:
+            client = scope.get("client")
+            connection = None if client is None else self._by_peer.get(_peer(client))
+            if connection is None or scope["type"] != "http":
+                await app(scope, receive, send)
+                return
+            connection.requests += 1
+            try:
+                await app(scope, receive, send)
+            finally:
+                connection.requests -= 1
+                connection.last_active = trio.current_time()
+
+        return tracked
+
+
+class LimitedListener(trio.abc.Listener[trio.SocketStream]):
+    """Accepts only when `connections` has room for one more."""
+
+    def __init__(self, inner: trio.SocketListener, connections: Connections) -> None:
         self._inner = inner
-        self._slots = slots
+        self._connections = connections
 
     async def accept(self) -> trio.SocketStream:
-        await self._slots.acquire()
+        await self._connections.admit()
         try:
             return await self._inner.accept()
         except BaseException:
-            self._slots.release()
+            self._connections.closed(None)
             raise
 
     async def aclose(self) -> None:
         await self._inner.aclose()
 
 
-class Connections:
-    """Counts open connections; what /status reports."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.open = 0
-        self.slots = trio.Semaphore(limit)
+def _peer(address: Any) -> tuple[str, int]:
+    return (str(address[0]), int(address[1]))
 
 
 async def serve(
@@ -125,19 +206,25 @@ async def serve(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve `app` on bound `sockets` until both shutdown steps have come and gone."""
-    wrapped = wrap_app(app, config.wsgi_max_body_size, "asgi")
+    wrapped = wrap_app(connections.track(app), config.wsgi_max_body_size, "asgi")
     lifespan_state: dict = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
     context = WorkerContext(None)
 
     async def handle(stream: trio.SocketStream) -> None:
-        connections.open += 1
         try:
-            state = ConnectionState(lifespan_state.copy())
-            await TCPServer(wrapped, config, context, state, stream)
+            connection = connections.opened(stream)
+        except OSError:  # the client is already gone
+            connections.closed(None)
+            await stream.aclose()
+            return
+        try:
+            with connection.scope:
+                state = ConnectionState(lifespan_state.copy())
+                await TCPServer(wrapped, config, context, state, stream)
         finally:
-            connections.open -= 1
-            connections.slots.release()
+            await stream.aclose()  # closes even when cancelled
+            connections.closed(connection)
 
     async with trio.open_nursery() as lifespan_nursery:
         await lifespan_nursery.start(lifespan.handle_lifespan)
@@ -145,7 +232,7 @@ async def serve(
         async with trio.open_nursery() as connection_nursery:
             listeners = [
                 LimitedListener(
-                    trio.SocketListener(trio.socket.from_stdlib_socket(sock)), connections.slots
+                    trio.SocketListener(trio.socket.from_stdlib_socket(sock)), connections
                 )
                 for sock in sockets.insecure_sockets
             ]

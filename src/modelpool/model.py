@@ -139,11 +139,18 @@ class ModelProcess:
                 self._trouble_scopes.discard(scope)
 
     async def describe_failure(self) -> ModelFailed:
-        """Why the model stopped answering: one line, the exit code, the last stderr lines."""
-        with trio.move_on_after(EXIT_WAIT):
-            await self.proc.wait()
-        with trio.move_on_after(PUMP_DRAIN):
-            await self.stderr_ended.wait()
+        """Why the model stopped answering: one line, the exit code, the last stderr lines.
+
+        A model whose output ended is usually exiting: it gets EXIT_WAIT to do so, and
+        then its stderr is read to the end. One that overflowed a line is alive and
+        will be killed, so nothing is waited for.
+        """
+        if not self.overflowed:
+            with trio.move_on_after(EXIT_WAIT):
+                await self.proc.wait()
+        if self.proc.returncode is not None:
+            with trio.move_on_after(PUMP_DRAIN):
+                await self.stderr_ended.wait()
         code = self.proc.returncode
         if self.overflowed:
             detail = f"model printed a line longer than {self._config.max_line} bytes"
@@ -261,21 +268,21 @@ class ModelProcess:
             self.stderr_ended.set()
 
     async def _watch_exit(self) -> None:
-        """Notice a model that exited while a child of its own still holds its stdout."""
+        """When the model exits, kill what it left, and notice output that never ends.
+
+        A helper may still hold the model's stdout, so its end would never come; the
+        helpers die here, and what they and the model wrote is still read.
+        """
         await self.proc.wait()
+        self.kill_group()
+        await self._reaper.kill_leftovers(self._token)
         with trio.move_on_after(EXIT_WAIT):
             await self.stdout_ended.wait()
         if not self.stdout_ended.is_set():
-            log.warning(
-                "%s exited but its stdout is still open; killing its process group", self.name
-            )
-            self.kill_group()
-            with trio.move_on_after(PUMP_DRAIN):
-                await self.stdout_ended.wait()
-            if not self.stdout_ended.is_set():
-                stdout = self.proc.stdout
-                assert stdout is not None
-                await stdout.aclose()
+            log.warning("%s exited but its stdout is still open; closing it", self.name)
+            stdout = self.proc.stdout
+            assert stdout is not None
+            await stdout.aclose()
 
 
 def model_environment(config: PoolConfig, token: str) -> dict[str, str]:

@@ -132,10 +132,11 @@ class Pool:
         and neither does a long first start-up.
         """
         limit = self.config.unhealthy_after
-        since = [w.failing_since for w in self.workers]
+        now = trio.current_time()
+        since = [w.failing(now) for w in self.workers]
         if limit is None or not since or None in since:
             return True, None
-        failing_for = trio.current_time() - max(s for s in since if s is not None)
+        failing_for = now - max(s for s in since if s is not None)
         if failing_for < limit:
             return True, None
         last = next(

@@ -96,9 +96,14 @@ class Reaper:
             self._kill(alive)
 
     async def model_reaped(self, pid: int, token: str) -> None:
-        """The model is gone: nothing that carries its token may outlive it."""
+        """The model is gone for good: nothing that carries its token may outlive it."""
         _live.pop(token, None)
+        await self.kill_leftovers(token)
+
+    async def kill_leftovers(self, token: str) -> None:
+        """Kill every process that carries `token`, now: its model has exited."""
         if self.adopt_orphans:
+            self._kill([c for c in own_children() if token_of(c) == token and not is_zombie(c)])
             self.sweep()
         else:
             await trio.to_thread.run_sync(self._kill_carriers, token)
@@ -110,6 +115,9 @@ class Reaper:
         if self._spawning.locked():
             self._kick.set()  # the background sweep will do it once the start is over
             return
+        self._sweep_now()
+
+    def _sweep_now(self) -> None:
         live_pids = set(_live.values())
         doomed = []
         for child in own_children():
@@ -134,7 +142,7 @@ class Reaper:
                 self._kick = trio.Event()
                 await trio.sleep(REAP_RETRY)
             async with self._spawning:
-                self.sweep()
+                self._sweep_now()
 
     async def final_sweep(self) -> None:
         """When the pool has stopped: sweep until no orphan is left, or give up and say so."""
@@ -142,7 +150,8 @@ class Reaper:
             return
         with trio.move_on_after(FINAL_SWEEP):
             while self._orphans():
-                self.sweep()
+                async with self._spawning:
+                    self._sweep_now()
                 await trio.sleep(REAP_RETRY)
         left = self._orphans()
         if left:

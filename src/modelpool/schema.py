@@ -22,6 +22,7 @@ __all__ = ["RequestSchema", "SchemaError", "load_schema"]
 from .errors import BadRequest
 
 MAX_COMPLAINT = 300  # characters of the validator's message a client is shown
+MAX_VALUE = 60  # characters of the offending value quoted in it
 
 
 class RequestSchema:
@@ -41,6 +42,9 @@ class RequestSchema:
             return
         where = "".join(f"[{json.dumps(step)}]" for step in error.absolute_path)
         message = error.message
+        instance = repr(error.instance)
+        if len(instance) > MAX_VALUE:  # keep the complaint, not a copy of a huge value
+            message = message.replace(instance, f"{instance[:MAX_VALUE]}...")
         if len(message) > MAX_COMPLAINT:
             message = f"{message[:MAX_COMPLAINT]}..."
         at = f" at {where}" if where else ""

@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("modelpool.worker")
 
+HEALTHY_UPTIME = 5.0  # seconds a model must stay up to count as healthy
+
 
 class State(enum.StrEnum):
     STARTING = "starting"
@@ -64,6 +66,18 @@ class Worker:
     @property
     def ready(self) -> bool:
         return self.state in (State.IDLE, State.BUSY)
+
+    def failing(self, now: float) -> float | None:
+        """Since when this worker's models keep failing on their own; None if they do not.
+
+        A model that has served a request, or stayed up for HEALTHY_UPTIME, ends a run
+        of failures: one that dies a moment after its ready line does not.
+        """
+        if self.failing_since is None:
+            return None
+        if self.ready and now - self._ready_at >= HEALTHY_UPTIME:
+            self.failing_since = None
+        return self.failing_since
 
     def snapshot(self) -> dict[str, Any]:
         return {
@@ -115,7 +129,6 @@ class Worker:
                 self._model = model
                 await model.wait_ready()
                 self._ready_at = trio.current_time()
-                self.failing_since = None
                 log.info("%s ready after %.1f s", model.name, self._ready_at - model.started_at)
                 return await self._serve(model)
         except* StartFailed as group:  # raised inside open_model's nursery: grouped
@@ -187,6 +200,7 @@ class Worker:
                 return False
             self.served += 1
             self._failures_in_a_row = 0
+            self.failing_since = None
             now = trio.current_time()
             log.info(
                 "%s request %s served in %.2f s (queued %.2f s)",
