@@ -1,4 +1,5 @@
-"""Sessions: `nox -s tests` (the suite), `nox -s lint` (ruff), `nox -s bench` (load figures)."""
+"""Sessions: `nox -s tests` (the suite), `nox -s lint` (ruff), `nox -s bench` (load figures),
+`nox -s chaos` (load under killed, timed-out, crashing and escaping models)."""
 
 import nox
 
@@ -25,3 +26,10 @@ def bench(session: nox.Session) -> None:
     """Throughput, latency, utilisation and memory of `modelpool serve`; prints figures."""
     session.install(".", "httpx")
     session.run("python", "benchmarks/load.py", *session.posargs)
+
+
+@nox.session
+def chaos(session: nox.Session) -> None:
+    """Load past capacity while models are killed, time out, crash and escape; checks promises."""
+    session.install(".", "httpx")
+    session.run("python", "benchmarks/chaos.py", *session.posargs)

@@ -259,3 +259,15 @@ async def test_a_connection_with_a_request_in_progress_is_never_evicted() -> Non
                 await stream.aclose()
         assert answers[0].status_code == 200
         error_body(await server.client.post("/predict", content=b"{"), 400, "bad request")
+
+
+async def test_a_connection_the_client_closed_stops_counting_at_once() -> None:
+    # hypercorn alone would keep each one as open until its keep-alive timer ran out
+    async with running_server(scripted_config(workers=1), keep_alive_timeout=60) as server:
+        for _ in range(50):
+            async with await raw_connection(server.url) as client:
+                await client.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = b""
+                while not answer.endswith(b'"ok"}\n'):
+                    answer += await client.receive_some(4096)
+        await wait_until(lambda: server.service.connections.open <= 1, 2, "closed connections")

@@ -155,7 +155,7 @@ class ServerConfig:
     port: int = 8080
     max_body: int = 1 * MiB
     body_timeout: float = 60.0
-    keep_alive_timeout: float = 5.0
+    keep_alive_timeout: float = 75.0
     max_connections: int = 1000
     access_log: bool = False
     api_key: str | None = None

@@ -95,6 +95,19 @@ def connection_budget(max_connections: int, models: int) -> int:
     return max_connections
 
 
+class PromptTCPServer(TCPServer):
+    """hypercorn's connection, ended as soon as its peer has gone.
+
+    hypercorn's trio TCPServer closes the socket when the client hangs up, but keeps
+    the connection's tasks until its keep-alive timer runs out; the connection would
+    count as open, against `max_connections`, for up to `keep_alive_timeout`.
+    """
+
+    async def _read_data(self) -> None:
+        await super()._read_data()
+        await self.idle_task.stop()
+
+
 class Connection:
     """One open client connection: its stream, and whether a request is in progress."""
 
@@ -221,7 +234,7 @@ async def serve(
         try:
             with connection.scope:
                 state = ConnectionState(lifespan_state.copy())
-                await TCPServer(wrapped, config, context, state, stream)
+                await PromptTCPServer(wrapped, config, context, state, stream)
         finally:
             await stream.aclose()  # closes even when cancelled
             connections.closed(connection)

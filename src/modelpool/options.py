@@ -157,10 +157,11 @@ OPTIONS = [
     Option(
         "--keep-alive-timeout",
         number,
-        5.0,
-        "seconds an idle keep-alive connection stays open (and a connection may take to "
-        "send its request headers); behind a load balancer, make it longer than the "
-        "balancer's idle timeout",
+        75.0,
+        "seconds an idle keep-alive connection stays open, and a connection may take to send "
+        "its request headers; clients must not keep idle connections longer (httpx: 5 s), and "
+        "a load balancer's idle timeout must be shorter. At --max-connections, the longest-"
+        "idle connection is closed early for a new one",
         "keep_alive_timeout",
     ),
     Option(

@@ -1,0 +1,43 @@
+"""The chaos session (benchmarks/chaos.py), short: it must end with every promise kept."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import trio
+
+from conftest import ROOT
+
+DURATION = 40  # seconds of chaos; the whole run takes about 15 s more
+
+
+async def test_a_short_chaos_session_keeps_every_promise(tmp_path: Path) -> None:
+    summary_file = tmp_path / "chaos.json"
+    done = await trio.run_process(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "chaos.py"),
+            "--duration",
+            str(DURATION),
+            "--json",
+            str(summary_file),
+        ],
+        capture_stdout=True,
+        check=False,
+    )
+    output = done.stdout.decode()
+    assert done.returncode == 0, output
+    summary = json.loads(summary_file.read_text())
+    assert summary["wrong_id"] == 0
+    assert summary["missing"] == 0
+    assert summary["left_behind"] == 0
+    assert summary["service_exit_code"] == 0
+    assert all(summary["checks"].values()), summary["checks"]
+    # the chaos really happened, and the service really served through it
+    assert set(summary["chaos"]) >= {"kill", "timeout", "crash", "escape", "hangup", "burst"}
+    assert summary["errors"].get("504 model timeout", 0) >= 1
+    assert summary["errors"].get("502 model failed", 0) >= 1
+    assert summary["escaped_daemons_started"] >= 1
+    assert summary["ok"] > 1000
