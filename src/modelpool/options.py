@@ -168,7 +168,8 @@ OPTIONS = [
         "--max-connections",
         integer,
         1000,
-        "open client connections at most; more wait in the kernel's backlog until one closes",
+        "open client connections at most; at the limit the longest-idle one is closed for a "
+        "newcomer, and only when every one has a request in progress do newcomers wait",
         "max_connections",
     ),
     Option(
