@@ -23,9 +23,10 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Throughput, latency, utilisation and memory of `modelpool serve`; prints figures."""
+    """Throughput, latency, utilisation, memory, and the cost of connection and process limits."""
     session.install(".", "httpx")
     session.run("python", "benchmarks/load.py", *session.posargs)
+    session.run("python", "benchmarks/limits.py", *session.posargs)
 
 
 @nox.session
