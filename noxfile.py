@@ -1,5 +1,6 @@
 """Sessions: `nox -s tests` (the suite), `nox -s lint` (ruff), `nox -s bench` (load figures),
-`nox -s chaos` (load under killed, timed-out, crashing and escaping models)."""
+`nox -s chaos` (load under killed, timed-out, crashing and escaping models), `nox -s load`
+(drive any instance with a request mix; live view, report and plots)."""
 
 import nox
 
@@ -34,3 +35,10 @@ def chaos(session: nox.Session) -> None:
     """Load past capacity while models are killed, time out, crash and escape; checks promises."""
     session.install(".", "httpx")
     session.run("python", "benchmarks/chaos.py", *session.posargs)
+
+
+@nox.session
+def load(session: nox.Session) -> None:
+    """Load test with a live view, a report and PNG plots: `nox -s load -- --help`."""
+    session.install(".", "httpx", "rich", "matplotlib")
+    session.run("python", "benchmarks/loadtest.py", *session.posargs)

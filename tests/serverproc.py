@@ -17,7 +17,7 @@ import trio
 
 from conftest import children_of, group_members, process_alive
 
-LISTENING = re.compile(r"listening on (http://\S+)")
+LISTENING = re.compile(r"listening on (http://[^\s\"]+)")
 STARTED = re.compile(r"\[pid (\d+)\] started")
 
 

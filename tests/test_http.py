@@ -359,6 +359,9 @@ async def test_an_api_key_protects_everything_but_the_probes() -> None:
                 assert response.headers["www-authenticate"] == 'Bearer realm="modelpool"'
         assert (await client.get("/healthz")).status_code == 200
         assert (await client.get("/readyz")).status_code in (200, 503)
+        page = await client.get("/")  # the status page holds no data; it asks for the key
+        assert page.status_code == 200 and "<title>modelpool</title>" in page.text
+        error_body(await client.get("/metrics"), 401, "unauthorized")
         key = {"Authorization": "Bearer s3cret key"}
         assert (await client.post("/predict", json={"n": 1}, headers=key)).status_code == 200
         assert (await client.get("/status", headers=key)).status_code == 200

@@ -11,6 +11,8 @@ from .errors import (
     QueueTimeout,
     ShuttingDown,
 )
+from .job import Timing
+from .metrics import PoolMetrics
 from .pool import Pool, open_pool
 from .reaper import Reaper
 
@@ -23,10 +25,12 @@ __all__ = [
     "Pool",
     "PoolConfig",
     "PoolError",
+    "PoolMetrics",
     "QueueFull",
     "QueueTimeout",
     "Reaper",
     "ServerConfig",
     "ShuttingDown",
+    "Timing",
     "open_pool",
 ]

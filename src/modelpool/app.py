@@ -1,4 +1,5 @@
-"""The HTTP face of the pool: POST /predict, plus /healthz, /readyz and /status.
+"""The HTTP face of the pool: POST /predict, plus /healthz, /readyz, /status, /metrics and
+the live status page at /.
 
 Everything a client can get wrong is answered here, before a model is involved, and
 every answer, error or not, is a JSON object. Every response carries the request's id
@@ -12,12 +13,15 @@ import json
 import logging
 import re
 import secrets
+import time
+from importlib import resources
 from typing import Any
 
 from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
+from . import logs
 from .auth import ApiKey
 from .codec import parse_request
 from .config import ServerConfig
@@ -30,10 +34,13 @@ from .errors import (
     QueueTimeout,
     ShuttingDown,
 )
+from .job import Timing
 from .listener import Connections
 from .pool import Pool
 
 log = logging.getLogger("modelpool.http")
+access_log = logging.getLogger("modelpool.access")
+STATUS_PAGE = resources.files("modelpool").joinpath("status.html").read_bytes()
 
 RETRY_AFTER_SECONDS = "1"
 REQUEST_ID_HEADER = "X-Request-ID"
@@ -73,7 +80,10 @@ def create_app(
 
     @app.before_request
     async def identify_and_authorize() -> Response | None:
+        g.started = time.perf_counter()
+        g.timing = None
         g.request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
+        logs.set_field("request_id", g.request_id)
         if api_key is not None and not api_key.allows(
             request.path, request.headers.get("Authorization")
         ):
@@ -89,17 +99,33 @@ def create_app(
         response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
         if pool.closing:
             response.headers["Connection"] = "close"  # so clients stop sending on it
+        if config.access_log:
+            log_access(response.status_code)
         return response
 
     @app.post("/predict")
     async def predict() -> Response:
         try:
-            value = parse_request(await request.get_data(cache=False))
-            result = await pool.predict(value, g.request_id)
+            try:
+                value = parse_request(await request.get_data(cache=False))
+            except BadRequest:
+                pool.metrics.request_done("bad_request", time.perf_counter() - g.started)
+                raise
+            g.timing = Timing()
+            result = await pool.predict(value, g.request_id, g.timing)
         except PoolError as exc:
             exc.request_id = g.request_id
             return pool_error_response(exc, config.expose_model_stderr)
         return json_response(200, result)
+
+    @app.get("/")
+    async def status_page() -> Response:
+        return Response(STATUS_PAGE, content_type="text/html; charset=utf-8")
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body, content_type = pool.metrics.exposition(request.headers.get("Accept", ""))
+        return Response(body, content_type=content_type)
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -132,6 +158,8 @@ def create_app(
         body: dict[str, Any] = {"error": (exc.name or "error").lower()}
         if code == 413:
             body = {"error": "request body too large", "max_body": config.max_body}
+        if request.path == "/predict" and code in (408, 413):
+            pool.metrics.request_done("bad_request", time.perf_counter() - g.started)
         body["request_id"] = g.get("request_id")
         response = json_response(code, body)
         allow = dict(exc.get_headers()).get("Allow")
@@ -147,7 +175,39 @@ def create_app(
         )
         return json_response(500, {"error": "internal error", "request_id": request_id})
 
+    def log_access(status: int) -> None:
+        timing: Timing = g.get("timing") or Timing()
+        total = time.perf_counter() - g.get("started", time.perf_counter())
+        client = request.remote_addr or "-"
+        access_log.info(
+            '%s "%s %s" %d queue=%s compute=%s total=%.3fs worker=%s pid=%s',
+            client,
+            request.method,
+            request.path,
+            status,
+            _seconds(timing.queue_wait),
+            _seconds(timing.compute),
+            total,
+            "-" if timing.worker is None else timing.worker,
+            "-" if timing.pid is None else timing.pid,
+            extra={
+                "client": client,
+                "method": request.method,
+                "path": request.path,
+                "status": status,
+                "queue_wait": timing.queue_wait,
+                "compute": timing.compute,
+                "total": round(total, 6),
+                "worker": timing.worker,
+                "pid": timing.pid,
+            },
+        )
+
     return app
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}s"
 
 
 def pool_error_response(exc: PoolError, expose_stderr: bool = False) -> Response:

@@ -1,7 +1,9 @@
 """API key check: `Authorization: Bearer <key>`, compared in constant time.
 
-Probes (`/healthz`, `/readyz`) stay open, so an orchestrator needs no secret; everything
-else, present and future, needs the key once one is set. The check runs before the
+Probes (`/healthz`, `/readyz`) stay open, so an orchestrator needs no secret, and so
+does the status page (`/`), which holds no data: it asks the browser's user for the key
+and sends it with each of its calls to `/status`. Everything else, present and future,
+needs the key once one is set. The check runs before the
 body is read, so a client without the key cannot make the service read a large body.
 """
 
@@ -9,7 +11,7 @@ from __future__ import annotations
 
 import hmac
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/", "/healthz", "/readyz"})
 
 
 class ApiKey:

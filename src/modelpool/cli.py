@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import trio
 
+from . import logs
 from .config import ServerConfig
 from .errors import ModelCommandError
 from .listener import CannotListen
@@ -22,7 +23,6 @@ from .reaper import Reaper
 from .server import Service
 
 log = logging.getLogger("modelpool")
-LOG_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 EXIT_CANNOT_LISTEN = 1
 EXIT_MODEL_COMMAND = 3
 
@@ -59,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not argv or argv[0] not in ("serve", "-h", "--help"):
         argv.insert(0, "serve")
     _, settings = parse(argv)
-    logging.basicConfig(level=settings.log_level, format=LOG_FORMAT, stream=sys.stderr)
+    logs.configure(settings.log_level, settings.log_format)
     code = 0
     try:
         trio.run(run_service, settings.config)

@@ -8,6 +8,7 @@ environment variable it came from instead.
 from __future__ import annotations
 
 import ipaddress
+import logging
 import math
 import sys
 from collections.abc import Mapping
@@ -96,6 +97,7 @@ class PoolConfig:
     request_schema: Mapping[str, Any] | None = None
     stderr_tail: int = 20
     env: dict[str, str] | None = None
+    model_log_level: str = "INFO"  # level of the lines models print
 
     def __post_init__(self) -> None:
         if not self.model_cmd or not all(isinstance(arg, str) for arg in self.model_cmd):
@@ -117,6 +119,8 @@ class PoolConfig:
             value = getattr(self, name)
             if value is not None:
                 check_number(name, value, minimum=0, above=True)
+        if self.model_log_level not in logging.getLevelNamesMapping():
+            raise ConfigError("model_log_level", f"is not a log level: {self.model_log_level!r}")
         if self.id_field is not None and not self.id_field.strip():
             raise ConfigError("id_field", "must be a non-empty field name")
         if self.request_schema is not None:

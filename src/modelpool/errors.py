@@ -13,6 +13,7 @@ class PoolError(Exception):
     """Base of every error `Pool.predict` raises; `payload()` is what a client is shown."""
 
     message = "prediction failed"
+    outcome = "error"  # its label in modelpool_requests_total{outcome}
     request_id: str | None = None
 
     def payload(self) -> dict[str, Any]:
@@ -28,6 +29,7 @@ class BadRequest(PoolError):
     """The request cannot be sent to a model: not JSON, too deep, or refused by the schema."""
 
     message = "bad request"
+    outcome = "bad_request"
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -41,24 +43,28 @@ class QueueFull(PoolError):
     """Too many requests are already waiting; the caller should retry later."""
 
     message = "queue full"
+    outcome = "queue_full"
 
 
 class QueueTimeout(PoolError):
     """No model became free within the queue timeout."""
 
     message = "no model available"
+    outcome = "queue_timeout"
 
 
 class ShuttingDown(PoolError):
     """The pool is stopping and takes no new work, or gave up on this job while stopping."""
 
     message = "shutting down"
+    outcome = "shutting_down"
 
 
 class ModelTimeout(PoolError):
     """The model computed for longer than the timeout and was killed."""
 
     message = "model timeout"
+    outcome = "timeout"
 
 
 class ModelFailed(PoolError):
@@ -70,6 +76,7 @@ class ModelFailed(PoolError):
     """
 
     message = "model failed"
+    outcome = "model_failed"
 
     def __init__(
         self,

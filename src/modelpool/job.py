@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -12,6 +13,17 @@ from .errors import PoolError
 
 log = logging.getLogger("modelpool.job")
 _numbers = itertools.count(1)
+
+
+@dataclass
+class Timing:
+    """Where a request's time went, for the access log: filled in as it happens."""
+
+    queue_wait: float | None = None  # seconds until a model took it (all waits, if retried)
+    compute: float | None = None  # seconds from writing it to a model to the outcome
+    total: float | None = None  # seconds through the pool
+    worker: int | None = None  # the worker that served it last
+    pid: int | None = None  # and its model's pid
 
 
 class Job:
@@ -33,6 +45,7 @@ class Job:
         self.abandoned = False
         self.attempts = 0
         self.enqueued_at = trio.current_time()
+        self.timing = Timing()
         self.taken = trio.Event()
         self.done = trio.Event()
         self._value: dict[str, Any] | None = None

@@ -24,6 +24,7 @@ from contextlib import asynccontextmanager, contextmanager
 
 import trio
 
+from . import logs
 from .config import PoolConfig
 from .errors import ModelFailed
 from .lines import LineReader, LineTooLong
@@ -61,6 +62,7 @@ class ModelProcess:
         self.ready = False
         self.overflowed = False
         self.out_of_step: str | None = None  # why, once it printed a result nobody awaited
+        self.request_id: str | None = None  # the request it computes, for its output's log
         self.stdout_ended = trio.Event()
         self.stderr_ended = trio.Event()
         self._config = config
@@ -233,10 +235,18 @@ class ModelProcess:
                 log.error("%s %s: %s", self.name, self.out_of_step, _text(line))
                 self._cancel_trouble_scopes()
             return
-        log.info("%s stdout: %s", self.name, _text(line))
+        self._log_output("stdout", _text(line))
         if not self.ready and _text(line).strip().startswith(self._config.ready_line):
             self.ready = True
             self._init_done.set()
+
+    def _log_output(self, stream: str, text: str) -> None:
+        """A line the model printed: the model's business, logged at --model-log-level."""
+        extra = {"stream": stream}
+        if self.request_id is not None:
+            extra["request_id"] = self.request_id
+        level = logging.getLevelNamesMapping()[self._config.model_log_level]
+        log.log(level, "%s %s: %s", self.name, stream, text, extra=extra)
 
     def _cancel_trouble_scopes(self) -> None:
         for scope in self._trouble_scopes:
@@ -261,7 +271,7 @@ class ModelProcess:
                     return
                 text = _text(line)
                 self._stderr_tail.append(text)
-                log.info("%s stderr: %s", self.name, text)
+                self._log_output("stderr", text)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -318,6 +328,7 @@ async def open_model(config: PoolConfig, name: str, reaper: Reaper) -> AsyncIter
                 f"{name} failed to start: cannot run {config.model_cmd[0]!r}: {exc.strerror or exc}"
             ) from exc
         reaper.model_started(proc.pid, token)
+    logs.set_field("pid", proc.pid)  # for this task's log lines and those of the pumps
     model = ModelProcess(proc, config, name, reaper, token)
     log.info("%s started: %s", model.name, " ".join(config.model_cmd))
     try:

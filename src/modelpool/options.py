@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .config import ConfigError, MiB, PoolConfig, ServerConfig
+from .logs import FORMATS
 from .schema import load_schema
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -69,6 +70,12 @@ def log_level(text: str) -> str:
     if text.upper() not in LOG_LEVELS:
         raise argparse.ArgumentTypeError(f"must be one of {', '.join(LOG_LEVELS)}, got {text!r}")
     return text.upper()
+
+
+def log_format(text: str) -> str:
+    if text.lower() not in FORMATS:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(FORMATS)}, got {text!r}")
+    return text.lower()
 
 
 def text_value(text: str) -> str:
@@ -250,7 +257,28 @@ OPTIONS = [
         "expose_model_stderr",
     ),
     Option("--log-level", log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
-    Option("--access-log", None, False, "log every HTTP request", "access_log"),
+    Option(
+        "--log-format",
+        log_format,
+        "text",
+        "text, or json: one JSON object per line with timestamp, level, logger, message, "
+        "and request_id, worker and pid where they apply",
+    ),
+    Option(
+        "--model-log-level",
+        log_level,
+        "INFO",
+        "level at which the lines models print are logged (they may hold users' data: "
+        "DEBUG keeps them out of an INFO log)",
+        "pool.model_log_level",
+    ),
+    Option(
+        "--access-log",
+        None,
+        False,
+        "log one line per HTTP request: request id, status, queue wait, compute and total time",
+        "access_log",
+    ),
 ]
 BY_FIELD = {option.field: option for option in OPTIONS if option.field}
 
@@ -261,6 +289,7 @@ class Settings:
 
     config: ServerConfig
     log_level: str
+    log_format: str = "text"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser(
         "serve",
         help="start the HTTP service (the default command)",
-        description="Start the pool and serve POST /predict, GET /healthz, /readyz, /status. "
+        description="Start the pool and serve POST /predict, GET /, /healthz, /readyz, "
+        "/status, /metrics. "
         "Every option can also be set by the environment variable named in its help; "
         "a command-line option wins over the variable.",
     )
@@ -317,7 +347,7 @@ def parse(
         if exc.field == "host":
             problem += " (--api-key or --allow-unauthenticated)"
         parser.error(f"{option.flag}{source}: {problem}")
-    return parser, Settings(config, values["log_level"])
+    return parser, Settings(config, values["log_level"], values["log_format"])
 
 
 def _from_env(option: Option, raw: str) -> Any:

@@ -31,7 +31,8 @@ from .errors import (
     QueueTimeout,
     ShuttingDown,
 )
-from .job import Job
+from .job import Job, Timing
+from .metrics import PoolMetrics
 from .reaper import Reaper
 from .schema import RequestSchema
 from .worker import State, Worker
@@ -61,21 +62,50 @@ class Pool:
         self._requests = 0
         self.stopped = trio.Event()
         self.workers = [Worker(i, self) for i in range(config.workers)]
+        self.metrics = PoolMetrics(self)
 
     # -- what callers use -------------------------------------------------------------
 
-    async def predict(self, request: Any, request_id: str | None = None) -> dict[str, Any]:
+    async def predict(
+        self, request: Any, request_id: str | None = None, timing: Timing | None = None
+    ) -> dict[str, Any]:
         """The model's answer to `request`, or a PoolError saying why there is none.
 
         `request_id` names the request in logs and errors; one is made up if not given.
+        `timing`, if given, is filled in with where the request's time went.
         """
         self._requests += 1
         request_id = request_id or f"{self._prefix}-{self._requests}"
+        started = trio.current_time()
+        outcome: str | None = None
+        job: Job | None = None
         try:
-            job = self._submit(request, request_id)
+            try:
+                job = self._submit(request, request_id)
+            except PoolError as exc:
+                exc.request_id = request_id
+                raise
+            result = await self._answer(job)
+            outcome = "ok"
+            return result
         except PoolError as exc:
-            exc.request_id = request_id
+            outcome = exc.outcome
             raise
+        except trio.Cancelled:
+            outcome = "client_gone"  # the caller stopped waiting
+            raise
+        finally:
+            total = trio.current_time() - started
+            if outcome is not None:
+                self.metrics.request_done(outcome, total)
+            if timing is not None:
+                if job is not None:
+                    timing.queue_wait = job.timing.queue_wait
+                    timing.compute = job.timing.compute
+                    timing.worker, timing.pid = job.timing.worker, job.timing.pid
+                timing.total = total
+
+    async def _answer(self, job: Job) -> dict[str, Any]:
         try:
             if self.config.queue_timeout is not None:
                 with trio.move_on_after(self.config.queue_timeout):
@@ -83,7 +113,7 @@ class Pool:
                 if not job.taken.is_set():
                     log.warning(
                         "request %s: no model free within %g s",
-                        request_id,
+                        job.request_id,
                         self.config.queue_timeout,
                     )
                     self._abandon(job)
@@ -122,6 +152,7 @@ class Pool:
             "healthy": healthy,
             "problem": problem,
             "orphans_killed": self.reaper.killed,
+            "recent": self.metrics.recent.summary(),
         }
 
     def health(self) -> tuple[bool, str | None]:
@@ -174,6 +205,10 @@ class Pool:
         job.queued = False
         job.attempts += 1
         self._pending -= 1
+        waited = trio.current_time() - job.enqueued_at
+        job.timing.queue_wait = waited
+        if job.attempts == 1:  # a job queued again is one request: observe it once
+            self.metrics.queue_wait.observe(waited)
         job.taken.set()
         self._stop_idle_starts()
         return True

@@ -132,5 +132,5 @@ class Service:
         config.graceful_timeout = RESPONSE_SLACK
         config.keep_alive_timeout = self.config.keep_alive_timeout
         config.errorlog = logging.getLogger("hypercorn.error")
-        config.accesslog = logging.getLogger("hypercorn.access") if self.config.access_log else None
+        config.accesslog = None  # app.py writes one line per request, with its timings
         return config

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from . import logs
 from .codec import ResultError, parse_result
 from .errors import ModelCommandError, ModelFailed, ModelTimeout, ShuttingDown
 from .job import Job
@@ -57,6 +58,10 @@ class Worker:
         self._failures_in_a_row = 0  # models that failed with no request to blame
         self._ready_at = 0.0
         self._model: ModelProcess | None = None
+        self._restart_reason = "crashed"  # why the current model will be replaced
+        self._busy_total = 0.0  # seconds spent computing, for modelpool_model_busy_seconds
+        self._state_since = time.monotonic()
+        self._job: Job | None = None
 
     @property
     def pid(self) -> int | None:
@@ -79,11 +84,24 @@ class Worker:
             self.failing_since = None
         return self.failing_since
 
+    def busy_seconds(self) -> float:
+        """Seconds this worker's models have spent computing, the current request included."""
+        if self.state is State.BUSY:
+            return self._busy_total + time.monotonic() - self._state_since
+        return self._busy_total
+
     def snapshot(self) -> dict[str, Any]:
+        now = trio.current_time()
         return {
             "id": self.index,
             "state": self.state.value,
             "pid": self.pid,
+            "uptime": round(now - self._ready_at, 3) if self.ready else None,
+            "request_id": None if self._job is None else self._job.request_id,
+            "request_age": (
+                None if self._job is None else round(time.monotonic() - self._state_since, 3)
+            ),
+            "busy_seconds": round(self.busy_seconds(), 6),
             "served": self.served,
             "failed": self.failed,
             "restarts": self.restarts,
@@ -92,6 +110,7 @@ class Worker:
         }
 
     async def run(self) -> None:
+        logs.set_field("worker", self.index)
         try:
             with self.scope:
                 await self._loop()
@@ -99,6 +118,11 @@ class Worker:
             self._set(State.STOPPED)
 
     def _set(self, state: State) -> None:
+        now = time.monotonic()
+        if self.state is State.BUSY:
+            self._busy_total += now - self._state_since
+        if state is not self.state:
+            self._state_since = now
         self.state = state
         self._pool.worker_changed()
 
@@ -107,6 +131,7 @@ class Worker:
             delay = self._config.backoff(self._failures_in_a_row)
             if self._starts:
                 self.restarts += 1
+                self._pool.metrics.restarts.labels(reason=self._restart_reason).inc()
                 log.info(
                     "%s: restart %d in %.1f s (%d failure(s) on its own in a row)",
                     self.name,
@@ -129,6 +154,7 @@ class Worker:
                 self._model = model
                 await model.wait_ready()
                 self._ready_at = trio.current_time()
+                self._pool.metrics.model_start.observe(self._ready_at - model.started_at)
                 log.info("%s ready after %.1f s", model.name, self._ready_at - model.started_at)
                 return await self._serve(model)
         except* StartFailed as group:  # raised inside open_model's nursery: grouped
@@ -139,6 +165,7 @@ class Worker:
                 self._failed_on_its_own("start_failed", str(exc), self._model)
         finally:
             self._model = None
+            logs.set_field("pid", None)
         return False
 
     def kill_model(self) -> None:
@@ -165,7 +192,16 @@ class Worker:
 
     async def _run(self, model: ModelProcess, job: Job) -> bool:
         """Serve one job; False when the model must be replaced."""
+        self._job, model.request_id = job, job.request_id
+        try:
+            with logs.field("request_id", job.request_id):
+                return await self._compute(model, job)
+        finally:
+            self._job = model.request_id = None
+
+    async def _compute(self, model: ModelProcess, job: Job) -> bool:
         self._set(State.BUSY)
+        job.timing.worker, job.timing.pid = self.index, model.pid
         started = trio.current_time()
         try:
             if model.stdout_ended.is_set() or model.out_of_step:
@@ -185,6 +221,8 @@ class Worker:
                     payload = await model.results.receive()
                 except trio.EndOfChannel:
                     payload = None
+            job.timing.compute = trio.current_time() - started
+            self._pool.metrics.compute.observe(job.timing.compute)
             if deadline.cancelled_caught:
                 timeout = self._config.timeout
                 await self._fail(model, job, ModelTimeout(f"no result after {timeout:g} s"))
@@ -271,6 +309,7 @@ class Worker:
         self, reason: str, detail: str, request_id: str | None, model: ModelProcess | None
     ) -> None:
         """Keep the last failure for /status: the one place a model's stderr is shown."""
+        self._restart_reason = reason
         self.last_failure = {
             "at": time.time(),
             "reason": reason,

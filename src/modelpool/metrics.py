@@ -1,0 +1,188 @@
+"""The pool's numbers, in Prometheus form (`prometheus-client`) and for the status page.
+
+Each pool has its own registry, so two pools in one program never mix their counts,
+and an embedder reads the same numbers `GET /metrics` shows: `pool.metrics.value(name,
+**labels)`, or the registry itself. Counters and histograms are updated as things
+happen; the gauges (queue length, workers by state, busy time) are read from the pool
+at scrape time, so they cannot drift from what `/status` says.
+
+`Recent` keeps the last minute of outcomes and latencies per second, for the live
+status page: a chart needs a series, which a Prometheus counter does not keep.
+"""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+
+if TYPE_CHECKING:
+    from .pool import Pool
+
+OUTCOMES = (
+    "ok",
+    "timeout",
+    "model_failed",
+    "bad_request",
+    "queue_full",
+    "queue_timeout",
+    "shutting_down",
+    "client_gone",
+)
+RESTART_REASONS = ("timeout", "crashed", "protocol", "died_idle", "start_failed", "recycled")
+WORKER_STATES = ("starting", "idle", "busy", "restarting", "stopped")
+# From a pipe round trip (about a millisecond) to past the default 10 s timeout.
+BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0,
+)  # fmt: skip
+START_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
+RECENT_SECONDS = 60
+
+
+class PoolMetrics:
+    """Every number the pool counts; one instance per pool."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "modelpool_requests",
+            "Requests answered, by outcome",
+            ["outcome"],
+            registry=self.registry,
+        )
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome=outcome)
+        self.queue_wait = Histogram(
+            "modelpool_queue_wait_seconds",
+            "Time a request waited in the queue before a model took it",
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.compute = Histogram(
+            "modelpool_compute_seconds",
+            "Time from writing a request to a model to its result or failure",
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.request_time = Histogram(
+            "modelpool_request_seconds",
+            "Whole round trip of a request through the pool, whatever its outcome",
+            buckets=BUCKETS,
+            registry=self.registry,
+        )
+        self.restarts = Counter(
+            "modelpool_model_restarts",
+            "Models replaced, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in RESTART_REASONS:
+            self.restarts.labels(reason=reason)
+        self.model_start = Histogram(
+            "modelpool_model_start_seconds",
+            "Time from starting a model to its ready line",
+            buckets=START_BUCKETS,
+            registry=self.registry,
+        )
+        self.registry.register(_PoolGauges(pool))
+        self.recent = Recent()
+
+    def request_done(self, outcome: str, seconds: float) -> None:
+        self.requests.labels(outcome=outcome).inc()
+        self.request_time.observe(seconds)
+        self.recent.add(outcome, seconds)
+
+    def value(self, name: str, **labels: str) -> float | None:
+        """One sample's value, by its exposition name: `modelpool_requests_total`, ..."""
+        return self.registry.get_sample_value(name, labels)
+
+    def exposition(self, accept: str = "") -> tuple[bytes, str]:
+        """What `GET /metrics` answers, and its content type, for the scraper's Accept header.
+
+        Prometheus's classic text format unless the scraper asks for OpenMetrics;
+        prometheus-client does the negotiation.
+        """
+        encode, content_type = choose_encoder(accept)
+        return encode(self.registry), content_type
+
+
+class _PoolGauges:
+    """Queue length, workers by state and busy time, read from the pool when scraped."""
+
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+
+    def describe(self) -> Iterable[Metric]:
+        return []  # nothing to check at registration; names are unique by construction
+
+    def collect(self) -> Iterator[Metric]:
+        pool = self._pool
+        queue = GaugeMetricFamily(
+            "modelpool_queue_length", "Requests waiting for a model", value=pool.queue_length
+        )
+        yield queue
+        workers = GaugeMetricFamily("modelpool_workers", "Workers by state", labels=["state"])
+        counts = collections.Counter(w.state.value for w in pool.workers)
+        for state in WORKER_STATES:
+            workers.add_metric([state], counts[state])
+        yield workers
+        busy = CounterMetricFamily(
+            "modelpool_model_busy_seconds",
+            "Time models spent computing requests, summed over workers",
+            value=sum(w.busy_seconds() for w in pool.workers),
+        )
+        yield busy
+
+
+class Recent:
+    """Per-second counts by outcome and latencies over the last RECENT_SECONDS."""
+
+    def __init__(self) -> None:
+        self._seconds: collections.deque[tuple[int, collections.Counter[str], list[float]]] = (
+            collections.deque()
+        )
+
+    def add(self, outcome: str, seconds: float) -> None:
+        now = int(time.time())
+        if not self._seconds or self._seconds[-1][0] != now:
+            self._seconds.append((now, collections.Counter(), []))
+            self._trim(now)
+        _, outcomes, latencies = self._seconds[-1]
+        outcomes[outcome] += 1
+        latencies.append(seconds)
+
+    def summary(self) -> dict[str, Any]:
+        """Outcomes over the window, and one point per second: time, answers, p50, p99."""
+        now = int(time.time())
+        self._trim(now)
+        totals: collections.Counter[str] = collections.Counter()
+        series = []
+        for second, outcomes, latencies in self._seconds:
+            totals.update(outcomes)
+            ordered = sorted(latencies)
+            series.append(
+                {
+                    "t": second,
+                    "answered": len(ordered),
+                    "errors": sum(n for o, n in outcomes.items() if o != "ok"),
+                    "p50": _percentile(ordered, 50),
+                    "p99": _percentile(ordered, 99),
+                }
+            )
+        return {"window_seconds": RECENT_SECONDS, "outcomes": dict(totals), "series": series}
+
+    def _trim(self, now: int) -> None:
+        while self._seconds and self._seconds[0][0] <= now - RECENT_SECONDS:
+            self._seconds.popleft()
+
+
+def _percentile(ordered: list[float], pct: float) -> float | None:
+    if not ordered:
+        return None
+    return ordered[min(len(ordered) - 1, int(len(ordered) * pct / 100))]

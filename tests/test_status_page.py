@@ -1,0 +1,165 @@
+"""The live status page at /, in a real headless browser (Debian's chromium, via selenium).
+
+The browser is driven from a thread (selenium blocks) while the service runs in this
+test's trio loop. Without chromium and chromedriver the tests are skipped, unless
+MODELPOOL_REQUIRE_BROWSER=1 (as in CI), where a missing browser is a failure. Each test
+saves a screenshot under artifacts/ (or $MODELPOOL_ARTIFACTS).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+
+from conftest import ROOT, running_server, scripted_config
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+ARTIFACTS = Path(os.environ.get("MODELPOOL_ARTIFACTS", ROOT / "artifacts"))
+NOTHING = "\u2013"  # what the page shows where there is no value
+HAVE_BROWSER = os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)
+
+if not HAVE_BROWSER and os.environ.get("MODELPOOL_REQUIRE_BROWSER") != "1":
+    pytest.skip(
+        "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
+        allow_module_level=True,
+    )
+
+from selenium import webdriver  # noqa: E402  (only once we know there is a browser)
+from selenium.webdriver.chrome.service import Service as DriverService  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@contextmanager
+def browser() -> Iterator[webdriver.Chrome]:
+    """Headless chromium with a fresh profile, quit (with its driver) on exit."""
+    assert HAVE_BROWSER, f"MODELPOOL_REQUIRE_BROWSER=1 but {CHROMIUM} or {CHROMEDRIVER} is missing"
+    profile = tempfile.mkdtemp(prefix="modelpool-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",  # CI runs as root
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1100,800",
+        f"--user-data-dir={profile}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=DriverService(CHROMEDRIVER))
+    try:
+        driver.set_page_load_timeout(30)
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def worker_states(driver: webdriver.Chrome) -> list[str]:
+    rows = driver.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
+    return [row.find_element(By.CSS_SELECTOR, "td.state").text for row in rows]
+
+
+def column(driver: webdriver.Chrome, index: int) -> list[str]:
+    rows = driver.find_elements(By.CSS_SELECTOR, "#workers tbody tr")
+    return [row.find_elements(By.TAG_NAME, "td")[index].text for row in rows]
+
+
+async def shown(driver: webdriver.Chrome, read, want, within: float, what: str):
+    """Poll what the page shows (from a thread) until `want(value)`; fail after `within`."""
+    value = None
+    with trio.move_on_after(within):
+        while True:
+            value = await trio.to_thread.run_sync(read, driver)
+            if want(value):
+                return value
+            await trio.sleep(0.2)
+    raise AssertionError(f"page never showed {what} within {within} s; last saw {value!r}")
+
+
+def screenshot(driver: webdriver.Chrome, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    assert driver.save_screenshot(str(ARTIFACTS / name))
+
+
+async def test_the_status_page_shows_workers_change_state_while_requests_run() -> None:
+    async with running_server(scripted_config(workers=2)) as server:
+        await server.pool.wait_ready()
+        with browser() as driver:
+            await trio.to_thread.run_sync(driver.get, server.url + "/")
+            assert driver.title == "modelpool"
+            await shown(driver, worker_states, lambda s: s == ["idle", "idle"], 10, "2 idle")
+            pids = [str(w.pid) for w in server.pool.workers]
+            assert column(driver, 2) == pids
+
+            async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+                answers: list[int] = []
+
+                async def post(seconds: float) -> None:
+                    response = await client.post("/predict", json={"sleep": seconds})
+                    answers.append(response.status_code)
+
+                async with trio.open_nursery() as nursery:
+                    for _ in range(3):
+                        nursery.start_soon(post, 2.5)
+                    await shown(driver, worker_states, lambda s: s == ["busy", "busy"], 10, "busy")
+                    queue = await shown(
+                        driver, lambda d: d.find_element(By.ID, "queue").text, "1".__eq__, 5, "q"
+                    )
+                    assert queue == "1"
+                    ids = await shown(
+                        driver, lambda d: column(d, 7), lambda c: NOTHING not in c, 5, ""
+                    )
+                    assert all(len(i) == 16 for i in ids), ids  # the requests being computed
+                    await trio.to_thread.run_sync(screenshot, driver, "status-page-busy.png")
+            assert answers == [200, 200, 200]
+
+            await shown(driver, worker_states, lambda s: s == ["idle", "idle"], 10, "idle again")
+            served = await shown(
+                driver, lambda d: column(d, 4), lambda c: c in (["2", "1"], ["1", "2"]), 5, "served"
+            )
+            assert sorted(served) == ["1", "2"]
+            outcomes = driver.find_element(By.ID, "outcomes").text
+            assert "ok: 3" in outcomes
+            assert driver.find_element(By.ID, "health").text == "healthy"
+            fetched = driver.execute_script(
+                "return performance.getEntriesByType('resource').map(e => e.name)"
+            )
+            assert fetched and all(url.startswith(server.url) for url in fetched), fetched
+            await trio.to_thread.run_sync(screenshot, driver, "status-page.png")
+
+
+async def test_the_status_page_asks_for_the_api_key_and_keeps_it_for_the_tab() -> None:
+    async with running_server(scripted_config(), api_key="page key") as server:
+        await server.pool.wait_ready()
+        with browser() as driver:
+            await trio.to_thread.run_sync(driver.get, server.url + "/")
+
+            def alert_text(d: webdriver.Chrome) -> str | None:
+                try:
+                    return d.switch_to.alert.text
+                except Exception:
+                    return None
+
+            text = await shown(driver, alert_text, lambda t: t is not None, 10, "a key prompt")
+            assert "API key" in text
+            alert = driver.switch_to.alert
+            alert.send_keys("page key")
+            alert.accept()
+            await shown(driver, worker_states, lambda s: s == ["idle"], 10, "the worker")
+            stored = driver.execute_script("return sessionStorage.getItem('modelpool-api-key')")
+            assert stored == "page key"
