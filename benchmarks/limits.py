@@ -30,6 +30,7 @@ from pathlib import Path
 
 import trio
 
+from benchtools import free_port
 from modelpool.reaper import Reaper, all_pids, descendants, own_children, token_of
 
 # A model whose `n` helpers stay behind; every odd one moves to a session of its own.
@@ -54,12 +55,6 @@ def rss_kib(pid: int) -> int:
 
 def open_fds(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def get(url: str, timeout: float) -> int:

@@ -38,7 +38,6 @@ import math
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -52,6 +51,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
+from benchtools import free_port
 
 LIVE_WINDOW = 5.0  # seconds of answers behind the live p50/p99
 BAD_BODY = b'{"data": '  # not JSON: the service answers 400 without a model
@@ -135,12 +136,6 @@ class Run:
 
 
 # -- the service, when we start one -----------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @contextlib.contextmanager

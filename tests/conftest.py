@@ -49,6 +49,13 @@ def kill_if_alive(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def hostile_config(name: str, **overrides: object) -> PoolConfig:
+    """One worker running the hostile model `name` from tests/models/."""
+    options: dict = {"model_cmd": hostile(name), "workers": 1}
+    options.update(overrides)
+    return PoolConfig(**options)
+
+
 def model3_config(**overrides: object) -> PoolConfig:
     options: dict = {"model_cmd": MODEL3, "env": FAST_MODEL3, "workers": 2}
     options.update(overrides)

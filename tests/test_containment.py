@@ -15,20 +15,14 @@ import trio
 
 from conftest import (
     hostile,
+    hostile_config,
     kill_if_alive,
     process_alive,
     read_pids,
     wait_until,
 )
-from modelpool import ModelFailed, ModelTimeout, PoolConfig, open_pool
+from modelpool import ModelFailed, ModelTimeout, open_pool
 from serverproc import server_process, wait_listening, wait_ready
-
-
-def config(name: str, **overrides: object) -> PoolConfig:
-    options: dict = {"model_cmd": hostile(name), "workers": 1}
-    options.update(overrides)
-    return PoolConfig(**options)
-
 
 ESCAPES = ["stay", "setsid", "setpgid", "double_fork", "daemon"]
 
@@ -39,7 +33,7 @@ async def test_helpers_die_with_a_model_that_crashes_however_they_escaped(
 ) -> None:
     pidfile = tmp_path / "helper.pid"
     try:
-        async with open_pool(config("escape.py")) as pool:
+        async with open_pool(hostile_config("escape.py")) as pool:
             with pytest.raises(ModelFailed):
                 await pool.predict({"how": how, "pidfile": str(pidfile), "exit": 3})
             (helper,) = read_pids(pidfile)
@@ -54,7 +48,7 @@ async def test_helpers_die_with_a_model_that_times_out_or_is_stopped(
 ) -> None:
     timed_out, stopped = tmp_path / "timed_out.pid", tmp_path / "stopped.pid"
     try:
-        async with open_pool(config("escape.py", timeout=1)) as pool:
+        async with open_pool(hostile_config("escape.py", timeout=1)) as pool:
             with pytest.raises(ModelTimeout):
                 await pool.predict({"how": how, "pidfile": str(timed_out), "sleep": 30})
             await pool.predict({"how": how, "pidfile": str(stopped)})
@@ -71,7 +65,7 @@ async def test_a_model_that_keeps_forking_while_it_is_killed_leaves_nothing(
 ) -> None:
     pidfile = tmp_path / "spawned"
     try:
-        async with open_pool(config("spawner.py", timeout=1)) as pool:
+        async with open_pool(hostile_config("spawner.py", timeout=1)) as pool:
             with pytest.raises(ModelTimeout):
                 await pool.predict({"pidfile": str(pidfile)})
             spawned = read_pids(pidfile)

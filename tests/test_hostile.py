@@ -11,6 +11,7 @@ import trio
 
 from conftest import (
     hostile,
+    hostile_config,
     kill_if_alive,
     predict_into,
     process_alive,
@@ -23,14 +24,8 @@ from modelpool import BadRequest, ModelFailed, ModelTimeout, PoolConfig, QueueTi
 from modelpool.codec import MAX_RESULT_DEPTH
 
 
-def config(name: str, **overrides: object) -> PoolConfig:
-    options: dict = {"model_cmd": hostile(name), "workers": 1}
-    options.update(overrides)
-    return PoolConfig(**options)
-
-
 async def test_a_shell_script_model_is_served_like_any_other() -> None:
-    async with open_pool(config("echo.sh", workers=2)) as pool:
+    async with open_pool(hostile_config("echo.sh", workers=2)) as pool:
         answers = []
         async with trio.open_nursery() as nursery:
             for n in range(6):
@@ -40,7 +35,7 @@ async def test_a_shell_script_model_is_served_like_any_other() -> None:
 
 
 async def test_floods_of_output_neither_hide_the_answer_nor_hold_up_other_workers() -> None:
-    async with open_pool(config("flood.py", workers=2)) as pool:
+    async with open_pool(hostile_config("flood.py", workers=2)) as pool:
         await pool.wait_ready()
         started = trio.current_time()
         answers: list = []
@@ -55,14 +50,14 @@ async def test_floods_of_output_neither_hide_the_answer_nor_hold_up_other_worker
 
 
 async def test_a_result_written_in_pieces_with_pauses_is_read_whole() -> None:
-    async with open_pool(config("pieces.py")) as pool:
+    async with open_pool(hostile_config("pieces.py")) as pool:
         assert await pool.predict({"n": 1}) == {"echo": {"n": 1}}
         assert await pool.predict({"n": 2}) == {"echo": {"n": 2}}
         assert pool.workers[0].restarts == 0
 
 
 async def test_a_line_that_never_ends_is_cut_at_max_line() -> None:
-    async with open_pool(config("endless_line.py", max_line=1024 * 1024)) as pool:
+    async with open_pool(hostile_config("endless_line.py", max_line=1024 * 1024)) as pool:
         await pool.wait_ready()
         first = pool.workers[0].pid
         with pytest.raises(ModelFailed) as failure:
@@ -74,7 +69,7 @@ async def test_a_line_that_never_ends_is_cut_at_max_line() -> None:
 
 
 async def test_lines_that_merely_contain_result_are_not_results() -> None:
-    async with open_pool(config("contains_result.py")) as pool:
+    async with open_pool(hostile_config("contains_result.py")) as pool:
         assert await pool.predict({"n": 1}) == {"echo": {"n": 1}, "real": True}
         assert await pool.predict({"n": 2}) == {"echo": {"n": 2}, "real": True}
 
@@ -94,7 +89,7 @@ async def test_garbage_results_are_model_failures_and_never_reach_the_caller() -
         ("nul", "not JSON"),
         ("two_objects", "not JSON"),
     ]
-    async with open_pool(config("garbage.py", backoff_initial=0.05)) as pool:
+    async with open_pool(hostile_config("garbage.py", backoff_initial=0.05)) as pool:
         for kind, reason in kinds:
             with pytest.raises(ModelFailed) as failure:
                 await pool.predict({"kind": kind})
@@ -105,7 +100,7 @@ async def test_garbage_results_are_model_failures_and_never_reach_the_caller() -
 
 
 async def test_two_results_at_once_answer_the_request_once_and_the_model_is_replaced() -> None:
-    async with open_pool(config("two_results.py")) as pool:
+    async with open_pool(hostile_config("two_results.py")) as pool:
         await pool.wait_ready()
         first_pid = pool.workers[0].pid
         answers: dict[str, dict] = {}
@@ -127,7 +122,7 @@ async def test_two_results_at_once_answer_the_request_once_and_the_model_is_repl
 
 
 async def test_a_second_result_later_is_caught_while_the_model_is_idle() -> None:
-    model = config("two_results.py", env={"TWO_RESULTS_GAP": "0.2"})
+    model = hostile_config("two_results.py", env={"TWO_RESULTS_GAP": "0.2"})
     async with open_pool(model) as pool:
         await pool.wait_ready()
         first_pid = pool.workers[0].pid
@@ -139,7 +134,7 @@ async def test_a_second_result_later_is_caught_while_the_model_is_idle() -> None
 
 async def test_with_an_id_field_a_late_second_result_cannot_answer_the_next_request() -> None:
     # The second line comes after the next request was sent: only an id can tell them apart.
-    model = config(
+    model = hostile_config(
         "two_results.py", env={"TWO_RESULTS_GAP": "0.3", "ECHO_ID_FIELD": "rid"}, id_field="rid"
     )
     async with open_pool(model) as pool:
@@ -160,7 +155,7 @@ async def test_with_an_id_field_a_late_second_result_cannot_answer_the_next_requ
 
 
 async def test_a_result_printed_while_nobody_asked_replaces_the_model() -> None:
-    async with open_pool(config("unasked_result.py")) as pool:
+    async with open_pool(hostile_config("unasked_result.py")) as pool:
         await pool.wait_ready()
         first = await pool.predict({"n": 1})
         await wait_until(lambda: pool.workers[0].restarts == 1, 5, "the model replaced")
@@ -182,7 +177,7 @@ async def test_a_result_printed_while_nobody_asked_replaces_the_model() -> None:
 async def test_with_an_id_field_a_result_with_the_wrong_id_is_a_protocol_error(
     way: str, problem: str
 ) -> None:
-    async with open_pool(config("wrong_id.py", id_field="rid")) as pool:
+    async with open_pool(hostile_config("wrong_id.py", id_field="rid")) as pool:
         assert await pool.predict({"answer_with": "right"}) == {"echo": {"answer_with": "right"}}
         first_pid = pool.workers[0].pid
         with pytest.raises(ModelFailed) as failure:
@@ -194,7 +189,9 @@ async def test_with_an_id_field_a_result_with_the_wrong_id_is_a_protocol_error(
 
 
 async def test_with_an_id_field_requests_must_be_objects_without_that_field() -> None:
-    async with open_pool(config("echo.py", id_field="rid", env={"ECHO_ID_FIELD": "rid"})) as pool:
+    async with open_pool(
+        hostile_config("echo.py", id_field="rid", env={"ECHO_ID_FIELD": "rid"})
+    ) as pool:
         assert await pool.predict({"a": 1}) == {"echo": {"a": 1}}
         with pytest.raises(BadRequest, match="must be a JSON object"):
             await pool.predict([1, 2])
@@ -208,7 +205,7 @@ async def test_a_crash_while_a_child_holds_stdout_is_noticed_and_the_child_kille
 ) -> None:
     pidfile = tmp_path / "child.pid"
     try:
-        async with open_pool(config("hang_child.py", timeout=30)) as pool:
+        async with open_pool(hostile_config("hang_child.py", timeout=30)) as pool:
             started = trio.current_time()
             with pytest.raises(ModelFailed) as failure:
                 await pool.predict({"pidfile": str(pidfile)})
@@ -221,7 +218,9 @@ async def test_a_crash_while_a_child_holds_stdout_is_noticed_and_the_child_kille
 
 
 async def test_a_model_that_exits_right_after_the_ready_line_backs_off() -> None:
-    model = config("exit_after_ready.py", backoff_initial=0.1, backoff_max=0.4, queue_timeout=1)
+    model = hostile_config(
+        "exit_after_ready.py", backoff_initial=0.1, backoff_max=0.4, queue_timeout=1
+    )
     async with open_pool(model) as pool:
         # no model lives long enough: a clear error, whichever comes first
         with pytest.raises((QueueTimeout, ModelFailed)):
@@ -234,7 +233,7 @@ async def test_a_model_that_exits_right_after_the_ready_line_backs_off() -> None
 
 
 async def test_a_model_that_never_prints_the_ready_line_is_restarted_after_init_timeout() -> None:
-    model = config("never_ready.py", init_timeout=0.5, backoff_initial=0.1, queue_timeout=2)
+    model = hostile_config("never_ready.py", init_timeout=0.5, backoff_initial=0.1, queue_timeout=2)
     async with open_pool(model) as pool:
         with pytest.raises(QueueTimeout):
             await pool.predict({"n": 1})
@@ -244,7 +243,7 @@ async def test_a_model_that_never_prints_the_ready_line_is_restarted_after_init_
 
 
 async def test_a_model_that_ignores_signals_and_eof_is_killed_after_exit_grace() -> None:
-    model = config("ignore_signals.py", exit_grace=0.5, timeout=1)
+    model = hostile_config("ignore_signals.py", exit_grace=0.5, timeout=1)
     async with open_pool(model) as pool:
         first = (await pool.predict({}))["pid"]
         with pytest.raises(ModelTimeout):
@@ -258,7 +257,7 @@ async def test_a_model_that_ignores_signals_and_eof_is_killed_after_exit_grace()
 
 
 async def test_a_model_that_closes_stdout_and_lives_on_is_a_model_failure() -> None:
-    async with open_pool(config("close_stdout.py", timeout=20)) as pool:
+    async with open_pool(hostile_config("close_stdout.py", timeout=20)) as pool:
         await pool.wait_ready()
         pid = pool.workers[0].pid
         assert pid is not None
@@ -271,7 +270,7 @@ async def test_a_model_that_closes_stdout_and_lives_on_is_a_model_failure() -> N
 
 
 async def test_a_model_that_stops_itself_times_out_and_is_killed() -> None:
-    async with open_pool(config("stop_self.py", timeout=0.5)) as pool:
+    async with open_pool(hostile_config("stop_self.py", timeout=0.5)) as pool:
         await pool.wait_ready()
         pid = pool.workers[0].pid
         assert pid is not None
@@ -281,7 +280,7 @@ async def test_a_model_that_stops_itself_times_out_and_is_killed() -> None:
 
 
 async def test_bytes_that_are_not_text_do_not_disturb_the_pool() -> None:
-    async with open_pool(config("binary_noise.py")) as pool:
+    async with open_pool(hostile_config("binary_noise.py")) as pool:
         assert await pool.predict({"n": 1}) == {"echo": {"n": 1}}
         assert await pool.predict({"n": 2}) == {"echo": {"n": 2}}
 
@@ -341,7 +340,7 @@ async def test_the_model_gets_none_of_the_services_settings(tmp_path: Path) -> N
 
 
 async def test_sigkill_of_a_model_from_outside_is_just_a_restart() -> None:
-    async with open_pool(config("echo.py", workers=2)) as pool:
+    async with open_pool(hostile_config("echo.py", workers=2)) as pool:
         await pool.wait_ready()
         victim = pool.workers[0].pid
         assert victim is not None

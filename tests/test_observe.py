@@ -13,6 +13,8 @@ from modelpool import open_pool
 from modelpool.metrics import OUTCOMES, RESTART_REASONS, WORKER_STATES
 from serverproc import server_process, wait_listening, wait_ready
 
+ONE_SCRIPTED_WITH_ACCESS_LOG = ("--model-cmd", " ".join(SCRIPTED), "--workers", "1", "--access-log")
+
 
 def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     """Every sample of an exposition, by name and labels (parsed by prometheus-client)."""
@@ -115,15 +117,7 @@ async def test_the_library_exposes_the_same_numbers() -> None:
 
 
 async def test_json_logs_carry_the_request_id_worker_and_pid_and_one_access_line() -> None:
-    async with server_process(
-        "--model-cmd",
-        " ".join(SCRIPTED),
-        "--workers",
-        "1",
-        "--log-format",
-        "json",
-        "--access-log",
-    ) as server:
+    async with server_process(*ONE_SCRIPTED_WITH_ACCESS_LOG, "--log-format", "json") as server:
         async with await wait_listening(server) as client:
             await wait_ready(client, 1, within=20)
             pid = (await client.get("/status")).json()["workers"][0]["pid"]
@@ -163,13 +157,7 @@ async def test_json_logs_carry_the_request_id_worker_and_pid_and_one_access_line
 
 async def test_model_output_can_be_kept_out_of_the_log() -> None:
     async with server_process(
-        "--model-cmd",
-        " ".join(SCRIPTED),
-        "--workers",
-        "1",
-        "--model-log-level",
-        "DEBUG",
-        "--access-log",
+        *ONE_SCRIPTED_WITH_ACCESS_LOG, "--model-log-level", "DEBUG"
     ) as server:
         async with await wait_listening(server) as client:
             await wait_ready(client, 1, within=20)
