@@ -107,8 +107,8 @@ class Answer:
 class Sample:
     at: float
     queue: float | None  # modelpool_queue_length
-    states: list[str]  # each worker's state
-    busy_seconds: list[float]  # each worker's busy seconds so far
+    states: dict[int, str]  # each worker's state, by worker id
+    busy_seconds: dict[int, float]  # each worker's busy seconds so far, by worker id
     busy_total: float | None  # modelpool_model_busy_seconds_total
 
 
@@ -232,15 +232,15 @@ async def take_sample(run: Run, client: httpx.AsyncClient) -> None:
     """Queue length from /metrics, worker states and busy time from /status."""
     at = run.now()
     queue = busy_total = None
-    states: list[str] = []
-    busy: list[float] = []
+    states: dict[int, str] = {}
+    busy: dict[int, float] = {}
     with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
         text = (await client.get("/metrics")).text
         queue = metric(text, "modelpool_queue_length")
         busy_total = metric(text, "modelpool_model_busy_seconds_total")
         workers = (await client.get("/status")).json()["workers"]
-        states = [w["state"] for w in workers]
-        busy = [w.get("busy_seconds", 0.0) for w in workers]
+        states = {w["id"]: w["state"] for w in workers}
+        busy = {w["id"]: w.get("busy_seconds", 0.0) for w in workers}
     run.samples.append(Sample(at, queue, states, busy, busy_total))
 
 
@@ -270,7 +270,7 @@ def live_view(run: Run) -> Table:
     errors = ", ".join(f"{status_name(s)}: {n}" for s, n in sorted(by_status.items()) if s != 200)
     busy = "-"
     if last and last.states:
-        busy = f"{last.states.count('busy')} of {len(last.states)}"
+        busy = f"{list(last.states.values()).count('busy')} of {len(last.states)}"
     table = Table(title=f"modelpool load: {run.args.mode} mode, {run.args.url}", show_header=False)
     table.add_column("what", style="bold")
     table.add_column("value")
@@ -460,18 +460,19 @@ def plot_workers(ax: Any, run: Run) -> None:
 
     cmap = colormaps["Blues"]
     samples = [s for s in run.samples if s.busy_seconds]
-    workers = max((len(s.busy_seconds) for s in samples), default=0)
+    ids = sorted({w for s in samples for w in s.busy_seconds})  # reloads bring new workers
+    row = {w: i for i, w in enumerate(ids)}
     for before, after in itertools.pairwise(samples):
         span = after.at - before.at
         if span <= 0:
             continue
-        for w in range(min(workers, len(before.busy_seconds), len(after.busy_seconds))):
+        for w in before.busy_seconds.keys() & after.busy_seconds.keys():
             share = min(1.0, max(0.0, (after.busy_seconds[w] - before.busy_seconds[w]) / span))
-            state = after.states[w] if w < len(after.states) else "stopped"
+            state = after.states.get(w, "stopped")
             colour = "tab:orange" if state in ("starting", "restarting") else cmap(share)
-            ax.broken_barh([(before.at, span)], (w - 0.4, 0.8), color=colour)
-    ax.set_yticks(range(workers), [f"worker {w}" for w in range(workers)])
-    ax.set_ylim(-0.6, workers - 0.4)
+            ax.broken_barh([(before.at, span)], (row[w] - 0.4, 0.8), color=colour)
+    ax.set_yticks(range(len(ids)), [f"worker {w}" for w in ids])
+    ax.set_ylim(-0.6, len(ids) - 0.4)
     ax.invert_yaxis()
     ax.set_title(
         "each worker: share of time computing (white idle, dark blue busy, orange starting)"

@@ -164,7 +164,8 @@ class RunningServer:
 @asynccontextmanager
 async def running_server(pool: PoolConfig, **server: object) -> AsyncIterator[RunningServer]:
     """The real service (pool + hypercorn) on a free loopback port, stopped on exit."""
-    config = ServerConfig(pool=pool, host="127.0.0.1", port=0, **server)  # type: ignore[arg-type]
+    options = {"host": "127.0.0.1", "port": 0, **server}
+    config = ServerConfig(pool=pool, **options)  # type: ignore[arg-type]
     service = Service(config)
     async with trio.open_nursery() as nursery:
         url = await nursery.start(service.run)

@@ -9,10 +9,12 @@ from pathlib import Path
 import pytest
 
 from modelpool import PoolConfig, ServerConfig
+from modelpool.cli import main
 from modelpool.config import ConfigError
-from modelpool.options import OPTIONS, number, parse, seconds_or_none
+from modelpool.options import OPTIONS, count_or_none, mib_or_none, number, parse, seconds_or_none
 
-NUMERIC = [o for o in OPTIONS if o.convert in (number, seconds_or_none) or o.flag == "--port"]
+NUMBERS = (number, seconds_or_none, mib_or_none, count_or_none)
+NUMERIC = [o for o in OPTIONS if o.convert in NUMBERS or o.flag == "--port"]
 WHOLE = [o for o in OPTIONS if o.convert is not None and o.convert.__name__ == "integer"]
 
 
@@ -114,3 +116,52 @@ def test_server_settings_are_checked_too() -> None:
         ServerConfig(keep_alive_timeout=math.nan)
     with pytest.raises(ConfigError, match="host"):
         ServerConfig(host="10.1.2.3")
+
+
+def test_a_config_file_sets_options_and_flags_then_variables_win(tmp_path: Path) -> None:
+    path = tmp_path / "modelpool.toml"
+    path.write_text(
+        'workers = 3\nmax-queue = 64\nmodel_cmd = ["python3", "-u", "my model.py"]\n'
+        "timeout = 2.5\naccess-log = true\nmax-requests = 1000\nmodel-max-rss = 4096\n"
+    )
+    _, settings = parse(["serve", "--config", str(path)], {})
+    pool = settings.config.pool
+    assert (pool.workers, pool.max_queue, pool.timeout) == (3, 64, 2.5)
+    assert pool.model_cmd == ["python3", "-u", "my model.py"]
+    assert (pool.max_requests, pool.model_max_rss) == (1000, 4096.0)
+    assert settings.config.access_log is True
+    _, settings = parse(["serve", "--workers", "5"], {"MODELPOOL_CONFIG": str(path)})
+    assert settings.config.pool.workers == 5  # the flag wins over the file
+    environ = {"MODELPOOL_CONFIG": str(path), "MODELPOOL_MAX_QUEUE": "7"}
+    _, settings = parse(["serve"], environ)
+    assert settings.config.pool.max_queue == 7  # and so does the variable
+    assert settings.config.pool.workers == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "complaint"),
+    [
+        ("workers = 0\n", "--workers (from {path}): must be at least 1"),
+        ("wokrers = 2\n", "wokrers: no such option"),
+        ("timeout = 'soon'\n", "timeout: 'soon' is not a number"),
+        ("access-log = 'yes'\n", "access-log: must be true or false"),
+        ("workers = [\n", "not valid TOML"),
+    ],
+)
+def test_a_bad_config_file_is_refused_naming_the_file_and_key(
+    tmp_path: Path, text: str, complaint: str, capsys: pytest.CaptureFixture
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    message = refused(["--config", str(path)], {}, capsys)
+    assert complaint.format(path=path) in message, message
+    assert str(path) in message
+    missing = refused(["--config", str(tmp_path / "none.toml")], {}, capsys)
+    assert "No such file" in missing
+
+
+def test_version_is_printed(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["--version"])
+    assert stopped.value.code == 0
+    assert capsys.readouterr().out.startswith("modelpool 0.")

@@ -22,6 +22,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from . import logs
+from .admin import add_admin_routes
 from .auth import ApiKey
 from .codec import parse_request
 from .config import ServerConfig
@@ -151,6 +152,8 @@ def create_app(
                 "evicted_idle": connections.evicted,
             }
         return json_response(200, body)
+
+    add_admin_routes(app, pool, api_key is not None, json_response)
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:

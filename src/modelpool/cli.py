@@ -28,24 +28,29 @@ EXIT_MODEL_COMMAND = 3
 
 
 async def run_service(config: ServerConfig) -> None:
-    """Serve until SIGINT/SIGTERM; a second signal stops at once.
+    """Serve until SIGINT/SIGTERM; a second signal stops at once; SIGHUP reloads the models.
 
     The service owns this process, so it adopts orphans (see reaper.py): whatever a
     model starts dies with it, however it escaped.
     """
     service = Service(config, Reaper(adopt_orphans=True))
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_on_signals, signals, service)
+            nursery.start_soon(_on_signals, signals, service, nursery)
             await service.run()
             nursery.cancel_scope.cancel()
 
 
-async def _on_signals(signals: AsyncIterator[int], service: Service) -> None:
+async def _on_signals(signals: AsyncIterator[int], service: Service, nursery: trio.Nursery) -> None:
+    """SIGHUP: a rolling reload. SIGTERM/SIGINT: a graceful stop; a second one: kill."""
     received = 0
     async for signum in signals:
-        received += 1
         name = signal.Signals(signum).name
+        if signum == signal.SIGHUP:
+            log.info("SIGHUP: rolling reload of every model")
+            nursery.start_soon(service.reload)
+            continue
+        received += 1
         if received == 1:
             log.info("%s: shutting down gracefully (send it again to stop at once)", name)
             service.shutdown()
@@ -56,7 +61,7 @@ async def _on_signals(signals: AsyncIterator[int], service: Service) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("serve", "-h", "--help"):
+    if not argv or argv[0] not in ("serve", "-h", "--help", "--version"):
         argv.insert(0, "serve")
     _, settings = parse(argv)
     logs.configure(settings.log_level, settings.log_format)

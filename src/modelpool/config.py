@@ -98,6 +98,9 @@ class PoolConfig:
     stderr_tail: int = 20
     env: dict[str, str] | None = None
     model_log_level: str = "INFO"  # level of the lines models print
+    max_requests: int | None = None  # retire a model after this many answers (and jitter)
+    max_requests_jitter: int = 0
+    model_max_rss: float | None = None  # MiB, a model with its descendants
 
     def __post_init__(self) -> None:
         if not self.model_cmd or not all(isinstance(arg, str) for arg in self.model_cmd):
@@ -119,6 +122,11 @@ class PoolConfig:
             value = getattr(self, name)
             if value is not None:
                 check_number(name, value, minimum=0, above=True)
+        if self.max_requests is not None:
+            check_number("max_requests", self.max_requests, minimum=1, integer=True)
+        check_number("max_requests_jitter", self.max_requests_jitter, minimum=0, integer=True)
+        if self.model_max_rss is not None:
+            check_number("model_max_rss", self.model_max_rss, minimum=0, above=True)
         if self.model_log_level not in logging.getLevelNamesMapping():
             raise ConfigError("model_log_level", f"is not a log level: {self.model_log_level!r}")
         if self.id_field is not None and not self.id_field.strip():

@@ -34,7 +34,16 @@ OUTCOMES = (
     "shutting_down",
     "client_gone",
 )
-RESTART_REASONS = ("timeout", "crashed", "protocol", "died_idle", "start_failed", "recycled")
+RESTART_REASONS = (
+    "timeout",
+    "crashed",
+    "protocol",
+    "died_idle",
+    "start_failed",
+    "recycled",
+    "memory",
+    "reload",
+)
 WORKER_STATES = ("starting", "idle", "busy", "restarting", "stopped")
 # From a pipe round trip (about a millisecond) to past the default 10 s timeout.
 BUCKETS = (
@@ -135,9 +144,22 @@ class _PoolGauges:
         busy = CounterMetricFamily(
             "modelpool_model_busy_seconds",
             "Time models spent computing requests, summed over workers",
-            value=sum(w.busy_seconds() for w in pool.workers),
+            value=pool.retired_busy_seconds + sum(w.busy_seconds() for w in pool.workers),
         )
         yield busy
+        info = GaugeMetricFamily(
+            "modelpool_worker_info",
+            "Each worker's model generation and command (always 1)",
+            labels=["worker", "generation", "model_cmd"],
+        )
+        for w in pool.workers:
+            info.add_metric([str(w.index), str(w.generation), " ".join(w.config.model_cmd)], 1)
+        yield info
+        yield GaugeMetricFamily(
+            "modelpool_generation",
+            "The model generation new workers start (a reload raises it)",
+            value=pool.generation,
+        )
 
 
 class Recent:

@@ -12,8 +12,10 @@ import argparse
 import math
 import os
 import shlex
+import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any
 
 from .config import ConfigError, MiB, PoolConfig, ServerConfig
@@ -46,6 +48,22 @@ def seconds_or_none(text: str) -> float | None:
     if math.isnan(value) or value < 0:
         problem = f"must be 0 (no limit) or a number of seconds, got {text!r}"
         raise argparse.ArgumentTypeError(problem)
+    return None if value == 0 else value
+
+
+def count_or_none(text: str) -> int | None:
+    """A whole number, where 0 means off."""
+    value = integer(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (off) or a whole number, got {text!r}")
+    return None if value == 0 else value
+
+
+def mib_or_none(text: str) -> float | None:
+    """A size in MiB, where 0 means no limit."""
+    value = number(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 (no limit) or a number of MiB, got {text!r}")
     return None if value == 0 else value
 
 
@@ -235,6 +253,30 @@ OPTIONS = [
         "pool.exit_grace",
     ),
     Option(
+        "--max-requests",
+        count_or_none,
+        None,
+        "retire a model after this many answers, starting its replacement first so the "
+        "pool never runs short (as gunicorn's max_requests); 0 never",
+        "pool.max_requests",
+    ),
+    Option(
+        "--max-requests-jitter",
+        integer,
+        0,
+        "add a random 0..N to each model's --max-requests, so models are not all retired at once",
+        "pool.max_requests_jitter",
+    ),
+    Option(
+        "--model-max-rss",
+        mib_or_none,
+        None,
+        "MiB of resident memory a model may use with the processes below it, checked every "
+        "second: past it an idle model is replaced (its replacement first), and a computing "
+        "one that passes it by more than 20 %% is killed and its request gets 502; 0 no limit",
+        "pool.model_max_rss",
+    ),
+    Option(
         "--api-key",
         text_value,
         None,
@@ -297,6 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="modelpool",
         description="Keep a pool of warm model processes behind POST /predict.",
     )
+    parser.add_argument("--version", action="version", version=f"modelpool {version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser(
         "serve",
@@ -305,6 +348,13 @@ def build_parser() -> argparse.ArgumentParser:
         "/status, /metrics. "
         "Every option can also be set by the environment variable named in its help; "
         "a command-line option wins over the variable.",
+    )
+    serve.add_argument(
+        "--config",
+        metavar="FILE",
+        default=None,
+        help='read options from a TOML file, as `workers = 4` or `model-cmd = "..."`; '
+        "the command line and then MODELPOOL_* variables win over it (env MODELPOOL_CONFIG)",
     )
     for option in OPTIONS:
         default_text = "" if option.default is None else f"; default {option.default}"
@@ -319,20 +369,34 @@ def build_parser() -> argparse.ArgumentParser:
 def parse(
     argv: Sequence[str], environ: Mapping[str, str] = os.environ
 ) -> tuple[argparse.ArgumentParser, Settings]:
-    """Parse `serve` options; exits with status 2 and a message naming the culprit."""
+    """Parse `serve` options; exits with status 2 and a message naming the culprit.
+
+    Each option comes from its flag, else its MODELPOOL_* variable, else the --config
+    file, else its default; a mistake is reported with where the value came from.
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
+    config_file = args.config or environ.get("MODELPOOL_CONFIG") or None
+    from_file: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            from_file = read_config_file(config_file)
+        except ValueError as exc:
+            parser.error(f"--config {config_file}: {exc}")
     values: dict[str, Any] = {}
-    from_env: dict[str, str] = {}
+    source: dict[str, str] = {}  # where a value that did not come from its flag came from
     for option in OPTIONS:
         value = getattr(args, option.dest)
         if value is UNSET and option.env in environ:
             raw = environ[option.env]
-            from_env[option.dest] = raw
+            source[option.dest] = f"from {option.env}={raw!r}"
             try:
                 value = _from_env(option, raw)
             except argparse.ArgumentTypeError as exc:
                 parser.error(f"{option.env}={raw!r} (for {option.flag}): {exc}")
+        if value is UNSET and option.dest in from_file:
+            source[option.dest] = f"from {config_file}"
+            value = from_file[option.dest]
         values[option.dest] = option.default if value is UNSET else value
     try:
         config = _build_config(values)
@@ -340,14 +404,60 @@ def parse(
         option = BY_FIELD.get(exc.field) or BY_FIELD.get(f"pool.{exc.field}")
         if option is None:
             parser.error(str(exc))
-        source = ""
-        if option.dest in from_env:
-            source = f" (from {option.env}={from_env[option.dest]!r})"
+        where = f" ({source[option.dest]})" if option.dest in source else ""
         problem = exc.problem
         if exc.field == "host":
             problem += " (--api-key or --allow-unauthenticated)"
-        parser.error(f"{option.flag}{source}: {problem}")
+        parser.error(f"{option.flag}{where}: {problem}")
     return parser, Settings(config, values["log_level"], values["log_format"])
+
+
+def read_config_file(path: str) -> dict[str, Any]:
+    """Options from a TOML file, by dest: `max-queue = 64` (or `max_queue`) sets --max-queue.
+
+    A string is read as on the command line; a number or a boolean as itself, and a
+    list of strings as a command (`model-cmd = ["python3", "-u", "model.py"]`).
+    """
+    try:
+        with open(path, "rb") as file:
+            table = tomllib.load(file)
+    except OSError as exc:
+        raise ValueError(exc.strerror or str(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"not valid TOML: {exc}") from None
+    by_dest = {option.dest: option for option in OPTIONS}
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        dest = key.replace("-", "_")
+        option = by_dest.get(dest)
+        if option is None:
+            raise ValueError(f"{key}: no such option")
+        try:
+            values[dest] = _from_toml(option, raw)
+        except argparse.ArgumentTypeError as exc:
+            raise ValueError(f"{key}: {exc}") from None
+    return values
+
+
+def _from_toml(option: Option, raw: Any) -> Any:
+    if option.convert is None:
+        if not isinstance(raw, bool):
+            raise argparse.ArgumentTypeError(f"must be true or false, got {raw!r}")
+        return raw
+    if option.convert is command and isinstance(raw, list):
+        if not raw or not all(isinstance(word, str) for word in raw):
+            raise argparse.ArgumentTypeError("must be a list of strings naming a program")
+        return raw
+    if isinstance(raw, bool) or not isinstance(raw, str | int | float):
+        raise argparse.ArgumentTypeError(f"must be a string or a number, got {raw!r}")
+    return option.convert(str(raw))
+
+
+def version() -> str:
+    try:
+        return metadata.version("modelpool")
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _from_env(option: Option, raw: str) -> Any:

@@ -12,10 +12,12 @@ pops it and skips it.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
+import random
 import secrets
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -33,6 +35,7 @@ from .errors import (
 )
 from .job import Job, Timing
 from .metrics import PoolMetrics
+from .operations import Operations
 from .reaper import Reaper
 from .schema import RequestSchema
 from .worker import State, Worker
@@ -61,8 +64,16 @@ class Pool:
         self._prefix = secrets.token_hex(4)
         self._requests = 0
         self.stopped = trio.Event()
-        self.workers = [Worker(i, self) for i in range(config.workers)]
+        self.generation = 1  # the model version new workers run; a reload raises it
+        self.model_config = config  # what new workers run (a reload changes model_cmd)
+        self.retired_busy_seconds = 0.0  # busy time of workers no longer in the pool
+        self._indexes = itertools.count()
+        self._random = random.Random()
+        self.workers: list[Worker] = []
         self.metrics = PoolMetrics(self)
+        self.operations = Operations(self)
+        for _ in range(config.workers):
+            self.add_worker()
 
     # -- what callers use -------------------------------------------------------------
 
@@ -196,6 +207,47 @@ class Pool:
             worker.kill_model()
         self._abort()
 
+    # -- changing the set of workers (operations.py decides when) ----------------------
+
+    def add_worker(
+        self, config: PoolConfig | None = None, generation: int | None = None, trial: bool = False
+    ) -> Worker:
+        """Start one more worker; it leaves `workers` when it ends (retired or stopped)."""
+        worker = Worker(
+            next(self._indexes),
+            self,
+            config or self.model_config,
+            self.generation if generation is None else generation,
+            trial,
+        )
+        self.workers.append(worker)
+        self._nursery.start_soon(self._run_worker, worker, name=f"modelpool {worker.name}")
+        return worker
+
+    async def _run_worker(self, worker: Worker) -> None:
+        try:
+            await worker.run()
+        finally:
+            if not self.closing and worker in self.workers:
+                self.workers.remove(worker)  # while stopping, /status shows every worker
+                self.retired_busy_seconds += worker.busy_seconds()
+                self.worker_changed()
+
+    def start_task(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run a task beside the workers (operations that must outlive their caller)."""
+        self._nursery.start_soon(fn)
+
+    def request_limit(self) -> int | None:
+        """How many answers a new model may give (--max-requests plus jitter), or None."""
+        if self.config.max_requests is None:
+            return None
+        return self.config.max_requests + self._random.randint(0, self.config.max_requests_jitter)
+
+    def recycle(self, worker: Worker, why: str, reason: str = "recycled") -> None:
+        """Replace a worker by surge (its replacement is ready before it retires)."""
+        if not self.closing:
+            self._nursery.start_soon(self.operations.recycle, worker, why, reason)
+
     # -- what workers use -------------------------------------------------------------
 
     def take(self, job: Job) -> bool:
@@ -311,9 +363,9 @@ async def open_pool(
         async with trio.open_nursery() as nursery:
             pool = Pool(config, nursery, reaper)
             log.info("starting %d model(s): %s", config.workers, " ".join(config.model_cmd))
-            for worker in pool.workers:
-                nursery.start_soon(worker.run, name=f"modelpool {worker.name}")
             nursery.start_soon(_sweep_until_stopped, pool)
+            if config.model_max_rss is not None:
+                nursery.start_soon(pool.operations.watch_memory)
             try:
                 yield pool
             finally:

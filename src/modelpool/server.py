@@ -26,6 +26,7 @@ from hypercorn.typing import (
 from .app import create_app
 from .config import ServerConfig
 from .listener import Connections, bind, connection_budget, serve
+from .operations import Busy, OperationFailed
 from .pool import Pool, open_pool
 from .reaper import Reaper
 
@@ -84,6 +85,19 @@ class Service:
         self._stop.set()
         if self._pool is not None:
             self._pool.kill()
+
+    async def reload(self) -> None:
+        """A rolling reload with the same command (SIGHUP); its outcome goes to the log."""
+        pool = self._pool
+        if pool is None or pool.closing:
+            log.warning("reload asked for while the pool is not serving; ignored")
+            return
+        try:
+            await pool.operations.detached(pool.operations.reload)
+        except Busy as exc:
+            log.warning("reload not started: %s", exc)
+        except OperationFailed:
+            pass  # operations.py logged why, and the old models keep serving
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until `shutdown()`; reports the URL it listens on through task_status.

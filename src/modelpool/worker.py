@@ -24,6 +24,7 @@ from .job import Job
 from .model import CommandNotRunnable, ModelProcess, StartFailed, open_model
 
 if TYPE_CHECKING:
+    from .config import PoolConfig
     from .pool import Pool
 
 log = logging.getLogger("modelpool.worker")
@@ -40,11 +41,27 @@ class State(enum.StrEnum):
 
 
 class Worker:
-    """One slot of the pool; `scope` is cancelled by the pool to stop it early."""
+    """One slot of the pool; `scope` is cancelled by the pool to stop it early.
 
-    def __init__(self, index: int, pool: Pool) -> None:
+    A worker runs one command (`config.model_cmd`) of one `generation` for its whole
+    life. New versions, recycling and resizing never change a worker: they start new
+    workers and retire old ones (see operations.py). A `trial` worker is a surge
+    replacement: if its first model fails to start, it gives up instead of retrying,
+    so whoever started it can tell at once.
+    """
+
+    def __init__(
+        self,
+        index: int,
+        pool: Pool,
+        config: PoolConfig | None = None,
+        generation: int = 1,
+        trial: bool = False,
+    ) -> None:
         self.index = index
         self.name = f"worker {index}"
+        self.generation = generation
+        self.trial = trial
         self.state = State.STARTING
         self.served = 0
         self.failed = 0
@@ -53,7 +70,16 @@ class Worker:
         self.last_failure: dict[str, Any] | None = None
         self.scope = trio.CancelScope()
         self._pool = pool
-        self._config = pool.config
+        self._config = config or pool.config
+        self.retiring: str | None = None  # why it is being retired, once it is
+        self.start_failure: str | None = None  # why a trial worker gave up
+        self.became_ready = trio.Event()
+        self.ended = trio.Event()
+        self._idle_scope: trio.CancelScope | None = None  # cancelled to retire it while idle
+        self._model_served = 0  # answers by the current model, for --max-requests
+        self._model_limit: int | None = None
+        self._recycle_asked = False
+        self._memory_kill: str | None = None  # why the model was killed for its memory
         self._starts = 0
         self._failures_in_a_row = 0  # models that failed with no request to blame
         self._ready_at = 0.0
@@ -62,6 +88,10 @@ class Worker:
         self._busy_total = 0.0  # seconds spent computing, for modelpool_model_busy_seconds
         self._state_since = time.monotonic()
         self._job: Job | None = None
+
+    @property
+    def config(self) -> PoolConfig:
+        return self._config
 
     @property
     def pid(self) -> int | None:
@@ -95,6 +125,9 @@ class Worker:
         return {
             "id": self.index,
             "state": self.state.value,
+            "generation": self.generation,
+            "model_cmd": self._config.model_cmd,
+            "retiring": self.retiring,
             "pid": self.pid,
             "uptime": round(now - self._ready_at, 3) if self.ready else None,
             "request_id": None if self._job is None else self._job.request_id,
@@ -116,6 +149,21 @@ class Worker:
                 await self._loop()
         finally:
             self._set(State.STOPPED)
+            self.ended.set()
+
+    def retire(self, reason: str) -> None:
+        """Stop taking jobs: at once if idle or starting, after its current job if busy.
+
+        Its model is then stopped gracefully (stdin closed, `exit_grace`, SIGKILL).
+        """
+        if self.retiring is not None:
+            return
+        self.retiring = reason
+        log.info("%s: retiring (%s)", self.name, reason)
+        if self.state in (State.STARTING, State.RESTARTING):
+            self.scope.cancel()
+        elif self._idle_scope is not None:
+            self._idle_scope.cancel()
 
     def _set(self, state: State) -> None:
         now = time.monotonic()
@@ -127,7 +175,7 @@ class Worker:
         self._pool.worker_changed()
 
     async def _loop(self) -> None:
-        while self._pool.wants_models():
+        while self._pool.wants_models() and self.retiring is None:
             delay = self._config.backoff(self._failures_in_a_row)
             if self._starts:
                 self.restarts += 1
@@ -156,6 +204,11 @@ class Worker:
                 self._ready_at = trio.current_time()
                 self._pool.metrics.model_start.observe(self._ready_at - model.started_at)
                 log.info("%s ready after %.1f s", model.name, self._ready_at - model.started_at)
+                self._model_served = 0
+                self._model_limit = self._pool.request_limit()
+                self._recycle_asked = False
+                self._memory_kill = None
+                self.became_ready.set()
                 return await self._serve(model)
         except* StartFailed as group:  # raised inside open_model's nursery: grouped
             for exc in group.exceptions:
@@ -163,10 +216,12 @@ class Worker:
                     raise ModelCommandError(str(exc)) from exc
                 log.error("%s", exc)
                 self._failed_on_its_own("start_failed", str(exc), self._model)
+                if self.trial:
+                    self.start_failure = str(exc)
         finally:
             self._model = None
             logs.set_field("pid", None)
-        return False
+        return self.start_failure is not None  # a trial gives up: its starter decides
 
     def kill_model(self) -> None:
         """Hard stop: SIGKILL the current model and its tree without waiting."""
@@ -176,12 +231,17 @@ class Worker:
     async def _serve(self, model: ModelProcess) -> bool:
         """Feed jobs to a ready model; True when the pool has no more jobs to give."""
         while True:
+            if self.retiring is not None:
+                return True
             self._set(State.IDLE)
-            with model.cancel_on_trouble() as trouble:
+            with model.cancel_on_trouble() as trouble, trio.CancelScope() as self._idle_scope:
                 try:
                     job = await self._pool.jobs.receive()
                 except trio.EndOfChannel:
                     return True
+            self._idle_scope = None
+            if self.retiring is not None and not trouble.cancelled_caught:
+                return True  # retired while idle (receiving is cancel-safe: no job lost)
             if trouble.cancelled_caught:
                 await self._replace_unprompted(model)
                 return False
@@ -228,7 +288,10 @@ class Worker:
                 await self._fail(model, job, ModelTimeout(f"no result after {timeout:g} s"))
                 return False
             if payload is None:
-                await self._fail(model, job, await model.describe_failure())
+                failure = await model.describe_failure()
+                if self._memory_kill is not None:
+                    failure = ModelFailed(f"model killed: it {self._memory_kill}", kind="memory")
+                await self._fail(model, job, failure)
                 return False
             try:
                 value = parse_result(payload, self._config.id_field, job.wire_id)
@@ -237,6 +300,7 @@ class Worker:
                 await self._fail(model, job, failure)
                 return False
             self.served += 1
+            self._model_served += 1
             self._failures_in_a_row = 0
             self.failing_since = None
             now = trio.current_time()
@@ -252,10 +316,35 @@ class Worker:
             if model.out_of_step:
                 await self._replace_after_answer(model, job)
                 return False
+            self._maybe_recycle()
             return True
         finally:
             if not job.done.is_set() and not job.queued:
                 job.fail(ShuttingDown())
+
+    def _maybe_recycle(self) -> None:
+        """Past its --max-requests, ask the pool for a replacement (once per model)."""
+        limit = self._model_limit
+        if limit is not None and self._model_served >= limit and self.ask_recycle():
+            self._pool.recycle(self, f"served {self._model_served} requests (--max-requests)")
+
+    def ask_recycle(self) -> bool:
+        """True the first time a replacement is asked for this model."""
+        if self._recycle_asked:
+            return False
+        self._recycle_asked = True
+        return True
+
+    def allow_recycle(self) -> None:
+        """A replacement failed to start: it may be asked for again."""
+        self._recycle_asked = False
+
+    def kill_for_memory(self, what: str) -> None:
+        """Kill a model that grew past the memory limit while computing: its request gets 502."""
+        if self._model is not None and self._memory_kill is None:
+            self._memory_kill = what
+            log.error("%s %s; killing it", self._model.name, what)
+            self._model.kill_group()
 
     async def _fail(self, model: ModelProcess, job: Job, error: ModelTimeout | ModelFailed) -> None:
         """Kill and reap a model that failed a job, then answer the job."""
@@ -290,6 +379,8 @@ class Worker:
         else:
             failure = await model.describe_failure()
             what, reason = f"died while idle: {failure.detail}", "died_idle"
+            if self._memory_kill is not None:
+                what, reason = f"killed: it {self._memory_kill}", "memory"
         await model.kill()
         log.error("%s %s; killed%s", model.name, what, _format_tail(model.stderr_tail))
         if trio.current_time() - self._ready_at > self._config.backoff_max:

@@ -1,0 +1,277 @@
+"""Live operations on a running pool: rolling reload, resize, recycling, memory limits.
+
+Every one of them changes the pool by surge, never by stopping a model first: a new
+worker (a "trial" worker, which gives up if its first model fails to start) is started
+beside the old ones, and only once its model is ready is an old worker retired. A
+retired worker takes no new job, finishes the one it computes, and its model is stopped
+gracefully. So capacity never drops below what it was, no request is failed or held up
+by the operation, and a new version that cannot start leaves the old ones serving.
+
+Surges take turns (one lock), so at most one extra model runs at a time: a memory limit
+is about not running many at once. Reload and resize also take turns with each other
+(another lock); a second one asked for meanwhile is refused with `Busy`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import trio
+
+from .reaper import descendants
+
+if TYPE_CHECKING:
+    from .pool import Pool
+    from .worker import Worker
+
+log = logging.getLogger("modelpool.operations")
+T = TypeVar("T")
+
+MEMORY_CHECK_INTERVAL = 1.0  # seconds between two looks at every model's memory
+MEMORY_MARGIN = 1.2  # during a request, a model is killed only past 120 % of the limit
+RECYCLE_RETRY = 5.0  # seconds before a failed recycle is tried again
+
+
+class Busy(Exception):
+    """Another reload or resize is running."""
+
+
+class OperationFailed(Exception):
+    """A reload or resize stopped part-way; `report` says what was done before."""
+
+    def __init__(self, detail: str, report: dict[str, Any]) -> None:
+        super().__init__(detail)
+        self.report = report
+
+
+class Operations:
+    def __init__(self, pool: Pool) -> None:
+        self._pool = pool
+        self._admin = trio.Lock()  # reload and resize
+        self._surge = trio.Lock()  # one extra model at a time
+
+    @property
+    def running(self) -> bool:
+        return self._admin.locked()
+
+    async def detached(self, operation: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """Run an operation in the pool's nursery and wait for it.
+
+        If the caller goes away (an HTTP client hangs up), the operation still runs to
+        its end: a reload stopped half-way would leave two generations serving.
+        """
+        if self._admin.locked():
+            raise Busy("a reload or resize is already running")
+        done = trio.Event()
+        outcome: list[Any] = []
+
+        async def run() -> None:
+            try:
+                outcome.append(("value", await operation(*args)))
+            except (Busy, OperationFailed) as exc:
+                outcome.append(("error", exc))
+            finally:
+                done.set()
+
+        self._pool.start_task(run)
+        await done.wait()
+        kind, value = outcome[0]
+        if kind == "error":
+            raise value
+        return value
+
+    # -- reload -----------------------------------------------------------------------
+
+    async def reload(self, model_cmd: list[str] | None = None) -> dict[str, Any]:
+        """Replace every worker, one at a time by surge, with one of a new generation.
+
+        With `model_cmd`, the new generation runs that command; without, the same one
+        (which picks up a new model file). Raises OperationFailed, with what was done,
+        if a new model fails to start: the workers not yet replaced keep serving.
+        """
+        pool = self._pool
+        if self._admin.locked():
+            raise Busy("a reload or resize is already running")
+        async with self._admin:
+            started = time.monotonic()
+            config = pool.model_config
+            if model_cmd is not None:
+                config = replace(config, model_cmd=model_cmd)
+            generation = pool.generation + 1
+            command = " ".join(config.model_cmd)
+            log.info("reload to generation %d: %s", generation, command)
+            replaced: list[dict[str, Any]] = []
+            report = {"generation": generation, "model_cmd": config.model_cmd, "workers": replaced}
+            while (old := self._next_older(generation)) is not None:
+                step = await self._surge_replace(old, config, generation, "reload")
+                replaced.append(step)
+                if "failed" in step:
+                    detail = f"generation {generation} failed to start: {step['failed']}"
+                    log.error("reload stopped: %s; the other workers keep serving", detail)
+                    report["seconds"] = round(time.monotonic() - started, 3)
+                    raise OperationFailed(detail, report)
+            pool.model_config, pool.generation = config, generation
+            report["seconds"] = round(time.monotonic() - started, 3)
+            log.info(
+                "reload to generation %d done in %.1f s: %d worker(s) replaced",
+                generation,
+                report["seconds"],
+                len(replaced),
+            )
+            return report
+
+    def _next_older(self, generation: int) -> Worker | None:
+        """A worker of an older generation still serving, idle ones first."""
+        older = [
+            w
+            for w in self._pool.workers
+            if w.generation < generation and w.retiring is None and not w.trial
+        ]
+        return min(older, key=_retire_order, default=None)
+
+    # -- resize -----------------------------------------------------------------------
+
+    async def scale(self, workers: int) -> dict[str, Any]:
+        """Grow by starting new workers (answer once they are ready) or shrink by retiring.
+
+        Shrinking retires workers that are restarting or starting first, then idle
+        ones, then busy ones, which finish their request first.
+        """
+        pool = self._pool
+        if self._admin.locked():
+            raise Busy("a reload or resize is already running")
+        async with self._admin:
+            started = time.monotonic()
+            serving = [w for w in pool.workers if w.retiring is None and not w.trial]
+            before = len(serving)
+            added: list[dict[str, Any]] = []
+            retired: list[dict[str, Any]] = []
+            report = {"workers": workers, "before": before, "added": added, "retired": retired}
+            log.info("resize from %d to %d worker(s)", before, workers)
+            if workers > before:
+                trials = [pool.add_worker(trial=True) for _ in range(workers - before)]
+                for worker in trials:
+                    await _first_model(worker)
+                failed = []
+                for worker in trials:
+                    if worker.became_ready.is_set():
+                        worker.trial = False  # from now on it restarts like any other
+                        added.append({"worker": worker.index, "pid": worker.pid})
+                    else:
+                        failure = worker.start_failure or "stopped before it was ready"
+                        failed.append(failure)
+                        added.append({"worker": worker.index, "failed": failure})
+                if failed:
+                    report["seconds"] = round(time.monotonic() - started, 3)
+                    detail = f"{len(failed)} new worker(s) failed to start: {failed[0]}"
+                    log.error("resize stopped: %s", detail)
+                    raise OperationFailed(detail, report)
+            elif workers < before:
+                chosen = sorted(serving, key=_retire_order)[: before - workers]
+                for worker in chosen:
+                    retired.append({"worker": worker.index, "pid": worker.pid})
+                    worker.retire("resize")
+                for worker in chosen:
+                    await worker.ended.wait()
+            report["seconds"] = round(time.monotonic() - started, 3)
+            log.info("resize to %d worker(s) done in %.1f s", workers, report["seconds"])
+            return report
+
+    # -- recycling --------------------------------------------------------------------
+
+    async def recycle(self, worker: Worker, reason: str, metric_reason: str = "recycled") -> None:
+        """Replace one worker by surge, with the same command and generation.
+
+        If its replacement fails to start, the worker keeps serving and the recycle is
+        asked for again after RECYCLE_RETRY seconds (the next request may ask sooner).
+        """
+        if worker.retiring is not None:
+            return
+        log.info("%s: %s; starting its replacement", worker.name, reason)
+        step = await self._surge_replace(worker, worker.config, worker.generation, metric_reason)
+        if "failed" in step and worker.retiring is None:
+            log.error("%s: its replacement failed to start (%s)", worker.name, step["failed"])
+            with trio.move_on_after(RECYCLE_RETRY):
+                await self._pool.stopped.wait()
+            worker.allow_recycle()
+
+    # -- the surge ----------------------------------------------------------------------
+
+    async def _surge_replace(
+        self, old: Worker, config: Any, generation: int, reason: str
+    ) -> dict[str, Any]:
+        """Start a worker beside `old`; once its model is ready, retire `old`."""
+        pool = self._pool
+        async with self._surge:
+            if old.retiring is not None or pool.closing:
+                return {"replaced": old.index, "skipped": "already retiring or shutting down"}
+            new = pool.add_worker(config, generation, trial=True)
+            await _first_model(new)
+            if not new.became_ready.is_set():
+                failure = new.start_failure or "stopped before it was ready (shutting down)"
+                return {"replaced": old.index, "by": new.index, "failed": failure}
+            new.trial = False
+            step = {"replaced": old.index, "old_pid": old.pid, "by": new.index, "pid": new.pid}
+            pool.metrics.restarts.labels(reason=reason).inc()
+            old.retire(reason)
+            await old.ended.wait()  # its request finishes; then one extra model at most
+            return step
+
+    # -- memory ---------------------------------------------------------------------------
+
+    async def watch_memory(self) -> None:
+        """Every second, replace (idle) or kill (busy, past the margin) models over the limit."""
+        limit = self._pool.config.model_max_rss
+        assert limit is not None
+        while not self._pool.stopped.is_set():
+            for worker in list(self._pool.workers):
+                pid = worker.pid
+                if pid is None or worker.retiring is not None or not worker.ready:
+                    continue
+                used = tree_rss_mib(pid)
+                if used <= limit:
+                    continue
+                what = f"uses {used:.0f} MiB, over --model-max-rss {limit:g} MiB"
+                if worker.state == "busy" and used > limit * MEMORY_MARGIN:
+                    worker.kill_for_memory(what)
+                elif worker.ask_recycle():
+                    self._pool.recycle(worker, what, "memory")
+            with trio.move_on_after(MEMORY_CHECK_INTERVAL):
+                await self._pool.stopped.wait()
+
+
+async def _first_model(worker: Worker) -> None:
+    """Wait until a trial worker's first model is ready, or it gave up."""
+    async with trio.open_nursery() as nursery:
+
+        async def ready() -> None:
+            await worker.became_ready.wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(ready)
+        await worker.ended.wait()
+        nursery.cancel_scope.cancel()
+
+
+def _retire_order(worker: Worker) -> int:
+    """Which workers to retire first: the cheapest to lose."""
+    return {"restarting": 0, "starting": 1, "idle": 2, "busy": 3}.get(worker.state, 4)
+
+
+def tree_rss_mib(pid: int) -> float:
+    """Resident memory of a model and every process below it, in MiB."""
+    total = 0
+    for member in [pid, *descendants(pid)]:
+        try:
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+                    break
+        except OSError:
+            continue  # it ended meanwhile
+    return total / 1024
