@@ -56,9 +56,13 @@ class ServerProcess:
 async def server_process(
     *args: str, env: dict[str, str] | None = None, command: tuple[str, ...] = ("serve",)
 ) -> AsyncIterator[ServerProcess]:
-    """`python -m modelpool serve --port 0 ARGS`, made sure to be gone (with its models) on exit."""
+    """`python -m modelpool serve --port 0 ARGS`, made sure to be gone (with its models) on exit.
+
+    `command=("worker",)` runs a worker node instead, which listens nowhere.
+    """
+    listen = () if command == ("worker",) else ("--port", "0")
     proc = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "modelpool", *command, "--port", "0", *args],
+        [sys.executable, "-m", "modelpool", *command, *listen, *args],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         env=clean_env(env),

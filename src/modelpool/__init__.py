@@ -9,6 +9,7 @@ from .errors import (
     PoolError,
     QueueFull,
     QueueTimeout,
+    QueueUnavailable,
     ShuttingDown,
 )
 from .job import Timing
@@ -28,6 +29,7 @@ __all__ = [
     "PoolMetrics",
     "QueueFull",
     "QueueTimeout",
+    "QueueUnavailable",
     "Reaper",
     "ServerConfig",
     "ShuttingDown",

@@ -33,6 +33,7 @@ from .errors import (
     PoolError,
     QueueFull,
     QueueTimeout,
+    QueueUnavailable,
     ShuttingDown,
 )
 from .job import Timing
@@ -50,6 +51,7 @@ STATUS_OF: dict[type[PoolError], int] = {
     BadRequest: 400,
     QueueFull: 503,
     QueueTimeout: 503,
+    QueueUnavailable: 503,
     ShuttingDown: 503,
     ModelTimeout: 504,
     ModelFailed: 502,
@@ -217,6 +219,6 @@ def pool_error_response(exc: PoolError, expose_stderr: bool = False) -> Response
     status = STATUS_OF.get(type(exc), 500)
     if isinstance(exc, ModelFailed):
         return json_response(status, exc.payload(expose_stderr))
-    if isinstance(exc, QueueFull | QueueTimeout):
+    if isinstance(exc, QueueFull | QueueTimeout | QueueUnavailable):
         return json_response(status, exc.payload(), Retry_After=RETRY_AFTER_SECONDS)
     return json_response(status, exc.payload())

@@ -1,4 +1,5 @@
 """`modelpool serve [options]`: run the service until a signal, and say plainly why it stopped.
+`modelpool worker --queue URL [options]`: run models only, for a cluster's shared queue.
 
 Exit codes: 0 after a clean stop, 1 if it cannot listen (the port is taken), 2 for a
 bad option, 3 if the model command cannot be run at all (as gunicorn does when its
@@ -15,10 +16,12 @@ from collections.abc import AsyncIterator, Sequence
 import trio
 
 from . import logs
-from .config import ServerConfig
+from .config import PoolConfig, ServerConfig
 from .errors import ModelCommandError
 from .listener import CannotListen
+from .operations import Busy, OperationFailed
 from .options import parse
+from .pool import Pool, open_pool
 from .reaper import Reaper
 from .server import Service
 
@@ -41,33 +44,77 @@ async def run_service(config: ServerConfig) -> None:
             nursery.cancel_scope.cancel()
 
 
-async def _on_signals(signals: AsyncIterator[int], service: Service, nursery: trio.Nursery) -> None:
+async def run_worker(config: PoolConfig) -> None:
+    """Models only, taking jobs from the shared queue, until SIGINT/SIGTERM (as `serve`).
+
+    A graceful stop takes no new job and finishes the ones its models compute; the jobs
+    still waiting stay in the stream for the other nodes.
+    """
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async with open_pool(config, Reaper(adopt_orphans=True)) as pool:
+            log.info("worker node %s: %d model(s) taking jobs", pool.node, len(pool.workers))
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_on_signals, signals, PoolNode(pool), nursery)
+                await pool.stopped.wait()
+                nursery.cancel_scope.cancel()
+    log.info("stopped")
+
+
+class PoolNode:
+    """A pool without HTTP, stopped and reloaded by signals as the service is."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    def shutdown(self) -> None:
+        self.pool.shutdown()
+
+    def kill(self) -> None:
+        self.pool.kill()
+
+    async def reload(self) -> None:
+        if self.pool.closing:
+            return
+        try:
+            await self.pool.operations.detached(self.pool.operations.reload)
+        except Busy as exc:
+            log.warning("reload not started: %s", exc)
+        except OperationFailed:
+            pass  # operations.py logged why, and the old models keep serving
+
+
+async def _on_signals(
+    signals: AsyncIterator[int], node: Service | PoolNode, nursery: trio.Nursery
+) -> None:
     """SIGHUP: a rolling reload. SIGTERM/SIGINT: a graceful stop; a second one: kill."""
     received = 0
     async for signum in signals:
         name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
             log.info("SIGHUP: rolling reload of every model")
-            nursery.start_soon(service.reload)
+            nursery.start_soon(node.reload)
             continue
         received += 1
         if received == 1:
             log.info("%s: shutting down gracefully (send it again to stop at once)", name)
-            service.shutdown()
+            node.shutdown()
         else:
             log.warning("%s again: killing every model now", name)
-            service.kill()
+            node.kill()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("serve", "-h", "--help", "--version"):
+    if not argv or argv[0] not in ("serve", "worker", "-h", "--help", "--version"):
         argv.insert(0, "serve")
     _, settings = parse(argv)
     logs.configure(settings.log_level, settings.log_format)
     code = 0
     try:
-        trio.run(run_service, settings.config)
+        if settings.command == "worker":
+            trio.run(run_worker, settings.config.pool)
+        else:
+            trio.run(run_service, settings.config)
     except* CannotListen as group:
         code = EXIT_CANNOT_LISTEN
         for error in _leaves(group.exceptions):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import math
+import re
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -19,6 +20,9 @@ from typing import Any
 
 MiB = 1024 * 1024
 MIN_MAX_LINE = 64  # room for "result: " and a small object
+QUEUE_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+SENTINEL_URL = re.compile(r"redis\+sentinel://([^@/]*@)?[^:,/]+:\d+(,[^:,/]+:\d+)*/[^/]+(/\d+)?")
+NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 class ConfigError(ValueError):
@@ -101,6 +105,9 @@ class PoolConfig:
     max_requests: int | None = None  # retire a model after this many answers (and jitter)
     max_requests_jitter: int = 0
     model_max_rss: float | None = None  # MiB, a model with its descendants
+    queue: str | None = None  # redis://host:port/db: a job stream shared by many nodes
+    reclaim_after: float = 10.0  # seconds before a silent node's jobs are taken back
+    node_name: str | None = None  # this node's name in a cluster (default host-pid-random)
 
     def __post_init__(self) -> None:
         if not self.model_cmd or not all(isinstance(arg, str) for arg in self.model_cmd):
@@ -109,7 +116,19 @@ class PoolConfig:
             raise ConfigError("model_cmd", "must name a program")
         if not self.ready_line.strip():
             raise ConfigError("ready_line", "must not be empty")
-        check_number("workers", self.workers, minimum=1, integer=True)
+        # With a shared queue, a node may run no models at all: an HTTP front only.
+        check_number("workers", self.workers, minimum=0 if self.queue else 1, integer=True)
+        if self.queue is not None and not self.queue.startswith(QUEUE_SCHEMES):
+            problem = f"must be a redis://, rediss:// or redis+sentinel:// URL, got {self.queue!r}"
+            raise ConfigError("queue", problem)
+        sentinel = self.queue is not None and self.queue.startswith("redis+sentinel://")
+        if sentinel and not SENTINEL_URL.fullmatch(self.queue or ""):
+            problem = "must be redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
+            raise ConfigError("queue", f"{problem}, got {self.queue!r}")
+        check_number("reclaim_after", self.reclaim_after, minimum=0, above=True)
+        if self.node_name is not None and not NODE_NAME.fullmatch(self.node_name):
+            problem = f"must be 1 to 64 letters, digits and ._-, got {self.node_name!r}"
+            raise ConfigError("node_name", problem)
         check_number("timeout", self.timeout, minimum=0, above=True)
         check_number("init_timeout", self.init_timeout, minimum=0, above=True)
         check_number("max_queue", self.max_queue, minimum=1, integer=True)

@@ -53,6 +53,20 @@ class QueueTimeout(PoolError):
     outcome = "queue_timeout"
 
 
+class QueueUnavailable(PoolError):
+    """The shared queue (Redis) cannot be reached, so the request cannot be queued."""
+
+    message = "queue unavailable"
+    outcome = "queue_unavailable"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def payload(self) -> dict[str, Any]:
+        return self._with_id({"error": self.message, "detail": self.detail})
+
+
 class ShuttingDown(PoolError):
     """The pool is stopping and takes no new work, or gave up on this job while stopping."""
 

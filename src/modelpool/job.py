@@ -12,6 +12,7 @@ import trio
 from .errors import PoolError
 
 log = logging.getLogger("modelpool.job")
+MAX_ATTEMPTS = 2  # a job whose model died before reading it is tried once more
 _numbers = itertools.count(1)
 
 
@@ -22,7 +23,7 @@ class Timing:
     queue_wait: float | None = None  # seconds until a model took it (all waits, if retried)
     compute: float | None = None  # seconds from writing it to a model to the outcome
     total: float | None = None  # seconds through the pool
-    worker: int | None = None  # the worker that served it last
+    worker: int | str | None = None  # the worker that served it last (node/index if remote)
     pid: int | None = None  # and its model's pid
 
 
@@ -45,6 +46,7 @@ class Job:
         self.abandoned = False
         self.attempts = 0
         self.enqueued_at = trio.current_time()
+        self.take_by: float | None = None  # trio time by which a model must take it
         self.timing = Timing()
         self.taken = trio.Event()
         self.done = trio.Event()
@@ -62,6 +64,11 @@ class Job:
             self._error = error
             self._settle()
 
+    @property
+    def error(self) -> PoolError | None:
+        """The error it was settled with, if it was settled with one."""
+        return self._error
+
     def result(self) -> dict[str, Any]:
         """The model's answer; raises the PoolError that stands for it instead."""
         assert self.done.is_set(), "job is not done"
@@ -71,6 +78,7 @@ class Job:
         return self._value
 
     def _settle(self) -> None:
+        self.taken.set()  # a settled job waits for no model, wherever it was
         self.done.set()
         if self.abandoned:
             log.info("request %s: its caller is gone; answer dropped", self.request_id)

@@ -33,6 +33,7 @@ OUTCOMES = (
     "queue_timeout",
     "shutting_down",
     "client_gone",
+    "queue_unavailable",
 )
 RESTART_REASONS = (
     "timeout",
@@ -160,6 +161,7 @@ class _PoolGauges:
             "The model generation new workers start (a reload raises it)",
             value=pool.generation,
         )
+        yield from pool.queue.metrics()
 
 
 class Recent:

@@ -109,6 +109,11 @@ class Option:
     field: str | None = None  # "pool.<name>" or "<name>" in the config; None: not config
 
     @property
+    def for_worker(self) -> bool:
+        """Whether `modelpool worker` (models only, no HTTP) takes this option."""
+        return self.field is None or self.field.startswith("pool.")
+
+    @property
     def env(self) -> str:
         return "MODELPOOL_" + self.dest.upper()
 
@@ -277,6 +282,31 @@ OPTIONS = [
         "pool.model_max_rss",
     ),
     Option(
+        "--queue",
+        text_value,
+        None,
+        "redis://HOST:PORT/DB (Redis or Valkey): take jobs from, and queue them in, one "
+        "stream shared by every node of a cluster, so the first free model on any machine "
+        "takes the oldest request; default: the in-process queue. With it, --workers 0 "
+        "makes an HTTP front only",
+        "pool.queue",
+    ),
+    Option(
+        "--reclaim-after",
+        number,
+        10.0,
+        "with --queue: seconds a job may stay with a node that stopped refreshing it (it died) "
+        "before another node takes it back; it runs once more if still within its deadline",
+        "pool.reclaim_after",
+    ),
+    Option(
+        "--node-name",
+        text_value,
+        None,
+        "with --queue: this node's name in /status and /metrics; default host-pid-random",
+        "pool.node_name",
+    ),
+    Option(
         "--api-key",
         text_value,
         None,
@@ -327,11 +357,12 @@ BY_FIELD = {option.field: option for option in OPTIONS if option.field}
 
 @dataclass(frozen=True)
 class Settings:
-    """Parsed options: `config` for the service, plus the one outside it."""
+    """Parsed options: `config` for the service, plus the ones outside it."""
 
     config: ServerConfig
     log_level: str
     log_format: str = "text"
+    command: str = "serve"  # or "worker": models only, for a shared queue
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,20 +380,30 @@ def build_parser() -> argparse.ArgumentParser:
         "Every option can also be set by the environment variable named in its help; "
         "a command-line option wins over the variable.",
     )
-    serve.add_argument(
-        "--config",
-        metavar="FILE",
-        default=None,
-        help='read options from a TOML file, as `workers = 4` or `model-cmd = "..."`; '
-        "the command line and then MODELPOOL_* variables win over it (env MODELPOOL_CONFIG)",
+    worker = commands.add_parser(
+        "worker",
+        help="run models only, taking jobs from a shared --queue (no HTTP)",
+        description="Run models that take jobs from the Redis stream named by --queue, "
+        "for the HTTP fronts (`modelpool serve --queue URL`) of a cluster. SIGTERM stops "
+        "taking jobs and finishes those in progress; SIGHUP reloads the models.",
     )
+    for sub in (serve, worker):
+        sub.add_argument(
+            "--config",
+            metavar="FILE",
+            default=None,
+            help='read options from a TOML file, as `workers = 4` or `model-cmd = "..."`; '
+            "the command line and then MODELPOOL_* variables win over it "
+            "(env MODELPOOL_CONFIG)",
+        )
     for option in OPTIONS:
         default_text = "" if option.default is None else f"; default {option.default}"
         help_text = f"{option.help} (env {option.env}{default_text})"
-        if option.convert is None:
-            serve.add_argument(option.flag, action="store_true", default=UNSET, help=help_text)
-        else:
-            serve.add_argument(option.flag, type=option.convert, default=UNSET, help=help_text)
+        for sub in (serve, worker) if option.for_worker else (serve,):
+            if option.convert is None:
+                sub.add_argument(option.flag, action="store_true", default=UNSET, help=help_text)
+            else:
+                sub.add_argument(option.flag, type=option.convert, default=UNSET, help=help_text)
     return parser
 
 
@@ -385,7 +426,11 @@ def parse(
             parser.error(f"--config {config_file}: {exc}")
     values: dict[str, Any] = {}
     source: dict[str, str] = {}  # where a value that did not come from its flag came from
+    worker = args.command == "worker"
     for option in OPTIONS:
+        if worker and not option.for_worker:
+            values[option.dest] = option.default  # a worker listens nowhere
+            continue
         value = getattr(args, option.dest)
         if value is UNSET and option.env in environ:
             raw = environ[option.env]
@@ -398,6 +443,11 @@ def parse(
             source[option.dest] = f"from {config_file}"
             value = from_file[option.dest]
         values[option.dest] = option.default if value is UNSET else value
+    if args.command == "worker":
+        if values["queue"] is None:
+            parser.error("worker: --queue is required (the Redis stream to take jobs from)")
+        if values["workers"] == 0:
+            parser.error("worker: --workers must be at least 1")
     try:
         config = _build_config(values)
     except ConfigError as exc:
@@ -409,7 +459,8 @@ def parse(
         if exc.field == "host":
             problem += " (--api-key or --allow-unauthenticated)"
         parser.error(f"{option.flag}{where}: {problem}")
-    return parser, Settings(config, values["log_level"], values["log_format"])
+    command = args.command or "serve"
+    return parser, Settings(config, values["log_level"], values["log_format"], command)
 
 
 def read_config_file(path: str) -> dict[str, Any]:

@@ -1,22 +1,23 @@
-"""The pool: N workers pulling jobs from one FIFO memory channel.
+"""The pool: N workers pulling jobs from one FIFO queue.
 
 Embed it in any trio program::
 
     async with open_pool(PoolConfig(workers=2)) as pool:
         answer = await pool.predict({"data": 3})
 
-Admission is counted here rather than by the channel's buffer, so a request whose
-caller gave up stops counting against `max_queue` at once, even before a worker
-pops it and skips it.
+The queue is an in-process memory channel by default; with `PoolConfig(queue=
+"redis://...")` it is a Redis stream shared with other nodes (see jobqueue.py). The
+pool does not care which: it puts jobs in, its workers take them out.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-import math
+import os
 import random
 import secrets
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -29,11 +30,11 @@ from .errors import (
     ModelCommandError,
     ModelFailed,
     PoolError,
-    QueueFull,
     QueueTimeout,
     ShuttingDown,
 )
-from .job import Job, Timing
+from .job import MAX_ATTEMPTS, Job, Timing
+from .jobqueue import JobQueue, open_queue
 from .metrics import PoolMetrics
 from .operations import Operations
 from .reaper import Reaper
@@ -41,8 +42,6 @@ from .schema import RequestSchema
 from .worker import State, Worker
 
 log = logging.getLogger("modelpool.pool")
-
-MAX_ATTEMPTS = 2  # a job whose model died before reading it is tried once more
 
 
 class Pool:
@@ -55,15 +54,15 @@ class Pool:
         self.ever_ready = False
         self.started_at = trio.current_time()
         self._nursery = nursery
-        self._send, self.jobs = trio.open_memory_channel[Job](math.inf)
-        self._pending = 0
         self._changed = trio.Event()
         self._schema = (
             None if config.request_schema is None else RequestSchema(config.request_schema)
         )
         self._prefix = secrets.token_hex(4)
+        self.node = config.node_name or f"{socket.gethostname()}-{os.getpid()}-{self._prefix}"
         self._requests = 0
-        self.stopped = trio.Event()
+        self.stopped = trio.Event()  # every worker stopped and every caller answered
+        self._workers_stopped = trio.Event()
         self.generation = 1  # the model version new workers run; a reload raises it
         self.model_config = config  # what new workers run (a reload changes model_cmd)
         self.retired_busy_seconds = 0.0  # busy time of workers no longer in the pool
@@ -71,6 +70,9 @@ class Pool:
         self._random = random.Random()
         self.workers: list[Worker] = []
         self.metrics = PoolMetrics(self)
+        self.queue: JobQueue = open_queue(config, self.metrics, self.node)
+        self.queue.node_status = self.node_status
+        self.serves_http = False  # set by the HTTP service, for the cluster's view
         self.operations = Operations(self)
         for _ in range(config.workers):
             self.add_worker()
@@ -92,7 +94,7 @@ class Pool:
         job: Job | None = None
         try:
             try:
-                job = self._submit(request, request_id)
+                job = await self._submit(request, request_id)
             except PoolError as exc:
                 exc.request_id = request_id
                 raise
@@ -118,35 +120,33 @@ class Pool:
 
     async def _answer(self, job: Job) -> dict[str, Any]:
         try:
-            if self.config.queue_timeout is not None:
-                with trio.move_on_after(self.config.queue_timeout):
-                    await job.taken.wait()
-                if not job.taken.is_set():
-                    log.warning(
-                        "request %s: no model free within %g s",
-                        job.request_id,
-                        self.config.queue_timeout,
-                    )
-                    self._abandon(job)
-                    job.fail(QueueTimeout())
-            await job.done.wait()
+            await self.queue.wait(job, self.config.queue_timeout)
         finally:
             if not job.done.is_set():
-                self._abandon(job)
+                self.queue.abandon(job)
+                self._stop_idle_starts()
+        if isinstance(job.error, QueueTimeout):
+            timeout = self.config.queue_timeout
+            log.warning("request %s: no model free within %g s", job.request_id, timeout)
         return job.result()
 
     @property
     def queue_length(self) -> int:
-        return self._pending
+        return self.queue.length
 
     @property
     def ready_count(self) -> int:
+        """Models ready to take this pool's jobs: its own, and other nodes' on a shared queue."""
+        return self.local_ready + self.queue.remote_ready()
+
+    @property
+    def local_ready(self) -> int:
         return sum(w.ready for w in self.workers)
 
     async def wait_ready(self, count: int | None = None) -> None:
         """Wait until `count` models (all by default) are ready; ShuttingDown if stopping."""
         want = len(self.workers) if count is None else count
-        while self.ready_count < want:
+        while self.local_ready < want:
             if self.closing:
                 raise ShuttingDown()
             await self._changed.wait()
@@ -157,13 +157,31 @@ class Pool:
             "workers": [w.snapshot() for w in self.workers],
             "size": len(self.workers),
             "ready": self.ready_count,
-            "queue": self._pending,
+            "queue": self.queue.length,
             "max_queue": self.config.max_queue,
             "shutting_down": self.closing,
             "healthy": healthy,
             "problem": problem,
             "orphans_killed": self.reaper.killed,
             "recent": self.metrics.recent.summary(),
+            **self.queue.status(),
+        }
+
+    def node_status(self) -> dict[str, Any]:
+        """This node as other nodes of a cluster see it (its heartbeat)."""
+        return {
+            "pid": os.getpid(),
+            "http": self.serves_http,
+            "ready": self.local_ready,
+            "size": len(self.workers),
+            "shutting_down": self.closing,
+            "workers": [
+                {
+                    key: snapshot[key]
+                    for key in ("id", "state", "pid", "served", "failed", "restarts", "generation")
+                }
+                for snapshot in (w.snapshot() for w in self.workers)
+            ],
         }
 
     def health(self) -> tuple[bool, str | None]:
@@ -174,6 +192,9 @@ class Pool:
         and neither does a long first start-up.
         """
         limit = self.config.unhealthy_after
+        queue_problem = self.queue.problem()
+        if queue_problem is not None:
+            return False, queue_problem
         now = trio.current_time()
         since = [w.failing(now) for w in self.workers]
         if limit is None or not since or None in since:
@@ -191,14 +212,15 @@ class Pool:
         if self.closing:
             return
         self.closing = True
-        self._send.close()
+        self.queue.close()
         log.info(
             "shutting down: %d request(s) queued, draining for up to %g s",
-            self._pending,
+            self.queue.length,
             self.config.effective_drain_timeout,
         )
         self._nursery.start_soon(self._drain)
         self._stop_idle_starts()
+        self.worker_changed()  # a pool with no workers of its own has stopped them all
 
     def kill(self) -> None:
         """Hard stop: SIGKILL every model now; every waiting request gets ShuttingDown."""
@@ -251,70 +273,62 @@ class Pool:
     # -- what workers use -------------------------------------------------------------
 
     def take(self, job: Job) -> bool:
-        """Claim a job popped from the channel; False if its caller already gave up."""
-        if job.abandoned:
+        """Claim a job a worker got from the queue; False if it must be skipped."""
+        if not self.queue.claim(job):
             return False
-        job.queued = False
         job.attempts += 1
-        self._pending -= 1
-        waited = trio.current_time() - job.enqueued_at
-        job.timing.queue_wait = waited
-        if job.attempts == 1:  # a job queued again is one request: observe it once
-            self.metrics.queue_wait.observe(waited)
         job.taken.set()
         self._stop_idle_starts()
         return True
 
     def retry(self, job: Job, reason: str) -> None:
         """Queue a job again whose model died before it could have read it."""
-        if job.abandoned or self.closing or job.attempts >= MAX_ATTEMPTS:
+        closed = self.closing and not self.queue.requeue_while_closing
+        if job.abandoned or closed or job.attempts >= MAX_ATTEMPTS:
             job.fail(ModelFailed(reason))
             return
         log.warning("request %s: %s; queued again", job.request_id, reason)
-        self._enqueue(job)
+        self.queue.requeue(job)
 
     def wants_models(self) -> bool:
-        """False once shutting down with nothing left in the queue."""
-        return not (self.closing and self._pending == 0)
+        """False once shutting down with nothing left for this node's workers."""
+        return self.queue.has_work()
 
     def worker_changed(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
-        if not self.ever_ready and self.ready_count == len(self.workers):
+        if not self.ever_ready and self.workers and self.local_ready == len(self.workers):
             self.ever_ready = True
             elapsed = trio.current_time() - self.started_at
             size = len(self.workers)
             log.info("%d/%d models ready after %.1f s", size, size, elapsed)
-        if all(w.state is State.STOPPED for w in self.workers):
-            self.stopped.set()
+        stopped = self.closing and all(w.state is State.STOPPED for w in self.workers)
+        if stopped and not self._workers_stopped.is_set():
+            self._workers_stopped.set()
+            self._nursery.start_soon(self._wait_callers_answered)
+
+    async def _wait_callers_answered(self) -> None:
+        """Stopped: once the workers are, and no caller still waits (on a shared queue)."""
+        await self.queue.drained()
+        self.stopped.set()
 
     # -- inside -----------------------------------------------------------------------
 
-    def _submit(self, request: Any, request_id: str) -> Job:
+    async def _submit(self, request: Any, request_id: str) -> Job:
         if self.closing:
             raise ShuttingDown()
         if self._schema is not None:
             self._schema.check(request)
         wire_id = None if self.config.id_field is None else f"{self._prefix}.{self._requests}"
         line = encode_request(request, self.config.id_field, wire_id)
-        if self._pending >= self.config.max_queue:
-            raise QueueFull()
         job = Job(line, request_id, wire_id)
-        self._enqueue(job)
+        job.take_by = (
+            None
+            if self.config.queue_timeout is None
+            else (job.enqueued_at + self.config.queue_timeout)
+        )
+        await self.queue.put(job)
         return job
-
-    def _enqueue(self, job: Job) -> None:
-        job.queued = True
-        self._pending += 1
-        self._send.send_nowait(job)
-
-    def _abandon(self, job: Job) -> None:
-        job.abandoned = True
-        if job.queued:
-            job.queued = False
-            job.line = b""  # it waits in the channel until a worker skips it: keep it small
-            self._pending -= 1
-            self._stop_idle_starts()
 
     def _stop_idle_starts(self) -> None:
         """While draining with an empty queue, a model still starting has nothing to do."""
@@ -330,19 +344,18 @@ class Pool:
         if self.stopped.is_set():
             return
         log.warning(
-            "drain deadline passed with %d request(s) queued; stopping all models", self._pending
+            "drain deadline passed with %d request(s) queued; stopping all models",
+            self.queue.length,
         )
         self._abort()
 
     def _abort(self) -> None:
-        """Fail every queued job and stop every worker, busy or not."""
-        while True:
-            try:
-                job = self.jobs.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                break
-            if self.take(job):
-                job.fail(ShuttingDown())
+        """Fail every queued job and every waiting caller; stop every worker, busy or not."""
+        for job in self.queue.take_unclaimed():
+            job.fail(ShuttingDown())
+        for job in self.queue.waiting_callers():
+            job.fail(ShuttingDown())
+            self.queue.abandon(job)
         for worker in self.workers:
             worker.scope.cancel()
 
@@ -363,6 +376,7 @@ async def open_pool(
         async with trio.open_nursery() as nursery:
             pool = Pool(config, nursery, reaper)
             log.info("starting %d model(s): %s", config.workers, " ".join(config.model_cmd))
+            await nursery.start(_run_queue_until_stopped, pool)
             nursery.start_soon(_sweep_until_stopped, pool)
             if config.model_max_rss is not None:
                 nursery.start_soon(pool.operations.watch_memory)
@@ -378,6 +392,19 @@ async def open_pool(
     finally:
         with trio.CancelScope(shield=True):
             await reaper.final_sweep()
+
+
+async def _run_queue_until_stopped(
+    pool: Pool, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """The queue's own tasks (a shared queue's connection, replies, heartbeat) run until
+    the pool has stopped and the queue has sent what its workers left it to send."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.queue.run)
+        task_status.started()
+        await pool.stopped.wait()
+        await pool.queue.flush()
+        nursery.cancel_scope.cancel()
 
 
 async def _sweep_until_stopped(pool: Pool) -> None:

@@ -112,6 +112,7 @@ class Service:
             self.connections = Connections(limit)
             async with open_pool(self.config.pool, self._reaper) as pool:
                 self._pool = pool
+                pool.serves_http = True
                 if self._hard:
                     pool.kill()
                 elif self._stop.is_set():

@@ -1,4 +1,4 @@
-"""A worker owns one model process at a time and feeds it jobs from the pool's channel.
+"""A worker owns one model process at a time and feeds it jobs from the pool's queue.
 
 Its loop: start a model (after a back-off delay if models keep failing on their own),
 wait for the ready line, then take jobs one by one. A job that times out, crashes the
@@ -236,7 +236,7 @@ class Worker:
             self._set(State.IDLE)
             with model.cancel_on_trouble() as trouble, trio.CancelScope() as self._idle_scope:
                 try:
-                    job = await self._pool.jobs.receive()
+                    job = await self._pool.queue.get()
                 except trio.EndOfChannel:
                     return True
             self._idle_scope = None

