@@ -7,6 +7,7 @@ instead, each a node of its own, where that is enough to show the behaviour.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -203,6 +204,7 @@ async def test_timeouts_and_crashes_across_nodes_behave_as_on_one_machine() -> N
         assert crash["detail"] == "model exited with code 7"
         ok = await client.post("/predict", json={"n": 1})
         assert ok.status_code == 200
+
         async def restarts() -> int:
             nodes = (await client.get("/status")).json()["cluster"]["nodes"]
             return sum(worker["restarts"] for node in nodes for worker in node["workers"])
@@ -329,3 +331,23 @@ async def test_through_sentinel_the_queue_follows_a_failover(tmp_path: Path) -> 
                     except (QueueUnavailable, QueueTimeout, ModelFailed):
                         await trio.sleep(0.5)  # no primary yet: 503, as the README says
             assert answer is not None and answer["echo"] == {"n": 2}
+
+
+async def test_a_front_that_dies_loses_only_its_own_clients_answers() -> None:
+    async with redis_server() as url, cluster(url, 2, 1) as nodes:
+        doomed, survivor = nodes.clients
+        async with trio.open_nursery() as nursery:
+
+            async def orphaned() -> None:
+                with contextlib.suppress(httpx.HTTPError):  # its front dies under it
+                    await doomed.post("/predict", json={"sleep": 1})
+
+            nursery.start_soon(orphaned)
+            await trio.sleep(0.3)  # the worker computes it
+            victim = nodes.fronts.pop(0)  # gone: nothing for the cluster's exit check to stop
+            victim.proc.kill()
+        answers = [await survivor.post("/predict", json={"n": n}) for n in range(3)]
+        assert [a.status_code for a in answers] == [200, 200, 200]
+        assert [a.json()["echo"]["n"] for a in answers] == [0, 1, 2]
+        # the orphan job was answered into the dead front's replies, then the next ones
+        assert [a.json()["count"] for a in answers] == [2, 3, 4]

@@ -99,26 +99,40 @@ async def test_garbage_results_are_model_failures_and_never_reach_the_caller() -
         assert pool.workers[0].failed == len(kinds)
 
 
-async def test_two_results_at_once_answer_the_request_once_and_the_model_is_replaced() -> None:
-    async with open_pool(hostile_config("two_results.py")) as pool:
-        await pool.wait_ready()
-        first_pid = pool.workers[0].pid
+TWO_RESULT_ROUNDS = 25  # a race the old code lost about one time in five: 25 rounds catch it
+
+
+@pytest.mark.parametrize("env", [{}, {"TWO_RESULTS_ONE_WRITE": "1"}], ids=["print", "one_write"])
+async def test_two_results_answer_the_request_once_and_the_model_is_replaced(
+    env: dict[str, str],
+) -> None:
+    """A request queued behind one whose model prints two results never gets the second.
+
+    It is sent the moment the first is answered, which is when the second line, from a
+    second print(), is on its way: the race the quiet period after each answer closes.
+    """
+    async with open_pool(hostile_config("two_results.py", env=env)) as pool:
         answers: dict[str, dict] = {}
 
         async def ask(name: str, sleep: float = 0) -> None:
             answers[name] = await pool.predict({"name": name, "sleep": sleep})
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(ask, "A", 0.3)
-            await wait_busy(pool)
-            nursery.start_soon(ask, "B")  # queued right behind A: sent the moment A is answered
-        assert answers["A"]["echo"] == {"name": "A", "sleep": 0.3}
-        assert answers["A"]["which"] == "first"
-        # B did not get A's second line: it went to a fresh model, as that model's first request
-        assert answers["B"]["echo"] == {"name": "B", "sleep": 0}
-        assert answers["B"]["pid"] != first_pid
-        assert answers["B"]["count"] == 1
+        for round in range(TWO_RESULT_ROUNDS):
+            await wait_until(lambda: pool.ready_count == 1, 5, "a fresh model")
+            first_pid = pool.workers[0].pid
+            answers.clear()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ask, "A", 0.05)
+                await wait_busy(pool)
+                nursery.start_soon(ask, "B")  # queued behind A: sent the moment A is answered
+            assert answers["A"]["echo"] == {"name": "A", "sleep": 0.05}, round
+            assert answers["A"]["which"] == "first", round
+            # B did not get A's second line: a fresh model answered it, as its first request
+            assert answers["B"]["echo"] == {"name": "B", "sleep": 0}, (round, answers["B"])
+            assert answers["B"]["pid"] != first_pid, round
+            assert (answers["B"]["which"], answers["B"]["count"]) == ("first", 1), round
         assert pool.workers[0].last_failure["reason"] == "protocol"
+        assert "printed a result when none was awaited" in pool.workers[0].last_failure["detail"]
 
 
 async def test_a_second_result_later_is_caught_while_the_model_is_idle() -> None:

@@ -404,6 +404,31 @@ async def test_healthz_turns_503_when_every_model_keeps_failing() -> None:
         assert "died while idle" in body["detail"]
 
 
+async def test_healthz_shows_no_model_stderr_even_though_anyone_may_ask() -> None:
+    """/healthz is open without the key: what a model printed to stderr (paths, data) is
+    kept for /status and the log, never put into the probe's answer."""
+    script = "import sys; print('FileNotFoundError: /srv/secret/weights.bin', file=sys.stderr)"
+    config = PoolConfig(
+        model_cmd=[sys.executable, "-c", script + "; sys.exit(1)"],
+        workers=1,
+        backoff_initial=0.1,
+        backoff_max=0.2,
+        unhealthy_after=0.5,
+    )
+    async with running_server(config, api_key="k") as server:
+        started = trio.current_time()
+        while (response := await server.client.get("/healthz")).status_code == 200:
+            assert trio.current_time() - started < 10, "never turned unhealthy"
+            await trio.sleep(0.05)
+        detail = response.json()["detail"]
+        assert "failed to start: model exited with code 1" in detail, detail
+        assert "secret" not in response.text and "FileNotFoundError" not in response.text
+        key = {"Authorization": "Bearer k"}
+        status = (await server.client.get("/status", headers=key)).json()
+        stderr = status["workers"][0]["last_failure"]["stderr"]
+        assert stderr == ["FileNotFoundError: /srv/secret/weights.bin"]
+
+
 async def test_healthz_stays_200_while_only_some_models_fail() -> None:
     # One model that can never start and one healthy one: degraded, not dead.
     script = "import os,sys\nif os.environ['MODELPOOL_MODEL'].endswith('-1'): sys.exit(1)\n"

@@ -6,23 +6,27 @@ asserts that not one of them failed while the operation ran.
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
 import trio
 
 from conftest import SCRIPTED, hostile, hostile_config, running_server, scripted_config, wait_until
-from modelpool import PoolConfig
+from modelpool import PoolConfig, open_pool
 from serverproc import server_process, wait_listening, wait_ready
 
 SLOW_START = {"SCRIPTED_INIT_SECONDS": "0.5"}  # a new model takes a while, as real ones do
 BROKEN = [sys.executable, "-c", "import sys; print('no model here', file=sys.stderr); sys.exit(3)"]
+KEY = "admin-key"  # changing the model command over HTTP needs the API key
+AUTH = {"Authorization": f"Bearer {KEY}"}  # sent by every client here; harmless without a key
 
 
 @dataclass
@@ -39,7 +43,7 @@ async def sustained_load(url: str, clients: int = 4, slow_every: int = 4) -> Asy
     """`clients` clients, each sending its next request as soon as it has an answer;
     every `slow_every`-th request computes 2 s, the others 50 ms."""
     load = Load()
-    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=60, headers=AUTH) as client:
 
         async def user(n: int) -> None:
             i = 0
@@ -69,7 +73,7 @@ def assert_no_failure(load: Load, at_least: int) -> None:
 
 async def watch_capacity(url: str, floor: list[int]) -> None:
     """Keep the smallest number of ready, not-retiring workers seen, until cancelled."""
-    async with httpx.AsyncClient(base_url=url, timeout=10) as client:
+    async with httpx.AsyncClient(base_url=url, timeout=10, headers=AUTH) as client:
         while True:
             workers = (await client.get("/status")).json()["workers"]
             serving = [
@@ -81,7 +85,8 @@ async def watch_capacity(url: str, floor: list[int]) -> None:
 
 async def test_a_rolling_reload_under_load_fails_no_request_and_keeps_capacity() -> None:
     config = scripted_config(workers=2, env=SLOW_START)
-    async with running_server(config) as server:
+    async with running_server(config, api_key=KEY) as server:
+        server.client.headers.update(AUTH)
         await server.pool.wait_ready()
         old_pids = {w.pid for w in server.pool.workers}
         new_cmd = [*SCRIPTED, "--version-2"]  # scripted.py ignores its arguments
@@ -113,9 +118,11 @@ async def test_a_rolling_reload_under_load_fails_no_request_and_keeps_capacity()
 
 @pytest.mark.parametrize("command", [BROKEN, ["/nonexistent/model"]], ids=["exits", "missing"])
 async def test_a_reload_to_a_broken_model_stops_and_the_old_models_keep_serving(
-    command: list[str],
+    command: list[str], caplog: pytest.LogCaptureFixture
 ) -> None:
-    async with running_server(scripted_config(workers=2)) as server:
+    caplog.set_level(logging.INFO, logger="modelpool")
+    async with running_server(scripted_config(workers=2), api_key=KEY) as server:
+        server.client.headers.update(AUTH)
         await server.pool.wait_ready()
         old_pids = {w.pid for w in server.pool.workers}
         async with sustained_load(server.url) as load:
@@ -132,6 +139,90 @@ async def test_a_reload_to_a_broken_model_stops_and_the_old_models_keep_serving(
         assert server.pool.generation == 1
         ok = await server.client.post("/predict", json={"n": 1})
         assert ok.status_code == 200 and ok.json()["pid"] in old_pids
+    admin = [r.getMessage() for r in caplog.records if r.name == "modelpool.admin"]
+    assert "admin: reload asked by 127.0.0.1" in admin, admin
+    failed = [m for m in admin if m.startswith("admin: reload asked by 127.0.0.1 failed: ")]
+    assert len(failed) == 1 and "failed to start" in failed[0], admin
+    stopped = [r for r in caplog.records if r.getMessage().startswith("reload stopped: ")]
+    assert len(stopped) == 1 and stopped[0].levelno == logging.ERROR
+
+
+async def test_a_reload_to_a_missing_command_during_the_first_start_up_fails_alone() -> None:
+    """The first models are still loading: a reload that cannot even run its command
+    is a failed reload (502), not a service that cannot run its models (exit 3)."""
+    config = scripted_config(workers=2, env={"SCRIPTED_INIT_SECONDS": "1.5"})
+    async with running_server(config, api_key=KEY) as server:
+        server.client.headers.update(AUTH)
+        assert server.pool.ready_count == 0 and not server.pool.ever_ready
+        missing = {"model_cmd": ["/nonexistent/model"]}
+        response = await server.client.post("/admin/reload", json=missing)
+        assert response.status_code == 502, response.text
+        body = response.json()
+        assert body["error"] == "reload failed"
+        assert "cannot run '/nonexistent/model'" in body["detail"]
+        await server.pool.wait_ready()
+        assert [w.generation for w in server.pool.workers] == [1, 1]
+        assert server.pool.model_config.model_cmd == SCRIPTED
+        ok = await server.client.post("/predict", json={"n": 1})
+        assert ok.status_code == 200, ok.text
+
+
+async def test_a_reload_after_a_partly_failed_one_replaces_every_worker(tmp_path: Path) -> None:
+    """The first reload replaces one worker, then fails; the second must replace that one
+    too, since it runs the failed attempt's command, not the one now asked for."""
+    async with running_server(scripted_config(workers=2), api_key=KEY) as server:
+        server.client.headers.update(AUTH)
+        await server.pool.wait_ready()
+        once = [*hostile("starts_once.py"), str(tmp_path / "started")]
+        first = await server.client.post("/admin/reload", json={"model_cmd": once})
+        assert first.status_code == 502, first.text
+        assert [("failed" in step) for step in first.json()["workers"]] == [False, True]
+        status = (await server.client.get("/status")).json()
+        assert sorted(w["model_cmd"] == once for w in status["workers"]) == [False, True]
+        assert server.pool.generation == 1  # what new workers run did not change
+
+        target = [*SCRIPTED, "--version-3"]
+        second = await server.client.post("/admin/reload", json={"model_cmd": target})
+        assert second.status_code == 200, second.text
+        report = second.json()
+        assert len(report["workers"]) == 2, report  # both: the old one and the failed attempt's
+        status = (await server.client.get("/status")).json()
+        running = [(w["generation"], w["model_cmd"]) for w in status["workers"]]
+        assert running == [(report["generation"], target)] * 2, running
+        assert server.pool.generation == report["generation"]
+        # the failed attempt's number is not reused: one number, one command
+        assert report["generation"] == 3
+
+
+async def test_changing_the_model_command_over_http_needs_the_api_key(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Without a key, any local user may reach /admin/*: a plain reload is harmless, but
+    a new model command would run whatever they like as the service's user."""
+    caplog.set_level(logging.INFO, logger="modelpool")
+    other = {"model_cmd": [*SCRIPTED, "--other"]}
+    async with running_server(scripted_config()) as server:
+        await server.pool.wait_ready()
+        for body in (other, {"model_cmd": "sh -c 'touch /tmp/owned'"}):
+            refused = await server.client.post("/admin/reload", json=body)
+            assert refused.status_code == 403, refused.text
+            assert refused.json()["error"] == "forbidden"
+            assert "set --api-key to change the model command over HTTP" in refused.text
+        assert server.pool.generation == 1
+        assert [w.generation for w in server.pool.workers] == [1]
+        plain = await server.client.post("/admin/reload")
+        assert plain.status_code == 200, plain.text
+        assert server.pool.model_config.model_cmd == SCRIPTED
+    warned = [r for r in caplog.records if r.name == "modelpool.admin" and "refused" in r.msg]
+    assert len(warned) == 2 and all(r.levelno == logging.WARNING for r in warned)
+    assert "from 127.0.0.1" in warned[0].getMessage()
+    async with running_server(scripted_config(), api_key=KEY) as server:
+        await server.pool.wait_ready()
+        no_key = await server.client.post("/admin/reload", json=other)
+        assert no_key.status_code == 401
+        with_key = await server.client.post("/admin/reload", json=other, headers=AUTH)
+        assert with_key.status_code == 200, with_key.text
+        assert server.pool.model_config.model_cmd == other["model_cmd"]
 
 
 async def test_a_second_operation_while_one_runs_is_refused_with_409() -> None:
@@ -173,6 +264,46 @@ async def test_scaling_up_and_down_under_load_fails_no_request() -> None:
         status = (await server.client.get("/status")).json()
         assert status["size"] == 1
         assert server.pool.metrics.value("modelpool_workers", state="stopped") == 0
+
+
+async def test_shrinking_retires_idle_workers_first_and_busy_ones_finish_their_request() -> None:
+    async with running_server(scripted_config(workers=3)) as server:
+        await server.pool.wait_ready()
+        answers: list[httpx.Response] = []
+
+        async def slow() -> None:
+            answers.append(await server.client.post("/predict", json={"sleep": 1.5}))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(slow)
+            nursery.start_soon(slow)
+            await wait_until(
+                lambda: server.pool.metrics.value("modelpool_workers", state="busy") == 2,
+                5,
+                "2 busy",
+            )
+            states = {w.index: w.state for w in server.pool.workers}
+            idle = [index for index, state in states.items() if state == "idle"]
+            busy = [index for index, state in states.items() if state == "busy"]
+            assert len(idle) == 1 and len(busy) == 2, states
+            down = await server.client.post("/admin/scale", json={"workers": 1})
+        assert down.status_code == 200, down.text
+        retired = [step["worker"] for step in down.json()["retired"]]
+        assert retired[0] == idle[0], (retired, states)  # the idle one first
+        assert retired[1] in busy
+        assert [w.index for w in server.pool.workers] == [i for i in busy if i != retired[1]]
+        assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+        assert {r.json()["echo"]["sleep"] for r in answers} == {1.5}
+
+
+async def test_max_requests_jitter_gives_each_model_a_limit_from_n_to_n_plus_j() -> None:
+    async with open_pool(scripted_config(max_requests=5, max_requests_jitter=3)) as pool:
+        limits = {pool.request_limit() for _ in range(400)}
+        assert limits == {5, 6, 7, 8}, limits
+    async with open_pool(scripted_config(max_requests=5)) as pool:
+        assert {pool.request_limit() for _ in range(50)} == {5}
+    async with open_pool(scripted_config()) as pool:
+        assert pool.request_limit() is None
 
 
 async def test_max_requests_recycles_models_by_surge_without_failing_a_request() -> None:

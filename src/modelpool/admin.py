@@ -2,7 +2,10 @@
 
 Who may ask: with an API key, whoever sends it (auth.py checks it before this runs);
 without one, only clients on this machine (loopback addresses), as a service without
-a key listens on loopback anyway unless told otherwise. Every action is logged with
+a key listens on loopback anyway unless told otherwise. A new model command is more
+than an operation: it runs whatever it names as the service's user, so without a key
+it is refused even from loopback (any local user could send it); a plain reload, which
+runs the command the operator chose, is not. Every action is logged with
 the address that asked and what it did. Each answer comes when the operation has
 finished, with what happened to each worker; the operation itself runs in the pool, so
 a client that hangs up does not stop it half-way.
@@ -26,6 +29,7 @@ from .pool import Pool
 
 log = logging.getLogger("modelpool.admin")
 MAX_WORKERS = 1024
+NEEDS_KEY = "set --api-key to change the model command over HTTP"
 
 
 class AdminRequestError(ValueError):
@@ -41,19 +45,17 @@ def add_admin_routes(
     def refused() -> Response | None:
         if api_key_set or _is_loopback(request.remote_addr):
             return None
+        return forbidden("admin paths answer only loopback clients when no API key is set")
+
+    def forbidden(detail: str) -> Response:
         log.warning(
-            "admin: refused %s %s from %s (no API key set)",
+            "admin: refused %s %s from %s (no API key set): %s",
             request.method,
             request.path,
             request.remote_addr,
+            detail,
         )
-        return answer(
-            403,
-            {
-                "error": "forbidden",
-                "detail": "admin paths answer only loopback clients when no API key is set",
-            },
-        )
+        return answer(403, {"error": "forbidden", "detail": detail})
 
     async def body() -> dict[str, Any]:
         raw = await request.get_data(cache=False)
@@ -67,16 +69,27 @@ def add_admin_routes(
             raise AdminRequestError("body must be a JSON object")
         return value
 
-    def route(what: str, read: Callable[[dict[str, Any]], Any], operation: Any) -> None:
-        """POST /admin/<what>: check who asks, read the body, run the operation, report."""
+    def route(
+        what: str,
+        read: Callable[[dict[str, Any]], Any],
+        operation: Any,
+        key_only: Callable[[dict[str, Any]], str | None] = lambda options: None,
+    ) -> None:
+        """POST /admin/<what>: check who asks, read the body, run the operation, report.
+
+        `key_only` names what in a body only a holder of the API key may ask for.
+        """
 
         async def handle() -> Response:
             if (no := refused()) is not None:
                 return no
             try:
-                argument = read(await body())
+                options = await body()
+                argument = read(options)
             except AdminRequestError as exc:
                 return answer(400, {"error": "bad request", "detail": str(exc)})
+            if not api_key_set and (reason := key_only(options)) is not None:
+                return forbidden(reason)
             who = request.remote_addr or "-"
             log.info("admin: %s asked by %s", what, who)
             if pool.closing:
@@ -94,8 +107,13 @@ def add_admin_routes(
 
         app.add_url_rule(f"/admin/{what}", f"admin_{what}", handle, methods=["POST"])
 
-    route("reload", _model_cmd, pool.operations.reload)
+    route("reload", _model_cmd, pool.operations.reload, _changes_command)
     route("scale", _workers, pool.operations.scale)
+
+
+def _changes_command(options: dict[str, Any]) -> str | None:
+    """Why a body may not be obeyed without the API key: it names a model command."""
+    return NEEDS_KEY if options.get("model_cmd") is not None else None
 
 
 def _model_cmd(options: dict[str, Any]) -> list[str] | None:

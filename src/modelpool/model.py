@@ -6,7 +6,9 @@ it ends. A pump task reads its stdout for the whole of its life: lines before th
 line and lines that are not results go to the log, and a result line goes to the
 worker only while the worker awaits one. A result nobody awaits puts the model out of
 step: it will be replaced, since a stray result could otherwise answer the next
-request. Another pump logs stderr and keeps its last lines for error reports.
+request. After each answer the worker lets the model finish printing before it sends
+the next request (see QUIET_PERIOD), so a second result printed right after the first
+is caught too. Another pump logs stderr and keeps its last lines for error reports.
 """
 
 from __future__ import annotations
@@ -35,7 +37,25 @@ MAX_STDERR_LINE = 64 * 1024
 LOGGED_CHARS = 2000
 EXIT_WAIT = 2.0  # how long a model whose output ended gets to exit before it is killed
 PUMP_DRAIN = 1.0  # how long the pumps get to read what a dead model left in its pipes
-CATCH_UP_TRIES = 10  # scheduler rounds a worker gives the pump to read what is in the pipe
+QUIET_PERIOD = 0.005
+"""Seconds a model still running after its answer gets to print more, before its next request.
+
+A model that answers twice does it with two print() calls, two write(2)s: the second
+line comes a moment after the first, often after the worker has already seen the first,
+so a look at what is in the pipe alone missed it about one time in five, and the line
+then answered the next request. So after each answer the worker watches the model (see
+`catch_up`): as soon as it is blocked (back to reading its stdin, as a model between
+requests is) with nothing left in its stdout, it has said all it had to say, and the
+next request goes at once; a well-behaved model costs tens of microseconds. One that
+keeps running gets this long of silence on stdout first: 5 ms covers a model the
+kernel put aside between its two lines on a busy machine (1 ms did not, about one time
+in 200 on 2 cores). It is no guarantee: a model that pauses (sleeps) before its second
+line, or has a helper print it, escapes it; only --id-field makes a stray result
+harmless (and with it nothing is waited for).
+"""
+CATCH_UP_MAX = 0.02  # seconds a model that keeps printing after its answer holds its worker
+CATCH_UP_SPINS = 50  # scheduler rounds spent watching the model block before sleeping
+TICK = 0.001  # trio's timer resolution: a shorter sleep lasts as long
 HIDDEN_VARIABLES = ("MODELPOOL_",)  # the service's settings, its API key among them
 
 log = logging.getLogger("modelpool.model")
@@ -70,6 +90,7 @@ class ModelProcess:
         self._token = token
         self._awaiting = False
         self._reader: LineReader | None = None
+        self._stdout: _StampedStream | None = None
         self._init_done = trio.Event()
         self._trouble_scopes: set[trio.CancelScope] = set()
         self._results_send, self.results = trio.open_memory_channel[bytes](1)
@@ -86,9 +107,10 @@ class ModelProcess:
             return
         if not self._init_done.is_set():
             raise StartFailed(f"{self.name} failed to start: no ready line within {timeout:g} s")
+        # No stderr in the message: it ends up in /healthz, which anyone may read. The
+        # tail is in last_failure.stderr (/status) and, at --model-log-level, the log.
         failure = await self.describe_failure()
-        tail = f": {failure.stderr[-1]}" if failure.stderr else ""
-        raise StartFailed(f"{self.name} failed to start: {failure.detail}{tail}")
+        raise StartFailed(f"{self.name} failed to start: {failure.detail}")
 
     def expect_result(self) -> None:
         """The next result line answers the request about to be sent; only that one."""
@@ -104,17 +126,41 @@ class ModelProcess:
             raise trio.BrokenResourceError("model stdin is closed") from exc
 
     async def catch_up(self) -> None:
-        """Give the pump the chance to read what the model has printed so far.
+        """Let the model finish printing before it gets its next request.
 
-        Called after a result, before the model gets its next request: a second result
-        the model printed at the same time is then seen as the stray it is, instead of
-        waiting in the pipe to answer the next request. A model that prints without
-        pause does not hold the worker up: it gets a few scheduler rounds, no more.
+        Called after a result: what the model prints meanwhile is read, so a second
+        result is seen as the stray it is (`out_of_step`) instead of answering the next
+        request. Without an id field, the model is done once nothing is left in its
+        stdout, no line is half-written, and it is either blocked (not running: what
+        it wrote before blocking is in the pipe by then, so it is checked once more) or
+        silent for QUIET_PERIOD. With an id field, only what is already in the pipe is
+        read, since a stray result cannot pass for another's. A model that keeps
+        printing does not hold the worker up past CATCH_UP_MAX.
         """
-        for _ in range(CATCH_UP_TRIES):
-            if self.stdout_ended.is_set() or self._pending_output() == 0:
+        stamped = self._stdout
+        assert stamped is not None
+        quiet = 0.0 if self._config.id_field is not None else QUIET_PERIOD
+        deadline = trio.current_time() + CATCH_UP_MAX
+        spins = 0
+        while not (self.stdout_ended.is_set() or self.out_of_step):
+            now = trio.current_time()
+            if now >= deadline:
                 return
-            await trio.lowlevel.checkpoint()
+            if self._pending_output():
+                await trio.lowlevel.checkpoint()  # the pump reads it
+                continue
+            if not quiet:
+                return
+            if not stamped.mid_line:
+                if now - stamped.last_data >= quiet:
+                    return
+                if not _running(self.pid) and not self._pending_output():
+                    return
+            if spins < CATCH_UP_SPINS:
+                spins += 1
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.sleep(TICK)
 
     def _pending_output(self) -> int:
         stdout = self.proc.stdout
@@ -172,6 +218,19 @@ class ModelProcess:
     def stderr_tail(self) -> list[str]:
         return list(self._stderr_tail)
 
+    def log_stderr_tail(self) -> str:
+        """Log the model's last stderr lines at --model-log-level, like all it prints.
+
+        They may carry users' data, so they are not part of the failure's ERROR line:
+        that line gets the note returned here, which says where the tail is kept
+        (last_failure.stderr in /status). "" if the model printed nothing to stderr.
+        """
+        tail = self.stderr_tail
+        if not tail:
+            return ""
+        self._log_output("stderr", "its last lines:\n    " + "\n    ".join(tail))
+        return "; its stderr is in /status"
+
     # -- ending it ------------------------------------------------------------------
 
     def kill_group(self) -> None:
@@ -209,7 +268,8 @@ class ModelProcess:
     async def _pump_stdout(self) -> None:
         stdout = self.proc.stdout
         assert stdout is not None
-        self._reader = reader = LineReader(stdout, self._config.max_line)
+        self._stdout = _StampedStream(stdout)
+        self._reader = reader = LineReader(self._stdout, self._config.max_line)
         try:
             while (line := await reader.readline()) is not None:
                 self._on_stdout_line(line)
@@ -232,7 +292,8 @@ class ModelProcess:
                 self._results_send.send_nowait(line[len(RESULT_PREFIX) :])
             elif self.out_of_step is None:
                 self.out_of_step = "printed a result when none was awaited"
-                log.error("%s %s: %s", self.name, self.out_of_step, _text(line))
+                log.error("%s %s", self.name, self.out_of_step)
+                self._log_output("stdout", _text(line))  # the line itself: the model's business
                 self._cancel_trouble_scopes()
             return
         self._log_output("stdout", _text(line))
@@ -295,6 +356,29 @@ class ModelProcess:
             await stdout.aclose()
 
 
+class _StampedStream(trio.abc.ReceiveStream):
+    """A model's stdout that notes when bytes last came and whether a line is unfinished.
+
+    What came last ends with a newline exactly when the line reader holds no partial
+    line: so `mid_line` tells that the model is half-way through printing one.
+    """
+
+    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+        self._stream = stream
+        self.last_data = trio.current_time()
+        self.mid_line = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        data = await self._stream.receive_some(max_bytes)
+        if data:
+            self.last_data = trio.current_time()
+            self.mid_line = not data.endswith(b"\n")
+        return data
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
 def model_environment(config: PoolConfig, token: str) -> dict[str, str]:
     """The service's environment minus its own settings, plus the model's token.
 
@@ -354,6 +438,19 @@ async def open_model(config: PoolConfig, name: str, reaper: Reaper) -> AsyncIter
                 reaper.kill_tree(proc.pid)
                 await proc.wait()
             await reaper.model_reaped(proc.pid, token)
+
+
+def _running(pid: int) -> bool:
+    """True unless the process is known to be blocked (sleeping, stopped, or gone).
+
+    Its state is the one after the name in /proc/PID/stat: R is running or about to
+    run. Where that cannot be read, it is taken as running, so the caller waits.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] == b"R"
+    except (OSError, IndexError):
+        return True
 
 
 def _text(line: bytes) -> str:

@@ -53,6 +53,7 @@ class Operations:
     def __init__(self, pool: Pool) -> None:
         self._pool = pool
         self._admin = trio.Lock()  # reload and resize
+        self._numbered = pool.generation  # the highest generation number handed out
         self._surge = trio.Lock()  # one extra model at a time
 
     @property
@@ -93,6 +94,10 @@ class Operations:
         With `model_cmd`, the new generation runs that command; without, the same one
         (which picks up a new model file). Raises OperationFailed, with what was done,
         if a new model fails to start: the workers not yet replaced keep serving.
+
+        Every attempt gets a number of its own, even one that fails (see
+        `_new_generation`), and replaces every worker that does not carry it: so a
+        reload after a partly failed one also replaces the workers that attempt left.
         """
         pool = self._pool
         if self._admin.locked():
@@ -102,12 +107,12 @@ class Operations:
             config = pool.model_config
             if model_cmd is not None:
                 config = replace(config, model_cmd=model_cmd)
-            generation = pool.generation + 1
+            generation = self._new_generation()
             command = " ".join(config.model_cmd)
             log.info("reload to generation %d: %s", generation, command)
             replaced: list[dict[str, Any]] = []
             report = {"generation": generation, "model_cmd": config.model_cmd, "workers": replaced}
-            while (old := self._next_older(generation)) is not None:
+            while (old := self._next_to_replace(generation)) is not None:
                 step = await self._surge_replace(old, config, generation, "reload")
                 replaced.append(step)
                 if "failed" in step:
@@ -125,14 +130,25 @@ class Operations:
             )
             return report
 
-    def _next_older(self, generation: int) -> Worker | None:
-        """A worker of an older generation still serving, idle ones first."""
-        older = [
+    def _new_generation(self) -> int:
+        """A generation number no worker has had, for one reload attempt.
+
+        A failed attempt's number is not used again: the workers it did replace keep
+        it, and `pool.generation` (what new workers run) stays where it was. So one
+        number always means one command, and /status never shows two workers with the
+        same generation running different commands.
+        """
+        self._numbered = max(self._numbered, self._pool.generation) + 1
+        return self._numbered
+
+    def _next_to_replace(self, generation: int) -> Worker | None:
+        """A serving worker not of `generation` (older, or a failed attempt's), idle first."""
+        others = [
             w
             for w in self._pool.workers
-            if w.generation < generation and w.retiring is None and not w.trial
+            if w.generation != generation and w.retiring is None and not w.trial
         ]
-        return min(older, key=_retire_order, default=None)
+        return min(others, key=_retire_order, default=None)
 
     # -- resize -----------------------------------------------------------------------
 

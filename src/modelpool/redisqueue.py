@@ -256,16 +256,18 @@ class RedisQueue(JobQueue):
         caller = _Caller(job)
         self._callers[key] = caller  # before the entry exists: its notices may come at once
         self._no_callers = trio.Event()
+        queued = False
         try:
-            entry_id = await self._queue_entry(flat)
-        except CONNECTION_ERRORS as exc:
-            self._forget(key)
-            raise QueueUnavailable(f"cannot reach the queue: {exc}") from None
-        if entry_id is None:
-            self._forget(key)
-            raise QueueFull()
-        caller.entry_id = entry_id
-        job.queued = True
+            try:
+                entry_id = await self._queue_entry(flat)
+            except CONNECTION_ERRORS as exc:
+                raise QueueUnavailable(f"cannot reach the queue: {exc}") from None
+            if entry_id is None:
+                raise QueueFull()
+            caller.entry_id, job.queued, queued = entry_id, True, True
+        finally:
+            if not queued:  # refused, unreachable, or its caller gave up meanwhile
+                self._forget(key)
 
     async def _queue_entry(self, flat: list[Any]) -> bytes | None:
         """Admit and add one entry; its id, or None if the queue is full."""
@@ -283,20 +285,26 @@ class RedisQueue(JobQueue):
 
     async def wait(self, job: Job, queue_timeout: float | None) -> None:
         caller = self._callers.get(job.remote_key)  # type: ignore[attr-defined]
-        while caller is not None and not job.done.is_set():
-            changed = caller.changed
-            deadline = caller.answer_by if job.taken.is_set() else job.take_by or math.inf
-            with trio.move_on_at(deadline) as scope:
-                await changed.wait()
-            if not scope.cancelled_caught or job.done.is_set():
-                continue
-            if job.taken.is_set():
-                waited = self._config.timeout + self._config.reclaim_after + ANSWER_SLACK_SECONDS
-                job.fail(ModelFailed(f"no answer from the worker that took it within {waited:g} s"))
-            else:
-                self.abandon(job)
-                job.fail(QueueTimeout())
-        self._forget(job.remote_key)  # type: ignore[attr-defined]
+        try:
+            while caller is not None and not job.done.is_set():
+                changed = caller.changed
+                deadline = caller.answer_by if job.taken.is_set() else job.take_by or math.inf
+                with trio.move_on_at(deadline) as scope:
+                    await changed.wait()
+                if scope.cancelled_caught and not job.done.is_set():
+                    self._give_up(job)
+        finally:
+            if job.done.is_set():
+                self._forget(job.remote_key)  # type: ignore[attr-defined]
+
+    def _give_up(self, job: Job) -> None:
+        """No model took the job in time, or the one that took it never answered."""
+        if job.taken.is_set():
+            waited = self._config.timeout + self._config.reclaim_after + ANSWER_SLACK_SECONDS
+            job.fail(ModelFailed(f"no answer from the worker that took it within {waited:g} s"))
+        else:
+            self.abandon(job)
+            job.fail(QueueTimeout())
 
     def abandon(self, job: Job) -> None:
         job.abandoned = True

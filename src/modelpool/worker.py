@@ -212,9 +212,17 @@ class Worker:
                 return await self._serve(model)
         except* StartFailed as group:  # raised inside open_model's nursery: grouped
             for exc in group.exceptions:
-                if isinstance(exc, CommandNotRunnable) and not self._pool.ever_ready:
+                # Fatal only for the service's own command, before it ever served: a
+                # trial (a reload or a resize) that cannot run its command is a failed
+                # operation, whenever it comes, and the models already there serve on.
+                if (
+                    isinstance(exc, CommandNotRunnable)
+                    and not self.trial
+                    and not self._pool.ever_ready
+                ):
                     raise ModelCommandError(str(exc)) from exc
-                log.error("%s", exc)
+                note = "" if self._model is None else self._model.log_stderr_tail()
+                log.error("%s%s", exc, note)
                 self._failed_on_its_own("start_failed", str(exc), self._model)
                 if self.trial:
                     self.start_failure = str(exc)
@@ -353,13 +361,9 @@ class Worker:
         self.failed += 1
         reason = "timeout" if isinstance(error, ModelTimeout) else error.kind
         self._record(reason, str(error), job.request_id, model)
-        tail = model.stderr_tail
+        note = model.log_stderr_tail()  # at --model-log-level: it may carry users' data
         log.error(
-            "%s request %s failed, model killed: %s%s",
-            model.name,
-            job.request_id,
-            error,
-            _format_tail(tail),
+            "%s request %s failed, model killed: %s%s", model.name, job.request_id, error, note
         )
         job.fail(error)
 
@@ -382,7 +386,8 @@ class Worker:
             if self._memory_kill is not None:
                 what, reason = f"killed: it {self._memory_kill}", "memory"
         await model.kill()
-        log.error("%s %s; killed%s", model.name, what, _format_tail(model.stderr_tail))
+        note = model.log_stderr_tail()  # at --model-log-level: it may carry users' data
+        log.error("%s %s; killed%s", model.name, what, note)
         if trio.current_time() - self._ready_at > self._config.backoff_max:
             self._failures_in_a_row = 0  # it had been healthy for a good while
         self._failed_on_its_own(reason, what, model)
@@ -410,9 +415,3 @@ class Worker:
             "exit_code": None if model is None else model.proc.returncode,
             "stderr": [] if model is None else model.stderr_tail,
         }
-
-
-def _format_tail(tail: list[str]) -> str:
-    if not tail:
-        return ""
-    return "; its stderr ended with:\n    " + "\n    ".join(tail)
