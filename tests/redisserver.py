@@ -11,6 +11,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -58,21 +59,22 @@ async def ping(port: int) -> bool:
 async def server(*args: str, port: int | None = None) -> AsyncIterator[trio.Process]:
     """One server process on `port` (a free one by default), killed on exit."""
     port = port or free_port()
-    proc = await trio.lowlevel.open_process(
-        [server_binary(), *args, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-         "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    proc.port = port  # type: ignore[attr-defined]
-    try:
-        with trio.fail_after(10):
-            while not await ping(port):
-                await trio.sleep(0.02)
-        yield proc
-    finally:
-        proc.kill()
-        await proc.wait()
+    with tempfile.TemporaryDirectory(prefix="modelpool-redis-") as directory:
+        proc = await trio.lowlevel.open_process(
+            [server_binary(), *args, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", directory],  # a replica's sync file goes there
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        proc.port = port  # type: ignore[attr-defined]
+        try:
+            with trio.fail_after(10):
+                while not await ping(port):
+                    await trio.sleep(0.02)
+            yield proc
+        finally:
+            proc.kill()
+            await proc.wait()
 
 
 @asynccontextmanager

@@ -84,8 +84,11 @@ async def server_process(
 
 
 async def wait_listening(server: ServerProcess, within: float = 20) -> httpx.AsyncClient:
-    with trio.fail_after(within):
+    with trio.move_on_after(within):
         await server.listening.wait()
+    if not server.listening.is_set():
+        log = "\n".join(server.log[-30:])
+        raise AssertionError(f"not listening after {within} s; its log ends:\n{log}")
     return httpx.AsyncClient(base_url=server.url, timeout=60)
 
 

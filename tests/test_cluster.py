@@ -72,10 +72,10 @@ async def cluster(
                 server_process(*args, *extra, *MODEL, command=("worker",))
             )
             worker_procs.append(proc)
-        for proc in front_procs:
-            clients.append(await stack.enter_async_context(await wait_listening(proc)))
+        for proc in front_procs:  # generous: a loaded 2-core machine starts them slowly
+            clients.append(await stack.enter_async_context(await wait_listening(proc, 60)))
         for client in clients:
-            await wait_ready(client, workers, within=20)
+            await wait_ready(client, workers, within=60)
         yield nodes
         for proc in front_procs + worker_procs:
             if proc.proc.returncode is None:
@@ -147,7 +147,7 @@ async def test_a_batch_is_spread_over_every_model_of_every_node_in_fifo_order() 
 
 async def test_sigkill_of_a_worker_node_mid_job_loses_no_request_and_answers_none_twice() -> None:
     """Its job is reclaimed after --reclaim-after and run once more on another node."""
-    async with redis_server() as url, cluster(url, 2, 2, "--reclaim-after", "2") as nodes:
+    async with redis_server() as url, cluster(url, 2, 2, "--reclaim-after", "3") as nodes:
         fronts, clients, workers = nodes.fronts, nodes.clients, nodes.workers
         answers: list[httpx.Response] = []
 
@@ -175,7 +175,7 @@ async def test_sigkill_of_a_worker_node_mid_job_loses_no_request_and_answers_non
 
 async def test_a_reclaimed_job_past_its_deadline_is_answered_502() -> None:
     async with redis_server() as url:
-        args = ("--reclaim-after", "2")
+        args = ("--reclaim-after", "3")
         async with cluster(url, 1, 1, *args, front_args=("--queue-timeout", "1")) as nodes:
             clients, workers = nodes.clients, nodes.workers
             async with trio.open_nursery() as nursery:

@@ -20,7 +20,8 @@ from typing import Any
 
 MiB = 1024 * 1024
 MIN_MAX_LINE = 64  # room for "result: " and a small object
-QUEUE_SCHEMES = ("redis://", "rediss://", "unix://", "redis+sentinel://")
+QUEUE_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
+MIN_RECLAIM_AFTER = 3.0  # nodes refresh their jobs every second: a few beats, at least
 SENTINEL_URL = re.compile(r"redis\+sentinel://([^@/]*@)?[^:,/]+:\d+(,[^:,/]+:\d+)*/[^/]+(/\d+)?")
 NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -125,7 +126,7 @@ class PoolConfig:
         if sentinel and not SENTINEL_URL.fullmatch(self.queue or ""):
             problem = "must be redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
             raise ConfigError("queue", f"{problem}, got {self.queue!r}")
-        check_number("reclaim_after", self.reclaim_after, minimum=0, above=True)
+        check_number("reclaim_after", self.reclaim_after, minimum=MIN_RECLAIM_AFTER)
         if self.node_name is not None and not NODE_NAME.fullmatch(self.node_name):
             problem = f"must be 1 to 64 letters, digits and ._-, got {self.node_name!r}"
             raise ConfigError("node_name", problem)

@@ -37,7 +37,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -46,7 +46,12 @@ from urllib.parse import urlsplit
 import coredis
 import trio
 from coredis.connection import TCPLocation
-from coredis.exceptions import RedisError, ResponseError, StreamDuplicateConsumerGroupError
+from coredis.exceptions import (
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    StreamDuplicateConsumerGroupError,
+)
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from .errors import (
@@ -73,17 +78,20 @@ STREAM = f"{PREFIX}:jobs"
 GROUP = "models"
 NODES = f"{PREFIX}:nodes"
 BLOCK_MS = 500  # a worker's blocking read; also how long a retire may wait for it
+READ_SLACK_SECONDS = 2.0  # past BLOCK_MS, how long a read may hang on a silent server
+STREAM_TIMEOUT_SECONDS = 5.0  # any command: an answer within this, or the connection is dropped
+ADMIT_SECONDS = 5.0  # how long a request may wait for the server to queue it
 BEAT_SECONDS = 1.0  # heartbeat, refresh of pending entries, status of the cluster
+TAKEN_GRACE_SECONDS = 1.0  # past a job's deadline, how long its front waits for a late "taken"
 NODE_STALE_SECONDS = 5.0  # a node silent this long is shown as gone
 REPLY_TTL_SECONDS = 300  # a dead front's replies stream expires this long after its last reply
 REPLY_MAXLEN = 10_000
-ANSWER_SLACK_SECONDS = 5.0  # beyond timeout + reclaim_after, before a taken job is given up
+ANSWER_SLACK_SECONDS = 5.0  # beyond the worker's timeout and a reclaim, before giving up
 RETRY_SECONDS = 1.0
 CONNECT_WAIT_SECONDS = 5.0  # how long a request waits for a node still connecting
 LOST_CHECK_LIMIT = 1024  # waiting jobs checked per heartbeat for entries the server lost
 ERRORS: dict[str, type[PoolError]] = {
-    cls.outcome: cls
-    for cls in (ModelTimeout, ModelFailed, QueueTimeout, ShuttingDown, BadRequest, QueueFull)
+    cls.outcome: cls for cls in (ModelTimeout, ModelFailed, QueueTimeout, ShuttingDown, BadRequest)
 }
 
 # Admission and queueing in one step, so two fronts cannot both take the last place:
@@ -108,7 +116,9 @@ redis.call('EXPIRE', KEYS[2], ARGV[4])
 return id
 """
 
-CONNECTION_ERRORS = (RedisError, OSError, trio.TooSlowError, TimeoutError)
+# What the server or the network can do to a command; a node logs it, says the queue is
+# down, and tries again. A missing stream or group is mended where it shows.
+SERVER_ERRORS = (RedisError, OSError, trio.TooSlowError, TimeoutError)
 
 
 @dataclass
@@ -160,18 +170,19 @@ class RedisQueue(JobQueue):
         self._config = config
         self._metrics = metrics
         self.node = node
-        self.node_status: Callable[[], dict[str, Any]] = dict
         self._replies = f"{PREFIX}:replies:{node}"
         self._token = secrets.token_hex(6)  # keys of this run only: old replies never match
         self._numbers = itertools.count(1)
         self._client: coredis.Redis[bytes] | None = None
-        self._admit: Any = None
+        self._admit: Any = None  # the Lua scripts, once there is a client
+        self._waiting_script: Any = None
+        self._requeue_script: Any = None
+        self._held: list[RemoteJob] = []  # read by a worker that was cancelled meanwhile
         self._connected = trio.Event()
         self._closed = False
         self._wake = trio.Event()  # connected, or closed: what an idle worker waits for
         self._callers: dict[bytes, _Caller] = {}
-        self._no_callers = trio.Event()
-        self._no_callers.set()
+        self._no_callers = trio.Event()  # set when the last caller is answered
         self._outbox_send, self._outbox = trio.open_memory_channel[tuple[str, Any]](math.inf)
         self._unsent = 0
         self._all_sent = trio.Event()
@@ -187,7 +198,8 @@ class RedisQueue(JobQueue):
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         # A blocking read holds a connection: one per worker, and some for the rest.
-        async with connect(self._url, max_connections=self._config.workers + 16) as client:
+        connections = self._config.workers + 16
+        async with connect(self._url, connections, STREAM_TIMEOUT_SECONDS) as client:
             self._client = client
             self._admit = client.register_script(ADMIT)
             self._waiting_script = client.register_script(WAITING)
@@ -212,7 +224,7 @@ class RedisQueue(JobQueue):
                 await client.delete([self._replies])  # a former run's, under this name
                 self._up()
                 return
-            except CONNECTION_ERRORS as exc:
+            except SERVER_ERRORS as exc:
                 self._down(exc)
                 log.warning("queue %s: cannot reach it (%s); trying again", redact(self._url), exc)
                 await trio.sleep(RETRY_SECONDS)
@@ -225,7 +237,7 @@ class RedisQueue(JobQueue):
         with trio.move_on_after(self._config.exit_grace + 1):
             await self._all_sent.wait()
         if self._client is not None:
-            with trio.move_on_after(1), contextlib.suppress(*CONNECTION_ERRORS):
+            with trio.move_on_after(1), contextlib.suppress(*SERVER_ERRORS):
                 await self._client.hdel(NODES, [self.node])
 
     # -- the caller's side ------------------------------------------------------------
@@ -255,16 +267,24 @@ class RedisQueue(JobQueue):
         flat = [value for pair in fields.items() for value in pair]
         caller = _Caller(job)
         self._callers[key] = caller  # before the entry exists: its notices may come at once
-        self._no_callers = trio.Event()
         queued = False
         try:
-            try:
-                entry_id = await self._queue_entry(flat)
-            except CONNECTION_ERRORS as exc:
-                raise QueueUnavailable(f"cannot reach the queue: {exc}") from None
+            # Shielded, so a caller who leaves meanwhile still learns the entry's id and
+            # can take it out again; bounded, so a silent server cannot hold it.
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + ADMIT_SECONDS
+                try:
+                    entry_id = await self._queue_entry(flat)
+                except SERVER_ERRORS as exc:
+                    raise QueueUnavailable(f"cannot reach the queue: {exc}") from None
+            if scope.cancelled_caught:
+                raise QueueUnavailable(f"the queue did not answer within {ADMIT_SECONDS:g} s")
             if entry_id is None:
                 raise QueueFull()
             caller.entry_id, job.queued, queued = entry_id, True, True
+            if trio.current_effective_deadline() == -math.inf:
+                self.abandon(job)  # its caller left while it was queued: take it out
+            await trio.lowlevel.checkpoint()
         finally:
             if not queued:  # refused, unreachable, or its caller gave up meanwhile
                 self._forget(key)
@@ -288,7 +308,9 @@ class RedisQueue(JobQueue):
         try:
             while caller is not None and not job.done.is_set():
                 changed = caller.changed
-                deadline = caller.answer_by if job.taken.is_set() else job.take_by or math.inf
+                # A worker may take it up to its deadline; its word takes a moment to come.
+                take_by = math.inf if job.take_by is None else job.take_by + TAKEN_GRACE_SECONDS
+                deadline = caller.answer_by if job.taken.is_set() else take_by
                 with trio.move_on_at(deadline) as scope:
                     await changed.wait()
                 if scope.cancelled_caught and not job.done.is_set():
@@ -300,8 +322,7 @@ class RedisQueue(JobQueue):
     def _give_up(self, job: Job) -> None:
         """No model took the job in time, or the one that took it never answered."""
         if job.taken.is_set():
-            waited = self._config.timeout + self._config.reclaim_after + ANSWER_SLACK_SECONDS
-            job.fail(ModelFailed(f"no answer from the worker that took it within {waited:g} s"))
+            job.fail(ModelFailed("no answer from the worker that took it"))
         else:
             self.abandon(job)
             job.fail(QueueTimeout())
@@ -319,7 +340,9 @@ class RedisQueue(JobQueue):
         return []  # the stream's jobs wait there for any node
 
     async def drained(self) -> None:
-        await self._no_callers.wait()
+        while self._callers:
+            self._no_callers = trio.Event()
+            await self._no_callers.wait()
 
     def _forget(self, key: bytes) -> _Caller | None:
         caller = self._callers.pop(key, None)
@@ -334,13 +357,16 @@ class RedisQueue(JobQueue):
                 found = await client.xread(
                     {self._replies: self._last_reply_id}, count=256, block=1000
                 )
-            except CONNECTION_ERRORS as exc:
+            except SERVER_ERRORS as exc:
                 self._down(exc)
                 await trio.sleep(RETRY_SECONDS)
                 continue
             for entry in (found or {}).get(self._replies.encode(), ()):
                 self._last_reply_id = entry.identifier
-                self._on_reply(entry.field_values)
+                try:
+                    self._on_reply(entry.field_values)
+                except (KeyError, ValueError) as exc:  # a node of another version, say
+                    log.error("queue: a reply it cannot read (%r): %s", exc, entry.field_values)
 
     def _on_reply(self, fields: dict[bytes, bytes]) -> None:
         caller = self._callers.get(fields.get(b"key", b""))
@@ -350,9 +376,10 @@ class RedisQueue(JobQueue):
         if kind == b"taken":
             job.taken.set()
             job.timing.queue_wait = now - job.enqueued_at
-            caller.answer_by = (
-                now + self._config.timeout + self._config.reclaim_after + ANSWER_SLACK_SECONDS
-            )
+            # The worker's own timeout, then time for a reclaim if its node dies.
+            timeout = float(fields.get(b"timeout") or self._config.timeout)
+            reclaim = 1.5 * self._config.reclaim_after + BEAT_SECONDS
+            caller.answer_by = now + timeout + reclaim + ANSWER_SLACK_SECONDS
             if not caller.observed:
                 caller.observed = True
                 self._metrics.queue_wait.observe(job.timing.queue_wait)
@@ -377,33 +404,41 @@ class RedisQueue(JobQueue):
         while True:
             if self._closed or self._client is None:
                 raise trio.EndOfChannel
-            entries = None
+            if self._held:  # the oldest job this node read, kept in its place
+                return self._held.pop(0)
+            job, error = None, None
             # A read cancelled half-way could lose an entry the server already gave us,
-            # so it is shielded, and short; a cancellation is honoured between reads.
-            with trio.CancelScope(shield=True):
+            # so it is shielded, and short; a cancellation is honoured between reads. A
+            # server gone silent ends it too: an entry it gave meanwhile is reclaimed.
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + BLOCK_MS / 1000 + READ_SLACK_SECONDS
                 try:
                     found = await self._client.xreadgroup(
                         GROUP, self.node, {STREAM: ">"}, count=1, block=BLOCK_MS
                     )
-                    entries = (found or {}).get(STREAM.encode())
+                    for entry in (found or {}).get(STREAM.encode(), ())[:1]:
+                        job = RemoteJob(self, entry.identifier, entry.field_values)
+                        self._in_flight.add(job.entry_id)
                     self._up()
-                except CONNECTION_ERRORS as exc:
-                    await self._on_read_error(exc)
-            if entries:
-                entry = entries[0]
-                job = RemoteJob(self, entry.identifier, entry.field_values)
-                self._in_flight.add(job.entry_id)
-                if trio.current_effective_deadline() == -math.inf:
-                    self._post("requeue", job)  # cancelled meanwhile: it is not ours to run
-                    await trio.lowlevel.checkpoint()
+                except SERVER_ERRORS as exc:
+                    error = exc
+            if scope.cancelled_caught:
+                error = TimeoutError("no answer to a blocking read")
+            if job is not None and self._closed:
+                self.requeue(job)  # stopping: it is for the other nodes
+            elif job is not None and trio.current_effective_deadline() == -math.inf:
+                self._held.append(job)  # cancelled meanwhile: the next get() has it
+            elif job is not None:
                 return job
+            if error is not None:
+                await self._on_read_error(error)
             await trio.lowlevel.checkpoint()
 
     async def _on_read_error(self, exc: BaseException) -> None:
         assert self._client is not None
         if isinstance(exc, ResponseError) and missing_group(exc):
             log.warning("queue %s: the job stream was gone; made anew", redact(self._url))
-            with contextlib.suppress(*CONNECTION_ERRORS):
+            with contextlib.suppress(*SERVER_ERRORS):
                 await self._ensure_group(self._client)
             return
         self._down(exc)
@@ -431,6 +466,9 @@ class RedisQueue(JobQueue):
     def close(self) -> None:
         self._closed = True
         self._wake.set()
+        for job in self._held:  # read, never run: the other nodes can
+            self.requeue(job)
+        self._held.clear()
 
     def has_work(self) -> bool:
         return not self._closed
@@ -461,7 +499,7 @@ class RedisQueue(JobQueue):
                             self._write(pipe, kind, item)
                     self._up()
                     break
-                except CONNECTION_ERRORS as exc:
+                except SERVER_ERRORS as exc:
                     # Every write is safe to send twice: the caller keeps the first answer,
                     # and a requeue runs only while its entry is pending.
                     self._down(exc)
@@ -477,7 +515,8 @@ class RedisQueue(JobQueue):
             return
         job: RemoteJob = item
         if kind == "taken":
-            self._reply(pipe, job, {"kind": "taken", "worker": self.node})
+            fields = {"kind": "taken", "worker": self.node, "timeout": repr(self._config.timeout)}
+            self._reply(pipe, job, fields)
             return
         if kind == "requeue":
             fields = {**job.fields, b"n": str(job.attempts).encode()}
@@ -513,13 +552,12 @@ class RedisQueue(JobQueue):
                     next_reclaim = trio.current_time() + reclaim_every
                     await self._reclaim(client)
                 self._up()
-            except ResponseError as exc:
-                if not missing_group(exc):
-                    raise
-                with contextlib.suppress(*CONNECTION_ERRORS):
-                    await self._ensure_group(client)
-            except CONNECTION_ERRORS as exc:
-                self._down(exc)
+            except SERVER_ERRORS as exc:
+                if isinstance(exc, ResponseError) and missing_group(exc):
+                    with contextlib.suppress(*SERVER_ERRORS):
+                        await self._ensure_group(client)
+                else:  # down, out of memory, read-only: the server's trouble, not ours
+                    self._down(exc)
             await trio.sleep(BEAT_SECONDS)
 
     async def _beat_once(self, client: coredis.Redis[bytes]) -> None:
@@ -580,9 +618,12 @@ class RedisQueue(JobQueue):
         while True:
             reply = await client.xautoclaim(STREAM, GROUP, self.node, idle_ms, start, count=64)
             start, entries = reply[0], reply[1]
+            deleted = [entry.identifier for entry in entries if not entry.field_values]
             for entry in entries:
                 if entry.field_values:
                     self._reclaimed(entry.identifier, entry.field_values)
+            if deleted:  # Redis 6.2 hands out entries deleted meanwhile: let them go
+                await client.xack(STREAM, GROUP, deleted)
             if start in (b"0-0", "0-0"):
                 return
 
@@ -647,10 +688,15 @@ class RedisQueue(JobQueue):
         self._down_since = None
 
     def _down(self, exc: BaseException) -> None:
+        if isinstance(exc, ReadOnlyError) and self._client is not None:
+            # A failover made this server a replica: new connections find the primary
+            # (through the Sentinels, when there are some).
+            self._client.connection_pool.disconnect()
+        reason = (str(exc) or type(exc).__name__)[:300]
         if self._down_since is None:
             self._down_since = time.monotonic()
-            log.error("queue %s: unreachable: %s", redact(self._url), exc)
-        self._down_reason = str(exc) or type(exc).__name__
+            log.error("queue %s: unreachable: %s", redact(self._url), reason)
+        self._down_reason = reason
 
 
 def missing_group(error: ResponseError) -> bool:
@@ -704,7 +750,9 @@ def error_from(fields: dict[bytes, bytes]) -> PoolError:
 
 
 @asynccontextmanager
-async def connect(url: str, max_connections: int) -> AsyncIterator[coredis.Redis[bytes]]:
+async def connect(
+    url: str, max_connections: int, stream_timeout: float
+) -> AsyncIterator[coredis.Redis[bytes]]:
     """A client of the server a queue URL names.
 
     `redis://` and `rediss://` name one server (coredis reads the URL: password, db,
@@ -714,7 +762,10 @@ async def connect(url: str, max_connections: int) -> AsyncIterator[coredis.Redis
     parts = urlsplit(url)
     if parts.scheme != "redis+sentinel":
         client = coredis.Redis.from_url(
-            url, decode_responses=False, max_connections=max_connections
+            url,
+            decode_responses=False,
+            max_connections=max_connections,
+            stream_timeout=stream_timeout,
         )
         async with client:
             yield client
@@ -729,6 +780,7 @@ async def connect(url: str, max_connections: int) -> AsyncIterator[coredis.Redis
             db=int(db or 0),
             password=parts.password,
             max_connections=max_connections,
+            stream_timeout=stream_timeout,
         )
         async with primary:
             yield primary
