@@ -16,9 +16,9 @@ from collections.abc import AsyncIterator, Sequence
 import trio
 
 from . import logs
+from .binding import CannotListen
 from .config import PoolConfig, ServerConfig
 from .errors import ModelCommandError
-from .listener import CannotListen
 from .operations import Busy, OperationFailed
 from .options import parse
 from .pool import Pool, open_pool

@@ -4,8 +4,8 @@ hypercorn's `serve()` binds, accepts and shuts down in one call. The service nee
 things it does not offer, so this module runs hypercorn's own trio `TCPServer` per
 connection the way `hypercorn.trio.run.worker_serve` does, with these differences:
 
-- Sockets are bound first (`bind()`), before any model starts, so a port in use is an
-  error at once and not after the models have loaded.
+- The socket is bound first (binding.py), before any model starts, so a port in use
+  is an error at once and not after the models have loaded.
 - At most `max_connections` connections are open at a time (about 18 KiB and one
   file descriptor each). When a new client comes at the limit, the connection that
   has been idle longest is closed to make room for it: an idle keep-alive connection,
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
@@ -44,25 +45,13 @@ from hypercorn.utils import repr_socket_addr, wrap_app
 
 log = logging.getLogger("modelpool.listener")
 
-BACKLOG = 2048  # connections the kernel holds for us while we are at max_connections
 FD_RESERVE = 64  # descriptors kept free for logs, pipes of restarting models and the like
 FDS_PER_MODEL = 8  # three pipes, a pidfd, and slack
 
 
-class CannotListen(OSError):
-    """The address cannot be bound: in use, not available, or not permitted."""
-
-
-def bind(config: HypercornConfig) -> Sockets:
-    """Create and bind the listening sockets now; CannotListen names the address."""
-    try:
-        sockets = config.create_sockets()
-    except OSError as exc:
-        where = ", ".join(config.bind)
-        raise CannotListen(f"cannot listen on {where}: {exc.strerror or exc}") from None
-    for sock in sockets.insecure_sockets:
-        sock.listen(BACKLOG)
-    return sockets
+def sockets(sock: socket.socket) -> Sockets:
+    """hypercorn's view of the socket binding.py bound."""
+    return Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
 
 
 def raise_fd_limit(wanted: int) -> int:

@@ -17,8 +17,6 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-from pythonjsonlogger.json import JsonFormatter
-
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
 FORMATS = ("text", "json")
 FIELDS = ("request_id", "worker", "pid")
@@ -76,6 +74,8 @@ class TextFormatter(logging.Formatter):
 
 def json_formatter() -> logging.Formatter:
     """timestamp (ISO 8601, UTC), level, logger, message, then the fields that are set."""
+    from pythonjsonlogger.json import JsonFormatter  # only for those who ask for JSON
+
     return JsonFormatter(
         "{levelname}{name}{message}",
         style="{",

@@ -20,7 +20,6 @@ from typing import Any
 
 from .config import ConfigError, MiB, PoolConfig, ServerConfig
 from .logs import FORMATS
-from .schema import load_schema
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
@@ -78,6 +77,8 @@ def command(text: str) -> list[str]:
 
 
 def schema_file(text: str) -> dict[str, Any]:
+    from .schema import load_schema  # jsonschema only for those who use it
+
     try:
         return load_schema(text)
     except ValueError as exc:

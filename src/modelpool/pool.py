@@ -20,7 +20,7 @@ import secrets
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -38,8 +38,10 @@ from .jobqueue import JobQueue, open_queue
 from .metrics import PoolMetrics
 from .operations import Operations
 from .reaper import Reaper
-from .schema import RequestSchema
 from .worker import State, Worker
+
+if TYPE_CHECKING:
+    from .schema import RequestSchema
 
 log = logging.getLogger("modelpool.pool")
 
@@ -55,9 +57,11 @@ class Pool:
         self.started_at = trio.current_time()
         self._nursery = nursery
         self._changed = trio.Event()
-        self._schema = (
-            None if config.request_schema is None else RequestSchema(config.request_schema)
-        )
+        self._schema: RequestSchema | None = None
+        if config.request_schema is not None:
+            from .schema import RequestSchema  # jsonschema only for those who use it
+
+            self._schema = RequestSchema(config.request_schema)
         self._prefix = secrets.token_hex(4)
         self.node = config.node_name or f"{socket.gethostname()}-{os.getpid()}-{self._prefix}"
         self._requests = 0

@@ -12,23 +12,28 @@ from __future__ import annotations
 
 import logging
 from functools import partial
+from importlib import import_module
+from typing import TYPE_CHECKING
 
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.typing import (
-    ASGIFramework,
-    ASGIReceiveCallable,
-    ASGISendCallable,
-    ASGISendEvent,
-    Scope,
-)
 
-from .app import create_app
+from .binding import bind
 from .config import ServerConfig
-from .listener import Connections, bind, connection_budget, serve
 from .operations import Busy, OperationFailed
 from .pool import Pool, open_pool
 from .reaper import Reaper
+
+if TYPE_CHECKING:
+    from hypercorn.config import Config as HypercornConfig
+    from hypercorn.typing import (
+        ASGIFramework,
+        ASGIReceiveCallable,
+        ASGISendCallable,
+        ASGISendEvent,
+        Scope,
+    )
+
+    from .listener import Connections
 
 log = logging.getLogger("modelpool.server")
 
@@ -57,6 +62,12 @@ class ShieldedSends:
                 await send(message)
 
         await self.app(scope, receive, shielded_send)
+
+
+def import_http_stack() -> None:
+    """Import what serving HTTP needs (quart, hypercorn): run in a thread, see Service.run."""
+    import_module(".app", __package__)
+    import_module(".listener", __package__)
 
 
 class Service:
@@ -102,29 +113,36 @@ class Service:
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until `shutdown()`; reports the URL it listens on through task_status.
 
-        Raises listener.CannotListen before any model starts if the port cannot be
+        Raises binding.CannotListen before any model starts if the port cannot be
         bound, and errors.ModelCommandError if the model command cannot be run.
         """
-        hypercorn_config = self._hypercorn_config()
-        sockets = bind(hypercorn_config)
+        sock = bind(self.config.host, self.config.port)
         try:
-            limit = connection_budget(self.config.max_connections, self.config.pool.workers)
-            self.connections = Connections(limit)
             async with open_pool(self.config.pool, self._reaper) as pool:
+                # The models are starting (each takes seconds): the HTTP stack, a fifth
+                # of a second to import, is imported meanwhile rather than before, in a
+                # thread, so that this one goes on starting models.
+                await trio.to_thread.run_sync(import_http_stack)
+                from .app import create_app
+                from .listener import Connections, connection_budget, serve, sockets
+
                 self._pool = pool
                 pool.serves_http = True
                 if self._hard:
                     pool.kill()
                 elif self._stop.is_set():
                     pool.shutdown()
+                limit = connection_budget(self.config.max_connections, self.config.pool.workers)
+                self.connections = Connections(limit)
                 app = ShieldedSends(create_app(pool, self.config, self.connections))
+                hypercorn_config = self._hypercorn_config()
                 async with trio.open_nursery() as nursery:
                     binds = await nursery.start(
                         partial(
                             serve,
                             app,
                             hypercorn_config,
-                            sockets,
+                            sockets(sock),
                             self.connections,
                             stop_accepting=self._stop.wait,
                             close_connections=pool.stopped.wait,
@@ -134,11 +152,12 @@ class Service:
                     log.info("listening on %s with %d model(s)", url, len(pool.workers))
                     task_status.started(url)
         finally:
-            for sock in sockets.insecure_sockets:
-                sock.close()
+            sock.close()
         log.info("stopped")
 
     def _hypercorn_config(self) -> HypercornConfig:
+        from hypercorn.config import Config as HypercornConfig
+
         config = HypercornConfig()
         host = self.config.host
         if ":" in host and not host.startswith("["):
