@@ -173,7 +173,8 @@ class Server:
             try:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
-                print(f"  {self.name} did not stop within 30 s of SIGTERM: killed")
+                print(f"  {self.name} did not stop within 30 s of SIGTERM: killed; its log:")
+                print(self.log_tail())
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()

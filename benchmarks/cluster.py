@@ -34,7 +34,6 @@ from bench import (
     SHORT_START,
     WRK_SCRIPT,
     BenchError,
-    Interrupted,
     Server,
     machine,
     on_sigterm,
@@ -183,7 +182,7 @@ def main() -> int:
             store.wait_ready(10)
             queue = f"redis://127.0.0.1:{store.port}/0"
             results["runs"] = run_all(log_dir, queue, seconds, zero, compute)
-        except (KeyboardInterrupt, Interrupted):
+        except KeyboardInterrupt:
             print("cluster bench: interrupted; every process it started is stopped")
             return 130
         except BenchError as exc:

@@ -351,3 +351,24 @@ async def test_a_front_that_dies_loses_only_its_own_clients_answers() -> None:
         assert [a.json()["echo"]["n"] for a in answers] == [0, 1, 2]
         # the orphan job was answered into the dead front's replies, then the next ones
         assert [a.json()["count"] for a in answers] == [2, 3, 4]
+
+
+async def test_a_front_stops_at_once_after_load_whose_clients_left() -> None:
+    """Clients that hang up leave nothing behind that a graceful stop would wait for."""
+    async with redis_server() as url, cluster(url, 1, 2) as nodes:
+        client = nodes.clients[0]
+
+        async def hammer(body: dict) -> None:
+            while True:
+                with contextlib.suppress(httpx.HTTPError):
+                    await client.post("/predict", json=body)
+
+        with trio.move_on_after(3):  # then every client hangs up, most while queued
+            async with trio.open_nursery() as nursery:
+                for i in range(24):
+                    nursery.start_soon(hammer, {"n": i} if i % 2 else {"sleep": 0.1})
+        front = nodes.fronts.pop(0)
+        front.proc.send_signal(signal.SIGTERM)
+        started = trio.current_time()
+        assert await front.exit_code(within=20) == 0
+        assert trio.current_time() - started < 5  # not the drain deadline, nor later

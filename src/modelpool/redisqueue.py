@@ -39,7 +39,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
@@ -127,14 +127,22 @@ class _Caller:
 
     job: Job
     entry_id: bytes | None = None
-    changed: trio.Event = field(default_factory=trio.Event)
     answer_by: float = math.inf  # trio time; set when a worker takes it
     observed: bool = False  # its queue wait went into the histogram
     missing: bool = False  # its entry was not in the stream at the last heartbeat
+    scope: trio.CancelScope | None = None  # its wait, whose deadline notices move
 
-    def notify(self) -> None:
-        self.changed.set()
-        self.changed = trio.Event()
+    def deadline(self) -> float:
+        """Until when to wait: for a worker to take it, or, once one did, for its answer."""
+        if self.job.taken.is_set():
+            return self.answer_by
+        # A worker may take it up to its deadline; its word takes a moment to come.
+        return math.inf if self.job.take_by is None else self.job.take_by + TAKEN_GRACE_SECONDS
+
+    def moved(self) -> None:
+        """A notice changed what it waits for: its wait's deadline follows."""
+        if self.scope is not None:
+            self.scope.deadline = self.deadline()
 
 
 class RemoteJob(Job):
@@ -284,7 +292,9 @@ class RedisQueue(JobQueue):
             caller.entry_id, job.queued, queued = entry_id, True, True
             if trio.current_effective_deadline() == -math.inf:
                 self.abandon(job)  # its caller left while it was queued: take it out
-            await trio.lowlevel.checkpoint()
+                await trio.lowlevel.checkpoint()  # and it leaves now, Cancelled
+            # No checkpoint otherwise: a job queued is the caller's to wait for (or to
+            # abandon), and a cancellation here would leave it with nobody.
         finally:
             if not queued:  # refused, unreachable, or its caller gave up meanwhile
                 self._forget(key)
@@ -307,13 +317,9 @@ class RedisQueue(JobQueue):
         caller = self._callers.get(job.remote_key)  # type: ignore[attr-defined]
         try:
             while caller is not None and not job.done.is_set():
-                changed = caller.changed
-                # A worker may take it up to its deadline; its word takes a moment to come.
-                take_by = math.inf if job.take_by is None else job.take_by + TAKEN_GRACE_SECONDS
-                deadline = caller.answer_by if job.taken.is_set() else take_by
-                with trio.move_on_at(deadline) as scope:
-                    await changed.wait()
-                if scope.cancelled_caught and not job.done.is_set():
+                with trio.CancelScope(deadline=caller.deadline()) as caller.scope:
+                    await job.done.wait()  # however it is settled, this wakes
+                if caller.scope.cancelled_caught and not job.done.is_set():
                     self._give_up(job)
         finally:
             if job.done.is_set():
@@ -334,7 +340,7 @@ class RedisQueue(JobQueue):
             self._post("drop", caller.entry_id)  # no worker has it yet: none will
 
     def waiting_callers(self) -> list[Job]:
-        return [caller.job for caller in self._callers.values() if not caller.job.done.is_set()]
+        return [caller.job for caller in self._callers.values()]  # answered ones are no-ops
 
     def take_unclaimed(self) -> list[Job]:
         return []  # the stream's jobs wait there for any node
@@ -383,9 +389,11 @@ class RedisQueue(JobQueue):
             if not caller.observed:
                 caller.observed = True
                 self._metrics.queue_wait.observe(job.timing.queue_wait)
+            caller.moved()
         elif kind == b"requeued":
             job.taken = trio.Event()  # back in the stream, waiting for a model again
             caller.entry_id, caller.missing = fields[b"entry"], False
+            caller.moved()
         else:
             job.timing.worker = fields.get(b"worker", b"").decode() or None
             job.timing.pid = int(fields[b"pid"]) if fields.get(b"pid") else None
@@ -395,7 +403,6 @@ class RedisQueue(JobQueue):
                 job.succeed(json.loads(fields[b"value"]))
             else:
                 job.fail(error_from(fields))
-        caller.notify()
 
     # -- the worker's side ------------------------------------------------------------
 
@@ -608,7 +615,6 @@ class RedisQueue(JobQueue):
             present = bool(await entries) or caller.job.taken.is_set()
             if not present and caller.missing and not caller.job.done.is_set():
                 caller.job.fail(QueueUnavailable("the queue server lost it (restart or failover)"))
-                caller.notify()
             caller.missing = not present
 
     async def _reclaim(self, client: coredis.Redis[bytes]) -> None:
