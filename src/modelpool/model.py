@@ -3,10 +3,11 @@
 The model runs in a session of its own, with a token in its environment; the reaper
 (reaper.py) kills its process group, its tree and anything that carries the token when
 it ends. A pump task reads its stdout for the whole of its life: lines before the ready
-line and lines that are not results go to the log, and a result line goes to the
-worker only while the worker awaits one. A result nobody awaits puts the model out of
-step: it will be replaced, since a stray result could otherwise answer the next
-request. Another pump logs stderr and keeps its last lines for error reports.
+line and lines that are not results go to the log (at a bounded rate, see `OutputLog`),
+and a result line goes to the worker only while the worker awaits one. A result nobody
+awaits puts the model out of step: it will be replaced, since a stray result could
+otherwise answer the next request. Another pump logs stderr and keeps its last lines
+for error reports.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import signal
 import subprocess
 import termios
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -37,6 +39,7 @@ EXIT_WAIT = 2.0  # how long a model whose output ended gets to exit before it is
 PUMP_DRAIN = 1.0  # how long the pumps get to read what a dead model left in its pipes
 CATCH_UP_TRIES = 10  # scheduler rounds a worker gives the pump to read what is in the pipe
 HIDDEN_VARIABLES = ("MODELPOOL_",)  # the service's settings, its API key among them
+LOG_BURST = 100  # lines a model may have logged at once (a start-up, a traceback)
 
 log = logging.getLogger("modelpool.model")
 
@@ -74,6 +77,9 @@ class ModelProcess:
         self._trouble_scopes: set[trio.CancelScope] = set()
         self._results_send, self.results = trio.open_memory_channel[bytes](1)
         self._stderr_tail: deque[str] = deque(maxlen=config.stderr_tail)
+        self._output_log = OutputLog(
+            name=self.name, level=config.model_log_level, rate=config.model_log_rate
+        )
 
     # -- talking to the model -------------------------------------------------------
 
@@ -235,18 +241,11 @@ class ModelProcess:
                 log.error("%s %s: %s", self.name, self.out_of_step, _text(line))
                 self._cancel_trouble_scopes()
             return
-        self._log_output("stdout", _text(line))
+        if self._output_log.admits():
+            self._output_log.write("stdout", _text(line), self.request_id)
         if not self.ready and _text(line).strip().startswith(self._config.ready_line):
             self.ready = True
             self._init_done.set()
-
-    def _log_output(self, stream: str, text: str) -> None:
-        """A line the model printed: the model's business, logged at --model-log-level."""
-        extra = {"stream": stream}
-        if self.request_id is not None:
-            extra["request_id"] = self.request_id
-        level = logging.getLevelNamesMapping()[self._config.model_log_level]
-        log.log(level, "%s %s: %s", self.name, stream, text, extra=extra)
 
     def _cancel_trouble_scopes(self) -> None:
         for scope in self._trouble_scopes:
@@ -271,7 +270,8 @@ class ModelProcess:
                     return
                 text = _text(line)
                 self._stderr_tail.append(text)
-                self._log_output("stderr", text)
+                if self._output_log.admits():
+                    self._output_log.write("stderr", text, self.request_id)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
@@ -293,6 +293,61 @@ class ModelProcess:
             stdout = self.proc.stdout
             assert stdout is not None
             await stdout.aclose()
+
+
+class OutputLog:
+    """What a model prints is its business: logged at --model-log-level, at a bounded rate.
+
+    Each line a model prints would otherwise cost a log record: under a flood of quick
+    requests to a chatty model (model3.py prints three lines per request), logging
+    them was the service's largest single cost. So each model may have LOG_BURST lines
+    logged at once (its start-up, a traceback), and then `rate` a second on average
+    (a token bucket); lines past that are counted, not logged, and the count is logged
+    before the next line that is, and when the model ends. `rate` None logs every line.
+    A model's last stderr lines are kept for failure reports whatever is logged.
+    """
+
+    def __init__(self, name: str, level: str, rate: int | None) -> None:
+        self._name = name
+        self._level = logging.getLevelNamesMapping()[level]
+        self._rate = rate
+        self._tokens = float(LOG_BURST)
+        self._refilled_at = time.monotonic()
+        self.dropped = 0  # lines left out since the last one logged
+
+    def admits(self) -> bool:
+        """Whether the next line is to be logged; a line that is not is counted."""
+        if not log.isEnabledFor(self._level):
+            return False
+        if self._rate is None:
+            return True
+        now = time.monotonic()
+        self._tokens = min(LOG_BURST, self._tokens + (now - self._refilled_at) * self._rate)
+        self._refilled_at = now
+        if self._tokens < 1:
+            self.dropped += 1
+            return False
+        self._tokens -= 1
+        return True
+
+    def write(self, stream: str, text: str, request_id: str | None) -> None:
+        """Log one admitted line, after the count of those left out before it."""
+        self.report_dropped()
+        extra = {"stream": stream}
+        if request_id is not None:
+            extra["request_id"] = request_id
+        log.log(self._level, "%s %s: %s", self._name, stream, text, extra=extra)
+
+    def report_dropped(self) -> None:
+        if self.dropped:
+            log.log(
+                self._level,
+                "%s: %d lines it printed were not logged (over --model-log-rate %s a second)",
+                self._name,
+                self.dropped,
+                self._rate,
+            )
+            self.dropped = 0
 
 
 def model_environment(config: PoolConfig, token: str) -> dict[str, str]:
@@ -344,6 +399,7 @@ async def open_model(config: PoolConfig, name: str, reaper: Reaper) -> AsyncIter
                     with trio.move_on_after(PUMP_DRAIN):
                         await model.stdout_ended.wait()
                         await model.stderr_ended.wait()
+                    model._output_log.report_dropped()
                     nursery.cancel_scope.cancel()
                     for stream in (proc.stdin, proc.stdout, proc.stderr):
                         if stream is not None:

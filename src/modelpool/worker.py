@@ -303,12 +303,11 @@ class Worker:
             self._model_served += 1
             self._failures_in_a_row = 0
             self.failing_since = None
-            now = trio.current_time()
-            log.info(
+            log.debug(  # per request: --access-log gives one line at INFO
                 "%s request %s served in %.2f s (queued %.2f s)",
                 model.name,
                 job.request_id,
-                now - started,
+                job.timing.compute,
                 started - job.enqueued_at,
             )
             job.succeed(value)
