@@ -234,17 +234,19 @@ class Worker:
             if self.retiring is not None:
                 return True
             self._set(State.IDLE)
-            with model.cancel_on_trouble() as trouble, trio.CancelScope() as self._idle_scope:
+            job: Job | None = None
+            # One scope for both reasons to stop waiting: the model's trouble, or retire().
+            with model.cancel_on_trouble() as self._idle_scope:
                 try:
                     job = await self._pool.jobs.receive()
                 except trio.EndOfChannel:
                     return True
             self._idle_scope = None
-            if self.retiring is not None and not trouble.cancelled_caught:
-                return True  # retired while idle (receiving is cancel-safe: no job lost)
-            if trouble.cancelled_caught:
-                await self._replace_unprompted(model)
-                return False
+            if job is None:  # receiving is cancel-safe: no job was lost
+                if model.stdout_ended.is_set() or model.out_of_step:
+                    await self._replace_unprompted(model)
+                    return False
+                return True  # retired while idle
             if not self._pool.take(job):
                 continue
             if not await self._run(model, job):
