@@ -167,12 +167,14 @@ class Worker:
 
     def _set(self, state: State) -> None:
         now = time.monotonic()
+        was_ready = self.ready
         if self.state is State.BUSY:
             self._busy_total += now - self._state_since
         if state is not self.state:
             self._state_since = now
         self.state = state
-        self._pool.worker_changed()
+        if not (was_ready and self.ready):  # idle <-> busy, twice a request, is no news to the pool
+            self._pool.worker_changed()
 
     async def _loop(self) -> None:
         while self._pool.wants_models() and self.retiring is None:
