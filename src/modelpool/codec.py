@@ -61,7 +61,7 @@ def encode_request(value: Any, id_field: str | None = None, id_value: str | None
             raise BadRequest(f"the request must not contain {id_field!r}: the service sets it")
         value = {**value, id_field: id_value}
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        text = _ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise BadRequest(f"request is not serialisable as JSON: {exc}") from None
     return text.encode("ascii") + b"\n"
@@ -116,9 +116,11 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
-# Built once: json.loads with options builds a decoder per call, which cost more than the
-# parsing of a small request. (orjson was tried: it reads integers past 64 bits as floats.)
+# Built once: json.loads and json.dumps with options build a decoder or an encoder per
+# call, which cost more than parsing or writing a small request. (orjson was tried: it
+# reads integers past 64 bits as floats, and writes NaN as null.)
 _DECODER = json.JSONDecoder(strict=False, parse_constant=_reject_constant)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def _check(value: Any, max_depth: int) -> str | None:
