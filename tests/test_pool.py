@@ -189,7 +189,7 @@ async def test_a_chatty_model_is_logged_at_a_bounded_rate_and_the_rest_counted(
     counts = [
         int(m.group(1))
         for r in caplog.records
-        if (m := re.search(r": (\d+) lines it printed were not logged", r.getMessage()))
+        if (m := re.search(r": (\d+) lines it printed in \d+ s were not logged", r.getMessage()))
     ]
     if rate is None:  # --model-log-rate 0: every line
         assert (logged, counts) == (1000, [])

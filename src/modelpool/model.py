@@ -40,6 +40,7 @@ PUMP_DRAIN = 1.0  # how long the pumps get to read what a dead model left in its
 CATCH_UP_TRIES = 10  # scheduler rounds a worker gives the pump to read what is in the pipe
 HIDDEN_VARIABLES = ("MODELPOOL_",)  # the service's settings, its API key among them
 LOG_BURST = 100  # lines a model may have logged at once (a start-up, a traceback)
+DROPPED_REPORT_SECONDS = 10.0  # how often the count of lines left out is logged
 
 log = logging.getLogger("modelpool.model")
 
@@ -302,9 +303,10 @@ class OutputLog:
     requests to a chatty model (model3.py prints three lines per request), logging
     them was the service's largest single cost. So each model may have LOG_BURST lines
     logged at once (its start-up, a traceback), and then `rate` a second on average
-    (a token bucket); lines past that are counted, not logged, and the count is logged
-    before the next line that is, and when the model ends. `rate` None logs every line.
-    A model's last stderr lines are kept for failure reports whatever is logged.
+    (a token bucket). Lines past that are counted, not logged; the count is logged
+    every DROPPED_REPORT_SECONDS while lines are being left out, and when the model
+    ends. `rate` None logs every line. A model's last stderr lines are kept for failure
+    reports whatever is logged.
     """
 
     def __init__(self, name: str, level: str, rate: int | None) -> None:
@@ -313,7 +315,8 @@ class OutputLog:
         self._rate = rate
         self._tokens = float(LOG_BURST)
         self._refilled_at = time.monotonic()
-        self.dropped = 0  # lines left out since the last one logged
+        self._dropped = 0  # lines left out since the last report
+        self._dropped_since = 0.0  # when the first of them was
 
     def admits(self) -> bool:
         """Whether the next line is to be logged; a line that is not is counted."""
@@ -324,30 +327,35 @@ class OutputLog:
         now = time.monotonic()
         self._tokens = min(LOG_BURST, self._tokens + (now - self._refilled_at) * self._rate)
         self._refilled_at = now
-        if self._tokens < 1:
-            self.dropped += 1
-            return False
-        self._tokens -= 1
-        return True
+        if self._dropped and now - self._dropped_since >= DROPPED_REPORT_SECONDS:
+            self.report_dropped()
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        if not self._dropped:
+            self._dropped_since = now
+        self._dropped += 1
+        return False
 
     def write(self, stream: str, text: str, request_id: str | None) -> None:
-        """Log one admitted line, after the count of those left out before it."""
-        self.report_dropped()
+        """Log one line that was admitted."""
         extra = {"stream": stream}
         if request_id is not None:
             extra["request_id"] = request_id
         log.log(self._level, "%s %s: %s", self._name, stream, text, extra=extra)
 
     def report_dropped(self) -> None:
-        if self.dropped:
+        """Log how many lines were left out since the last report, if any were."""
+        if self._dropped:
             log.log(
                 self._level,
-                "%s: %d lines it printed were not logged (over --model-log-rate %s a second)",
+                "%s: %d lines it printed in %.0f s were not logged (over --model-log-rate %s)",
                 self._name,
-                self.dropped,
+                self._dropped,
+                time.monotonic() - self._dropped_since,
                 self._rate,
             )
-            self.dropped = 0
+            self._dropped = 0
 
 
 def model_environment(config: PoolConfig, token: str) -> dict[str, str]:
