@@ -117,9 +117,12 @@ class Pool:
                 timing.total = total
 
     async def _answer(self, job: Job) -> dict[str, Any]:
-        """Wait for the job's answer; the queue timeout is the wait's deadline until a
-        worker takes the job and lifts it (see `take`). One wait rather than two (taken,
-        then done) spares the caller a task switch per request."""
+        """The job's answer, or QueueTimeout if no worker took it within the queue timeout.
+
+        The queue timeout is the deadline of the one wait, until a worker takes the job
+        and lifts it (see `take`): waiting for 'taken' and then for 'done' cost the caller
+        a task switch per request.
+        """
         timeout = self.config.queue_timeout
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         try:
