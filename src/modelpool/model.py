@@ -242,11 +242,16 @@ class ModelProcess:
                 log.error("%s %s: %s", self.name, self.out_of_step, _text(line))
                 self._cancel_trouble_scopes()
             return
-        if self._output_log.admits():
-            self._output_log.write("stdout", _text(line), self.request_id)
+        self._log_output("stdout", _text(line))
         if not self.ready and _text(line).strip().startswith(self._config.ready_line):
             self.ready = True
             self._init_done.set()
+
+    def _log_output(self, stream: str, text: str) -> None:
+        """A line the model printed: the model's business, logged at --model-log-level
+        within the model's budget (see OutputLog)."""
+        if self._output_log.admits():
+            self._output_log.write(stream, text, self.request_id)
 
     def _cancel_trouble_scopes(self) -> None:
         for scope in self._trouble_scopes:
@@ -271,8 +276,7 @@ class ModelProcess:
                     return
                 text = _text(line)
                 self._stderr_tail.append(text)
-                if self._output_log.admits():
-                    self._output_log.write("stderr", text, self.request_id)
+                self._log_output("stderr", text)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
         finally:
