@@ -101,7 +101,7 @@ async def test_time_waiting_in_the_queue_does_not_count_towards_the_timeout() ->
 
 
 async def test_the_log_tells_what_happened(caplog: pytest.LogCaptureFixture) -> None:
-    caplog.set_level(logging.INFO)
+    caplog.set_level(logging.DEBUG)  # a request served is logged at DEBUG
     async with open_pool(scripted_config(timeout=0.5)) as pool:
         await pool.predict({"n": 1})
         with pytest.raises(ModelTimeout):
@@ -176,6 +176,26 @@ async def test_lines_that_are_not_results_are_logged_not_answered(
     assert "stdout: progress 2" in logged
     assert "stderr: a warning" in logged
     assert "worker 0" in logged
+
+
+@pytest.mark.parametrize("rate", [10, None])
+async def test_a_chatty_model_is_logged_at_a_bounded_rate_and_the_rest_counted(
+    caplog: pytest.LogCaptureFixture, rate: int | None
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with open_pool(scripted_config(model_log_rate=rate)) as pool:
+        assert (await pool.predict({"noise": 1000}))["count"] == 1
+    logged = sum("stdout: progress" in r.getMessage() for r in caplog.records)
+    counts = [
+        int(m.group(1))
+        for r in caplog.records
+        if (m := re.search(r": (\d+) lines it printed in \d+ s were not logged", r.getMessage()))
+    ]
+    if rate is None:  # --model-log-rate 0: every line
+        assert (logged, counts) == (1000, [])
+    else:  # a burst of 100 at once, a few more as the budget refills; the rest counted
+        assert 90 <= logged < 150, logged  # its start-up lines came out of the burst
+        assert logged + sum(counts) == 1000, (logged, counts)
 
 
 async def test_an_oversized_line_is_a_model_failure() -> None:

@@ -61,7 +61,7 @@ def encode_request(value: Any, id_field: str | None = None, id_value: str | None
             raise BadRequest(f"the request must not contain {id_field!r}: the service sets it")
         value = {**value, id_field: id_value}
     try:
-        text = json.dumps(value, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        text = _ENCODER.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise BadRequest(f"request is not serialisable as JSON: {exc}") from None
     return text.encode("ascii") + b"\n"
@@ -109,11 +109,18 @@ def _loads(data: bytes) -> Any:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ValueError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    return json.loads(text, strict=False, parse_constant=_reject_constant)
+    return _DECODER.decode(text)
 
 
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
+
+
+# Built once: json.loads and json.dumps with options build a decoder or an encoder per
+# call, which cost more than parsing or writing a small request. (orjson was tried: it
+# reads integers past 64 bits as floats, and writes NaN as null.)
+_DECODER = json.JSONDecoder(strict=False, parse_constant=_reject_constant)
+_ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 
 def _check(value: Any, max_depth: int) -> str | None:

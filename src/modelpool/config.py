@@ -103,6 +103,7 @@ class PoolConfig:
     stderr_tail: int = 20
     env: dict[str, str] | None = None
     model_log_level: str = "INFO"  # level of the lines models print
+    model_log_rate: int | None = 10  # lines a second per model that are logged; None: all
     max_requests: int | None = None  # retire a model after this many answers (and jitter)
     max_requests_jitter: int = 0
     model_max_rss: float | None = None  # MiB, a model with its descendants
@@ -147,6 +148,8 @@ class PoolConfig:
         check_number("max_requests_jitter", self.max_requests_jitter, minimum=0, integer=True)
         if self.model_max_rss is not None:
             check_number("model_max_rss", self.model_max_rss, minimum=0, above=True)
+        if self.model_log_rate is not None:
+            check_number("model_log_rate", self.model_log_rate, minimum=1, integer=True)
         if self.model_log_level not in logging.getLevelNamesMapping():
             raise ConfigError("model_log_level", f"is not a log level: {self.model_log_level!r}")
         if self.id_field is not None and not self.id_field.strip():

@@ -25,11 +25,8 @@ class PoolError(Exception):
         return body
 
 
-class BadRequest(PoolError):
-    """The request cannot be sent to a model: not JSON, too deep, or refused by the schema."""
-
-    message = "bad request"
-    outcome = "bad_request"
+class DetailedError(PoolError):
+    """An error whose payload says why in a `detail` line of its own."""
 
     def __init__(self, detail: str) -> None:
         super().__init__(detail)
@@ -37,6 +34,13 @@ class BadRequest(PoolError):
 
     def payload(self) -> dict[str, Any]:
         return self._with_id({"error": self.message, "detail": self.detail})
+
+
+class BadRequest(DetailedError):
+    """The request cannot be sent to a model: not JSON, too deep, or refused by the schema."""
+
+    message = "bad request"
+    outcome = "bad_request"
 
 
 class QueueFull(PoolError):
@@ -53,18 +57,11 @@ class QueueTimeout(PoolError):
     outcome = "queue_timeout"
 
 
-class QueueUnavailable(PoolError):
-    """The shared queue (Redis) cannot be reached, so the request cannot be queued."""
+class QueueUnavailable(DetailedError):
+    """The shared queue (Redis) cannot be reached, or lost the request."""
 
     message = "queue unavailable"
     outcome = "queue_unavailable"
-
-    def __init__(self, detail: str) -> None:
-        super().__init__(detail)
-        self.detail = detail
-
-    def payload(self) -> dict[str, Any]:
-        return self._with_id({"error": self.message, "detail": self.detail})
 
 
 class ShuttingDown(PoolError):

@@ -50,6 +50,7 @@ class Job:
         self.timing = Timing()
         self.taken = trio.Event()
         self.done = trio.Event()
+        self.queue_deadline: trio.CancelScope | None = None  # the caller's queue timeout
         self._value: dict[str, Any] | None = None
         self._error: PoolError | None = None
 

@@ -137,13 +137,19 @@ class LocalQueue(JobQueue):
         self._enqueue(job)
 
     async def wait(self, job: Job, queue_timeout: float | None) -> None:
-        if queue_timeout is not None:
-            with trio.move_on_after(queue_timeout):
-                await job.taken.wait()
-            if not job.taken.is_set():
-                self.abandon(job)
-                job.fail(QueueTimeout())
-        await job.done.wait()
+        # One wait, whose deadline is the queue timeout until a worker takes the job and
+        # lifts it (see `claim`): waiting for "taken", then for "done", cost the caller a
+        # task switch per request.
+        deadline = math.inf if queue_timeout is None else trio.current_time() + queue_timeout
+        with trio.CancelScope(deadline=deadline) as job.queue_deadline:
+            await job.done.wait()
+        if job.done.is_set():
+            return
+        if job.taken.is_set():  # taken just as the deadline passed: its answer comes
+            await job.done.wait()
+            return
+        self.abandon(job)
+        job.fail(QueueTimeout())
 
     def abandon(self, job: Job) -> None:
         job.abandoned = True
@@ -160,6 +166,8 @@ class LocalQueue(JobQueue):
             return False
         job.queued = False
         self._pending -= 1
+        if job.queue_deadline is not None:
+            job.queue_deadline.deadline = math.inf  # the queue timeout no longer applies
         waited = trio.current_time() - job.enqueued_at
         job.timing.queue_wait = waited
         if job.attempts == 0:  # a job queued again is one request: observe it once

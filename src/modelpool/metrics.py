@@ -66,8 +66,8 @@ class PoolMetrics:
             ["outcome"],
             registry=self.registry,
         )
-        for outcome in OUTCOMES:
-            self.requests.labels(outcome=outcome)
+        # Looked up once: finding a labelled child costs more than counting with it.
+        self._requests_by_outcome = {o: self.requests.labels(outcome=o) for o in OUTCOMES}
         self.queue_wait = Histogram(
             "modelpool_queue_wait_seconds",
             "Time a request waited in the queue before a model took it",
@@ -104,7 +104,8 @@ class PoolMetrics:
         self.recent = Recent()
 
     def request_done(self, outcome: str, seconds: float) -> None:
-        self.requests.labels(outcome=outcome).inc()
+        counter = self._requests_by_outcome.get(outcome) or self.requests.labels(outcome=outcome)
+        counter.inc()
         self.request_time.observe(seconds)
         self.recent.add(outcome, seconds)
 

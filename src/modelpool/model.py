@@ -3,12 +3,13 @@
 The model runs in a session of its own, with a token in its environment; the reaper
 (reaper.py) kills its process group, its tree and anything that carries the token when
 it ends. A pump task reads its stdout for the whole of its life: lines before the ready
-line and lines that are not results go to the log, and a result line goes to the
-worker only while the worker awaits one. A result nobody awaits puts the model out of
-step: it will be replaced, since a stray result could otherwise answer the next
-request. After each answer the worker lets the model finish printing before it sends
-the next request (see QUIET_PERIOD), so a second result printed right after the first
-is caught too. Another pump logs stderr and keeps its last lines for error reports.
+line and lines that are not results go to the log (at a bounded rate, see `OutputLog`),
+and a result line goes to the worker only while the worker awaits one. A result nobody
+awaits puts the model out of step: it will be replaced, since a stray result could
+otherwise answer the next request. After each answer the worker lets the model finish
+printing before it sends the next request (see QUIET_PERIOD), so a second result
+printed right after the first is caught too. Another pump logs stderr and keeps its
+last lines for error reports.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import os
 import signal
 import subprocess
 import termios
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -57,6 +59,8 @@ CATCH_UP_MAX = 0.02  # seconds a model that keeps printing after its answer hold
 CATCH_UP_SPINS = 50  # scheduler rounds spent watching the model block before sleeping
 TICK = 0.001  # trio's timer resolution: a shorter sleep lasts as long
 HIDDEN_VARIABLES = ("MODELPOOL_",)  # the service's settings, its API key among them
+LOG_BURST = 100  # lines a model may have logged at once (a start-up, a traceback)
+DROPPED_REPORT_SECONDS = 10.0  # how often the count of lines left out is logged
 
 log = logging.getLogger("modelpool.model")
 
@@ -95,6 +99,9 @@ class ModelProcess:
         self._trouble_scopes: set[trio.CancelScope] = set()
         self._results_send, self.results = trio.open_memory_channel[bytes](1)
         self._stderr_tail: deque[str] = deque(maxlen=config.stderr_tail)
+        self._output_log = OutputLog(
+            name=self.name, level=config.model_log_level, rate=config.model_log_rate
+        )
 
     # -- talking to the model -------------------------------------------------------
 
@@ -302,12 +309,10 @@ class ModelProcess:
             self._init_done.set()
 
     def _log_output(self, stream: str, text: str) -> None:
-        """A line the model printed: the model's business, logged at --model-log-level."""
-        extra = {"stream": stream}
-        if self.request_id is not None:
-            extra["request_id"] = self.request_id
-        level = logging.getLevelNamesMapping()[self._config.model_log_level]
-        log.log(level, "%s %s: %s", self.name, stream, text, extra=extra)
+        """A line the model printed: the model's business, logged at --model-log-level
+        within the model's budget (see OutputLog)."""
+        if self._output_log.admits():
+            self._output_log.write(stream, text, self.request_id)
 
     def _cancel_trouble_scopes(self) -> None:
         for scope in self._trouble_scopes:
@@ -379,6 +384,68 @@ class _StampedStream(trio.abc.ReceiveStream):
         await self._stream.aclose()
 
 
+class OutputLog:
+    """What a model prints is its business: logged at --model-log-level, at a bounded rate.
+
+    Each line a model prints would otherwise cost a log record: under a flood of quick
+    requests to a chatty model (model3.py prints three lines per request), logging
+    them was the service's largest single cost. So each model may have LOG_BURST lines
+    logged at once (its start-up, a traceback), and then `rate` a second on average
+    (a token bucket). Lines past that are counted, not logged; the count is logged
+    every DROPPED_REPORT_SECONDS while lines are being left out, and when the model
+    ends. `rate` None logs every line. A model's last stderr lines are kept for failure
+    reports whatever is logged.
+    """
+
+    def __init__(self, name: str, level: str, rate: int | None) -> None:
+        self._name = name
+        self._level = logging.getLevelNamesMapping()[level]
+        self._rate = rate
+        self._tokens = float(LOG_BURST)
+        self._refilled_at = time.monotonic()
+        self._dropped = 0  # lines left out since the last report
+        self._dropped_since = 0.0  # when the first of them was
+
+    def admits(self) -> bool:
+        """Whether the next line is to be logged; a line that is not is counted."""
+        if not log.isEnabledFor(self._level):
+            return False
+        if self._rate is None:
+            return True
+        now = time.monotonic()
+        self._tokens = min(LOG_BURST, self._tokens + (now - self._refilled_at) * self._rate)
+        self._refilled_at = now
+        if self._dropped and now - self._dropped_since >= DROPPED_REPORT_SECONDS:
+            self.report_dropped()
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        if not self._dropped:
+            self._dropped_since = now
+        self._dropped += 1
+        return False
+
+    def write(self, stream: str, text: str, request_id: str | None) -> None:
+        """Log one line that was admitted."""
+        extra = {"stream": stream}
+        if request_id is not None:
+            extra["request_id"] = request_id
+        log.log(self._level, "%s %s: %s", self._name, stream, text, extra=extra)
+
+    def report_dropped(self) -> None:
+        """Log how many lines were left out since the last report, if any were."""
+        if self._dropped:
+            log.log(
+                self._level,
+                "%s: %d lines it printed in %.0f s were not logged (over --model-log-rate %s)",
+                self._name,
+                self._dropped,
+                time.monotonic() - self._dropped_since,
+                self._rate,
+            )
+            self._dropped = 0
+
+
 def model_environment(config: PoolConfig, token: str) -> dict[str, str]:
     """The service's environment minus its own settings, plus the model's token.
 
@@ -428,6 +495,7 @@ async def open_model(config: PoolConfig, name: str, reaper: Reaper) -> AsyncIter
                     with trio.move_on_after(PUMP_DRAIN):
                         await model.stdout_ended.wait()
                         await model.stderr_ended.wait()
+                    model._output_log.report_dropped()
                     nursery.cancel_scope.cancel()
                     for stream in (proc.stdin, proc.stdout, proc.stderr):
                         if stream is not None:

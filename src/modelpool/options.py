@@ -346,6 +346,15 @@ OPTIONS = [
         "pool.model_log_level",
     ),
     Option(
+        "--model-log-rate",
+        count_or_none,
+        10,
+        "lines a second each model may have logged, after a burst of 100 (its start-up, a "
+        "traceback); past it lines are counted, and the count is logged every 10 s; "
+        "0 logs every line",
+        "pool.model_log_rate",
+    ),
+    Option(
         "--access-log",
         None,
         False,

@@ -123,6 +123,7 @@ class Pool:
                 timing.total = total
 
     async def _answer(self, job: Job) -> dict[str, Any]:
+        """The job's answer, or QueueTimeout if no worker took it within the queue timeout."""
         try:
             await self.queue.wait(job, self.config.queue_timeout)
         finally:

@@ -41,7 +41,7 @@ RESPONSE_SLACK = 2.0  # seconds responses still get once the pool has stopped
 
 
 class ShieldedSends:
-    """ASGI wrapper that runs each `send` of the app shielded from cancellation.
+    """ASGI wrapper that runs the `send` that ends a response shielded from cancellation.
 
     After the last body chunk, hypercorn restarts its keep-alive idle timer from inside
     that very `send` call, while quart-trio cancels the request's nursery as soon as it
@@ -49,6 +49,8 @@ class ShieldedSends:
     timer, so idle keep-alive connections were never closed: not after
     keep_alive_timeout, and not on shutdown, which then waited for graceful_timeout.
     Hypercorn already shields its own socket writes, so this adds no new way to block.
+    The other sends (the status line, body chunks) start no timer and are left as they
+    are: a cancel scope per send is a cost on every request.
     """
 
     def __init__(self, app: ASGIFramework) -> None:
@@ -58,7 +60,10 @@ class ShieldedSends:
         self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
     ) -> None:
         async def shielded_send(message: ASGISendEvent) -> None:
-            with trio.CancelScope(shield=True):
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                with trio.CancelScope(shield=True):
+                    await send(message)
+            else:
                 await send(message)
 
         await self.app(scope, receive, shielded_send)

@@ -167,12 +167,14 @@ class Worker:
 
     def _set(self, state: State) -> None:
         now = time.monotonic()
+        was_ready = self.ready
         if self.state is State.BUSY:
             self._busy_total += now - self._state_since
         if state is not self.state:
             self._state_since = now
         self.state = state
-        self._pool.worker_changed()
+        if not (was_ready and self.ready):  # idle <-> busy, twice a request, is no news to the pool
+            self._pool.worker_changed()
 
     async def _loop(self) -> None:
         while self._pool.wants_models() and self.retiring is None:
@@ -242,17 +244,19 @@ class Worker:
             if self.retiring is not None:
                 return True
             self._set(State.IDLE)
-            with model.cancel_on_trouble() as trouble, trio.CancelScope() as self._idle_scope:
+            job: Job | None = None
+            # One scope for both reasons to stop waiting: the model's trouble, or retire().
+            with model.cancel_on_trouble() as self._idle_scope:
                 try:
                     job = await self._pool.queue.get()
                 except trio.EndOfChannel:
                     return True
             self._idle_scope = None
-            if self.retiring is not None and not trouble.cancelled_caught:
-                return True  # retired while idle (receiving is cancel-safe: no job lost)
-            if trouble.cancelled_caught:
-                await self._replace_unprompted(model)
-                return False
+            if job is None:  # receiving is cancel-safe: no job was lost
+                if model.stdout_ended.is_set() or model.out_of_step:
+                    await self._replace_unprompted(model)
+                    return False
+                return True  # retired while idle
             if not self._pool.take(job):
                 continue
             if not await self._run(model, job):
@@ -311,12 +315,11 @@ class Worker:
             self._model_served += 1
             self._failures_in_a_row = 0
             self.failing_since = None
-            now = trio.current_time()
-            log.info(
+            log.debug(  # per request: --access-log gives one line at INFO
                 "%s request %s served in %.2f s (queued %.2f s)",
                 model.name,
                 job.request_id,
-                now - started,
+                job.timing.compute,
                 started - job.enqueued_at,
             )
             job.succeed(value)
