@@ -348,12 +348,18 @@ def paired(
 
 
 def fcfs_makespan(jobs: list[tuple[float, float]], models: int) -> float:
-    """Ideal makespan of (release, duration) jobs, each taken in release order by the
-    first model free: what a perfect first-come-first-served pool with zero overhead does."""
+    """Ideal makespan of (release, duration) jobs, taken in the order given (the order they
+    were sent in) by the first model free, none before the one ahead of it: what a perfect
+    first-come-first-served pool with zero overhead does.
+
+    Not in the order of the measured release times: on a busy client those can swap two
+    requests sent a few ms apart, and an ideal for an order the server never saw can be
+    shorter than any FIFO schedule of the order it did see.
+    """
     free = [0.0] * models
-    end = 0.0
-    for release, duration in sorted(jobs):
-        start = max(release, heapq.heappop(free))
+    end = previous = 0.0
+    for release, duration in jobs:
+        start = previous = max(release, heapq.heappop(free), previous)
         heapq.heappush(free, start + duration)
         end = max(end, start + duration)
     return end
