@@ -41,6 +41,9 @@ def test_nonsense_numbers_are_refused_naming_flag_and_variable(
     ("argv", "reason"),
     [
         (["--workers", "0"], "--workers: must be at least 1, got 0"),
+        (["--workers", "5000"], "--workers: must be at most 1024, got 5000"),
+        (["--queue", "http://127.0.0.1:1"], "--queue: must be a redis://"),
+        (["--queue", "redis://127.0.0.1:1/0", "--reclaim-after", "1"], "must be at least 3"),
         (["--port", "65536"], "--port: must be at most 65535, got 65536"),
         (["--max-line", "10"], "--max-line: must be at least 64, got 10"),
         (["--backoff-initial", "5", "--backoff-max", "1"], "--backoff-max: must be at least 5"),

@@ -23,12 +23,12 @@ from typing import Any
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
+from .config import MAX_WORKERS
 from .operations import Busy, OperationFailed
 from .options import command
 from .pool import Pool
 
 log = logging.getLogger("modelpool.admin")
-MAX_WORKERS = 1024
 NEEDS_KEY = "set --api-key to change the model command over HTTP"
 
 

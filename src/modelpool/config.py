@@ -20,6 +20,7 @@ from typing import Any
 
 MiB = 1024 * 1024
 MIN_MAX_LINE = 64  # room for "result: " and a small object
+MAX_WORKERS = 1024  # models in one pool: past it, a typo rather than a plan (fds, memory)
 QUEUE_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
 MIN_RECLAIM_AFTER = 3.0  # nodes refresh their jobs every second: a few beats, at least
 SENTINEL_URL = re.compile(r"redis\+sentinel://([^@/]*@)?[^:,/]+:\d+(,[^:,/]+:\d+)*/[^/]+(/\d+)?")
@@ -119,7 +120,8 @@ class PoolConfig:
         if not self.ready_line.strip():
             raise ConfigError("ready_line", "must not be empty")
         # With a shared queue, a node may run no models at all: an HTTP front only.
-        check_number("workers", self.workers, minimum=0 if self.queue else 1, integer=True)
+        minimum = 0 if self.queue else 1
+        check_number("workers", self.workers, minimum=minimum, maximum=MAX_WORKERS, integer=True)
         if self.queue is not None and not self.queue.startswith(QUEUE_SCHEMES):
             problem = f"must be a redis://, rediss:// or redis+sentinel:// URL, got {self.queue!r}"
             raise ConfigError("queue", problem)
