@@ -19,7 +19,6 @@ from . import logs
 from .binding import CannotListen
 from .config import PoolConfig, ServerConfig
 from .errors import ModelCommandError
-from .operations import Busy, OperationFailed
 from .options import parse
 from .pool import Pool, open_pool
 from .reaper import Reaper
@@ -73,14 +72,7 @@ class PoolNode:
         self.pool.kill()
 
     async def reload(self) -> None:
-        if self.pool.closing:
-            return
-        try:
-            await self.pool.operations.detached(self.pool.operations.reload)
-        except Busy as exc:
-            log.warning("reload not started: %s", exc)
-        except OperationFailed:
-            pass  # operations.py logged why, and the old models keep serving
+        await self.pool.operations.signalled_reload()
 
 
 async def _on_signals(

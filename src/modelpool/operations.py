@@ -60,6 +60,19 @@ class Operations:
     def running(self) -> bool:
         return self._admin.locked()
 
+    async def signalled_reload(self) -> None:
+        """A rolling reload with the same command, asked for by SIGHUP: no one waits for
+        an answer, so its outcome goes to the log only."""
+        if self._pool.closing:
+            log.warning("reload asked for while the pool is not serving; ignored")
+            return
+        try:
+            await self.detached(self.reload)
+        except Busy as exc:
+            log.warning("reload not started: %s", exc)
+        except OperationFailed:
+            pass  # reload() logged why, and the old models keep serving
+
     async def detached(self, operation: Callable[..., Awaitable[T]], *args: Any) -> T:
         """Run an operation in the pool's nursery and wait for it.
 

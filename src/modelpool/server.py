@@ -19,7 +19,6 @@ import trio
 
 from .binding import bind
 from .config import ServerConfig
-from .operations import Busy, OperationFailed
 from .pool import Pool, open_pool
 from .reaper import Reaper
 
@@ -104,16 +103,10 @@ class Service:
 
     async def reload(self) -> None:
         """A rolling reload with the same command (SIGHUP); its outcome goes to the log."""
-        pool = self._pool
-        if pool is None or pool.closing:
+        if self._pool is None:
             log.warning("reload asked for while the pool is not serving; ignored")
             return
-        try:
-            await pool.operations.detached(pool.operations.reload)
-        except Busy as exc:
-            log.warning("reload not started: %s", exc)
-        except OperationFailed:
-            pass  # operations.py logged why, and the old models keep serving
+        await self._pool.operations.signalled_reload()
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until `shutdown()`; reports the URL it listens on through task_status.
