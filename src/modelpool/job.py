@@ -37,7 +37,13 @@ class Job:
     it has not started, and throws away the answer of one it has.
     """
 
-    def __init__(self, line: bytes, request_id: str, wire_id: str | None = None) -> None:
+    def __init__(
+        self,
+        line: bytes,
+        request_id: str,
+        wire_id: str | None = None,
+        queue_timeout: float | None = None,
+    ) -> None:
         self.number = next(_numbers)
         self.request_id = request_id
         self.wire_id = wire_id
@@ -46,7 +52,8 @@ class Job:
         self.abandoned = False
         self.attempts = 0
         self.enqueued_at = trio.current_time()
-        self.take_by: float | None = None  # trio time by which a model must take it
+        # trio time by which a model must take it (None: it may wait forever)
+        self.take_by = None if queue_timeout is None else self.enqueued_at + queue_timeout
         self.timing = Timing()
         self.taken = trio.Event()
         self.done = trio.Event()

@@ -65,8 +65,8 @@ class JobQueue(ABC):
         """Queue a new job, or raise QueueFull (or another PoolError) at once."""
 
     @abstractmethod
-    async def wait(self, job: Job, queue_timeout: float | None) -> None:
-        """Return once `job` is settled; fail it with QueueTimeout if no model takes it in time.
+    async def wait(self, job: Job) -> None:
+        """Return once `job` is settled; QueueTimeout if no model takes it by `job.take_by`.
 
         Cancellation (the caller went away) leaves the job to `abandon`.
         """
@@ -136,11 +136,11 @@ class LocalQueue(JobQueue):
             raise QueueFull()
         self._enqueue(job)
 
-    async def wait(self, job: Job, queue_timeout: float | None) -> None:
+    async def wait(self, job: Job) -> None:
         # One wait, whose deadline is the queue timeout until a worker takes the job and
         # lifts it (see `claim`): waiting for "taken", then for "done", cost the caller a
         # task switch per request.
-        deadline = math.inf if queue_timeout is None else trio.current_time() + queue_timeout
+        deadline = math.inf if job.take_by is None else job.take_by
         with trio.CancelScope(deadline=deadline) as job.queue_deadline:
             await job.done.wait()
         if job.done.is_set():

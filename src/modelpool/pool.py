@@ -125,7 +125,7 @@ class Pool:
     async def _answer(self, job: Job) -> dict[str, Any]:
         """The job's answer, or QueueTimeout if no worker took it within the queue timeout."""
         try:
-            await self.queue.wait(job, self.config.queue_timeout)
+            await self.queue.wait(job)
         finally:
             if not job.done.is_set():
                 self.queue.abandon(job)
@@ -133,6 +133,7 @@ class Pool:
         if isinstance(job.error, QueueTimeout):
             timeout = self.config.queue_timeout
             log.warning("request %s: no model free within %g s", job.request_id, timeout)
+            self._stop_idle_starts()  # it left the queue: maybe the last one, while draining
         return job.result()
 
     @property
@@ -326,12 +327,7 @@ class Pool:
             self._schema.check(request)
         wire_id = None if self.config.id_field is None else f"{self._prefix}.{self._requests}"
         line = encode_request(request, self.config.id_field, wire_id)
-        job = Job(line, request_id, wire_id)
-        job.take_by = (
-            None
-            if self.config.queue_timeout is None
-            else (job.enqueued_at + self.config.queue_timeout)
-        )
+        job = Job(line, request_id, wire_id, self.config.queue_timeout)
         await self.queue.put(job)
         return job
 

@@ -313,7 +313,7 @@ class RedisQueue(JobQueue):
             await self._ensure_group(self._client)
             return await self._admit([STREAM], [GROUP, self._config.max_queue, *flat])
 
-    async def wait(self, job: Job, queue_timeout: float | None) -> None:
+    async def wait(self, job: Job) -> None:
         caller = self._callers.get(job.remote_key)  # type: ignore[attr-defined]
         try:
             while caller is not None and not job.done.is_set():
