@@ -58,6 +58,7 @@ class Job:
         self.taken = trio.Event()
         self.done = trio.Event()
         self.queue_deadline: trio.CancelScope | None = None  # the caller's queue timeout
+        self.queue_key: bytes | None = None  # its name in a shared queue, where it has one
         self._value: dict[str, Any] | None = None
         self._error: PoolError | None = None
 

@@ -241,6 +241,19 @@ class RedisQueue(JobQueue):
         with contextlib.suppress(StreamDuplicateConsumerGroupError):
             await client.xgroup_create(STREAM, GROUP, identifier="0", mkstream=True)
 
+    async def _mend_lost_group(self, client: coredis.Redis[bytes], exc: BaseException) -> bool:
+        """If `exc` says the stream or its group is gone, make them anew; whether it did.
+
+        The server lost them: a restart without persistence, or a failover to a replica
+        that had not received them yet.
+        """
+        if not (isinstance(exc, ResponseError) and missing_group(exc)):
+            return False
+        log.warning("queue %s: the job stream was gone; made anew", redact(self._url))
+        with contextlib.suppress(*SERVER_ERRORS):
+            await self._ensure_group(client)
+        return True
+
     async def flush(self) -> None:
         with trio.move_on_after(self._config.exit_grace + 1):
             await self._all_sent.wait()
@@ -260,7 +273,7 @@ class RedisQueue(JobQueue):
         if self._client is None or not self._connected.is_set():
             raise QueueUnavailable(f"not connected to the queue yet: {self._down_reason}")
         key = f"{self._token}:{next(self._numbers)}".encode()
-        job.remote_key = key  # type: ignore[attr-defined]
+        job.queue_key = key
         take_by = "" if job.take_by is None else repr(time.time() + job.take_by - job.enqueued_at)
         fields = {
             "key": key,
@@ -305,16 +318,12 @@ class RedisQueue(JobQueue):
         try:
             return await self._admit([STREAM], [GROUP, self._config.max_queue, *flat])
         except ResponseError as exc:
-            if not missing_group(exc):
+            if not await self._mend_lost_group(self._client, exc):
                 raise
-            # The stream was lost: a restart without persistence, or a failover to a
-            # replica that had not received it yet. Start it anew.
-            log.warning("queue %s: the job stream was gone; made anew", redact(self._url))
-            await self._ensure_group(self._client)
             return await self._admit([STREAM], [GROUP, self._config.max_queue, *flat])
 
     async def wait(self, job: Job) -> None:
-        caller = self._callers.get(job.remote_key)  # type: ignore[attr-defined]
+        caller = self._callers.get(job.queue_key)
         try:
             while caller is not None and not job.done.is_set():
                 with trio.CancelScope(deadline=caller.deadline()) as caller.scope:
@@ -323,7 +332,7 @@ class RedisQueue(JobQueue):
                     self._give_up(job)
         finally:
             if job.done.is_set():
-                self._forget(job.remote_key)  # type: ignore[attr-defined]
+                self._forget(job.queue_key)
 
     def _give_up(self, job: Job) -> None:
         """No model took the job in time, or the one that took it never answered."""
@@ -335,7 +344,7 @@ class RedisQueue(JobQueue):
 
     def abandon(self, job: Job) -> None:
         job.abandoned = True
-        caller = self._forget(job.remote_key)  # type: ignore[attr-defined]
+        caller = self._forget(job.queue_key)
         if caller is not None and caller.entry_id is not None and not job.taken.is_set():
             self._post("drop", caller.entry_id)  # no worker has it yet: none will
 
@@ -350,7 +359,7 @@ class RedisQueue(JobQueue):
             self._no_callers = trio.Event()
             await self._no_callers.wait()
 
-    def _forget(self, key: bytes) -> _Caller | None:
+    def _forget(self, key: bytes | None) -> _Caller | None:
         caller = self._callers.pop(key, None)
         if not self._callers:
             self._no_callers.set()
@@ -443,13 +452,9 @@ class RedisQueue(JobQueue):
 
     async def _on_read_error(self, exc: BaseException) -> None:
         assert self._client is not None
-        if isinstance(exc, ResponseError) and missing_group(exc):
-            log.warning("queue %s: the job stream was gone; made anew", redact(self._url))
-            with contextlib.suppress(*SERVER_ERRORS):
-                await self._ensure_group(self._client)
-            return
-        self._down(exc)
-        await trio.sleep(RETRY_SECONDS)
+        if not await self._mend_lost_group(self._client, exc):
+            self._down(exc)
+            await trio.sleep(RETRY_SECONDS)
 
     def claim(self, job: Job) -> bool:
         assert isinstance(job, RemoteJob)
@@ -560,11 +565,8 @@ class RedisQueue(JobQueue):
                     await self._reclaim(client)
                 self._up()
             except SERVER_ERRORS as exc:
-                if isinstance(exc, ResponseError) and missing_group(exc):
-                    with contextlib.suppress(*SERVER_ERRORS):
-                        await self._ensure_group(client)
-                else:  # down, out of memory, read-only: the server's trouble, not ours
-                    self._down(exc)
+                if not await self._mend_lost_group(client, exc):
+                    self._down(exc)  # down, out of memory, read-only: the server's trouble
             await trio.sleep(BEAT_SECONDS)
 
     async def _beat_once(self, client: coredis.Redis[bytes]) -> None:
