@@ -4,6 +4,7 @@ check after every test that it left no child process behind."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import sys
@@ -159,6 +160,32 @@ class RunningServer:
     def pool(self) -> Pool:
         assert self.service.pool is not None
         return self.service.pool
+
+
+async def shut_down_mid_requests(
+    server: RunningServer, running: dict, late: bytes = b'{"n": 2}'
+) -> tuple[httpx.Response, httpx.Response]:
+    """Shut the service down while `running` computes and another request is still
+    sending its body (`late`, whose last bytes come after the shutdown); both answers."""
+    shutting_down = trio.Event()
+    answers: dict[str, httpx.Response] = {}
+
+    async def body_finished_after_shutdown() -> AsyncIterator[bytes]:
+        yield late[:5]
+        await shutting_down.wait()
+        yield late[5:]
+
+    async def post(name: str, content: object) -> None:
+        answers[name] = await server.client.post("/predict", content=content)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(post, "running", json.dumps(running).encode())
+        await wait_busy(server.pool)
+        nursery.start_soon(post, "late", body_finished_after_shutdown())
+        await trio.sleep(0.2)
+        server.service.shutdown()
+        shutting_down.set()
+    return answers["running"], answers["late"]
 
 
 @asynccontextmanager

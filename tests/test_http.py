@@ -19,6 +19,7 @@ from conftest import (
     model3_config,
     running_server,
     scripted_config,
+    shut_down_mid_requests,
     wait_busy,
     wait_until,
 )
@@ -244,29 +245,11 @@ async def test_health_readiness_and_status() -> None:
 async def test_during_shutdown_new_requests_get_503_and_running_ones_finish() -> None:
     async with running_server(scripted_config()) as server:
         await server.pool.wait_ready()
-        shutting_down = trio.Event()
-
-        async def body_finished_after_shutdown() -> AsyncIterator[bytes]:
-            yield b'{"n":'
-            await shutting_down.wait()
-            yield b" 2}"
-
-        responses: dict[str, httpx.Response] = {}
-
-        async def post(name: str, content: object) -> None:
-            responses[name] = await server.client.post("/predict", content=content)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(post, "running", b'{"sleep": 1}')
-            await wait_busy(server.pool)
-            nursery.start_soon(post, "late", body_finished_after_shutdown())
-            await trio.sleep(0.2)
-            server.service.shutdown()
-            shutting_down.set()
-        assert responses["late"].status_code == 503
-        error_body(responses["late"], 503, "shutting down")
-        assert responses["running"].status_code == 200
-        assert responses["running"].json()["echo"] == {"sleep": 1}
+        running, late = await shut_down_mid_requests(server, {"sleep": 1})
+        assert late.status_code == 503
+        error_body(late, 503, "shutting down")
+        assert running.status_code == 200
+        assert running.json()["echo"] == {"sleep": 1}
         async with httpx.AsyncClient(base_url=server.url) as fresh:
             with pytest.raises(httpx.ConnectError):  # the listener is closed
                 await fresh.post("/predict", json={"n": 3})

@@ -17,6 +17,7 @@ from conftest import (
     hostile_config,
     running_server,
     scripted_config,
+    shut_down_mid_requests,
     wait_busy,
     wait_until,
 )
@@ -89,21 +90,9 @@ async def test_metrics_count_a_known_sequence_exactly() -> None:
         assert openmetrics.text.endswith("# EOF\n")
 
         # once shutting down, a request that was still being sent is refused
-        async def body_finished_after_shutdown() -> AsyncIterator[bytes]:
-            yield b'{"n":'
-            await shutting_down.wait()
-            yield b" 5}"
-
-        shutting_down = trio.Event()
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(post, "running", {"sleep": 0.5})
-            await wait_busy(pool)
-            nursery.start_soon(post, "late", body_finished_after_shutdown())
-            await trio.sleep(0.2)
-            server.service.shutdown()
-            shutting_down.set()
-        assert answers["running"].status_code == 200
-        error_body(answers["late"], 503, "shutting down")
+        running, late = await shut_down_mid_requests(server, {"sleep": 0.5}, b'{"n": 5}')
+        assert running.status_code == 200
+        error_body(late, 503, "shutting down")
         final = {o: pool.metrics.value("modelpool_requests_total", outcome=o) for o in OUTCOMES}
 
     expected = dict.fromkeys(OUTCOMES, 0) | {"ok": 3, "timeout": 1, "model_failed": 1}
