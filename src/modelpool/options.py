@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shlex
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from .config import ConfigError, MiB, PoolConfig, ServerConfig
+from .config import ConfigError, MiB, PoolConfig, ServerConfig, split_command
 from .logs import FORMATS
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -68,12 +67,9 @@ def mib_or_none(text: str) -> float | None:
 
 def command(text: str) -> list[str]:
     try:
-        words = shlex.split(text)
+        return split_command(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"cannot split {text!r} into words: {exc}") from None
-    if not words:
-        raise argparse.ArgumentTypeError("must name a program")
-    return words
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def schema_file(text: str) -> dict[str, Any]:
