@@ -128,6 +128,7 @@ class PoolConfig:
     queue: str | None = None  # redis://host:port/db: a job stream shared by many nodes
     reclaim_after: float = 10.0  # seconds before a silent node's jobs are taken back
     node_name: str | None = None  # this node's name in a cluster (default host-pid-random)
+    keep_trying: bool = False  # keep restarting models that fail before any was ever ready
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_cmd", _command_words(self.model_cmd))
@@ -144,6 +145,8 @@ class PoolConfig:
             problem = "must be redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
             raise ConfigError("queue", f"{problem}, got {self.queue!r}")
         check_number("reclaim_after", self.reclaim_after, minimum=MIN_RECLAIM_AFTER)
+        if not isinstance(self.keep_trying, bool):
+            raise ConfigError("keep_trying", f"must be True or False, got {self.keep_trying!r}")
         if self.node_name is not None and not NODE_NAME.fullmatch(self.node_name):
             problem = f"must be 1 to 64 letters, digits and ._-, got {self.node_name!r}"
             raise ConfigError("node_name", problem)

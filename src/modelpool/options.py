@@ -158,6 +158,15 @@ OPTIONS = [
         "pool.init_timeout",
     ),
     Option(
+        "--keep-trying",
+        None,
+        False,
+        "keep restarting models that fail before any model was ever ready; without it, the "
+        "service stops with exit code 3 and the model's last stderr lines once every "
+        "model's first start failed (exited, or no ready line within --init-timeout)",
+        "pool.keep_trying",
+    ),
+    Option(
         "--max-queue",
         integer,
         256,
