@@ -21,7 +21,7 @@ from redisserver import redis_server
 
 from conftest import SCRIPTED, hostile, hostile_config, running_server, wait_until
 from modelpool import ConfigError, FirstStartFailed, ModelCommandError, PoolConfig, open_pool
-from modelpool.options import command
+from modelpool.options import command, parse
 from serverproc import assert_all_gone, server_process, wait_listening
 
 CANT_OPEN = "can't open file"
@@ -194,6 +194,18 @@ async def test_a_failing_worker_does_not_stop_a_pool_whose_other_model_gets_read
         await wait_until(lambda: pool.ready_count == 1, 10, "one model ready")
         await wait_until(lambda: max(w.restarts for w in pool.workers) >= 3, 10, "restarts")
         assert await pool.predict({}) == {}
+
+
+def test_keep_trying_comes_from_its_flag_its_variable_or_the_config_file(tmp_path: Path) -> None:
+    assert not parse(["serve"], environ={})[1].config.pool.keep_trying
+    assert parse(["serve", "--keep-trying"], environ={})[1].config.pool.keep_trying
+    environ = {"MODELPOOL_KEEP_TRYING": "yes"}
+    assert parse(["worker", "--queue", "redis://x"], environ=environ)[1].config.pool.keep_trying
+    config_file = tmp_path / "modelpool.toml"
+    config_file.write_text("keep_trying = true\n")
+    assert parse(["serve", "--config", str(config_file)], environ={})[1].config.pool.keep_trying
+    with pytest.raises(ConfigError):
+        PoolConfig(keep_trying="no")  # type: ignore[arg-type]
 
 
 # -- protocol mistakes ------------------------------------------------------------------
