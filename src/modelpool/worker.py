@@ -6,6 +6,11 @@ model or gets a broken answer costs the model: the worker answers the job, kills
 model and everything it started, and starts a fresh one. So does a model that goes out
 of step (prints a result nobody asked for): its current request keeps its first result,
 but the model is not trusted with another.
+
+At first start, while no model of the pool was ever ready, a model that fails before
+its ready line is no reason to back off and retry but a mistake in the command: once
+every worker's model failed so, the pool gives up (FirstStartFailed), unless it was
+told to keep trying (see Pool.first_start_failed).
 """
 
 from __future__ import annotations
