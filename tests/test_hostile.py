@@ -247,7 +247,9 @@ async def test_a_model_that_exits_right_after_the_ready_line_backs_off() -> None
 
 
 async def test_a_model_that_never_prints_the_ready_line_is_restarted_after_init_timeout() -> None:
-    model = hostile_config("never_ready.py", init_timeout=0.5, backoff_initial=0.1, queue_timeout=2)
+    model = hostile_config(
+        "never_ready.py", keep_trying=True, init_timeout=0.5, backoff_initial=0.1, queue_timeout=2
+    )
     async with open_pool(model) as pool:
         with pytest.raises(QueueTimeout):
             await pool.predict({"n": 1})

@@ -394,6 +394,7 @@ async def test_healthz_shows_no_model_stderr_even_though_anyone_may_ask() -> Non
     config = PoolConfig(
         model_cmd=[sys.executable, "-c", script + "; sys.exit(1)"],
         workers=1,
+        keep_trying=True,
         backoff_initial=0.1,
         backoff_max=0.2,
         unhealthy_after=0.5,

@@ -242,6 +242,7 @@ async def test_start_up_failures_back_off_instead_of_looping(
 ) -> None:
     config = scripted_config(
         model_cmd=["sh", "-c", "echo cannot load >&2; exit 3"],
+        keep_trying=True,
         backoff_initial=0.1,
         backoff_max=0.4,
         queue_timeout=0.5,
@@ -302,7 +303,10 @@ async def test_a_model_command_that_stops_working_later_is_retried(tmp_path: Pat
 async def test_a_model_that_fails_to_start_a_few_times_recovers(tmp_path: Path) -> None:
     counter = tmp_path / "starts"
     config = scripted_config(
-        env={"SCRIPTED_FAIL_STARTS": f"{counter}:2"}, backoff_initial=0.1, backoff_max=0.2
+        env={"SCRIPTED_FAIL_STARTS": f"{counter}:2"},
+        keep_trying=True,
+        backoff_initial=0.1,
+        backoff_max=0.2,
     )
     async with open_pool(config) as pool:
         answer = await pool.predict({"n": 1})
@@ -313,7 +317,11 @@ async def test_a_model_that_fails_to_start_a_few_times_recovers(tmp_path: Path) 
 
 async def test_a_model_that_never_gets_ready_is_killed_and_restarted() -> None:
     config = scripted_config(
-        env={"SCRIPTED_NO_READY": "1"}, init_timeout=0.5, backoff_initial=0.1, backoff_max=0.1
+        env={"SCRIPTED_NO_READY": "1"},
+        keep_trying=True,
+        init_timeout=0.5,
+        backoff_initial=0.1,
+        backoff_max=0.1,
     )
     async with open_pool(config) as pool:
         await wait_until(lambda: pool.workers[0].restarts >= 2, 5, "two restarts")

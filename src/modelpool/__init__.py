@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from .config import ConfigError, PoolConfig, ServerConfig
     from .errors import (
         BadRequest,
+        FirstStartFailed,
         ModelCommandError,
         ModelFailed,
         ModelTimeout,
@@ -33,6 +34,7 @@ _WHERE = {
     "PoolConfig": "config",
     "ServerConfig": "config",
     "BadRequest": "errors",
+    "FirstStartFailed": "errors",
     "ModelCommandError": "errors",
     "ModelFailed": "errors",
     "ModelTimeout": "errors",
@@ -50,6 +52,7 @@ _WHERE = {
 __all__ = [
     "BadRequest",
     "ConfigError",
+    "FirstStartFailed",
     "ModelCommandError",
     "ModelFailed",
     "ModelTimeout",

@@ -2,8 +2,9 @@
 `modelpool worker --queue URL [options]`: run models only, for a cluster's shared queue.
 
 Exit codes: 0 after a clean stop, 1 if it cannot listen (the port is taken), 2 for a
-bad option, 3 if the model command cannot be run at all (as gunicorn does when its
-workers cannot boot).
+bad option, 3 if the model command cannot be run at all, or if every model failed
+before its ready line while none was ever ready (unless --keep-trying), as gunicorn
+halts when its workers cannot boot. That last ERROR line quotes the model's stderr.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ import ipaddress
 import logging
 import math
 import re
+import shlex
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -53,6 +54,22 @@ def default_model_cmd() -> list[str]:
     return [sys.executable, "-u", str(bundled_model_path())]
 
 
+def split_command(text: str) -> list[str]:
+    """A command line split into words as a POSIX shell would (no shell runs it).
+
+    The one rule for every place a command comes as a string: --model-cmd, its
+    variable and config-file key, PoolConfig(model_cmd="..."), and POST /admin/reload.
+    Raises ValueError saying what is wrong with it.
+    """
+    try:
+        words = shlex.split(text)
+    except ValueError as exc:
+        raise ValueError(f"cannot split {text!r} into words: {exc}") from None
+    if not words:
+        raise ValueError("must name a program")
+    return words
+
+
 def check_number(
     name: str,
     value: Any,
@@ -86,7 +103,7 @@ def check_number(
 class PoolConfig:
     """How many models to keep warm, how to start them, and what to accept from them."""
 
-    model_cmd: list[str] = field(default_factory=default_model_cmd)
+    model_cmd: list[str] = field(default_factory=default_model_cmd)  # or one string, split
     workers: int = 4
     ready_line: str = "ready: Model-initialized"
     timeout: float = 10.0
@@ -111,12 +128,10 @@ class PoolConfig:
     queue: str | None = None  # redis://host:port/db: a job stream shared by many nodes
     reclaim_after: float = 10.0  # seconds before a silent node's jobs are taken back
     node_name: str | None = None  # this node's name in a cluster (default host-pid-random)
+    keep_trying: bool = False  # keep restarting models that fail before any was ever ready
 
     def __post_init__(self) -> None:
-        if not self.model_cmd or not all(isinstance(arg, str) for arg in self.model_cmd):
-            raise ConfigError("model_cmd", "must name a program")
-        if not self.model_cmd[0].strip():
-            raise ConfigError("model_cmd", "must name a program")
+        object.__setattr__(self, "model_cmd", _command_words(self.model_cmd))
         if not self.ready_line.strip():
             raise ConfigError("ready_line", "must not be empty")
         # With a shared queue, a node may run no models at all: an HTTP front only.
@@ -130,6 +145,8 @@ class PoolConfig:
             problem = "must be redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
             raise ConfigError("queue", f"{problem}, got {self.queue!r}")
         check_number("reclaim_after", self.reclaim_after, minimum=MIN_RECLAIM_AFTER)
+        if not isinstance(self.keep_trying, bool):
+            raise ConfigError("keep_trying", f"must be True or False, got {self.keep_trying!r}")
         if self.node_name is not None and not NODE_NAME.fullmatch(self.node_name):
             problem = f"must be 1 to 64 letters, digits and ._-, got {self.node_name!r}"
             raise ConfigError("node_name", problem)
@@ -181,6 +198,26 @@ class PoolConfig:
         if failures <= 0:
             return 0.0
         return min(self.backoff_initial * 2 ** (failures - 1), self.backoff_max)
+
+
+def _command_words(value: Any) -> list[str]:
+    """model_cmd as the list of words it runs: a string is split as --model-cmd is.
+
+    A list (or tuple) of strings is taken as it is. Anything else fails here, at once,
+    instead of as a TypeError when the first model starts: a string is a sequence of
+    one-letter strings, so the check for a list of strings alone would pass it.
+    """
+    if isinstance(value, str):
+        try:
+            return split_command(value)
+        except ValueError as exc:
+            raise ConfigError("model_cmd", str(exc)) from None
+    if not isinstance(value, list | tuple) or not all(isinstance(arg, str) for arg in value):
+        problem = f"must be a command line or a list of strings, got {value!r}"
+        raise ConfigError("model_cmd", problem)
+    if not value or not value[0].strip():
+        raise ConfigError("model_cmd", "must name a program")
+    return list(value)
 
 
 @dataclass(frozen=True)

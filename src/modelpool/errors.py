@@ -71,8 +71,12 @@ class ShuttingDown(PoolError):
     outcome = "shutting_down"
 
 
-class ModelTimeout(PoolError):
-    """The model computed for longer than the timeout and was killed."""
+class ModelTimeout(DetailedError):
+    """The model computed for longer than the timeout and was killed.
+
+    `detail` says how long it had and, if it printed lines meanwhile but no result
+    line, the last of them: the usual mistake of a model that answers in plain JSON.
+    """
 
     message = "model timeout"
     outcome = "timeout"
@@ -118,4 +122,14 @@ class ModelCommandError(Exception):
 
     Raised out of `open_pool` when it happens before any model was ever ready: retrying
     a command that cannot be executed would only hide the mistake.
+    """
+
+
+class FirstStartFailed(ModelCommandError):
+    """Every model failed before its ready line, and no model was ever ready.
+
+    At first start that is almost always a mistake in the command (a typo in a file
+    name, a missing package) that restarting will not mend; so, unless asked to keep
+    trying (`keep_trying`), `open_pool` raises this and the command line exits with
+    code 3, as for a command that cannot be run at all.
     """

@@ -37,6 +37,8 @@ from .reaper import TOKEN_VAR, Reaper
 RESULT_PREFIX = b"result: "
 MAX_STDERR_LINE = 64 * 1024
 LOGGED_CHARS = 2000
+QUOTED_LINES = 5  # lines of its stdout a failure message quotes
+QUOTED_CHARS = 200  # and characters of each
 EXIT_WAIT = 2.0  # how long a model whose output ended gets to exit before it is killed
 PUMP_DRAIN = 1.0  # how long the pumps get to read what a dead model left in its pipes
 QUIET_PERIOD = 0.005
@@ -66,7 +68,16 @@ log = logging.getLogger("modelpool.model")
 
 
 class StartFailed(Exception):
-    """The model exited, could not be run, or printed no ready line in time."""
+    """The model exited, could not be run, or printed no ready line in time.
+
+    str() is the whole story, for the log and /status; it may quote what the model
+    printed before it was ready (no request has reached it then, so no user's data).
+    `summary` leaves that out: it is what /healthz, open to anyone, may show.
+    """
+
+    def __init__(self, message: str, summary: str | None = None) -> None:
+        super().__init__(message)
+        self.summary = message if summary is None else summary
 
 
 class CommandNotRunnable(StartFailed):
@@ -99,6 +110,7 @@ class ModelProcess:
         self._trouble_scopes: set[trio.CancelScope] = set()
         self._results_send, self.results = trio.open_memory_channel[bytes](1)
         self._stderr_tail: deque[str] = deque(maxlen=config.stderr_tail)
+        self._plain = PlainLines()  # stdout lines that were no result, for failure messages
         self._output_log = OutputLog(
             name=self.name, level=config.model_log_level, rate=config.model_log_rate
         )
@@ -113,15 +125,43 @@ class ModelProcess:
         if self.ready:
             return
         if not self._init_done.is_set():
-            raise StartFailed(f"{self.name} failed to start: no ready line within {timeout:g} s")
+            summary = f"{self.name} failed to start: no ready line within {timeout:g} s"
+            raise StartFailed(f"{summary}; {self._ready_hint()}", summary=summary)
         # No stderr in the message: it ends up in /healthz, which anyone may read. The
         # tail is in last_failure.stderr (/status) and, at --model-log-level, the log.
         failure = await self.describe_failure()
         raise StartFailed(f"{self.name} failed to start: {failure.detail}")
 
+    def _ready_hint(self) -> str:
+        """What to check when no ready line came: the line waited for, and what came instead."""
+        wanted = f"it must print a line that starts with {self._config.ready_line!r} (--ready-line)"
+        if not self._plain.count:
+            buffered = "a model that buffers its output must flush each line"
+            return f"{wanted}, and printed nothing on stdout ({buffered})"
+        return f"{wanted}, and printed {self._plain.describe()}"
+
     def expect_result(self) -> None:
         """The next result line answers the request about to be sent; only that one."""
         self._awaiting = True
+        self._plain.restart()
+
+    def missing_result(self, quote: bool) -> str:
+        """For a request with no result: what the model printed on stdout instead, if anything.
+
+        The usual mistake is a model that prints its answer as plain JSON. With `quote`,
+        the last such line is quoted: for the answer to the client whose request it was,
+        and /status. The log's ERROR line goes without it, since a model's output may
+        hold users' data and is logged only at --model-log-level.
+        """
+        count = self._plain.count
+        if not count:
+            return ""
+        prefix = RESULT_PREFIX.decode()
+        lines = "1 line" if count == 1 else f"{count} lines"
+        text = f"; the model printed {lines} but none started with {prefix!r}"
+        if quote:
+            return f"{text} (the last: {self._plain.last()[-1]!r})"
+        return f"{text} (its lines are logged at --model-log-level)"
 
     async def send(self, line: bytes) -> None:
         """Write one request line; trio.BrokenResourceError if the model is gone."""
@@ -225,17 +265,16 @@ class ModelProcess:
     def stderr_tail(self) -> list[str]:
         return list(self._stderr_tail)
 
-    def log_stderr_tail(self) -> str:
-        """Log the model's last stderr lines at --model-log-level, like all it prints.
+    def stderr_note(self) -> str:
+        """For a failure's ERROR line: where the model's last stderr lines are.
 
-        They may carry users' data, so they are not part of the failure's ERROR line:
-        that line gets the note returned here, which says where the tail is kept
-        (last_failure.stderr in /status). "" if the model printed nothing to stderr.
+        They may carry users' data, so they are not part of that line, and they are not
+        logged again either: the stderr pump logged each of them once already, at
+        --model-log-level (within the model's budget). /status keeps the last ones
+        (last_failure.stderr). "" if the model printed nothing to stderr.
         """
-        tail = self.stderr_tail
-        if not tail:
+        if not self._stderr_tail:
             return ""
-        self._log_output("stderr", "its last lines:\n    " + "\n    ".join(tail))
         return "; its stderr is in /status"
 
     # -- ending it ------------------------------------------------------------------
@@ -304,6 +343,7 @@ class ModelProcess:
                 self._cancel_trouble_scopes()
             return
         self._log_output("stdout", _text(line))
+        self._plain.add(line)
         if not self.ready and _text(line).strip().startswith(self._config.ready_line):
             self.ready = True
             self._init_done.set()
@@ -382,6 +422,40 @@ class _StampedStream(trio.abc.ReceiveStream):
 
     async def aclose(self) -> None:
         await self._stream.aclose()
+
+
+class PlainLines:
+    """Lines a model printed on stdout that were no result: the hint for a protocol mistake.
+
+    Before its ready line, they are what it printed instead of it; after, what it
+    printed since the last request was sent (`restart`). The count is kept, and the
+    last QUOTED_LINES lines, each cut to QUOTED_CHARS.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._last: deque[bytes] = deque(maxlen=QUOTED_LINES)
+
+    def restart(self) -> None:
+        self.count = 0
+        self._last.clear()
+
+    def add(self, line: bytes) -> None:
+        """Note a line: it costs a slice, decoded only if a failure quotes it."""
+        self.count += 1
+        self._last.append(line[: QUOTED_CHARS * 4 + 1])  # 4 bytes the longest character
+
+    def last(self) -> list[str]:
+        """The last lines, each decoded and cut to QUOTED_CHARS characters."""
+        texts = (raw.decode("utf-8", errors="replace") for raw in self._last)
+        return [
+            text if len(text) <= QUOTED_CHARS else text[:QUOTED_CHARS] + "..." for text in texts
+        ]
+
+    def describe(self) -> str:
+        """'3 lines on stdout, the last: 'a', 'b', 'c'' (the count, then the last lines)."""
+        lines = "1 line" if self.count == 1 else f"{self.count} lines"
+        return f"{lines} on stdout, the last: " + ", ".join(repr(text) for text in self.last())
 
 
 class OutputLog:

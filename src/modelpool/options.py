@@ -11,14 +11,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shlex
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from .config import ConfigError, MiB, PoolConfig, ServerConfig
+from .config import ConfigError, MiB, PoolConfig, ServerConfig, split_command
 from .logs import FORMATS
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -68,12 +67,9 @@ def mib_or_none(text: str) -> float | None:
 
 def command(text: str) -> list[str]:
     try:
-        words = shlex.split(text)
+        return split_command(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"cannot split {text!r} into words: {exc}") from None
-    if not words:
-        raise argparse.ArgumentTypeError("must name a program")
-    return words
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def schema_file(text: str) -> dict[str, Any]:
@@ -160,6 +156,15 @@ OPTIONS = [
         60.0,
         "seconds a model may take to print its ready line before it is killed and started again",
         "pool.init_timeout",
+    ),
+    Option(
+        "--keep-trying",
+        None,
+        False,
+        "keep restarting models that fail before any model was ever ready; without it, the "
+        "service stops with exit code 3 and the model's last stderr lines once every "
+        "model's first start failed (exited, or no ready line within --init-timeout)",
+        "pool.keep_trying",
     ),
     Option(
         "--max-queue",

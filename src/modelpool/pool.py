@@ -53,7 +53,8 @@ class Pool:
         self.config = config
         self.reaper = reaper
         self.closing = False
-        self.ever_ready = False
+        self.ever_ready = False  # every model was ready at once, at least once
+        self.model_was_ready = False  # some model of this node was ready, at least once
         self.started_at = trio.current_time()
         self._nursery = nursery
         self._changed = trio.Event()
@@ -195,7 +196,9 @@ class Pool:
 
         Failing means failing on its own: a start that fails, a model that dies while
         idle. A request that crashes its model says nothing about the model's health,
-        and neither does a long first start-up.
+        and neither does a long first start-up. Before any model was ever ready, every
+        model failing is unhealthy at once (with --keep-trying; without, the service
+        stops): there is no working version to wait for. `unhealthy_after` None never.
         """
         limit = self.config.unhealthy_after
         queue_problem = self.queue.problem()
@@ -206,11 +209,11 @@ class Pool:
         if limit is None or not since or None in since:
             return True, None
         failing_for = now - max(s for s in since if s is not None)
-        if failing_for < limit:
+        if failing_for < limit and self.model_was_ready:
             return True, None
-        last = next(
-            (w.last_failure["detail"] for w in self.workers if w.last_failure is not None), ""
-        )
+        last = next((w.failure_summary for w in self.workers if w.failure_summary), "")
+        if not self.model_was_ready:
+            return False, f"no model was ever ready: every model failed to start; last: {last}"
         return False, f"every model has failed for {failing_for:.0f} s; last: {last}"
 
     def shutdown(self) -> None:
@@ -300,9 +303,25 @@ class Pool:
         """False once shutting down with nothing left for this node's workers."""
         return self.queue.has_work()
 
+    def first_start_failed(self, worker: Worker) -> bool:
+        """Note that `worker`'s model failed before its ready line; True: give up on the pool.
+
+        Given up on while no model was ever ready, once every worker has seen a model
+        fail so (exit, or no ready line within init_timeout), unless `keep_trying`: at
+        first start that is a mistake in the command, which restarting will not mend.
+        Once a model was ready, failures are backed off and retried (a broken reload
+        is not fatal), as they are while stopping.
+        """
+        if self.model_was_ready or self.config.keep_trying or self.closing:
+            return False
+        worker.failed_first_start = True
+        return all(w.failed_first_start for w in self.workers)
+
     def worker_changed(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
+        if self.local_ready:
+            self.model_was_ready = True
         if not self.ever_ready and self.workers and self.local_ready == len(self.workers):
             self.ever_ready = True
             elapsed = trio.current_time() - self.started_at

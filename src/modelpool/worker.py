@@ -6,12 +6,18 @@ model or gets a broken answer costs the model: the worker answers the job, kills
 model and everything it started, and starts a fresh one. So does a model that goes out
 of step (prints a result nobody asked for): its current request keeps its first result,
 but the model is not trusted with another.
+
+At first start, while no model of the pool was ever ready, a model that fails before
+its ready line is no reason to back off and retry but a mistake in the command: once
+every worker's model failed so, the pool gives up (FirstStartFailed), unless it was
+told to keep trying (see Pool.first_start_failed).
 """
 
 from __future__ import annotations
 
 import enum
 import logging
+import shlex
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -19,7 +25,7 @@ import trio
 
 from . import logs
 from .codec import ResultError, parse_result
-from .errors import ModelCommandError, ModelFailed, ModelTimeout, ShuttingDown
+from .errors import FirstStartFailed, ModelCommandError, ModelFailed, ModelTimeout, ShuttingDown
 from .job import Job
 from .model import CommandNotRunnable, ModelProcess, StartFailed, open_model
 
@@ -30,6 +36,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("modelpool.worker")
 
 HEALTHY_UPTIME = 5.0  # seconds a model must stay up to count as healthy
+QUOTED_STDERR_CHARS = 500  # of each stderr line the first-start verdict quotes
 
 
 class State(enum.StrEnum):
@@ -68,6 +75,8 @@ class Worker:
         self.restarts = 0
         self.failing_since: float | None = None  # trio time of the first failure in a row
         self.last_failure: dict[str, Any] | None = None
+        self.failure_summary: str | None = None  # last_failure's detail, fit for /healthz
+        self.failed_first_start = False  # a model failed before any of the pool's was ready
         self.scope = trio.CancelScope()
         self._pool = pool
         self._config = config or pool.config
@@ -223,15 +232,40 @@ class Worker:
                     and not self._pool.ever_ready
                 ):
                     raise ModelCommandError(str(exc)) from exc
-                note = "" if self._model is None else self._model.log_stderr_tail()
-                log.error("%s%s", exc, note)
-                self._failed_on_its_own("start_failed", str(exc), self._model)
+                started = self._model
+                summary = exc.summary if isinstance(exc, StartFailed) else None
+                self._failed_on_its_own("start_failed", str(exc), started, summary)
+                if not self.trial and self._pool.first_start_failed(self):
+                    raise FirstStartFailed(self._first_start_verdict(exc, started)) from exc
+                log.error("%s%s", exc, "" if started is None else started.stderr_note())
                 if self.trial:
                     self.start_failure = str(exc)
         finally:
             self._model = None
             logs.set_field("pid", None)
         return self.start_failure is not None  # a trial gives up: its starter decides
+
+    def _first_start_verdict(self, exc: Exception, model: ModelProcess | None) -> str:
+        """Why the service gives up at first start: the failure, the command, its stderr.
+
+        Elsewhere a model's stderr stays out of ERROR lines (it may hold users' data,
+        see ModelProcess.stderr_note). Here it belongs in: no request ever reached
+        the model, and a user whose service stops at once must see why without
+        knowing where to look (the typo's "can't open file", the ImportError).
+        """
+        command = shlex.join(self._config.model_cmd)
+        verdict = (
+            f"{exc}; every model failed to start and none was ever ready "
+            f"(--keep-trying keeps restarting them); command: {command}"
+        )
+        tail = [] if model is None else model.stderr_tail
+        if not tail:
+            return f"{verdict}; it printed nothing on stderr"
+        lines = [
+            line if len(line) <= QUOTED_STDERR_CHARS else line[:QUOTED_STDERR_CHARS] + "..."
+            for line in tail
+        ]
+        return f"{verdict}; its last stderr lines:\n    " + "\n    ".join(lines)
 
     def kill_model(self) -> None:
         """Hard stop: SIGKILL the current model and its tree without waiting."""
@@ -296,8 +330,9 @@ class Worker:
             job.timing.compute = trio.current_time() - started
             self._pool.metrics.compute.observe(job.timing.compute)
             if deadline.cancelled_caught:
-                timeout = self._config.timeout
-                await self._fail(model, job, ModelTimeout(f"no result after {timeout:g} s"))
+                late = f"no result after {self._config.timeout:g} s"
+                error = ModelTimeout(late + model.missing_result(quote=True))
+                await self._fail(model, job, error, late + model.missing_result(quote=False))
                 return False
             if payload is None:
                 failure = await model.describe_failure()
@@ -357,16 +392,27 @@ class Worker:
             log.error("%s %s; killing it", self._model.name, what)
             self._model.kill_group()
 
-    async def _fail(self, model: ModelProcess, job: Job, error: ModelTimeout | ModelFailed) -> None:
-        """Kill and reap a model that failed a job, then answer the job."""
+    async def _fail(
+        self,
+        model: ModelProcess,
+        job: Job,
+        error: ModelTimeout | ModelFailed,
+        logged: str | None = None,
+    ) -> None:
+        """Kill and reap a model that failed a job, then answer the job.
+
+        `logged` is what the log (and /healthz) says of the error when str(error), for
+        the client and /status, quotes what the model printed.
+        """
         await model.kill()
         self._set(State.RESTARTING)
         self.failed += 1
         reason = "timeout" if isinstance(error, ModelTimeout) else error.kind
-        self._record(reason, str(error), job.request_id, model)
-        note = model.log_stderr_tail()  # at --model-log-level: it may carry users' data
+        what = str(error) if logged is None else logged
+        self._record(reason, str(error), job.request_id, model, what)
+        note = model.stderr_note()  # not the lines: they may carry users' data
         log.error(
-            "%s request %s failed, model killed: %s%s", model.name, job.request_id, error, note
+            "%s request %s failed, model killed: %s%s", model.name, job.request_id, what, note
         )
         job.fail(error)
 
@@ -389,26 +435,39 @@ class Worker:
             if self._memory_kill is not None:
                 what, reason = f"killed: it {self._memory_kill}", "memory"
         await model.kill()
-        note = model.log_stderr_tail()  # at --model-log-level: it may carry users' data
+        note = model.stderr_note()  # not the lines: they may carry users' data
         log.error("%s %s; killed%s", model.name, what, note)
         if trio.current_time() - self._ready_at > self._config.backoff_max:
             self._failures_in_a_row = 0  # it had been healthy for a good while
         self._failed_on_its_own(reason, what, model)
 
     def _failed_on_its_own(
-        self, reason: str, detail: str, model: ModelProcess | None = None
+        self,
+        reason: str,
+        detail: str,
+        model: ModelProcess | None = None,
+        summary: str | None = None,
     ) -> None:
         """Count a failure towards the back-off and the pool's health."""
         self._failures_in_a_row += 1
         if self.failing_since is None:
             self.failing_since = trio.current_time()
-        self._record(reason, detail, None, model)
+        self._record(reason, detail, None, model, summary)
 
     def _record(
-        self, reason: str, detail: str, request_id: str | None, model: ModelProcess | None
+        self,
+        reason: str,
+        detail: str,
+        request_id: str | None,
+        model: ModelProcess | None,
+        summary: str | None = None,
     ) -> None:
-        """Keep the last failure for /status: the one place a model's stderr is shown."""
+        """Keep the last failure for /status: the one place a model's stderr is shown.
+
+        `summary` is the detail without what the model printed, for /healthz.
+        """
         self._restart_reason = reason
+        self.failure_summary = detail if summary is None else summary
         self.last_failure = {
             "at": time.time(),
             "reason": reason,
