@@ -33,7 +33,6 @@ import itertools
 import json
 import logging
 import math
-import re
 import secrets
 import socket
 import time
@@ -54,6 +53,7 @@ from coredis.exceptions import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from .config import redact_url as redact
 from .errors import (
     BadRequest,
     ModelFailed,
@@ -792,8 +792,3 @@ async def connect(
         )
         async with primary:
             yield primary
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs and /status."""
-    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
