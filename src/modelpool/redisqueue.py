@@ -49,6 +49,7 @@ from coredis.exceptions import (
     ReadOnlyError,
     RedisError,
     ResponseError,
+    StreamConsumerGroupError,
     StreamDuplicateConsumerGroupError,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
@@ -244,14 +245,18 @@ class RedisQueue(JobQueue):
     async def _mend_lost_group(self, client: coredis.Redis[bytes], exc: BaseException) -> bool:
         """If `exc` says the stream or its group is gone, make them anew; whether it did.
 
-        The server lost them: a restart without persistence, or a failover to a replica
-        that had not received them yet.
+        The server lost them: a restart without persistence, a FLUSHALL, or a failover
+        to a replica that had not received them yet. The jobs that waited in the stream
+        are lost with it; their callers learn it from `_find_lost` within two heartbeats.
         """
-        if not (isinstance(exc, ResponseError) and missing_group(exc)):
+        if not missing_group(exc):
+            return False
+        try:
+            await self._ensure_group(client)
+        except SERVER_ERRORS as again:
+            self._down(again)
             return False
         log.warning("queue %s: the job stream was gone; made anew", redact(self._url))
-        with contextlib.suppress(*SERVER_ERRORS):
-            await self._ensure_group(client)
         return True
 
     async def flush(self) -> None:
@@ -299,6 +304,7 @@ class RedisQueue(JobQueue):
                 except SERVER_ERRORS as exc:
                     raise QueueUnavailable(f"cannot reach the queue: {exc}") from None
             if scope.cancelled_caught:
+                self._down(TimeoutError(f"no answer within {ADMIT_SECONDS:g} s"))
                 raise QueueUnavailable(f"the queue did not answer within {ADMIT_SECONDS:g} s")
             if entry_id is None:
                 raise QueueFull()
@@ -316,11 +322,17 @@ class RedisQueue(JobQueue):
         """Admit and add one entry; its id, or None if the queue is full."""
         assert self._client is not None
         try:
-            return await self._admit([STREAM], [GROUP, self._config.max_queue, *flat])
-        except ResponseError as exc:
-            if not await self._mend_lost_group(self._client, exc):
-                raise
-            return await self._admit([STREAM], [GROUP, self._config.max_queue, *flat])
+            try:
+                entry_id = await self._admit([STREAM], [GROUP, self._config.max_queue, *flat])
+            except RedisError as exc:
+                if not await self._mend_lost_group(self._client, exc):
+                    raise
+                entry_id = await self._admit([STREAM], [GROUP, self._config.max_queue, *flat])
+        except SERVER_ERRORS as exc:
+            self._down(exc)  # every request fails meanwhile: /readyz and /healthz say so
+            raise
+        self._up()
+        return entry_id
 
     async def wait(self, job: Job) -> None:
         caller = self._callers.get(job.queue_key)
@@ -665,6 +677,14 @@ class RedisQueue(JobQueue):
             }
         }
 
+    @property
+    def unavailable(self) -> str | None:
+        if not self._connected.is_set():
+            return f"not connected to the queue yet: {self._down_reason}"
+        if self._down_since is not None:
+            return f"the queue is unreachable: {self._down_reason}"
+        return None
+
     def problem(self) -> str | None:
         limit = self._config.unhealthy_after
         if self._down_since is None or limit is None:
@@ -707,10 +727,18 @@ class RedisQueue(JobQueue):
         self._down_reason = reason
 
 
-def missing_group(error: ResponseError) -> bool:
-    """Whether the server says the stream or its consumer group does not exist."""
-    text = str(error)
-    return "NOGROUP" in text or "consumer group" in text
+def missing_group(error: BaseException) -> bool:
+    """Whether the server says the stream or its consumer group does not exist.
+
+    coredis raises StreamConsumerGroupError for the server's NOGROUP (from a command or
+    from a script), whose text no longer holds the word; a plain ResponseError with it
+    is what other versions may raise.
+    """
+    if isinstance(error, StreamDuplicateConsumerGroupError):
+        return False
+    if isinstance(error, StreamConsumerGroupError):
+        return True
+    return isinstance(error, ResponseError) and "NOGROUP" in str(error)
 
 
 def answer_fields(job: Job, node: str) -> dict[str, Any]:

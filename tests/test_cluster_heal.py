@@ -1,0 +1,134 @@
+"""A cluster heals from what happens to its Redis server.
+
+A server restarted without persistence, or emptied by FLUSHALL, has lost the job
+stream, its group, every node's replies, the heartbeats and the cached scripts: the
+nodes make them anew, answer the jobs that were lost with 503, and serve again. A
+server that cannot be reached makes /readyz say 503, so a load balancer stops sending
+traffic there.
+"""
+
+from __future__ import annotations
+
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import httpx
+import pytest
+import trio
+from redisserver import RestartableServer, command, restartable_server
+from test_cluster import MODEL, cluster
+
+from conftest import error_body
+from serverproc import server_process, wait_listening, wait_ready
+
+HEARTBEAT = 1.0  # redisqueue.BEAT_SECONDS
+
+
+async def flushall(redis: RestartableServer) -> None:
+    assert (await command(redis.port, b"FLUSHALL")).startswith(b"+OK")
+
+
+async def restart(redis: RestartableServer) -> None:
+    await redis.restart()
+
+
+async def served_again(client: httpx.AsyncClient, within: float) -> float:
+    """Seconds until a request is answered 200 again; fails the test after `within`."""
+    started = trio.current_time()
+    with trio.move_on_after(within):
+        while (await client.post("/predict", json={"n": "again"})).status_code != 200:
+            await trio.sleep(0.2)
+        return trio.current_time() - started
+    raise AssertionError(f"no request served within {within} s of the loss")
+
+
+@pytest.mark.parametrize("lose", [restart, flushall], ids=["restart", "flushall"])
+async def test_a_lost_job_stream_is_made_anew_and_its_waiting_jobs_answered_503(
+    lose: Callable[[RestartableServer], Awaitable[None]],
+) -> None:
+    """A front and a worker node, one model: one job computes, one waits behind it, and
+    the server loses everything. The waiting one gets 503 within a few heartbeats of
+    the loss, the computing one its answer, and later requests are served again."""
+    async with restartable_server() as redis, cluster(redis.url, 1, 1) as nodes:
+        client = nodes.clients[0]
+        assert (await client.post("/predict", json={"n": 0})).status_code == 200
+        answers: dict[str, tuple[httpx.Response, float]] = {}
+
+        async def send(name: str, body: dict) -> None:
+            response = await client.post("/predict", json=body)
+            answers[name] = response, trio.current_time()
+
+        with trio.move_on_after(40):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send, "computing", {"sleep": 4})
+                await trio.sleep(1)  # the model computes it
+                nursery.start_soon(send, "waiting", {"n": 1})
+                await trio.sleep(0.5)  # queued behind it
+                await lose(redis)
+                lost_at = trio.current_time()
+        assert "waiting" in answers, "the waiting job was never answered"
+        waiting, answered_at = answers["waiting"]
+        body = error_body(waiting, 503, "queue unavailable")
+        assert "lost" in body["detail"]
+        # two heartbeats after the nodes are back on the server, plus time to reconnect
+        assert answered_at - lost_at < 2 * HEARTBEAT + 4, answered_at - lost_at
+        assert answers["computing"][0].status_code == 200, answers["computing"][0].text
+        await served_again(client, within=10)
+        answers_after = [await client.post("/predict", json={"n": n}) for n in range(3)]
+        assert [a.status_code for a in answers_after] == [200, 200, 200]
+        assert (await client.get("/healthz")).status_code == 200
+        assert (await client.get("/readyz")).status_code == 200
+        logs = nodes.fronts[0].log + nodes.workers[0].log
+        assert any("made anew" in line for line in logs)
+
+
+async def readiness(client: httpx.AsyncClient) -> tuple[int, dict]:
+    response = await client.get("/readyz")
+    return response.status_code, response.json()
+
+
+async def wait_readiness(client: httpx.AsyncClient, status: int, within: float) -> dict:
+    """Poll /readyz until it answers `status`; its body then."""
+    with trio.move_on_after(within):
+        while (answer := await readiness(client))[0] != status:
+            await trio.sleep(0.1)
+        return answer[1]
+    raise AssertionError(f"/readyz not {status} within {within} s: {answer}")
+
+
+@asynccontextmanager
+async def one_node_with_models(url: str) -> AsyncIterator[httpx.AsyncClient]:
+    """`modelpool serve --queue URL --workers 1`: a front whose model serves the stream too."""
+    args = ("--queue", url, "--workers", "1", "--node-name", "both")
+    async with server_process(*args, *MODEL) as node:
+        async with await wait_listening(node, 60) as client:
+            await wait_ready(client, 1, within=60)
+            yield client
+        node.proc.send_signal(signal.SIGTERM)
+        assert await node.exit_code(within=20) == 0
+
+
+@pytest.mark.parametrize("layout", ["front-and-worker", "one-node"])
+async def test_readyz_says_503_while_the_queue_is_unreachable_and_200_once_it_is_back(
+    layout: str,
+) -> None:
+    async with restartable_server() as redis, AsyncExitStack() as stack:
+        if layout == "one-node":
+            client = await stack.enter_async_context(one_node_with_models(redis.url))
+        else:
+            client = (await stack.enter_async_context(cluster(redis.url, 1, 1))).clients[0]
+        assert (await readiness(client))[0] == 200
+        await redis.stop()
+        stopped = trio.current_time()
+        body = await wait_readiness(client, 503, within=8)
+        # a heartbeat finds out at once that nothing listens; margin for a loaded machine
+        assert trio.current_time() - stopped < 8
+        assert "queue" in body["detail"] and "unreachable" in body["detail"], body
+        error_body(await client.post("/predict", json={"n": 1}), 503, "queue unavailable")
+        status, body = await readiness(client)  # still, after a request failed
+        assert status == 503 and "queue" in body["detail"]
+        await redis.start()  # empty: the stream and its group are made anew
+        body = await wait_readiness(client, 200, within=20)
+        assert "detail" not in body and body["ready"] >= 1
+        assert (await client.post("/predict", json={"n": 2})).status_code == 200
