@@ -1,18 +1,22 @@
-"""A cluster heals from what happens to its Redis server.
+"""A cluster heals from what happens to its Redis server, and from what others write there.
 
 A server restarted without persistence, or emptied by FLUSHALL, has lost the job
 stream, its group, every node's replies, the heartbeats and the cached scripts: the
 nodes make them anew, answer the jobs that were lost with 503, and serve again. A
 server that cannot be reached makes /readyz say 503, so a load balancer stops sending
-traffic there.
+traffic there. Garbage that another party writes into the shared keys is skipped and
+logged once; it stops no node.
 """
 
 from __future__ import annotations
 
+import json
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
+import coredis
 import httpx
 import pytest
 import trio
@@ -20,6 +24,7 @@ from redisserver import RestartableServer, command, restartable_server
 from test_cluster import MODEL, cluster
 
 from conftest import error_body
+from modelpool.redisqueue import NODES, STREAM
 from serverproc import server_process, wait_listening, wait_ready
 
 HEARTBEAT = 1.0  # redisqueue.BEAT_SECONDS
@@ -132,3 +137,67 @@ async def test_readyz_says_503_while_the_queue_is_unreachable_and_200_once_it_is
         body = await wait_readiness(client, 200, within=20)
         assert "detail" not in body and body["ready"] >= 1
         assert (await client.post("/predict", json={"n": 2})).status_code == 200
+
+
+async def test_garbage_in_the_shared_keys_is_skipped_logged_once_and_stops_no_node() -> None:
+    """Heartbeats that are not JSON or not heartbeats, entries of the job stream that are
+    not jobs, and replies that cannot be read: every node keeps serving."""
+    async with restartable_server() as redis, cluster(redis.url, 1, 1) as nodes:
+        client, front, worker = nodes.clients[0], nodes.fronts[0], nodes.workers[0]
+        store = coredis.Redis.from_url(redis.url, decode_responses=False)
+        async with store:
+            await store.hset(NODES, {"rogue": "not-json", "deep": "[" * 100_000})
+            fresh = {"node": "impostor", "at": time.time() + 3600, "ready": "many"}
+            await store.hset(NODES, {"impostor": json.dumps(fresh)})
+            await store.xadd(STREAM, {"foo": "bar"})  # no job at all
+            two_lines = {"line": '{"n": 1}\n{"n": 2}\n', "rid": "r", "key": "k", "n": "0"}
+            await store.xadd(STREAM, {**two_lines, "reply": "x", "wid": "", "at": "1", "by": ""})
+            answers: dict[str, httpx.Response] = {}
+
+            async def send(name: str, body: dict) -> None:
+                answers[name] = await client.post("/predict", json=body)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(send, "computing", {"sleep": 2})
+                await trio.sleep(0.5)  # the model computes it; the next one waits
+                nursery.start_soon(send, "waiting", {"n": 3})
+                with trio.fail_after(5):  # the front's real job, among the garbage
+                    while not (
+                        jobs := [
+                            e
+                            for e in await store.xrange(STREAM)
+                            if e.field_values.get(b"rid") not in (None, b"r")
+                        ]
+                    ):
+                        await trio.sleep(0.05)
+                job = jobs[0].field_values
+                bad_replies = [
+                    {"kind": "taken", "timeout": "nan"},
+                    {"kind": "ok", "value": "[1]"},
+                    {"kind": "ok", "value": "{"},
+                    {"kind": "ok", "value": "[" * 100_000},
+                    {"kind": "error", "error": "model failed", "stderr": "5"},
+                    {"kind": "bogus"},
+                ]
+                for fields in bad_replies:
+                    await store.xadd(job[b"reply"], {"key": job[b"key"], **fields})
+            assert answers["computing"].status_code == 200
+            waiting = answers["waiting"]  # its own answer, not one of the bad replies
+            assert waiting.status_code == 200 and waiting.json()["echo"] == {"n": 3}
+            await trio.sleep(3 * HEARTBEAT)  # heartbeats that read the bad entries again
+            assert front.proc.returncode is None and worker.proc.returncode is None
+            assert (await client.post("/predict", json={"n": 4})).status_code == 200
+            status = (await client.get("/status")).json()
+            assert sorted(n["node"] for n in status["cluster"]["nodes"]) == ["front0", "worker0"]
+            assert (await client.get("/metrics")).status_code == 200
+            ready = await readiness(client)
+            assert ready[0] == 200 and ready[1]["ready"] == 1  # no impostor's models counted
+            assert await store.xlen(STREAM) == 0  # the entries that were no jobs are dropped
+        for node in (front, worker):
+            for name in ("'rogue'", "'deep'", "'impostor'"):
+                said = [line for line in node.log if name in line and "heartbeat" in line]
+                assert len(said) == 1, (name, said)  # once, not once a heartbeat
+        dropped = [line for line in worker.log if "is not a job" in line]
+        assert len(dropped) == 2, dropped
+        unread = [line for line in front.log if "a reply it cannot read" in line]
+        assert len(unread) == len(bad_replies), unread

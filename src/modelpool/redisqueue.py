@@ -146,20 +146,46 @@ class _Caller:
             self.scope.deadline = self.deadline()
 
 
+class BadEntry(ValueError):
+    """Data in a shared key that this version cannot read: another node's version, or a
+    person, wrote it. It is skipped and logged; it must never stop a node."""
+
+
 class RemoteJob(Job):
-    """A job read from the stream: settling it sends the answer to its caller's node."""
+    """A job read from the stream: settling it sends the answer to its caller's node.
+
+    BadEntry if the entry is not a job as this version writes them: one JSON line for
+    the model, where its answer goes, and numbers where numbers belong.
+    """
 
     def __init__(self, queue: RedisQueue, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        wire_id = fields[b"wid"].decode() or None
-        super().__init__(fields[b"line"], fields[b"rid"].decode(), wire_id)
+        try:
+            line, request_id = fields[b"line"], fields[b"rid"].decode()
+            wire_id = fields[b"wid"].decode() or None
+            key, reply_to = fields[b"key"], fields[b"reply"]
+            attempts, enqueued_wall = int(fields[b"n"]), float(fields[b"at"])
+            take_by_wall = float(fields[b"by"]) if fields[b"by"] else None
+        except (KeyError, ValueError, AttributeError) as exc:
+            raise BadEntry(f"not a job: {exc!r}") from None
+        if not line.endswith(b"\n") or line.count(b"\n") != 1:
+            raise BadEntry("its line for the model is not one line")  # it would shift answers
+        if not (request_id.isprintable() and key and reply_to):
+            raise BadEntry("its request id, key or reply stream is not readable")
+        if wire_id is not None and not wire_id.isprintable():
+            raise BadEntry("its wire id is not readable")
+        if attempts < 0 or not math.isfinite(enqueued_wall):
+            raise BadEntry("its attempts or its time is not a count or a time")
+        if take_by_wall is not None and not math.isfinite(take_by_wall):
+            raise BadEntry("its deadline is not a time")
+        super().__init__(line, request_id, wire_id)
         self.queue = queue
         self.entry_id = entry_id
         self.fields = fields
-        self.key = fields[b"key"]
-        self.reply_to = fields[b"reply"]
-        self.attempts = int(fields[b"n"])
-        self.enqueued_wall = float(fields[b"at"])
-        self.take_by_wall = float(fields[b"by"]) if fields[b"by"] else None
+        self.key = key
+        self.reply_to = reply_to
+        self.attempts = attempts
+        self.enqueued_wall = enqueued_wall
+        self.take_by_wall = take_by_wall
         self.enqueued_at = trio.current_time() - max(0.0, time.time() - self.enqueued_wall)
         self.queued = True
 
@@ -199,6 +225,7 @@ class RedisQueue(JobQueue):
         self._in_flight: set[bytes] = set()  # entries this node's workers hold
         self._waiting = 0  # the cluster's waiting jobs, as of the last heartbeat
         self._nodes: list[dict[str, Any]] = []
+        self._bad_nodes: set[bytes] = set()  # entries of the nodes hash logged as unreadable
         self._down_since: float | None = None
         self._down_reason = "not tried yet"
         self._last_reply_id = b"0-0"
@@ -392,19 +419,25 @@ class RedisQueue(JobQueue):
                 self._last_reply_id = entry.identifier
                 try:
                     self._on_reply(entry.field_values)
-                except (KeyError, ValueError) as exc:  # a node of another version, say
-                    log.error("queue: a reply it cannot read (%r): %s", exc, entry.field_values)
+                except (KeyError, ValueError, RecursionError) as exc:  # another version wrote it
+                    log.error(
+                        "queue: a reply it cannot read (%s); skipped: %.300r",
+                        exc,
+                        entry.field_values,
+                    )
 
     def _on_reply(self, fields: dict[bytes, bytes]) -> None:
         caller = self._callers.get(fields.get(b"key", b""))
         if caller is None:
             return  # its caller gave up, or an answer came twice: the first one counted
-        job, kind, now = caller.job, fields[b"kind"], trio.current_time()
+        job, kind, now = caller.job, fields.get(b"kind"), trio.current_time()
         if kind == b"taken":
-            job.taken.set()
-            job.timing.queue_wait = now - job.enqueued_at
             # The worker's own timeout, then time for a reclaim if its node dies.
             timeout = float(fields.get(b"timeout") or self._config.timeout)
+            if not 0 < timeout < math.inf:
+                raise BadEntry(f"a worker's timeout that is no time: {timeout!r}")
+            job.taken.set()
+            job.timing.queue_wait = now - job.enqueued_at
             reclaim = 1.5 * self._config.reclaim_after + BEAT_SECONDS
             caller.answer_by = now + timeout + reclaim + ANSWER_SLACK_SECONDS
             if not caller.observed:
@@ -412,18 +445,30 @@ class RedisQueue(JobQueue):
                 self._metrics.queue_wait.observe(job.timing.queue_wait)
             caller.moved()
         elif kind == b"requeued":
+            if not fields.get(b"entry"):
+                raise BadEntry("a requeue notice without its new entry")
             job.taken = trio.Event()  # back in the stream, waiting for a model again
             caller.entry_id, caller.missing = fields[b"entry"], False
             caller.moved()
-        else:
-            job.timing.worker = fields.get(b"worker", b"").decode() or None
-            job.timing.pid = int(fields[b"pid"]) if fields.get(b"pid") else None
-            if fields.get(b"compute"):
-                job.timing.compute = float(fields[b"compute"])
+        elif kind in (b"ok", b"error"):
+            worker = fields.get(b"worker", b"").decode() or None
+            pid = int(fields[b"pid"]) if fields.get(b"pid") else None
+            compute = float(fields[b"compute"]) if fields.get(b"compute") else None
+            if compute is not None and not 0 <= compute < math.inf:
+                raise BadEntry(f"a compute time that is no time: {compute!r}")
             if kind == b"ok":
-                job.succeed(json.loads(fields[b"value"]))
+                value = json.loads(fields[b"value"])
+                if not isinstance(value, dict):
+                    raise BadEntry("a value that is not a JSON object")
             else:
-                job.fail(error_from(fields))
+                error = error_from(fields)
+            job.timing.worker, job.timing.pid, job.timing.compute = worker, pid, compute
+            if kind == b"ok":
+                job.succeed(value)
+            else:
+                job.fail(error)
+        else:
+            raise BadEntry(f"a reply of an unknown kind: {kind!r}")
 
     # -- the worker's side ------------------------------------------------------------
 
@@ -445,8 +490,9 @@ class RedisQueue(JobQueue):
                         GROUP, self.node, {STREAM: ">"}, count=1, block=BLOCK_MS
                     )
                     for entry in (found or {}).get(STREAM.encode(), ())[:1]:
-                        job = RemoteJob(self, entry.identifier, entry.field_values)
-                        self._in_flight.add(job.entry_id)
+                        job = self._job_from(entry.identifier, entry.field_values)
+                        if job is not None:
+                            self._in_flight.add(job.entry_id)
                     self._up()
                 except SERVER_ERRORS as exc:
                     error = exc
@@ -461,6 +507,22 @@ class RedisQueue(JobQueue):
             if error is not None:
                 await self._on_read_error(error)
             await trio.lowlevel.checkpoint()
+
+    def _job_from(self, entry_id: bytes, fields: dict[bytes, bytes]) -> RemoteJob | None:
+        """The job an entry of the stream holds; None, and the entry dropped, if it is
+        not one (each entry is read once, so it is logged once)."""
+        try:
+            return RemoteJob(self, entry_id, fields)
+        except BadEntry as exc:
+            log.error(
+                "queue: entry %s of %s is not a job this version reads (%s); dropped: %.300r",
+                entry_id.decode(errors="replace"),
+                STREAM,
+                exc,
+                fields,
+            )
+            self._post("discard", entry_id)
+            return None
 
     async def _on_read_error(self, exc: BaseException) -> None:
         assert self._client is not None
@@ -537,6 +599,10 @@ class RedisQueue(JobQueue):
         if kind == "drop":
             pipe.xdel(STREAM, [item])
             return
+        if kind == "discard":  # delivered to this node, but not a job: nobody's
+            pipe.xack(STREAM, GROUP, [item])
+            pipe.xdel(STREAM, [item])
+            return
         job: RemoteJob = item
         if kind == "taken":
             fields = {"kind": "taken", "worker": self.node, "timeout": repr(self._config.timeout)}
@@ -598,17 +664,32 @@ class RedisQueue(JobQueue):
             nodes = pipe.hgetall(NODES)
             waiting = self._waiting_script([STREAM], [GROUP], client=pipe)
         self._waiting = max(0, int(await waiting))
-        now, alive, gone = time.time(), [], []
-        for name, text in (await nodes).items():
-            entry = json.loads(text)
-            if now - entry.get("at", 0) > NODE_STALE_SECONDS:
+        now, alive, gone, found = time.time(), [], [], await nodes
+        for name, text in found.items():
+            entry = read_heartbeat(name, text)
+            if entry is None:
+                self._bad_heartbeat(name, text)
+            elif now - entry["at"] > NODE_STALE_SECONDS:
                 gone.append(name)
             else:
                 alive.append(entry)
+        self._bad_nodes &= found.keys()  # one that comes back bad is logged again
         if gone:
             await client.hdel(NODES, gone)
         self._nodes = sorted(alive, key=lambda e: e["node"])
         await self._find_lost(client)
+
+    def _bad_heartbeat(self, name: bytes, text: bytes) -> None:
+        """Skip an entry of the nodes hash that is no heartbeat; say so once per entry."""
+        if name in self._bad_nodes:
+            return
+        self._bad_nodes.add(name)
+        log.error(
+            "queue: %s's entry %r is not a heartbeat this version reads; skipped: %.200r",
+            NODES,
+            name.decode(errors="replace"),
+            text,
+        )
 
     async def _find_lost(self, client: coredis.Redis[bytes]) -> None:
         """Fail this node's waiting jobs whose entries the server no longer has.
@@ -648,7 +729,9 @@ class RedisQueue(JobQueue):
                 return
 
     def _reclaimed(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        job = RemoteJob(self, entry_id, fields)
+        job = self._job_from(entry_id, fields)
+        if job is None:
+            return
         job.attempts += 1  # the node that died had taken it
         log.warning(
             "request %s: its node stopped answering for %g s; reclaimed",
@@ -741,6 +824,30 @@ def missing_group(error: BaseException) -> bool:
     return isinstance(error, ResponseError) and "NOGROUP" in str(error)
 
 
+def read_heartbeat(name: bytes, text: bytes) -> dict[str, Any] | None:
+    """A node's heartbeat, if `text` is one as this version writes them; else None.
+
+    What /status, /metrics and /readyz read of it is checked: its name (the hash's
+    key), its time, its ready count and its workers' states.
+    """
+    try:
+        entry = json.loads(text)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past reason
+        return None
+    if not isinstance(entry, dict) or entry.get("node") != name.decode(errors="replace"):
+        return None
+    at, ready, workers = entry.get("at"), entry.get("ready", 0), entry.get("workers", [])
+    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+        return None
+    if isinstance(ready, bool) or not isinstance(ready, int) or ready < 0:
+        return None
+    if not isinstance(workers, list):
+        return None
+    if not all(isinstance(w, dict) and isinstance(w.get("state"), str) for w in workers):
+        return None
+    return entry
+
+
 def answer_fields(job: Job, node: str) -> dict[str, Any]:
     """An answer as a reply entry: the value, or the error with what its payload needs."""
     timing = job.timing
@@ -767,15 +874,18 @@ def answer_fields(job: Job, node: str) -> dict[str, Any]:
 
 
 def error_from(fields: dict[bytes, bytes]) -> PoolError:
-    """The PoolError a reply entry stands for."""
+    """The PoolError a reply entry stands for; ValueError (BadEntry) if it is unreadable."""
     cls = ERRORS.get(fields.get(b"error", b"").decode(), ModelFailed)
     detail = fields.get(b"detail", b"").decode()
     if cls is ModelFailed:
         exit_code = fields.get(b"exit_code", b"")
+        stderr = json.loads(fields.get(b"stderr", b"[]"))
+        if not (isinstance(stderr, list) and all(isinstance(line, str) for line in stderr)):
+            raise BadEntry("a model's stderr that is not a list of lines")
         return ModelFailed(
             detail or "the model failed",
             exit_code=int(exit_code) if exit_code else None,
-            stderr=json.loads(fields.get(b"stderr", b"[]")),
+            stderr=stderr,
             kind=fields.get(b"failure", b"crashed").decode(),
         )
     if cls is BadRequest:
