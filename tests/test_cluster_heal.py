@@ -103,9 +103,9 @@ async def wait_readiness(client: httpx.AsyncClient, status: int, within: float) 
 
 
 @asynccontextmanager
-async def one_node_with_models(url: str) -> AsyncIterator[httpx.AsyncClient]:
+async def one_node_with_models(url: str, *extra: str) -> AsyncIterator[httpx.AsyncClient]:
     """`modelpool serve --queue URL --workers 1`: a front whose model serves the stream too."""
-    args = ("--queue", url, "--workers", "1", "--node-name", "both")
+    args = ("--queue", url, "--workers", "1", "--node-name", "both", *extra)
     async with server_process(*args, *MODEL) as node:
         async with await wait_listening(node, 60) as client:
             await wait_ready(client, 1, within=60)
@@ -118,11 +118,14 @@ async def one_node_with_models(url: str) -> AsyncIterator[httpx.AsyncClient]:
 async def test_readyz_says_503_while_the_queue_is_unreachable_and_200_once_it_is_back(
     layout: str,
 ) -> None:
+    unhealthy_after = ("--unhealthy-after", "2")
     async with restartable_server() as redis, AsyncExitStack() as stack:
         if layout == "one-node":
-            client = await stack.enter_async_context(one_node_with_models(redis.url))
+            node = one_node_with_models(redis.url, *unhealthy_after)
+            client = await stack.enter_async_context(node)
         else:
-            client = (await stack.enter_async_context(cluster(redis.url, 1, 1))).clients[0]
+            nodes = cluster(redis.url, 1, 1, front_args=unhealthy_after)
+            client = (await stack.enter_async_context(nodes)).clients[0]
         assert (await readiness(client))[0] == 200
         await redis.stop()
         stopped = trio.current_time()
@@ -133,10 +136,15 @@ async def test_readyz_says_503_while_the_queue_is_unreachable_and_200_once_it_is
         error_body(await client.post("/predict", json={"n": 1}), 503, "queue unavailable")
         status, body = await readiness(client)  # still, after a request failed
         assert status == 503 and "queue" in body["detail"]
+        with trio.move_on_after(8):  # down for longer than --unhealthy-after: not healthy
+            while (health := await client.get("/healthz")).status_code != 503:
+                await trio.sleep(0.2)
+        assert health.status_code == 503 and "queue" in health.json()["detail"]
         await redis.start()  # empty: the stream and its group are made anew
         body = await wait_readiness(client, 200, within=20)
         assert "detail" not in body and body["ready"] >= 1
         assert (await client.post("/predict", json={"n": 2})).status_code == 200
+        assert (await client.get("/healthz")).status_code == 200
 
 
 async def test_garbage_in_the_shared_keys_is_skipped_logged_once_and_stops_no_node() -> None:
