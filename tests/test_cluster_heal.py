@@ -209,3 +209,25 @@ async def test_garbage_in_the_shared_keys_is_skipped_logged_once_and_stops_no_no
         assert len(dropped) == 2, dropped
         unread = [line for line in front.log if "a reply it cannot read" in line]
         assert len(unread) == len(bad_replies), unread
+
+
+async def test_a_front_reads_its_replies_again_once_its_replies_stream_was_made_anew() -> None:
+    """Entry ids grow within one stream only: a replies stream made anew (FLUSHALL, a
+    restart, its expiry, a replica whose clock is behind) may number its entries below
+    the last one the front read. An entry numbered far ahead, then the stream deleted,
+    must not leave the front deaf to every later answer."""
+    async with restartable_server() as redis, cluster(redis.url, 1, 1) as nodes:
+        client = nodes.clients[0]
+        assert (await client.post("/predict", json={"n": 0})).status_code == 200
+        store = coredis.Redis.from_url(redis.url, decode_responses=False)
+        async with store:
+            replies = next(k for k in await store.keys("modelpool:replies:*")).decode()
+            ahead = f"{int(time.time() * 1000) + 10**9}-0"  # about 11 days ahead
+            await store.xadd(replies, {"key": "nobody", "kind": "taken"}, identifier=ahead)
+            await trio.sleep(2 * HEARTBEAT)  # the front has read it
+            await store.delete([replies])
+        answer = None
+        with trio.move_on_after(15):
+            answer = await client.post("/predict", json={"n": 1})
+        assert answer is not None, "the front never read the answer"
+        assert answer.status_code == 200 and answer.json()["echo"] == {"n": 1}

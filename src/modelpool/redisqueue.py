@@ -105,6 +105,13 @@ return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 WAITING = """
 return redis.call('XLEN', KEYS[1]) - redis.call('XPENDING', KEYS[1], ARGV[1])[1]
 """
+# Trim a node's replies up to the last one it read, if the stream still holds that one;
+# false if not: the stream was made anew since, and it must be read from its start.
+TRIM_REPLIES = """
+if #redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', 1) == 0 then return false end
+redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])
+return 1
+"""
 # A job back into the stream, and its caller told its new entry, in one step. It runs
 # only while the old entry is still pending, so sending it twice queues the job once.
 REQUEUE = """
@@ -212,6 +219,7 @@ class RedisQueue(JobQueue):
         self._admit: Any = None  # the Lua scripts, once there is a client
         self._waiting_script: Any = None
         self._requeue_script: Any = None
+        self._trim_script: Any = None
         self._held: list[RemoteJob] = []  # read by a worker that was cancelled meanwhile
         self._connected = trio.Event()
         self._closed = False
@@ -240,6 +248,7 @@ class RedisQueue(JobQueue):
             self._admit = client.register_script(ADMIT)
             self._waiting_script = client.register_script(WAITING)
             self._requeue_script = client.register_script(REQUEUE)
+            self._trim_script = client.register_script(TRIM_REPLIES)
             # The pool does not wait for the server: it must still stop on a signal
             # while the server is down. Callers get 503 until the queue is reached.
             task_status.started()
@@ -660,9 +669,16 @@ class RedisQueue(JobQueue):
             if in_flight:  # still ours: reset their idle time, so no one reclaims them
                 pipe.xclaim(STREAM, GROUP, self.node, 0, in_flight, justid=True)
             # Replies already handed over are of no more use.
-            pipe.xtrim(self._replies, coredis.PureToken.MINID, self._last_reply_id)
+            last_read = self._last_reply_id
+            trimmed = self._trim_script([self._replies], [last_read], client=pipe)
             nodes = pipe.hgetall(NODES)
             waiting = self._waiting_script([STREAM], [GROUP], client=pipe)
+        if not await trimmed and self._last_reply_id == last_read:
+            # The stream was made anew (FLUSHALL, a restart, its expiry): its entries
+            # are numbered by the server's clock, maybe below the last one read here,
+            # and would never be read. Read it from its start; a reply read twice is
+            # ignored the second time.
+            self._last_reply_id = b"0-0"
         self._waiting = max(0, int(await waiting))
         now, alive, gone, found = time.time(), [], [], await nodes
         for name, text in found.items():
