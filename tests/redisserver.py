@@ -13,7 +13,7 @@ import socket
 import subprocess
 import tempfile
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -52,7 +52,8 @@ async def command(port: int, line: bytes) -> bytes:
 
 
 async def ping(port: int) -> bool:
-    return (await command(port, b"PING")).startswith(b"+PONG")
+    """Whether a server answers on `port` (one with a password answers NOAUTH)."""
+    return (await command(port, b"PING")).startswith((b"+PONG", b"-NOAUTH"))
 
 
 @asynccontextmanager
@@ -106,3 +107,39 @@ async def sentinel_setup(directory: Path) -> AsyncIterator[tuple[str, trio.Proce
         )
         async with server(str(config), "--sentinel") as sentinel:
             yield f"redis+sentinel://127.0.0.1:{sentinel.port}/mp/0", primary
+
+
+class RestartableServer:
+    """A server on a fixed port that a test can stop and start again, empty each time
+    (nothing is saved), as after a restart without persistence."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._stack: AsyncExitStack | None = None
+
+    async def start(self) -> None:
+        assert self._stack is None
+        stack = AsyncExitStack()
+        await stack.enter_async_context(server(port=self.port))
+        self._stack = stack
+
+    async def stop(self) -> None:
+        if self._stack is not None:
+            stack, self._stack = self._stack, None
+            await stack.aclose()
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+
+@asynccontextmanager
+async def restartable_server() -> AsyncIterator[RestartableServer]:
+    """A RestartableServer, started; stopped on exit."""
+    redis = RestartableServer()
+    await redis.start()
+    try:
+        yield redis
+    finally:
+        await redis.stop()

@@ -145,6 +145,8 @@ def create_app(
         status = pool.status()
         ready = status["ready"] > 0 and not status["shutting_down"]
         body = {key: status[key] for key in ("ready", "size", "queue", "shutting_down")}
+        if (unavailable := pool.queue.unavailable) is not None:
+            ready, body["detail"] = False, unavailable  # a request would get 503
         return json_response(200 if ready else 503, body)
 
     @app.get("/status")

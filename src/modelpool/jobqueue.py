@@ -52,6 +52,15 @@ class JobQueue(ABC):
         """Why the queue cannot serve now, if it cannot (for /healthz)."""
         return None
 
+    @property
+    def unavailable(self) -> str | None:
+        """Why a job put now would be refused, or None while the queue takes jobs.
+
+        /readyz says 503 with it, at once (a local queue is always there), so a load
+        balancer stops sending requests that could only fail; `problem` waits longer.
+        """
+        return None
+
     def metrics(self) -> Iterator[Metric]:
         """Gauges this kind of queue adds to /metrics (the cluster's, for Redis)."""
         return iter(())

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from .config import ConfigError, MiB, PoolConfig, ServerConfig, split_command
+from .config import ConfigError, MiB, PoolConfig, ServerConfig, redact_url, split_command
 from .logs import FORMATS
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -449,11 +449,12 @@ def parse(
         value = getattr(args, option.dest)
         if value is UNSET and option.env in environ:
             raw = environ[option.env]
-            source[option.dest] = f"from {option.env}={raw!r}"
+            shown = redact_url(raw) if option.dest == "queue" else raw  # its password: never
+            source[option.dest] = f"from {option.env}={shown!r}"
             try:
                 value = _from_env(option, raw)
             except argparse.ArgumentTypeError as exc:
-                parser.error(f"{option.env}={raw!r} (for {option.flag}): {exc}")
+                parser.error(f"{option.env}={shown!r} (for {option.flag}): {exc}")
         if value is UNSET and option.dest in from_file:
             source[option.dest] = f"from {config_file}"
             value = from_file[option.dest]

@@ -33,7 +33,6 @@ import itertools
 import json
 import logging
 import math
-import re
 import secrets
 import socket
 import time
@@ -50,10 +49,12 @@ from coredis.exceptions import (
     ReadOnlyError,
     RedisError,
     ResponseError,
+    StreamConsumerGroupError,
     StreamDuplicateConsumerGroupError,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from .config import redact_url as redact
 from .errors import (
     BadRequest,
     ModelFailed,
@@ -104,6 +105,13 @@ return redis.call('XADD', KEYS[1], '*', unpack(ARGV, 3))
 WAITING = """
 return redis.call('XLEN', KEYS[1]) - redis.call('XPENDING', KEYS[1], ARGV[1])[1]
 """
+# Trim a node's replies up to the last one it read, if the stream still holds that one;
+# false if not: the stream was made anew since, and it must be read from its start.
+TRIM_REPLIES = """
+if #redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', 1) == 0 then return false end
+redis.call('XTRIM', KEYS[1], 'MINID', ARGV[1])
+return 1
+"""
 # A job back into the stream, and its caller told its new entry, in one step. It runs
 # only while the old entry is still pending, so sending it twice queues the job once.
 REQUEUE = """
@@ -145,20 +153,46 @@ class _Caller:
             self.scope.deadline = self.deadline()
 
 
+class BadEntry(ValueError):
+    """Data in a shared key that this version cannot read: another node's version, or a
+    person, wrote it. It is skipped and logged; it must never stop a node."""
+
+
 class RemoteJob(Job):
-    """A job read from the stream: settling it sends the answer to its caller's node."""
+    """A job read from the stream: settling it sends the answer to its caller's node.
+
+    BadEntry if the entry is not a job as this version writes them: one JSON line for
+    the model, where its answer goes, and numbers where numbers belong.
+    """
 
     def __init__(self, queue: RedisQueue, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        wire_id = fields[b"wid"].decode() or None
-        super().__init__(fields[b"line"], fields[b"rid"].decode(), wire_id)
+        try:
+            line, request_id = fields[b"line"], fields[b"rid"].decode()
+            wire_id = fields[b"wid"].decode() or None
+            key, reply_to = fields[b"key"], fields[b"reply"]
+            attempts, enqueued_wall = int(fields[b"n"]), float(fields[b"at"])
+            take_by_wall = float(fields[b"by"]) if fields[b"by"] else None
+        except (KeyError, ValueError, AttributeError) as exc:
+            raise BadEntry(f"not a job: {exc!r}") from None
+        if not line.endswith(b"\n") or line.count(b"\n") != 1:
+            raise BadEntry("its line for the model is not one line")  # it would shift answers
+        if not (request_id.isprintable() and key and reply_to):
+            raise BadEntry("its request id, key or reply stream is not readable")
+        if wire_id is not None and not wire_id.isprintable():
+            raise BadEntry("its wire id is not readable")
+        if attempts < 0 or not math.isfinite(enqueued_wall):
+            raise BadEntry("its attempts or its time is not a count or a time")
+        if take_by_wall is not None and not math.isfinite(take_by_wall):
+            raise BadEntry("its deadline is not a time")
+        super().__init__(line, request_id, wire_id)
         self.queue = queue
         self.entry_id = entry_id
         self.fields = fields
-        self.key = fields[b"key"]
-        self.reply_to = fields[b"reply"]
-        self.attempts = int(fields[b"n"])
-        self.enqueued_wall = float(fields[b"at"])
-        self.take_by_wall = float(fields[b"by"]) if fields[b"by"] else None
+        self.key = key
+        self.reply_to = reply_to
+        self.attempts = attempts
+        self.enqueued_wall = enqueued_wall
+        self.take_by_wall = take_by_wall
         self.enqueued_at = trio.current_time() - max(0.0, time.time() - self.enqueued_wall)
         self.queued = True
 
@@ -185,6 +219,7 @@ class RedisQueue(JobQueue):
         self._admit: Any = None  # the Lua scripts, once there is a client
         self._waiting_script: Any = None
         self._requeue_script: Any = None
+        self._trim_script: Any = None
         self._held: list[RemoteJob] = []  # read by a worker that was cancelled meanwhile
         self._connected = trio.Event()
         self._closed = False
@@ -198,6 +233,7 @@ class RedisQueue(JobQueue):
         self._in_flight: set[bytes] = set()  # entries this node's workers hold
         self._waiting = 0  # the cluster's waiting jobs, as of the last heartbeat
         self._nodes: list[dict[str, Any]] = []
+        self._bad_nodes: set[bytes] = set()  # entries of the nodes hash logged as unreadable
         self._down_since: float | None = None
         self._down_reason = "not tried yet"
         self._last_reply_id = b"0-0"
@@ -212,6 +248,7 @@ class RedisQueue(JobQueue):
             self._admit = client.register_script(ADMIT)
             self._waiting_script = client.register_script(WAITING)
             self._requeue_script = client.register_script(REQUEUE)
+            self._trim_script = client.register_script(TRIM_REPLIES)
             # The pool does not wait for the server: it must still stop on a signal
             # while the server is down. Callers get 503 until the queue is reached.
             task_status.started()
@@ -244,14 +281,18 @@ class RedisQueue(JobQueue):
     async def _mend_lost_group(self, client: coredis.Redis[bytes], exc: BaseException) -> bool:
         """If `exc` says the stream or its group is gone, make them anew; whether it did.
 
-        The server lost them: a restart without persistence, or a failover to a replica
-        that had not received them yet.
+        The server lost them: a restart without persistence, a FLUSHALL, or a failover
+        to a replica that had not received them yet. The jobs that waited in the stream
+        are lost with it; their callers learn it from `_find_lost` within two heartbeats.
         """
-        if not (isinstance(exc, ResponseError) and missing_group(exc)):
+        if not missing_group(exc):
+            return False
+        try:
+            await self._ensure_group(client)
+        except SERVER_ERRORS as again:
+            self._down(again)
             return False
         log.warning("queue %s: the job stream was gone; made anew", redact(self._url))
-        with contextlib.suppress(*SERVER_ERRORS):
-            await self._ensure_group(client)
         return True
 
     async def flush(self) -> None:
@@ -299,6 +340,7 @@ class RedisQueue(JobQueue):
                 except SERVER_ERRORS as exc:
                     raise QueueUnavailable(f"cannot reach the queue: {exc}") from None
             if scope.cancelled_caught:
+                self._down(TimeoutError(f"no answer within {ADMIT_SECONDS:g} s"))
                 raise QueueUnavailable(f"the queue did not answer within {ADMIT_SECONDS:g} s")
             if entry_id is None:
                 raise QueueFull()
@@ -316,11 +358,17 @@ class RedisQueue(JobQueue):
         """Admit and add one entry; its id, or None if the queue is full."""
         assert self._client is not None
         try:
-            return await self._admit([STREAM], [GROUP, self._config.max_queue, *flat])
-        except ResponseError as exc:
-            if not await self._mend_lost_group(self._client, exc):
-                raise
-            return await self._admit([STREAM], [GROUP, self._config.max_queue, *flat])
+            try:
+                entry_id = await self._admit([STREAM], [GROUP, self._config.max_queue, *flat])
+            except RedisError as exc:
+                if not await self._mend_lost_group(self._client, exc):
+                    raise
+                entry_id = await self._admit([STREAM], [GROUP, self._config.max_queue, *flat])
+        except SERVER_ERRORS as exc:
+            self._down(exc)  # every request fails meanwhile: /readyz and /healthz say so
+            raise
+        self._up()
+        return entry_id
 
     async def wait(self, job: Job) -> None:
         caller = self._callers.get(job.queue_key)
@@ -380,19 +428,25 @@ class RedisQueue(JobQueue):
                 self._last_reply_id = entry.identifier
                 try:
                     self._on_reply(entry.field_values)
-                except (KeyError, ValueError) as exc:  # a node of another version, say
-                    log.error("queue: a reply it cannot read (%r): %s", exc, entry.field_values)
+                except (KeyError, ValueError, RecursionError) as exc:  # another version wrote it
+                    log.error(
+                        "queue: a reply it cannot read (%s); skipped: %.300r",
+                        exc,
+                        entry.field_values,
+                    )
 
     def _on_reply(self, fields: dict[bytes, bytes]) -> None:
         caller = self._callers.get(fields.get(b"key", b""))
         if caller is None:
             return  # its caller gave up, or an answer came twice: the first one counted
-        job, kind, now = caller.job, fields[b"kind"], trio.current_time()
+        job, kind, now = caller.job, fields.get(b"kind"), trio.current_time()
         if kind == b"taken":
-            job.taken.set()
-            job.timing.queue_wait = now - job.enqueued_at
             # The worker's own timeout, then time for a reclaim if its node dies.
             timeout = float(fields.get(b"timeout") or self._config.timeout)
+            if not 0 < timeout < math.inf:
+                raise BadEntry(f"a worker's timeout that is no time: {timeout!r}")
+            job.taken.set()
+            job.timing.queue_wait = now - job.enqueued_at
             reclaim = 1.5 * self._config.reclaim_after + BEAT_SECONDS
             caller.answer_by = now + timeout + reclaim + ANSWER_SLACK_SECONDS
             if not caller.observed:
@@ -400,18 +454,30 @@ class RedisQueue(JobQueue):
                 self._metrics.queue_wait.observe(job.timing.queue_wait)
             caller.moved()
         elif kind == b"requeued":
+            if not fields.get(b"entry"):
+                raise BadEntry("a requeue notice without its new entry")
             job.taken = trio.Event()  # back in the stream, waiting for a model again
             caller.entry_id, caller.missing = fields[b"entry"], False
             caller.moved()
-        else:
-            job.timing.worker = fields.get(b"worker", b"").decode() or None
-            job.timing.pid = int(fields[b"pid"]) if fields.get(b"pid") else None
-            if fields.get(b"compute"):
-                job.timing.compute = float(fields[b"compute"])
+        elif kind in (b"ok", b"error"):
+            worker = fields.get(b"worker", b"").decode() or None
+            pid = int(fields[b"pid"]) if fields.get(b"pid") else None
+            compute = float(fields[b"compute"]) if fields.get(b"compute") else None
+            if compute is not None and not 0 <= compute < math.inf:
+                raise BadEntry(f"a compute time that is no time: {compute!r}")
             if kind == b"ok":
-                job.succeed(json.loads(fields[b"value"]))
+                value = json.loads(fields[b"value"])
+                if not isinstance(value, dict):
+                    raise BadEntry("a value that is not a JSON object")
             else:
-                job.fail(error_from(fields))
+                error = error_from(fields)
+            job.timing.worker, job.timing.pid, job.timing.compute = worker, pid, compute
+            if kind == b"ok":
+                job.succeed(value)
+            else:
+                job.fail(error)
+        else:
+            raise BadEntry(f"a reply of an unknown kind: {kind!r}")
 
     # -- the worker's side ------------------------------------------------------------
 
@@ -433,8 +499,9 @@ class RedisQueue(JobQueue):
                         GROUP, self.node, {STREAM: ">"}, count=1, block=BLOCK_MS
                     )
                     for entry in (found or {}).get(STREAM.encode(), ())[:1]:
-                        job = RemoteJob(self, entry.identifier, entry.field_values)
-                        self._in_flight.add(job.entry_id)
+                        job = self._job_from(entry.identifier, entry.field_values)
+                        if job is not None:
+                            self._in_flight.add(job.entry_id)
                     self._up()
                 except SERVER_ERRORS as exc:
                     error = exc
@@ -449,6 +516,22 @@ class RedisQueue(JobQueue):
             if error is not None:
                 await self._on_read_error(error)
             await trio.lowlevel.checkpoint()
+
+    def _job_from(self, entry_id: bytes, fields: dict[bytes, bytes]) -> RemoteJob | None:
+        """The job an entry of the stream holds; None, and the entry dropped, if it is
+        not one (each entry is read once, so it is logged once)."""
+        try:
+            return RemoteJob(self, entry_id, fields)
+        except BadEntry as exc:
+            log.error(
+                "queue: entry %s of %s is not a job this version reads (%s); dropped: %.300r",
+                entry_id.decode(errors="replace"),
+                STREAM,
+                exc,
+                fields,
+            )
+            self._post("discard", entry_id)
+            return None
 
     async def _on_read_error(self, exc: BaseException) -> None:
         assert self._client is not None
@@ -525,6 +608,10 @@ class RedisQueue(JobQueue):
         if kind == "drop":
             pipe.xdel(STREAM, [item])
             return
+        if kind == "discard":  # delivered to this node, but not a job: nobody's
+            pipe.xack(STREAM, GROUP, [item])
+            pipe.xdel(STREAM, [item])
+            return
         job: RemoteJob = item
         if kind == "taken":
             fields = {"kind": "taken", "worker": self.node, "timeout": repr(self._config.timeout)}
@@ -582,21 +669,43 @@ class RedisQueue(JobQueue):
             if in_flight:  # still ours: reset their idle time, so no one reclaims them
                 pipe.xclaim(STREAM, GROUP, self.node, 0, in_flight, justid=True)
             # Replies already handed over are of no more use.
-            pipe.xtrim(self._replies, coredis.PureToken.MINID, self._last_reply_id)
+            last_read = self._last_reply_id
+            trimmed = self._trim_script([self._replies], [last_read], client=pipe)
             nodes = pipe.hgetall(NODES)
             waiting = self._waiting_script([STREAM], [GROUP], client=pipe)
+        if not await trimmed and self._last_reply_id == last_read:
+            # The stream was made anew (FLUSHALL, a restart, its expiry): its entries
+            # are numbered by the server's clock, maybe below the last one read here,
+            # and would never be read. Read it from its start; a reply read twice is
+            # ignored the second time.
+            self._last_reply_id = b"0-0"
         self._waiting = max(0, int(await waiting))
-        now, alive, gone = time.time(), [], []
-        for name, text in (await nodes).items():
-            entry = json.loads(text)
-            if now - entry.get("at", 0) > NODE_STALE_SECONDS:
+        now, alive, gone, found = time.time(), [], [], await nodes
+        for name, text in found.items():
+            entry = read_heartbeat(name, text)
+            if entry is None:
+                self._bad_heartbeat(name, text)
+            elif now - entry["at"] > NODE_STALE_SECONDS:
                 gone.append(name)
             else:
                 alive.append(entry)
+        self._bad_nodes &= found.keys()  # one that comes back bad is logged again
         if gone:
             await client.hdel(NODES, gone)
         self._nodes = sorted(alive, key=lambda e: e["node"])
         await self._find_lost(client)
+
+    def _bad_heartbeat(self, name: bytes, text: bytes) -> None:
+        """Skip an entry of the nodes hash that is no heartbeat; say so once per entry."""
+        if name in self._bad_nodes:
+            return
+        self._bad_nodes.add(name)
+        log.error(
+            "queue: %s's entry %r is not a heartbeat this version reads; skipped: %.200r",
+            NODES,
+            name.decode(errors="replace"),
+            text,
+        )
 
     async def _find_lost(self, client: coredis.Redis[bytes]) -> None:
         """Fail this node's waiting jobs whose entries the server no longer has.
@@ -636,7 +745,9 @@ class RedisQueue(JobQueue):
                 return
 
     def _reclaimed(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
-        job = RemoteJob(self, entry_id, fields)
+        job = self._job_from(entry_id, fields)
+        if job is None:
+            return
         job.attempts += 1  # the node that died had taken it
         log.warning(
             "request %s: its node stopped answering for %g s; reclaimed",
@@ -664,6 +775,14 @@ class RedisQueue(JobQueue):
                 "nodes": self._nodes,
             }
         }
+
+    @property
+    def unavailable(self) -> str | None:
+        if not self._connected.is_set():
+            return f"not connected to the queue yet: {self._down_reason}"
+        if self._down_since is not None:
+            return f"the queue is unreachable: {self._down_reason}"
+        return None
 
     def problem(self) -> str | None:
         limit = self._config.unhealthy_after
@@ -707,10 +826,42 @@ class RedisQueue(JobQueue):
         self._down_reason = reason
 
 
-def missing_group(error: ResponseError) -> bool:
-    """Whether the server says the stream or its consumer group does not exist."""
-    text = str(error)
-    return "NOGROUP" in text or "consumer group" in text
+def missing_group(error: BaseException) -> bool:
+    """Whether the server says the stream or its consumer group does not exist.
+
+    coredis raises StreamConsumerGroupError for the server's NOGROUP (from a command or
+    from a script), whose text no longer holds the word; a plain ResponseError with it
+    is what other versions may raise.
+    """
+    if isinstance(error, StreamDuplicateConsumerGroupError):
+        return False
+    if isinstance(error, StreamConsumerGroupError):
+        return True
+    return isinstance(error, ResponseError) and "NOGROUP" in str(error)
+
+
+def read_heartbeat(name: bytes, text: bytes) -> dict[str, Any] | None:
+    """A node's heartbeat, if `text` is one as this version writes them; else None.
+
+    What /status, /metrics and /readyz read of it is checked: its name (the hash's
+    key), its time, its ready count and its workers' states.
+    """
+    try:
+        entry = json.loads(text)
+    except (ValueError, RecursionError):  # not JSON, not UTF-8, or nested past reason
+        return None
+    if not isinstance(entry, dict) or entry.get("node") != name.decode(errors="replace"):
+        return None
+    at, ready, workers = entry.get("at"), entry.get("ready", 0), entry.get("workers", [])
+    if isinstance(at, bool) or not isinstance(at, int | float) or not math.isfinite(at):
+        return None
+    if isinstance(ready, bool) or not isinstance(ready, int) or ready < 0:
+        return None
+    if not isinstance(workers, list):
+        return None
+    if not all(isinstance(w, dict) and isinstance(w.get("state"), str) for w in workers):
+        return None
+    return entry
 
 
 def answer_fields(job: Job, node: str) -> dict[str, Any]:
@@ -739,15 +890,18 @@ def answer_fields(job: Job, node: str) -> dict[str, Any]:
 
 
 def error_from(fields: dict[bytes, bytes]) -> PoolError:
-    """The PoolError a reply entry stands for."""
+    """The PoolError a reply entry stands for; ValueError (BadEntry) if it is unreadable."""
     cls = ERRORS.get(fields.get(b"error", b"").decode(), ModelFailed)
     detail = fields.get(b"detail", b"").decode()
     if cls is ModelFailed:
         exit_code = fields.get(b"exit_code", b"")
+        stderr = json.loads(fields.get(b"stderr", b"[]"))
+        if not (isinstance(stderr, list) and all(isinstance(line, str) for line in stderr)):
+            raise BadEntry("a model's stderr that is not a list of lines")
         return ModelFailed(
             detail or "the model failed",
             exit_code=int(exit_code) if exit_code else None,
-            stderr=json.loads(fields.get(b"stderr", b"[]")),
+            stderr=stderr,
             kind=fields.get(b"failure", b"crashed").decode(),
         )
     if cls is BadRequest:
@@ -792,8 +946,3 @@ async def connect(
         )
         async with primary:
             yield primary
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs and /status."""
-    return re.sub(r"//([^:/@]*):[^@/]*@", r"//\1:***@", url)
