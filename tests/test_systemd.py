@@ -370,3 +370,35 @@ async def test_a_restart_on_a_held_socket_refuses_no_connection() -> None:
     across = [o for o in done if o.sent < gone and o.answered > back]
     assert across, "no request sent to the first modelpool was answered by the second"
     assert len(done) >= 20
+
+
+def test_the_shipped_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
+    """deploy/systemd/ as systemd reads it: no warning, no unknown setting. ExecStart
+    points at this venv's modelpool, which verify requires to exist."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        if REQUIRE_SYSTEMD:
+            raise AssertionError("systemd-analyze is missing: apt-get install systemd")
+        pytest.skip("needs systemd-analyze (apt-get install systemd)")
+    units = Path(__file__).resolve().parents[1] / "deploy" / "systemd"
+    program = Path(sys.executable).with_name("modelpool")
+    service = (units / "modelpool.service").read_text()
+    assert "ExecStart=/usr/local/bin/modelpool serve" in service
+    assert "Type=notify" in service and "KillMode=mixed" in service
+    (tmp_path / "modelpool.service").write_text(
+        service.replace("/usr/local/bin/modelpool", str(program))
+    )
+    shutil.copy(units / "modelpool.socket", tmp_path / "modelpool.socket")
+    result = subprocess.run(
+        [
+            analyze,
+            "verify",
+            *(str(tmp_path / name) for name in ("modelpool.service", "modelpool.socket")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
+        result.stdout + result.stderr
+    )
