@@ -32,7 +32,8 @@ import pytest
 import trio
 from redisserver import free_port, redis_server
 
-from conftest import FAST_MODEL3, children_of
+from conftest import FAST_MODEL3, MODELS, children_of
+from modelpool.sdnotify import EXTEND_EVERY
 from serverproc import ServerProcess, clean_env, server_process, wait_listening, wait_ready
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
@@ -284,24 +285,27 @@ if fd != 3:
     os.dup2(fd, 3)
     os.close(fd)
 os.set_inheritable(3, True)
-os.environ.update(LISTEN_FDS="1", LISTEN_PID=str(os.getpid()))
-os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+os.environ.update(LISTEN_FDS=sys.argv[2], LISTEN_PID=str(os.getpid()))
+os.execv(sys.executable, [sys.executable, *sys.argv[3:]])
 """
 
 
 @contextlib.contextmanager
-def held_socket() -> Iterator[socket.socket]:
-    """A listening socket on a free loopback port, held by the test as systemd holds one."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        sock.listen(128)
+def held_socket(
+    host: str = "127.0.0.1", kind: socket.SocketKind = socket.SOCK_STREAM
+) -> Iterator[socket.socket]:
+    """A socket on a free port (listening, if a stream), held by the test as systemd does."""
+    with socket.socket(socket.AF_INET, kind) as sock:
+        sock.bind((host, 0))
+        if kind == socket.SOCK_STREAM:
+            sock.listen(128)
         yield sock
 
 
-def activated(sock: socket.socket, *args: str) -> list[str]:
-    """A command that runs `python ARGS` with `sock` as fd 3 and LISTEN_FDS=1, as systemd
-    starts a service: LISTEN_PID is the pid of the process that execs it."""
-    return [sys.executable, "-c", LAUNCH, str(sock.fileno()), *args]
+def activated(sock: socket.socket, *args: str, count: int = 1) -> list[str]:
+    """A command that runs `python ARGS` with `sock` as fd 3 and LISTEN_FDS=count, as
+    systemd starts a service: LISTEN_PID is the pid of the process that execs it."""
+    return [sys.executable, "-c", LAUNCH, str(sock.fileno()), str(count), *args]
 
 
 @dataclass
@@ -402,3 +406,62 @@ def test_the_shipped_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
     assert result.returncode == 0 and not (result.stdout + result.stderr).strip(), (
         result.stdout + result.stderr
     )
+
+
+@pytest.mark.parametrize(
+    ("host", "kind", "count", "key", "expected"),
+    [
+        ("127.0.0.1", socket.SOCK_STREAM, 2, None, "modelpool serves one"),
+        ("127.0.0.1", socket.SOCK_DGRAM, 1, None, "is not a TCP socket"),
+        ("0.0.0.0", socket.SOCK_STREAM, 1, None, "not a loopback address, and no API key"),
+        ("0.0.0.0", socket.SOCK_STREAM, 1, "k" * 32, None),  # with a key, it serves
+    ],
+)
+async def test_a_passed_socket_it_must_not_serve_is_refused_before_any_model_starts(
+    host: str, kind: socket.SocketKind, count: int, key: str | None, expected: str | None
+) -> None:
+    env = clean_env({**FAST_MODEL3, **({"MODELPOOL_API_KEY": key} if key else {})})
+    with held_socket(host, kind) as sock:
+        command = activated(sock, *MODELPOOL[1:], count=count)
+        async with running(command, env, pass_fds=(sock.fileno(),)) as server:
+            if expected is None:
+                await wait_listening(server)
+                server.proc.send_signal(signal.SIGTERM)
+                assert await server.exit_code(within=20) == 0
+                return
+            assert await server.exit_code(within=20) == 1
+            assert any(expected in line for line in server.log), server.log
+            assert not server.model_pids()
+
+
+# -- start-up that does not go to plan ----------------------------------------------------
+
+
+async def test_ready_once_one_model_is_while_another_keeps_failing(tmp_path: Path) -> None:
+    """starts_once.py serves on the first worker and fails on every later start."""
+    model = f"{sys.executable} -u {MODELS / 'starts_once.py'} {tmp_path / 'started'}"
+    async with notify_socket() as heard:
+        args = ("--workers", "2", "--model-cmd", model)
+        async with server_process(*args, env={"NOTIFY_SOCKET": heard.address}) as server:
+            ready = await heard.wait_for("READY", "1")
+            assert ready.fields.get("STATUS") == "1/2 models ready, 0 queued"
+            server.proc.send_signal(signal.SIGTERM)
+            assert await server.exit_code(within=20) == 0
+
+
+async def test_a_pool_whose_every_model_fails_stops_asking_for_more_time(tmp_path: Path) -> None:
+    """Extensions stop once the pool is unhealthy, so TimeoutStartSec applies again."""
+    (tmp_path / "started").touch()  # every start of starts_once.py now fails
+    model = f"{sys.executable} -u {MODELS / 'starts_once.py'} {tmp_path / 'started'}"
+    async with notify_socket() as heard:
+        args = ("--workers", "1", "--model-cmd", model, "--unhealthy-after", "1")
+        async with server_process(*args, env={"NOTIFY_SOCKET": heard.address}) as server:
+            first = await heard.wait_for("EXTEND_TIMEOUT_USEC")
+            failing = await heard.wait_for("STATUS", after=first.at)
+            while "failing" not in failing.fields["STATUS"]:
+                failing = await heard.wait_for("STATUS", after=failing.at)
+            await trio.sleep(max(0.0, first.at + EXTEND_EVERY + 1.5 - time.monotonic()))
+            assert len(heard.having("EXTEND_TIMEOUT_USEC")) == 1, heard.messages
+            assert not heard.having("READY")
+            server.proc.send_signal(signal.SIGTERM)
+            assert await server.exit_code(within=20) == 0
