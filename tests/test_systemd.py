@@ -265,12 +265,14 @@ async def test_systemd_socket_activate_starts_modelpool_on_its_socket() -> None:
     that connection, made before modelpool ran, is answered."""
     binary = systemd_socket_activate()
     port = free_port()
-    command = [binary, "-l", f"127.0.0.1:{port}", *MODELPOOL, "--port", "1"]
-    async with running(command, clean_env(FAST_MODEL3)) as server:
+    env = clean_env(FAST_MODEL3)
+    passed = [f"--setenv={name}" for name in env]  # it passes on only the variables named
+    command = [binary, "-l", f"127.0.0.1:{port}", *passed, *MODELPOOL, "--port", "1"]
+    async with running(command, env) as server:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             response = await client.post("/predict", json={"data": 0.1})
             assert response.status_code == 200, response.text
-            assert "result" in response.json() or response.json()
+            assert response.json() == {"ice_found": True}
         assert any("serving on the socket systemd passed" in line for line in server.log)
         assert any(f"listening on http://127.0.0.1:{port}" in line for line in server.log)
         assert_models_inherit_nothing(server)
