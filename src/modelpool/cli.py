@@ -23,6 +23,7 @@ from .errors import ModelCommandError
 from .options import parse
 from .pool import Pool, open_pool
 from .reaper import Reaper
+from .sdnotify import Notifier
 from .server import Service
 
 log = logging.getLogger("modelpool")
@@ -34,14 +35,18 @@ async def run_service(config: ServerConfig) -> None:
     """Serve until SIGINT/SIGTERM; a second signal stops at once; SIGHUP reloads the models.
 
     The service owns this process, so it adopts orphans (see reaper.py): whatever a
-    model starts dies with it, however it escaped.
+    model starts dies with it, however it escaped. Under systemd, it tells systemd how
+    it is doing (see sdnotify.py).
     """
-    service = Service(config, Reaper(adopt_orphans=True))
+    notifier = Notifier.from_environment()
+    service = Service(config, Reaper(adopt_orphans=True), notifier)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_on_signals, signals, service, nursery)
+            nursery.start_soon(notifier.watchdog)
+            nursery.start_soon(_on_signals, signals, service, nursery, notifier)
             await service.run()
             nursery.cancel_scope.cancel()
+    notifier.close()
 
 
 async def run_worker(config: PoolConfig) -> None:
@@ -50,13 +55,17 @@ async def run_worker(config: PoolConfig) -> None:
     A graceful stop takes no new job and finishes the ones its models compute; the jobs
     still waiting stay in the stream for the other nodes.
     """
+    notifier = Notifier.from_environment()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with open_pool(config, Reaper(adopt_orphans=True)) as pool:
             log.info("worker node %s: %d model(s) taking jobs", pool.node, len(pool.workers))
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_on_signals, signals, PoolNode(pool), nursery)
+                nursery.start_soon(notifier.watchdog)
+                nursery.start_soon(notifier.follow, pool)
+                nursery.start_soon(_on_signals, signals, PoolNode(pool), nursery, notifier)
                 await pool.stopped.wait()
                 nursery.cancel_scope.cancel()
+    notifier.close()
     log.info("stopped")
 
 
@@ -77,19 +86,28 @@ class PoolNode:
 
 
 async def _on_signals(
-    signals: AsyncIterator[int], node: Service | PoolNode, nursery: trio.Nursery
+    signals: AsyncIterator[int],
+    node: Service | PoolNode,
+    nursery: trio.Nursery,
+    notifier: Notifier,
 ) -> None:
     """SIGHUP: a rolling reload. SIGTERM/SIGINT: a graceful stop; a second one: kill."""
+
+    async def reload() -> None:
+        with notifier.reloading():
+            await node.reload()
+
     received = 0
     async for signum in signals:
         name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
             log.info("SIGHUP: rolling reload of every model")
-            nursery.start_soon(node.reload)
+            nursery.start_soon(reload)
             continue
         received += 1
         if received == 1:
             log.info("%s: shutting down gracefully (send it again to stop at once)", name)
+            notifier.stopping()
             node.shutdown()
         else:
             log.warning("%s again: killing every model now", name)

@@ -158,6 +158,10 @@ class Pool:
                 raise ShuttingDown()
             await self._changed.wait()
 
+    async def wait_changed(self) -> None:
+        """Wait until a worker changes state (or joins or leaves the pool)."""
+        await self._changed.wait()
+
     def status(self) -> dict[str, Any]:
         healthy, problem = self.health()
         return {

@@ -11,16 +11,18 @@ SIGKILLed at once and waiting requests get 503.
 from __future__ import annotations
 
 import logging
+import socket
 from functools import partial
 from importlib import import_module
 from typing import TYPE_CHECKING
 
 import trio
 
-from .binding import bind
-from .config import ServerConfig
+from .binding import CannotListen, bind, inherited_socket
+from .config import ServerConfig, is_loopback
 from .pool import Pool, open_pool
 from .reaper import Reaper
+from .sdnotify import Notifier
 
 if TYPE_CHECKING:
     from hypercorn.config import Config as HypercornConfig
@@ -75,10 +77,14 @@ def import_http_stack() -> None:
 
 
 class Service:
-    """The whole service in one trio task; `reaper` as for `open_pool`."""
+    """The whole service in one trio task; `reaper` as for `open_pool`; `notifier` tells
+    systemd how it is doing (see sdnotify.py)."""
 
-    def __init__(self, config: ServerConfig, reaper: Reaper | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig, reaper: Reaper | None = None, notifier: Notifier | None = None
+    ) -> None:
         self.config = config
+        self.notifier = notifier or Notifier()
         self.connections: Connections | None = None
         self._reaper = reaper
         self._stop = trio.Event()
@@ -114,7 +120,7 @@ class Service:
         Raises binding.CannotListen before any model starts if the port cannot be
         bound, and errors.ModelCommandError if the model command cannot be run.
         """
-        sock = bind(self.config.host, self.config.port)
+        sock = self._listening_socket()
         try:
             async with open_pool(self.config.pool, self._reaper) as pool:
                 # The models are starting (each takes seconds): the HTTP stack, a fifth
@@ -149,9 +155,28 @@ class Service:
                     url = binds[0]
                     log.info("listening on %s with %d model(s)", url, len(pool.workers))
                     task_status.started(url)
+                    nursery.start_soon(self.notifier.follow, pool)
         finally:
             sock.close()
         log.info("stopped")
+
+    def _listening_socket(self) -> socket.socket:
+        """The socket systemd passed, if it passed one; else one bound to --host/--port."""
+        sock = inherited_socket()
+        if sock is None:
+            return bind(self.config.host, self.config.port)
+        host, port = sock.getsockname()[:2]
+        log.info(
+            "serving on the socket systemd passed (%s port %d); --host, --port ignored", host, port
+        )
+        open_to_all = self.config.api_key is None and not self.config.allow_unauthenticated
+        if open_to_all and not is_loopback(host):
+            sock.close()
+            raise CannotListen(
+                f"the socket systemd passed listens on {host}, not a loopback address, and "
+                "no API key is set: set MODELPOOL_API_KEY, or pass --allow-unauthenticated"
+            )
+        return sock
 
     def _hypercorn_config(self) -> HypercornConfig:
         from hypercorn.config import Config as HypercornConfig
