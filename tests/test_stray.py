@@ -102,6 +102,18 @@ async def test_an_event_loop_model_is_served_under_the_quiet_period_rule(loop: s
         assert all(m is not None and not m.waits_visibly for m in models)
 
 
+async def test_an_event_loop_model_that_floods_after_its_answer_is_replaced_as_hung() -> None:
+    config = hostile_config("event_loop.py", timeout=1)
+    async with open_pool(config) as pool:
+        await pool.wait_ready()
+        first = await pool.predict({"flood": True})
+        answer = await pool.predict({"n": 1})  # not sent to the flooder: it would time out
+        assert answer["echo"] == {"n": 1} and answer["pid"] != first["pid"]
+        failure = pool.workers[0].last_failure
+        assert failure["reason"] == "timeout" and failure["pid"] == first["pid"]
+        assert "did not stop printing within 1 s" in failure["detail"]
+
+
 async def test_a_model_that_reads_its_stdin_is_seen_waiting() -> None:
     async with open_pool(hostile_config("echo.py")) as pool:
         await pool.predict({"n": 1})

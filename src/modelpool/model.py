@@ -200,15 +200,16 @@ class ModelProcess:
         half-written, and either blocked (in anything) or silent for QUIET_PERIOD; with
         an id field, only what is already in the pipe is read, since a stray result
         cannot pass for another's; one that keeps printing goes on after CATCH_UP_MAX
-        unless it is over its output budget. A model that is not done within --timeout
-        is `hung`.
+        unless it prints faster than its output budget allows. A model that is not done
+        within --timeout is `hung`.
         """
         stamped = self._stdout
         assert stamped is not None
         timeout = self._config.timeout
         quiet = 0.0 if self._config.id_field is not None else QUIET_PERIOD
-        now = trio.current_time()
-        release, deadline = now + CATCH_UP_MAX, now + timeout
+        start = trio.current_time()
+        deadline = start + timeout
+        charged = self._budget.charged
         polls = 0
         with self.cancel_on_trouble():  # a stray result, or the end of its output
             while True:
@@ -218,8 +219,8 @@ class ModelProcess:
                 elif self._quiet(stamped, quiet) and not self.throttled:
                     return
                 now = trio.current_time()
-                if self._waiting is None and now >= release and not self.throttled:
-                    return
+                if self._waiting is None and self._released(start, now, charged):
+                    return  # it keeps printing, but within its budget
                 if now >= deadline:
                     what = "get back to reading its stdin" if self._waiting else "stop printing"
                     self.hung = f"did not {what} within {timeout:g} s of its answer"
@@ -252,6 +253,13 @@ class ModelProcess:
         with trio.move_on_after(CLOSED_STDIN_GRACE):
             await self.stdout_ended.wait()
         return not (self.stdout_ended.is_set() or self._exited)
+
+    def _released(self, start: float, now: float, charged: tuple[int, int]) -> bool:
+        """A model whose waiting cannot be seen goes on printing after CATCH_UP_MAX if
+        it does so within its output budget (`charged`: the budget's count at `start`)."""
+        if now - start < CATCH_UP_MAX or self.throttled:
+            return False
+        return not self._budget.over_rate(charged, now - start)
 
     def _back_to_reading(self, stamped: _StampedStream) -> bool:
         """Blocked where it waits for requests, with everything it wrote read and routed.
@@ -646,11 +654,19 @@ class OutputBudget:
         self._lines = float(OUTPUT_BURST_LINES)
         self._bytes = float(OUTPUT_BURST_BYTES)
         self._refilled_at = time.monotonic()
+        self.charged = (0, 0)  # lines and bytes charged so far
 
     def charge(self, size: int, lines: int) -> None:
+        self.charged = (self.charged[0] + lines, self.charged[1] + size)
         self._refill()
         self._lines = max(self._lines - lines, -OUTPUT_BURST_LINES)
         self._bytes = max(self._bytes - size, -OUTPUT_BURST_BYTES)
+
+    def over_rate(self, since: tuple[int, int], seconds: float) -> bool:
+        """Whether what was charged after `since` (a `charged`) is more than the rates
+        allow in `seconds`: the model prints faster than it may for long."""
+        lines, size = self.charged[0] - since[0], self.charged[1] - since[1]
+        return lines > OUTPUT_RATE_LINES * seconds or size > OUTPUT_RATE_BYTES * seconds
 
     def pause(self) -> float:
         """Seconds until both buckets are out of debt; 0 if they are."""

@@ -4,7 +4,8 @@
 EVENT_LOOP=select (default): select.select on fd 0, then a non-blocking os.read;
 EVENT_LOOP=asyncio: asyncio's loop (epoll) reading stdin through a pipe transport.
 Its waiting cannot be seen from outside, so the service keeps its quiet-period rule.
-A request {"sleep": s} is answered after s seconds.
+A request {"sleep": s} is answered after s seconds; after answering {"flood": true} it
+prints lines that are not results for ever, never reading again.
 """
 
 import asyncio
@@ -20,6 +21,8 @@ def answer(line: bytes, count: int) -> None:
     time.sleep(request.get("sleep", 0))
     result = {"echo": request, "pid": os.getpid(), "count": count}
     os.write(1, f"result: {json.dumps(result)}\n".encode())
+    while request.get("flood"):
+        os.write(1, b"noise that is not a result\n" * 2200)
 
 
 def with_select() -> None:
