@@ -203,25 +203,15 @@ class ModelProcess:
         unless it prints faster than its output budget allows. A model that is not done
         within --timeout is `hung`.
         """
-        stamped = self._stdout
-        assert stamped is not None
         timeout = self._config.timeout
-        quiet = 0.0 if self._config.id_field is not None else QUIET_PERIOD
         start = trio.current_time()
-        deadline = start + timeout
         charged = self._budget.charged
+        if self.stdout_ended.is_set() or self.out_of_step or self._caught_up(start, charged):
+            return  # the common case, at the cost of a look or two
         polls = 0
         with self.cancel_on_trouble():  # a stray result, or the end of its output
-            while True:
-                if self._waiting is not None:
-                    if self._back_to_reading(stamped):
-                        return
-                elif self._quiet(stamped, quiet) and not self.throttled:
-                    return
-                now = trio.current_time()
-                if self._waiting is None and self._released(start, now, charged):
-                    return  # it keeps printing, but within its budget
-                if now >= deadline:
+            while not self._caught_up(start, charged):
+                if trio.current_time() >= start + timeout:
                     what = "get back to reading its stdin" if self._waiting else "stop printing"
                     self.hung = f"did not {what} within {timeout:g} s of its answer"
                     return
@@ -233,6 +223,17 @@ class ModelProcess:
                 else:
                     await trio.sleep(min(TICK * (polls - CATCH_UP_SPINS + 1), POLL_MAX))
                 polls += 1
+
+    def _caught_up(self, start: float, charged: tuple[int, int]) -> bool:
+        """Whether the model, which answered at `start`, may get its next request."""
+        stamped = self._stdout
+        assert stamped is not None
+        if self._waiting is not None:
+            return self._back_to_reading(stamped)
+        quiet = 0.0 if self._config.id_field is not None else QUIET_PERIOD
+        if self._quiet(stamped, quiet) and not self.throttled:
+            return True
+        return self._released(start, trio.current_time(), charged)
 
     async def _closed_stdin(self) -> bool:
         """Whether the model, still alive, has closed its end of the pipe of its requests.
