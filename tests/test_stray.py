@@ -85,6 +85,28 @@ async def test_a_model_that_gets_back_to_reading_within_timeout_is_waited_for() 
         assert pool.workers[0].restarts == 0
 
 
+async def test_a_pause_after_the_ready_line_is_not_taken_for_waiting() -> None:
+    """select(0, ...) looks like a read of fd 0 by its first argument, not by its number."""
+    async with open_pool(hostile_config("pause_after_ready.py", timeout=2)) as pool:
+        await pool.wait_ready()
+        await trio.sleep(0.8)  # past the pause: the model is seen in its read
+        first = await pool.predict({"n": 1})
+        assert (await pool.predict({"n": 2}))["pid"] == first["pid"]
+        model = pool.workers[0]._model
+        assert model is not None and model.waits_visibly
+        assert pool.workers[0].restarts == 0
+
+
+async def test_a_first_request_during_a_pause_after_the_ready_line_is_served() -> None:
+    async with open_pool(hostile_config("pause_after_ready.py", timeout=2)) as pool:
+        await pool.wait_ready()
+        first = await pool.predict({"n": 1})  # sent during the pause: nothing learned
+        assert (await pool.predict({"n": 2}))["pid"] == first["pid"]
+        model = pool.workers[0]._model
+        assert model is not None and not model.waits_visibly
+        assert pool.workers[0].restarts == 0
+
+
 @pytest.mark.parametrize("loop", ["select", "asyncio"])
 async def test_an_event_loop_model_is_served_under_the_quiet_period_rule(loop: str) -> None:
     config = hostile_config("event_loop.py", env={"EVENT_LOOP": loop}, workers=2)
