@@ -14,6 +14,7 @@ import trio
 
 from conftest import hostile_config, predict_into, wait_busy, wait_until
 from modelpool import ModelTimeout, PoolError, open_pool
+from modelpool.model import OUTPUT_BURST_LINES, OUTPUT_RATE_LINES
 from modelpool.pool import Pool
 
 ROUNDS = 10
@@ -217,9 +218,16 @@ async def test_a_model_flooding_its_output_after_its_answer_does_not_starve_the_
         await pool.wait_ready()
         alone, _ = await _served_in(pool, 1.5)
         flooder = await pool.predict({"flood": stream})
+        answered = trio.current_time()
+        (model,) = [w._model for w in pool.workers if w.pid == flooder["pid"]]
+        assert model is not None
         flooding, failed = await _served_in(pool, 1.5)  # while the flooder floods
         assert failed == 0
         assert flooding >= alone / 3, (alone, flooding)
+        # what was read of the flood: the budget, and a chunk or two past it
+        lines, _ = model.idle_output
+        allowed = OUTPUT_BURST_LINES + OUTPUT_RATE_LINES * (trio.current_time() - answered)
+        assert 1000 < lines < allowed + 5000, (lines, allowed)
         # The flooder never gets back to reading: after --timeout it is hung, and replaced.
         await wait_until(
             lambda: any(
@@ -232,6 +240,19 @@ async def test_a_model_flooding_its_output_after_its_answer_does_not_starve_the_
         assert worker.last_failure["reason"] == "timeout"
         answer = await pool.predict({"n": "after"})
         assert answer["echo"] == {"n": "after"}
+
+
+async def test_a_request_to_a_model_held_back_for_its_output_is_not_delayed() -> None:
+    """The model printed past its budget after its ready line, and is blocked writing."""
+    lines = 200000  # ten times the burst: read at the budget's rate, 9 s
+    async with open_pool(hostile_config("flood.py", env={"FLOOD_AT_START": str(lines)})) as pool:
+        await pool.wait_ready()
+        await wait_until(lambda: pool.workers[0]._model.throttled, 5, "its output held back")
+        started = trio.current_time()
+        answer = await pool.predict({"lines": 1})
+        assert answer["flooded"] == 1
+        assert trio.current_time() - started < 3  # the rest of its noise read at once
+        assert pool.workers[0].restarts == 0
 
 
 async def test_an_awaited_result_behind_a_flood_is_not_held_back() -> None:

@@ -156,6 +156,11 @@ class ModelProcess:
         return self._waiting is not None
 
     @property
+    def idle_output(self) -> tuple[int, int]:
+        """Lines and bytes read from it while none of its results was awaited."""
+        return self._budget.charged
+
+    @property
     def throttled(self) -> bool:
         """Whether its output is over budget: the pumps hold off reading it for now."""
         return not (self._awaiting or self._exited) and self._budget.pause() > 0
