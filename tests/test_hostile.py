@@ -179,12 +179,12 @@ async def test_a_result_printed_while_nobody_asked_replaces_the_model() -> None:
         assert second["echo"] == {"n": 2} and second["pid"] != first["pid"]
 
 
-# "previous" (the id of the request before) is stale, not wrong: see tests/test_stray.py
 @pytest.mark.parametrize(
     ("way", "problem"),
     [
         ("none", "it does not carry the request id in 'rid'"),
         ("other", "it carries the id \"made-up\" in 'rid'"),
+        ("previous", "it carries the id"),  # stale: dropped, then its answer (test_stray.py)
         ("number", "it carries the id 7 in 'rid'"),
     ],
 )

@@ -13,7 +13,7 @@ import pytest
 import trio
 
 from conftest import hostile_config, predict_into, wait_busy, wait_until
-from modelpool import ModelTimeout, PoolError, open_pool
+from modelpool import ModelFailed, PoolError, open_pool
 from modelpool.model import OUTPUT_BURST_LINES, OUTPUT_RATE_LINES
 from modelpool.pool import Pool
 
@@ -187,12 +187,21 @@ async def test_with_an_id_field_a_late_second_result_is_dropped_while_catching_u
         assert pool.workers[0].restarts == 0
 
 
-async def test_with_an_id_field_a_result_carrying_only_the_previous_id_answers_nothing() -> None:
-    async with open_pool(hostile_config("wrong_id.py", id_field="rid", timeout=1)) as pool:
+async def test_with_an_id_field_a_model_that_answers_only_with_the_previous_id_fails_at_once(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The stale result is dropped; once the model is back to reading, it is its answer."""
+    async with open_pool(hostile_config("wrong_id.py", id_field="rid", timeout=5)) as pool:
         assert await pool.predict({"answer_with": "right"}) == {"echo": {"answer_with": "right"}}
-        with pytest.raises(ModelTimeout):
+        started = trio.current_time()
+        with pytest.raises(ModelFailed) as failure:
             await pool.predict({"answer_with": "previous"})
+        assert trio.current_time() - started < 2  # not the 5 s timeout
+        assert "it carries the id" in failure.value.detail
+        assert "not this request's" in failure.value.detail
+        assert failure.value.kind == "protocol"
         assert pool.metrics.value("modelpool_stale_results_total") == 1
+        assert any("stale result" in r.getMessage() for r in caplog.records)
         assert (await pool.predict({"x": 1}))["echo"] == {"x": 1}
 
 

@@ -128,7 +128,9 @@ class ModelProcess:
         self._stdout: _StampedStream | None = None
         self._init_done = trio.Event()
         self._trouble_scopes: set[trio.CancelScope] = set()
-        self._results_send, self.results = trio.open_memory_channel[bytes](1)
+        # The result, after a None if a stale result came first (see receive_result).
+        self._results_send, self._results = trio.open_memory_channel[bytes | None](2)
+        self._stale_payload = b""  # the last stale result dropped while one was awaited
         self._stderr_tail: deque[str] = deque(maxlen=config.stderr_tail)
         self._output_log = OutputLog(
             name=self.name, level=config.model_log_level, rate=config.model_log_rate
@@ -173,6 +175,7 @@ class ModelProcess:
         """
         self._awaiting = True
         self._wire_id = wire_id
+        self._stale_payload = b""
         if wire_id is not None:
             self._sent_ids.append(wire_id)
         self._budget_waiters.unpark_all()  # an awaited result is never held back
@@ -192,6 +195,28 @@ class ModelProcess:
             await stdin.send_all(line)
         except trio.ClosedResourceError as exc:
             raise trio.BrokenResourceError("model stdin is closed") from exc
+
+    async def receive_result(self) -> bytes:
+        """The awaited result; trio.EndOfChannel once the model's output ended.
+
+        A model seen waiting (`waits_visibly`) that printed a stale result instead of
+        one for this request, and then went back to reading with nothing else printed,
+        will print no other: that stale result is taken for its answer, which
+        parse_result refuses for its id (502) instead of the request timing out.
+        """
+        payload = await self._results.receive()
+        while payload is None:  # a stale result came: watch for the model to be done
+            with trio.move_on_after(POLL_MAX):
+                payload = await self._results.receive()
+            if payload is None and self._gave_up_on_result():
+                return self._stale_payload
+        return payload
+
+    def _gave_up_on_result(self) -> bool:
+        stamped = self._stdout
+        assert stamped is not None
+        nothing_routed = self._results.statistics().current_buffer_used == 0
+        return nothing_routed and self._back_to_reading(stamped)
 
     async def catch_up(self) -> None:
         """Let the model finish printing before it gets its next request.
@@ -418,7 +443,7 @@ class ModelProcess:
         if self.ready and line.startswith(RESULT_PREFIX):
             payload = line[len(RESULT_PREFIX) :]
             if self._sent_ids and (stale := self._stale_id(payload)) is not None:
-                self._drop_stale(stale)
+                self._drop_stale(stale, payload)
             elif self._awaiting:
                 self._awaiting = False
                 self._results_send.send_nowait(payload)
@@ -454,11 +479,19 @@ class ModelProcess:
             return None
         return got
 
-    def _drop_stale(self, stale: str) -> None:
-        """A result for a request already answered (or failed): it answers nothing."""
+    def _drop_stale(self, stale: str, payload: bytes) -> None:
+        """A result for a request already answered (or failed): it answers nothing.
+
+        While a result is awaited from a model seen waiting, the worker is told (a
+        None, once), so it can tell when the model has given up on answering.
+        """
         self.stale_results += 1
         if self.on_stale is not None:
             self.on_stale()
+        if self._awaiting and self._waiting is not None:
+            if not self._stale_payload:
+                self._results_send.send_nowait(None)
+            self._stale_payload = payload
         if self._awaiting:
             log.warning(
                 "%s printed a stale result (id %s, of an earlier request) while awaiting "

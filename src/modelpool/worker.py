@@ -291,7 +291,7 @@ class Worker:
                     await self._replace_unprompted(model)
                     return False
                 try:
-                    payload = await model.results.receive()
+                    payload = await model.receive_result()
                 except trio.EndOfChannel:
                     payload = None
             job.timing.compute = trio.current_time() - started
