@@ -97,6 +97,19 @@ def parse_result(
     return value
 
 
+def result_id(payload: bytes, id_field: str) -> Any:
+    """The value of `id_field` in a result, or None if it is no JSON object that has one.
+
+    For telling a stale result (one with an earlier request's id) from the rest; the
+    result itself is still checked by `parse_result`.
+    """
+    try:
+        value = _loads(payload)
+    except (ValueError, RecursionError):
+        return None
+    return value.get(id_field) if isinstance(value, dict) else None
+
+
 def _loads(data: bytes) -> Any:
     """Parse UTF-8 JSON (a leading BOM is allowed, as RFC 8259 permits).
 

@@ -94,6 +94,11 @@ class PoolMetrics:
         )
         for reason in RESTART_REASONS:
             self.restarts.labels(reason=reason)
+        self.stale_results = Counter(
+            "modelpool_stale_results",
+            "Results dropped because they carried an earlier request's id (--id-field)",
+            registry=self.registry,
+        )
         self.model_start = Histogram(
             "modelpool_model_start_seconds",
             "Time from starting a model to its ready line",

@@ -6,10 +6,13 @@ it ends. A pump task reads its stdout for the whole of its life: lines before th
 line and lines that are not results go to the log (at a bounded rate, see `OutputLog`),
 and a result line goes to the worker only while the worker awaits one. A result nobody
 awaits puts the model out of step: it will be replaced, since a stray result could
-otherwise answer the next request. After each answer the worker lets the model finish
-printing before it sends the next request (see QUIET_PERIOD), so a second result
-printed right after the first is caught too. Another pump logs stderr and keeps its
-last lines for error reports.
+otherwise answer the next request; with --id-field, one that carries the id of an
+earlier request is stale, and only dropped. After each answer the worker lets the
+model finish printing before it sends the next request (see `catch_up`): until it is
+back to reading its stdin, where Linux shows that (procwatch.py), or else for a quiet
+period (QUIET_PERIOD). What a model prints while none of its results is awaited is
+read within a budget (see OutputBudget), so a flood costs the service little. Another
+pump logs stderr and keeps its last lines for error reports.
 """
 
 from __future__ import annotations
@@ -18,17 +21,19 @@ import array
 import fcntl
 import logging
 import os
+import select
 import signal
 import subprocess
 import termios
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 
 import trio
 
-from . import logs
+from . import logs, procwatch
+from .codec import result_id
 from .config import PoolConfig
 from .errors import ModelFailed
 from .lines import LineReader, LineTooLong
@@ -55,9 +60,22 @@ keeps running gets this long of silence on stdout first: 5 ms covers a model the
 kernel put aside between its two lines on a busy machine (1 ms did not, about one time
 in 200 on 2 cores). It is no guarantee: a model that pauses (sleeps) before its second
 line, or has a helper print it, escapes it; only --id-field makes a stray result
-harmless (and with it nothing is waited for).
+harmless (and with it nothing is waited for). This is the rule for models whose
+waiting cannot be seen; one seen waiting in a read of its stdin is waited for until it
+is back there (see `ModelProcess.catch_up`).
 """
 CATCH_UP_MAX = 0.02  # seconds a model that keeps printing after its answer holds its worker
+POLL_MAX = 0.01  # longest pause between two looks at a model that is not back to reading
+LEARN_SETTLE = 0.05
+"""Seconds a model seen blocked elsewhere than in a read of its stdin must stay so to be
+taken for one whose waiting cannot be seen (an event loop), before its first request."""
+LEARN_MAX = 2.0  # seconds after the ready line that what the model looks like waiting is learned
+CLOSED_STDIN_GRACE = 0.1  # seconds a model whose stdin is closed gets to show it is exiting
+STALE_IDS = 64  # ids of its earlier requests a model's results are checked against
+OUTPUT_BURST_LINES = 20_000  # lines a model may print at once while no result is awaited
+OUTPUT_RATE_LINES = 20_000  # and then lines a second
+OUTPUT_BURST_BYTES = 4 * 1024 * 1024  # bytes, likewise
+OUTPUT_RATE_BYTES = 4 * 1024 * 1024
 CATCH_UP_SPINS = 50  # scheduler rounds spent watching the model block before sleeping
 TICK = 0.001  # trio's timer resolution: a shorter sleep lasts as long
 HIDDEN_VARIABLES = ("MODELPOOL_",)  # the service's settings, its API key among them
@@ -97,6 +115,9 @@ class ModelProcess:
         self.ready = False
         self.overflowed = False
         self.out_of_step: str | None = None  # why, once it printed a result nobody awaited
+        self.hung: str | None = None  # why, once it did not get back to reading after an answer
+        self.stale_results = 0  # results with an earlier request's id, dropped
+        self.on_stale: Callable[[], None] | None = None  # called for each of them
         self.request_id: str | None = None  # the request it computes, for its output's log
         self.stdout_ended = trio.Event()
         self.stderr_ended = trio.Event()
@@ -104,11 +125,23 @@ class ModelProcess:
         self._reaper = reaper
         self._token = token
         self._awaiting = False
+        self._wire_id: str | None = None  # the id of the request whose result is awaited
+        self._sent_ids: deque[str] = deque(maxlen=STALE_IDS)
+        self._waiting: procwatch.Signature | None = None  # what it looks like between requests
+        self._learned = trio.Event()  # set once the first request need not wait to learn it
+        self._learning = True  # until the first request is sent
+        self._exited = False
+        assert proc.stdin is not None
+        self._stdin_inode = os.fstat(proc.stdin.fileno()).st_ino  # type: ignore[attr-defined]
+        self._budget = OutputBudget()
+        self._budget_waiters = trio.lowlevel.ParkingLot()
         self._reader: LineReader | None = None
         self._stdout: _StampedStream | None = None
         self._init_done = trio.Event()
         self._trouble_scopes: set[trio.CancelScope] = set()
-        self._results_send, self.results = trio.open_memory_channel[bytes](1)
+        # The result, after a None if a stale result came first (see receive_result).
+        self._results_send, self._results = trio.open_memory_channel[bytes | None](2)
+        self._stale_payload = b""  # the last stale result dropped while one was awaited
         self._stderr_tail: deque[str] = deque(maxlen=config.stderr_tail)
         self._plain = PlainLines()  # stdout lines that were no result, for failure messages
         self._output_log = OutputLog(
@@ -140,11 +173,6 @@ class ModelProcess:
             return f"{wanted}, and printed nothing on stdout ({buffered})"
         return f"{wanted}, and printed {self._plain.describe()}"
 
-    def expect_result(self) -> None:
-        """The next result line answers the request about to be sent; only that one."""
-        self._awaiting = True
-        self._plain.restart()
-
     def missing_result(self, quote: bool) -> str:
         """For a request with no result: what the model printed on stdout instead, if anything.
 
@@ -163,51 +191,170 @@ class ModelProcess:
             return f"{text} (the last: {self._plain.last()[-1]!r})"
         return f"{text} (its lines are logged at --model-log-level)"
 
+    @property
+    def waits_visibly(self) -> bool:
+        """Whether the model was seen waiting for requests in a read of its stdin."""
+        return self._waiting is not None
+
+    @property
+    def idle_output(self) -> tuple[int, int]:
+        """Lines and bytes read from it while none of its results was awaited."""
+        return self._budget.charged
+
+    @property
+    def throttled(self) -> bool:
+        """Whether its output is over budget: the pumps hold off reading it for now."""
+        return not (self._awaiting or self._exited) and self._budget.pause() > 0
+
+    def expect_result(self, wire_id: str | None = None) -> None:
+        """The next result line answers the request about to be sent; only that one.
+
+        `wire_id` is the id it is sent with (--id-field): a result that carries the id
+        of one of the model's earlier requests is stale, and dropped.
+        """
+        self._awaiting = True
+        self._wire_id = wire_id
+        self._stale_payload = b""
+        self._plain.restart()
+        if wire_id is not None:
+            self._sent_ids.append(wire_id)
+        self._budget_waiters.unpark_all()  # an awaited result is never held back
+
     async def send(self, line: bytes) -> None:
-        """Write one request line; trio.BrokenResourceError if the model is gone."""
+        """Write one request line; trio.BrokenResourceError if the model is gone.
+
+        The first waits (LEARN_SETTLE, at most LEARN_MAX) to learn what the model looks
+        like between requests, see `_learn_waiting`.
+        """
         stdin = self.proc.stdin
         assert stdin is not None
+        if self._learning:
+            await self._learned.wait()
+            self._learning = False
         try:
             await stdin.send_all(line)
         except trio.ClosedResourceError as exc:
             raise trio.BrokenResourceError("model stdin is closed") from exc
+
+    async def receive_result(self) -> bytes:
+        """The awaited result; trio.EndOfChannel once the model's output ended.
+
+        A model seen waiting (`waits_visibly`) that printed a stale result instead of
+        one for this request, and then went back to reading with nothing else printed,
+        will print no other: that stale result is taken for its answer, which
+        parse_result refuses for its id (502) instead of the request timing out.
+        """
+        payload = await self._results.receive()
+        while payload is None:  # a stale result came: watch for the model to be done
+            with trio.move_on_after(POLL_MAX):
+                payload = await self._results.receive()
+            if payload is None and self._gave_up_on_result():
+                return self._stale_payload
+        return payload
+
+    def _gave_up_on_result(self) -> bool:
+        stamped = self._stdout
+        assert stamped is not None
+        nothing_routed = self._results.statistics().current_buffer_used == 0
+        return nothing_routed and self._back_to_reading(stamped)
 
     async def catch_up(self) -> None:
         """Let the model finish printing before it gets its next request.
 
         Called after a result: what the model prints meanwhile is read, so a second
         result is seen as the stray it is (`out_of_step`) instead of answering the next
-        request. Without an id field, the model is done once nothing is left in its
-        stdout, no line is half-written, and it is either blocked (not running: what
-        it wrote before blocking is in the pipe by then, so it is checked once more) or
-        silent for QUIET_PERIOD. With an id field, only what is already in the pipe is
-        read, since a stray result cannot pass for another's. A model that keeps
-        printing does not hold the worker up past CATCH_UP_MAX.
+        request. A model seen waiting in a read of its stdin (`waits_visibly`) is done
+        once it is blocked there again with nothing left in its stdout: a model that
+        sleeps, or is held up writing a flood, is not, however long it is blocked. For
+        any other model, the rule of QUIET_PERIOD: nothing left in its stdout, no line
+        half-written, and either blocked (in anything) or silent for QUIET_PERIOD; with
+        an id field, only what is already in the pipe is read, since a stray result
+        cannot pass for another's; one that keeps printing goes on after CATCH_UP_MAX
+        unless it prints faster than its output budget allows. A model that is not done
+        within --timeout is `hung`.
         """
+        timeout = self._config.timeout
+        start = trio.current_time()
+        charged = self._budget.charged
+        if self.stdout_ended.is_set() or self.out_of_step or self._caught_up(start, charged):
+            return  # the common case, at the cost of a look or two
+        polls = 0
+        with self.cancel_on_trouble():  # a stray result, or the end of its output
+            while not self._caught_up(start, charged):
+                if trio.current_time() >= start + timeout:
+                    what = "get back to reading its stdin" if self._waiting else "stop printing"
+                    self.hung = f"did not {what} within {timeout:g} s of its answer"
+                    return
+                if polls < CATCH_UP_SPINS or (self._pending_output() and not self.throttled):
+                    await trio.lowlevel.checkpoint()  # the pump reads what is there
+                elif self._waiting is not None and await self._closed_stdin():
+                    self.hung = "closed its stdin after its answer"
+                    return
+                else:
+                    await trio.sleep(min(TICK * (polls - CATCH_UP_SPINS + 1), POLL_MAX))
+                polls += 1
+
+    def _caught_up(self, start: float, charged: tuple[int, int]) -> bool:
+        """Whether the model, which answered at `start`, may get its next request."""
         stamped = self._stdout
         assert stamped is not None
+        if self._waiting is not None:
+            return self._back_to_reading(stamped)
         quiet = 0.0 if self._config.id_field is not None else QUIET_PERIOD
-        deadline = trio.current_time() + CATCH_UP_MAX
-        spins = 0
-        while not (self.stdout_ended.is_set() or self.out_of_step):
-            now = trio.current_time()
-            if now >= deadline:
-                return
-            if self._pending_output():
-                await trio.lowlevel.checkpoint()  # the pump reads it
-                continue
-            if not quiet:
-                return
-            if not stamped.mid_line:
-                if now - stamped.last_data >= quiet:
-                    return
-                if not _running(self.pid) and not self._pending_output():
-                    return
-            if spins < CATCH_UP_SPINS:
-                spins += 1
-                await trio.lowlevel.checkpoint()
-            else:
-                await trio.sleep(TICK)
+        if self._quiet(stamped, quiet) and not self.throttled:
+            return True
+        return self._released(start, trio.current_time(), charged)
+
+    async def _closed_stdin(self) -> bool:
+        """Whether the model, still alive, has closed its end of the pipe of its requests.
+
+        It can never get back to reading then. Our end of the pipe tells (POLLERR: no
+        reader is left); an exit closes it too, so a model gets CLOSED_STDIN_GRACE to
+        show it is exiting (its stdout ends) before it is taken for alive.
+        """
+        stdin = self.proc.stdin
+        assert stdin is not None
+        poller = select.poll()
+        try:
+            poller.register(stdin.fileno(), select.POLLOUT)  # type: ignore[attr-defined]
+        except (OSError, ValueError, trio.ClosedResourceError):
+            return False
+        if not any(events & select.POLLERR for _, events in poller.poll(0)):
+            return False
+        with trio.move_on_after(CLOSED_STDIN_GRACE):
+            await self.stdout_ended.wait()
+        return not (self.stdout_ended.is_set() or self._exited)
+
+    def _released(self, start: float, now: float, charged: tuple[int, int]) -> bool:
+        """A model whose waiting cannot be seen goes on printing after CATCH_UP_MAX if
+        it does so within its output budget (`charged`: the budget's count at `start`)."""
+        if now - start < CATCH_UP_MAX or self.throttled:
+            return False
+        return not self._budget.over_rate(charged, now - start)
+
+    def _back_to_reading(self, stamped: _StampedStream) -> bool:
+        """Blocked where it waits for requests, with everything it wrote read and routed.
+
+        The output is looked at again after the system call: what the model wrote
+        before it blocked is in the pipe by then.
+        """
+        if stamped.mid_line or self._pending_output():
+            return False
+        if procwatch.blocked_in(self.pid) != self._waiting:
+            return False
+        return not (stamped.mid_line or self._pending_output())
+
+    def _quiet(self, stamped: _StampedStream, quiet: float) -> bool:
+        """QUIET_PERIOD's rule, for a model whose waiting cannot be seen."""
+        if self._pending_output():
+            return False
+        if not quiet:
+            return True
+        if stamped.mid_line:
+            return False
+        if trio.current_time() - stamped.last_data >= quiet:
+            return True
+        return not _running(self.pid) and not self._pending_output()
 
     def _pending_output(self) -> int:
         stdout = self.proc.stdout
@@ -314,7 +461,7 @@ class ModelProcess:
     async def _pump_stdout(self) -> None:
         stdout = self.proc.stdout
         assert stdout is not None
-        self._stdout = _StampedStream(stdout)
+        self._stdout = _StampedStream(stdout, self._within_budget, self._charge)
         self._reader = reader = LineReader(self._stdout, self._config.max_line)
         try:
             while (line := await reader.readline()) is not None:
@@ -333,20 +480,74 @@ class ModelProcess:
     def _on_stdout_line(self, line: bytes) -> None:
         """Route one line; never awaits, so lines are handled in the order they came."""
         if self.ready and line.startswith(RESULT_PREFIX):
-            if self._awaiting:
+            payload = line[len(RESULT_PREFIX) :]
+            if self._sent_ids and (stale := self._stale_id(payload)) is not None:
+                self._drop_stale(stale, payload)
+            elif self._awaiting:
                 self._awaiting = False
-                self._results_send.send_nowait(line[len(RESULT_PREFIX) :])
+                self._results_send.send_nowait(payload)
             elif self.out_of_step is None:
                 self.out_of_step = "printed a result when none was awaited"
                 log.error("%s %s", self.name, self.out_of_step)
                 self._log_output("stdout", _text(line))  # the line itself: the model's business
                 self._cancel_trouble_scopes()
             return
-        self._log_output("stdout", _text(line))
         self._plain.add(line)
-        if not self.ready and _text(line).strip().startswith(self._config.ready_line):
-            self.ready = True
-            self._init_done.set()
+        if not self.ready:
+            text = _text(line)
+            self._log_output("stdout", text)
+            if text.strip().startswith(self._config.ready_line):
+                self.ready = True
+                self._init_done.set()
+        elif self._output_log.admits():  # decoded only if logged: a flood costs less
+            self._output_log.write("stdout", _text(line), self.request_id)
+
+    def _stale_id(self, payload: bytes) -> str | None:
+        """The id of an earlier request of this model's that a result carries, if it does.
+
+        Only with --id-field. A result that holds the awaited id's text is taken for the
+        answer without parsing it twice (parse_result checks it); any other is parsed
+        for its id here.
+        """
+        if self._awaiting and self._wire_id is not None and self._wire_id.encode() in payload:
+            return None
+        assert self._config.id_field is not None
+        got = result_id(payload, self._config.id_field)
+        if not isinstance(got, str) or got not in self._sent_ids:
+            return None
+        if self._awaiting and got == self._wire_id:
+            return None
+        return got
+
+    def _drop_stale(self, stale: str, payload: bytes) -> None:
+        """A result for a request already answered (or failed): it answers nothing.
+
+        While a result is awaited from a model seen waiting, the worker is told (a
+        None, once), so it can tell when the model has given up on answering.
+        """
+        self.stale_results += 1
+        if self.on_stale is not None:
+            self.on_stale()
+        if self._awaiting and self._waiting is not None:
+            if not self._stale_payload:
+                self._results_send.send_nowait(None)
+            self._stale_payload = payload
+        if self._awaiting:
+            log.warning(
+                "%s printed a stale result (id %s, of an earlier request) while awaiting "
+                "the result of request %s (id %s); dropped",
+                self.name,
+                stale,
+                self.request_id,
+                self._wire_id,
+            )
+        else:
+            log.warning(
+                "%s printed a stale result (id %s, of an earlier request) while no result "
+                "was awaited; dropped",
+                self.name,
+                stale,
+            )
 
     def _log_output(self, stream: str, text: str) -> None:
         """A line the model printed: the model's business, logged at --model-log-level
@@ -361,7 +562,9 @@ class ModelProcess:
     async def _pump_stderr(self) -> None:
         stderr = self.proc.stderr
         assert stderr is not None
-        reader = LineReader(stderr, MAX_STDERR_LINE)
+        reader = LineReader(
+            _StampedStream(stderr, self._within_budget, self._charge), MAX_STDERR_LINE
+        )
         try:
             while True:
                 try:
@@ -383,6 +586,86 @@ class ModelProcess:
         finally:
             self.stderr_ended.set()
 
+    async def _within_budget(self) -> None:
+        """Before a pump reads more: hold off while the model is over its output budget.
+
+        Not reading lets the pipe fill, so the model blocks on its own writes: a flood
+        costs the service no more than the budget. A result awaited, or the model's
+        exit, ends the wait at once.
+        """
+        while not (self._awaiting or self._exited):
+            pause = self._budget.pause()
+            if pause <= 0:
+                return
+            with trio.move_on_after(pause):
+                await self._budget_waiters.park()
+
+    def _charge(self, data: bytes | bytearray) -> None:
+        """Count what a pump read against the budget, unless a result was awaited."""
+        if not self._awaiting:
+            self._budget.charge(len(data), data.count(b"\n"))
+
+    async def _learn_waiting(self) -> None:
+        """Learn what the model looks like while it waits for a request, once it is ready.
+
+        That is the first time it is seen blocked with all it wrote read: if it is then
+        in a read (procwatch.read_syscalls) of the very pipe its requests are written
+        to, that system call and descriptor are what it looks like waiting, and
+        `catch_up` waits for it to be back there after each answer. Blocked in anything
+        else for LEARN_SETTLE (poll, epoll, select: an event loop; a main thread that
+        waits for others), its waiting cannot be seen, and QUIET_PERIOD's rule is kept;
+        it is still looked at until its first request or LEARN_MAX, since a model may
+        sleep a while after its ready line before it reads.
+        """
+        try:
+            await self._init_done.wait()
+            if self.ready:
+                self._waiting = await self._seen_waiting()
+        finally:
+            self._learned.set()
+        if self._waiting is not None:
+            log.debug("%s waits for requests in system call %d on fd %d", self.name, *self._waiting)
+        elif self.ready and not self.stdout_ended.is_set():
+            log.info(
+                "%s waits for requests in a way that cannot be seen (not in a read of its "
+                "stdin): a result it prints after a pause may answer its next request "
+                "unless --id-field is set",
+                self.name,
+            )
+
+    async def _seen_waiting(self) -> procwatch.Signature | None:
+        """The model's signature blocked in a read of its stdin, if it is seen in one."""
+        reads = await trio.to_thread.run_sync(procwatch.read_syscalls)
+        stamped = self._stdout
+        if not reads or stamped is None:
+            return None
+        start = trio.current_time()
+        elsewhere_since: float | None = None
+        polls = 0
+        while self._learning and not self.stdout_ended.is_set():
+            now = trio.current_time()
+            if now - start >= LEARN_MAX:
+                return None
+            seen = None
+            if not (stamped.mid_line or self._pending_output()):
+                seen = procwatch.blocked_in(self.pid)
+                if stamped.mid_line or self._pending_output():
+                    seen = None  # it wrote before it blocked: not done yet
+            if seen is None:
+                elsewhere_since = None
+            elif seen[0] in reads and procwatch.pipe_inode(self.pid, seen[1]) == self._stdin_inode:
+                return seen
+            elif elsewhere_since is None:
+                elsewhere_since = now
+            elif now - elsewhere_since >= LEARN_SETTLE:
+                self._learned.set()  # its first request need not wait any longer
+            if polls < CATCH_UP_SPINS:
+                await trio.lowlevel.checkpoint()
+            else:
+                await trio.sleep(min(TICK * (polls - CATCH_UP_SPINS + 1), POLL_MAX))
+            polls += 1
+        return None
+
     async def _watch_exit(self) -> None:
         """When the model exits, kill what it left, and notice output that never ends.
 
@@ -390,6 +673,8 @@ class ModelProcess:
         helpers die here, and what they and the model wrote is still read.
         """
         await self.proc.wait()
+        self._exited = True  # what is left in its pipes is read at once
+        self._budget_waiters.unpark_all()
         self.kill_group()
         await self._reaper.kill_leftovers(self._token)
         with trio.move_on_after(EXIT_WAIT):
@@ -402,22 +687,33 @@ class ModelProcess:
 
 
 class _StampedStream(trio.abc.ReceiveStream):
-    """A model's stdout that notes when bytes last came and whether a line is unfinished.
+    """A model's output that notes when bytes last came and whether a line is unfinished,
+    and is read within the model's budget.
 
     What came last ends with a newline exactly when the line reader holds no partial
     line: so `mid_line` tells that the model is half-way through printing one.
+    `within_budget` is awaited before each read, and `charge` given what was read.
     """
 
-    def __init__(self, stream: trio.abc.ReceiveStream) -> None:
+    def __init__(
+        self,
+        stream: trio.abc.ReceiveStream,
+        within_budget: Callable[[], Awaitable[None]],
+        charge: Callable[[bytes | bytearray], None],
+    ) -> None:
         self._stream = stream
+        self._within_budget = within_budget
+        self._charge = charge
         self.last_data = trio.current_time()
         self.mid_line = False
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        await self._within_budget()
         data = await self._stream.receive_some(max_bytes)
         if data:
             self.last_data = trio.current_time()
             self.mid_line = not data.endswith(b"\n")
+            self._charge(data)
         return data
 
     async def aclose(self) -> None:
@@ -456,6 +752,45 @@ class PlainLines:
         """'3 lines on stdout, the last: 'a', 'b', 'c'' (the count, then the last lines)."""
         lines = "1 line" if self.count == 1 else f"{self.count} lines"
         return f"{lines} on stdout, the last: " + ", ".join(repr(text) for text in self.last())
+
+
+class OutputBudget:
+    """What a model may print while none of its results is awaited: two token buckets.
+
+    Lines (each costs the pump some Python) and bytes (a long line costs copying), a
+    burst of each and then a rate. Reading that costs well under a tenth of a core; past
+    it, the pumps pause (`pause`) until the buckets refill. A debt is bounded by one
+    burst, so even a chunk of one-byte lines holds the pumps back for a bounded time.
+    """
+
+    def __init__(self) -> None:
+        self._lines = float(OUTPUT_BURST_LINES)
+        self._bytes = float(OUTPUT_BURST_BYTES)
+        self._refilled_at = time.monotonic()
+        self.charged = (0, 0)  # lines and bytes charged so far
+
+    def charge(self, size: int, lines: int) -> None:
+        self.charged = (self.charged[0] + lines, self.charged[1] + size)
+        self._refill()
+        self._lines = max(self._lines - lines, -OUTPUT_BURST_LINES)
+        self._bytes = max(self._bytes - size, -OUTPUT_BURST_BYTES)
+
+    def over_rate(self, since: tuple[int, int], seconds: float) -> bool:
+        """Whether what was charged after `since` (a `charged`) is more than the rates
+        allow in `seconds`: the model prints faster than it may for long."""
+        lines, size = self.charged[0] - since[0], self.charged[1] - since[1]
+        return lines > OUTPUT_RATE_LINES * seconds or size > OUTPUT_RATE_BYTES * seconds
+
+    def pause(self) -> float:
+        """Seconds until both buckets are out of debt; 0 if they are."""
+        self._refill()
+        return max(-self._lines / OUTPUT_RATE_LINES, -self._bytes / OUTPUT_RATE_BYTES, 0.0)
+
+    def _refill(self) -> None:
+        now = time.monotonic()
+        elapsed, self._refilled_at = now - self._refilled_at, now
+        self._lines = min(self._lines + elapsed * OUTPUT_RATE_LINES, OUTPUT_BURST_LINES)
+        self._bytes = min(self._bytes + elapsed * OUTPUT_RATE_BYTES, OUTPUT_BURST_BYTES)
 
 
 class OutputLog:
@@ -561,6 +896,7 @@ async def open_model(config: PoolConfig, name: str, reaper: Reaper) -> AsyncIter
             nursery.start_soon(model._pump_stdout)
             nursery.start_soon(model._pump_stderr)
             nursery.start_soon(model._watch_exit)
+            nursery.start_soon(model._learn_waiting)
             try:
                 yield model
             finally:

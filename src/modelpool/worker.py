@@ -274,6 +274,7 @@ class Worker:
 
     async def _serve(self, model: ModelProcess) -> bool:
         """Feed jobs to a ready model; True when the pool has no more jobs to give."""
+        model.on_stale = self._pool.metrics.stale_results.inc
         while True:
             if self.retiring is not None:
                 return True
@@ -316,7 +317,7 @@ class Worker:
                 return False
             payload: bytes | None = None
             with trio.move_on_after(self._config.timeout) as deadline:
-                model.expect_result()
+                model.expect_result(job.wire_id)
                 try:
                     await model.send(job.line)
                 except trio.BrokenResourceError:
@@ -324,7 +325,7 @@ class Worker:
                     await self._replace_unprompted(model)
                     return False
                 try:
-                    payload = await model.results.receive()
+                    payload = await model.receive_result()
                 except trio.EndOfChannel:
                     payload = None
             job.timing.compute = trio.current_time() - started
@@ -359,7 +360,7 @@ class Worker:
             )
             job.succeed(value)
             await model.catch_up()
-            if model.out_of_step:
+            if model.out_of_step or model.hung:
                 await self._replace_after_answer(model, job)
                 return False
             self._maybe_recycle()
@@ -417,11 +418,15 @@ class Worker:
         job.fail(error)
 
     async def _replace_after_answer(self, model: ModelProcess, job: Job) -> None:
-        """The model answered, then printed another result: it is out of step."""
+        """The model answered, then printed another result (it is out of step), or did
+        not get back to reading its stdin within --timeout (it is hung)."""
         self._set(State.RESTARTING)
         await model.kill()
-        detail = f"{model.out_of_step} (after answering request {job.request_id})"
-        self._record("protocol", detail, job.request_id, model)
+        reason, what = (
+            ("protocol", model.out_of_step) if model.out_of_step else ("timeout", model.hung)
+        )
+        detail = f"{what} (after answering request {job.request_id})"
+        self._record(reason, detail, job.request_id, model)
         log.error("%s %s; replaced", model.name, detail)
 
     async def _replace_unprompted(self, model: ModelProcess) -> None:
