@@ -177,10 +177,20 @@ class PoolConfig:
         return self.timeout + 1.0
 
     def backoff(self, failures: int) -> float:
-        """Delay before the next start after `failures` start-up failures in a row."""
+        """Delay before the next start after `failures` start-up failures in a row.
+
+        It doubles from `backoff_initial` up to `backoff_max`, for any number of
+        failures. `ldexp` scales by a power of two without computing the power (2 **
+        1024 is too big for a float, and a model that keeps failing gets that far in
+        hours on the defaults); past a float's range the cap is the answer anyway.
+        """
         if failures <= 0:
             return 0.0
-        return min(self.backoff_initial * 2 ** (failures - 1), self.backoff_max)
+        cap = float(self.backoff_max)
+        try:
+            return min(math.ldexp(self.backoff_initial, failures - 1), cap)
+        except OverflowError:
+            return cap
 
 
 @dataclass(frozen=True)
