@@ -60,6 +60,9 @@ class Reaper:
         self.killed = 0  # orphans and descendants killed, for /status and tests
         self._spawning = trio.Lock()
         self._kick = trio.Event()
+        self._wanted: set[str] = set()  # tokens waiting for a scan for their carriers
+        self._scanning: trio.Event | None = None  # set when the scan under way ends
+        self._scans_started = self._scans_finished = 0  # scans run one at a time, in order
         self._prefix = secrets.token_hex(6)
         self._count = 0
         if adopt_orphans:
@@ -103,10 +106,43 @@ class Reaper:
     async def kill_leftovers(self, token: str) -> None:
         """Kill every process that carries `token`, now: its model has exited."""
         if self.adopt_orphans:
-            self._kill([c for c in own_children() if token_of(c) == token and not is_zombie(c)])
+            # A live model is a child too, but carries a token of its own: skip it unread,
+            # so the cost is that of the orphans, not of the pool's size.
+            live_pids = set(_live.values())
+            self._kill(
+                [
+                    c
+                    for c in own_children()
+                    if c not in live_pids and token_of(c) == token and not is_zombie(c)
+                ]
+            )
             self.sweep()
         else:
-            await trio.to_thread.run_sync(self._kill_carriers, token)
+            await self._scan_for_carriers(token)
+
+    async def _scan_for_carriers(self, token: str) -> None:
+        """Without adoption, look through every process for carriers of `token`.
+
+        That look costs the same for one token as for many, so the tokens of models
+        that end while one is under way wait for it to finish and then share the next
+        one: a pool stopping hundreds of models makes a few scans, not hundreds.
+        """
+        self._wanted.add(token)
+        needed = self._scans_started + 1  # the next scan to start covers it
+        while self._scans_finished < needed:
+            if self._scanning is None:
+                batch, self._wanted = self._wanted, set()
+                self._scans_started += 1
+                self._scanning = trio.Event()
+                skip = frozenset(_live.values())  # models alive now carry tokens of their own
+                try:
+                    await trio.to_thread.run_sync(self._kill_carriers, batch, skip)
+                finally:
+                    self._scans_finished += 1
+                    self._scanning.set()
+                    self._scanning = None
+            else:
+                await self._scanning.wait()
 
     def sweep(self) -> None:
         """Kill and reap adopted orphans, unless they belong to a live model."""
@@ -161,10 +197,14 @@ class Reaper:
         live_pids = set(_live.values())
         return [c for c in own_children() if c not in live_pids and token_of(c) not in _live]
 
-    def _kill_carriers(self, token: str) -> None:
+    def _kill_carriers(self, tokens: set[str], skip: frozenset[int]) -> None:
         """Without adoption: find escaped descendants anywhere by the token they carry."""
         for _ in range(KILL_ROUNDS):
-            carriers = [p for p in all_pids() if token_of(p) == token and not is_zombie(p)]
+            carriers = [
+                p
+                for p in all_pids()
+                if p not in skip and token_of(p) in tokens and not is_zombie(p)
+            ]
             if not carriers:
                 return
             self._kill(carriers)
