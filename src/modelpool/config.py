@@ -217,8 +217,8 @@ class ServerConfig:
         check_number("max_connections", self.max_connections, minimum=1, integer=True)
         if not self.host.strip():
             raise ConfigError("host", "must not be empty")
-        if self.api_key is not None and not self.api_key.strip():
-            raise ConfigError("api_key", "must not be empty (leave it unset for no key)")
+        if self.api_key is not None:
+            check_api_key(self.api_key)
         if self.api_key is None and not self.allow_unauthenticated and not is_loopback(self.host):
             raise ConfigError(
                 "host",
@@ -226,6 +226,32 @@ class ServerConfig:
                 "can reach it could use the models; set an API key, or allow "
                 "unauthenticated access explicitly",
             )
+
+
+def check_api_key(key: str) -> None:
+    """Raise ConfigError unless a client can send `key` in an Authorization header.
+
+    A header carries bytes, which servers read as Latin-1, and its ends are trimmed:
+    a key with other characters (accented letters, an emoji, an undecodable byte
+    from the environment) or a space at either end could never be matched. So the
+    key must be printable ASCII, compared byte for byte. The message never shows the
+    key: it is a secret, and messages end up in logs.
+    """
+    if not key.strip():
+        raise ConfigError("api_key", "must not be empty (leave it unset for no key)")
+    unusable = [i + 1 for i, char in enumerate(key) if not " " <= char <= "~"]
+    if unusable:
+        where = ", ".join(map(str, unusable[:5])) + (", ..." if len(unusable) > 5 else "")
+        raise ConfigError(
+            "api_key",
+            "must be printable ASCII (letters, digits, punctuation, spaces), as an HTTP "
+            f"header carries it; character(s) {where} of {len(key)} are not "
+            "(the key is not shown)",
+        )
+    if key != key.strip(" "):
+        raise ConfigError(
+            "api_key", "must not start or end with a space: a client's header cannot carry one"
+        )
 
 
 def is_loopback(host: str) -> bool:
