@@ -211,10 +211,20 @@ class PoolConfig:
         return self.timeout + 1.0
 
     def backoff(self, failures: int) -> float:
-        """Delay before the next start after `failures` start-up failures in a row."""
+        """Delay before the next start after `failures` start-up failures in a row.
+
+        It doubles from `backoff_initial` up to `backoff_max`, for any number of
+        failures. `ldexp` scales by a power of two without computing the power (2 **
+        1024 is too big for a float, and a model that keeps failing gets that far in
+        hours on the defaults); past a float's range the cap is the answer anyway.
+        """
         if failures <= 0:
             return 0.0
-        return min(self.backoff_initial * 2 ** (failures - 1), self.backoff_max)
+        cap = float(self.backoff_max)
+        try:
+            return min(math.ldexp(self.backoff_initial, failures - 1), cap)
+        except OverflowError:
+            return cap
 
 
 def _command_words(value: Any) -> list[str]:
@@ -261,8 +271,8 @@ class ServerConfig:
         check_number("max_connections", self.max_connections, minimum=1, integer=True)
         if not self.host.strip():
             raise ConfigError("host", "must not be empty")
-        if self.api_key is not None and not self.api_key.strip():
-            raise ConfigError("api_key", "must not be empty (leave it unset for no key)")
+        if self.api_key is not None:
+            check_api_key(self.api_key)
         if self.api_key is None and not self.allow_unauthenticated and not is_loopback(self.host):
             raise ConfigError(
                 "host",
@@ -353,6 +363,32 @@ def _option_valid(name: str, value: str) -> bool:
     if name == "ssl_ca_certs":
         return os.path.exists(value)
     return os.path.isfile(value)  # ssl_certfile, ssl_keyfile
+
+
+def check_api_key(key: str) -> None:
+    """Raise ConfigError unless a client can send `key` in an Authorization header.
+
+    A header carries bytes, which servers read as Latin-1, and its ends are trimmed:
+    a key with other characters (accented letters, an emoji, an undecodable byte
+    from the environment) or a space at either end could never be matched. So the
+    key must be printable ASCII, compared byte for byte. The message never shows the
+    key: it is a secret, and messages end up in logs.
+    """
+    if not key.strip():
+        raise ConfigError("api_key", "must not be empty (leave it unset for no key)")
+    unusable = [i + 1 for i, char in enumerate(key) if not " " <= char <= "~"]
+    if unusable:
+        where = ", ".join(map(str, unusable[:5])) + (", ..." if len(unusable) > 5 else "")
+        raise ConfigError(
+            "api_key",
+            "must be printable ASCII (letters, digits, punctuation, spaces), as an HTTP "
+            f"header carries it; character(s) {where} of {len(key)} are not "
+            "(the key is not shown)",
+        )
+    if key != key.strip(" "):
+        raise ConfigError(
+            "api_key", "must not start or end with a space: a client's header cannot carry one"
+        )
 
 
 def is_loopback(host: str) -> bool:

@@ -61,15 +61,58 @@ class TextFormatter(logging.Formatter):
 
     The worker and pid need no suffix: every message about a model names them
     ("worker 0 [pid 123] ...").
+
+    Much of what is logged comes from outside: a request's path and client, a
+    model's output, an error's detail. A CR or LF in it would end the line and let
+    the rest pass for a record of its own, so the line is escaped as a whole (see
+    `escape`), whatever field carries the character: no call site can forget. A
+    traceback keeps its lines, each escaped and indented, so that every line that
+    starts at the margin is a record's first.
     """
 
     def __init__(self) -> None:
         super().__init__(TEXT_FORMAT)
 
     def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
+        record.message = record.getMessage()
+        record.asctime = self.formatTime(record, self.datefmt)
+        text = self.formatMessage(record)
         request_id = getattr(record, "request_id", None)
-        return text if request_id is None else f"{text} request_id={request_id}"
+        if request_id is not None:
+            text = f"{text} request_id={request_id}"
+        lines = [escape(text)]
+        if record.exc_info:
+            lines.extend(self.formatException(record.exc_info).splitlines())
+        elif record.exc_text:
+            lines.extend(record.exc_text.splitlines())
+        if record.stack_info:
+            lines.extend(self.formatStack(record.stack_info).splitlines())
+        return "\n    ".join([lines[0], *(escape(line) for line in lines[1:])])
+
+
+_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def escape(text: str) -> str:
+    """`text` with every character that is not printable written as an escape.
+
+    Control characters (C0, DEL, C1) become `\\n`, `\\r`, `\\t` or `\\xNN`, and the
+    other unprintable ones (line and paragraph separators, format characters such
+    as bidirectional overrides) `\\uNNNN`: a log line stays one line, and shows what
+    it holds. Printable text, the common case, is returned as it is.
+    """
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _escaped(char) for char in text)
+
+
+def _escaped(char: str) -> str:
+    if char in _ESCAPES:
+        return _ESCAPES[char]
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
 
 
 def json_formatter() -> logging.Formatter:

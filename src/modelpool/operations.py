@@ -35,6 +35,7 @@ T = TypeVar("T")
 MEMORY_CHECK_INTERVAL = 1.0  # seconds between two looks at every model's memory
 MEMORY_MARGIN = 1.2  # during a request, a model is killed only past 120 % of the limit
 RECYCLE_RETRY = 5.0  # seconds before a failed recycle is tried again
+CHANGE_AT_ONCE = 8  # workers a resize starts, or stops, at the same time
 
 
 class Busy(Exception):
@@ -170,11 +171,19 @@ class Operations:
 
         Shrinking retires workers that are restarting or starting first, then idle
         ones, then busy ones, which finish their request first.
+
+        A resize takes the surge lock for its whole run. A recycle's surge in flight
+        would otherwise add its replacement after the resize counted, and replace a
+        worker the resize retires as well: the pool would end one too big, for good.
+        With the lock, the resize waits for that surge to end, counts a settled pool,
+        and any recycle asked for meanwhile waits its turn: it then finds its worker
+        retired (and is skipped) or replaces it one for one. So the size the answer
+        reports is the size that stays.
         """
         pool = self._pool
         if self._admin.locked():
             raise Busy("a reload or resize is already running")
-        async with self._admin:
+        async with self._admin, self._surge:
             started = time.monotonic()
             serving = [w for w in pool.workers if w.retiring is None and not w.trial]
             before = len(serving)
@@ -183,9 +192,7 @@ class Operations:
             report = {"workers": workers, "before": before, "added": added, "retired": retired}
             log.info("resize from %d to %d worker(s)", before, workers)
             if workers > before:
-                trials = [pool.add_worker(trial=True) for _ in range(workers - before)]
-                for worker in trials:
-                    await _first_model(worker)
+                trials = await self._start_in_waves(workers - before)
                 failed = []
                 for worker in trials:
                     if worker.became_ready.is_set():
@@ -202,14 +209,34 @@ class Operations:
                     raise OperationFailed(detail, report)
             elif workers < before:
                 chosen = sorted(serving, key=_retire_order)[: before - workers]
-                for worker in chosen:
-                    retired.append({"worker": worker.index, "pid": worker.pid})
-                    worker.retire("resize")
-                for worker in chosen:
-                    await worker.ended.wait()
+                retired.extend({"worker": w.index, "pid": w.pid} for w in chosen)
+                await _retire_in_waves(chosen, "resize")
             report["seconds"] = round(time.monotonic() - started, 3)
             log.info("resize to %d worker(s) done in %.1f s", workers, report["seconds"])
             return report
+
+    async def _start_in_waves(self, count: int) -> list[Worker]:
+        """Start `count` trial workers, CHANGE_AT_ONCE at a time; wait until each is
+        ready or gave up (models start one after another anyway, see the reaper).
+
+        Hundreds of new workers at once would all take their first steps in the
+        same turn of the event loop, and hold up every request meanwhile.
+        """
+        trials: list[Worker] = []
+        slots = trio.Semaphore(CHANGE_AT_ONCE)
+
+        async def start(worker: Worker) -> None:
+            try:
+                await _first_model(worker)
+            finally:
+                slots.release()
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(count):
+                await slots.acquire()
+                trials.append(self._pool.add_worker(trial=True))
+                nursery.start_soon(start, trials[-1])
+        return trials
 
     # -- recycling --------------------------------------------------------------------
 
@@ -285,6 +312,29 @@ async def _first_model(worker: Worker) -> None:
         nursery.start_soon(ready)
         await worker.ended.wait()
         nursery.cancel_scope.cancel()
+
+
+async def _retire_in_waves(workers: list[Worker], reason: str) -> None:
+    """Retire `workers` and wait until they have ended, CHANGE_AT_ONCE at a time.
+
+    Stopping a model takes a few steps of the event loop (its pipes, its exit, its
+    leftovers); hundreds at once would run all those steps in the same turns of the
+    loop and hold up every request meanwhile. In waves, a turn stays short whatever
+    the pool's size, and the next worker is retired as soon as one has ended.
+    """
+    slots = trio.Semaphore(CHANGE_AT_ONCE)
+
+    async def retire(worker: Worker) -> None:
+        try:
+            worker.retire(reason)
+            await worker.ended.wait()
+        finally:
+            slots.release()
+
+    async with trio.open_nursery() as nursery:
+        for worker in workers:
+            await slots.acquire()
+            nursery.start_soon(retire, worker)
 
 
 def _retire_order(worker: Worker) -> int:

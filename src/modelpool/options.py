@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import stat
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 UNSET: Any = object()  # not on the command line (a converted value may well be None)
+MAX_CONFIG_FILE = 1 * MiB  # a file of options is a few lines
 
 
 def integer(text: str) -> int:
@@ -104,6 +106,7 @@ class Option:
     default: Any
     help: str
     field: str | None = None  # "pool.<name>" or "<name>" in the config; None: not config
+    secret: bool = False  # never shown in a message, even when refused
 
     @property
     def for_worker(self) -> bool:
@@ -319,6 +322,7 @@ OPTIONS = [
         "require 'Authorization: Bearer KEY' on every path but /healthz and /readyz; "
         "prefer the variable, which other users cannot see in the process list",
         "api_key",
+        secret=True,
     ),
     Option(
         "--allow-unauthenticated",
@@ -450,11 +454,12 @@ def parse(
         if value is UNSET and option.env in environ:
             raw = environ[option.env]
             shown = redact_url(raw) if option.dest == "queue" else raw  # its password: never
-            source[option.dest] = f"from {option.env}={shown!r}"
+            where = option.env if option.secret else f"{option.env}={shown!r}"
+            source[option.dest] = f"from {where}"
             try:
                 value = _from_env(option, raw)
             except argparse.ArgumentTypeError as exc:
-                parser.error(f"{option.env}={shown!r} (for {option.flag}): {exc}")
+                parser.error(f"{where} (for {option.flag}): {exc}")
         if value is UNSET and option.dest in from_file:
             source[option.dest] = f"from {config_file}"
             value = from_file[option.dest]
@@ -484,12 +489,22 @@ def read_config_file(path: str) -> dict[str, Any]:
 
     A string is read as on the command line; a number or a boolean as itself, and a
     list of strings as a command (`model-cmd = ["python3", "-u", "model.py"]`).
+    A regular file or a pipe (`--config <(...)`) of at most MAX_CONFIG_FILE bytes.
     """
     try:
         with open(path, "rb") as file:
-            table = tomllib.load(file)
+            kind = os.fstat(file.fileno()).st_mode
+            if not (stat.S_ISREG(kind) or stat.S_ISFIFO(kind)):
+                raise ValueError("not a file (a device, a directory or a socket)")
+            data = file.read(MAX_CONFIG_FILE + 1)  # no further: /dev/zero would never end
     except OSError as exc:
         raise ValueError(exc.strerror or str(exc)) from None
+    if len(data) > MAX_CONFIG_FILE:
+        raise ValueError(f"larger than {MAX_CONFIG_FILE // MiB} MiB: not a file of options")
+    try:
+        table = tomllib.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"not UTF-8 text (byte {exc.start + 1} is not)") from None
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"not valid TOML: {exc}") from None
     by_dest = {option.dest: option for option in OPTIONS}

@@ -74,6 +74,7 @@ class Pool:
         self._indexes = itertools.count()
         self._random = random.Random()
         self.workers: list[Worker] = []
+        self.ready_models = 0  # workers whose model is ready, counted by them: no scan per change
         self.metrics = PoolMetrics(self)
         self.queue: JobQueue = open_queue(config, self.metrics, self.node)
         self.queue.node_status = self.node_status
@@ -148,7 +149,7 @@ class Pool:
 
     @property
     def local_ready(self) -> int:
-        return sum(w.ready for w in self.workers)
+        return self.ready_models
 
     async def wait_ready(self, count: int | None = None) -> None:
         """Wait until `count` models (all by default) are ready; ShuttingDown if stopping."""

@@ -60,6 +60,9 @@ class Reaper:
         self.killed = 0  # orphans and descendants killed, for /status and tests
         self._spawning = trio.Lock()
         self._kick = trio.Event()
+        self._wanted: set[str] = set()  # tokens waiting for a look for their carriers
+        self._looking: trio.Event | None = None  # set when the look under way ends
+        self._looks_started = self._looks_finished = 0  # one look at a time, in order
         self._prefix = secrets.token_hex(6)
         self._count = 0
         if adopt_orphans:
@@ -101,12 +104,33 @@ class Reaper:
         await self.kill_leftovers(token)
 
     async def kill_leftovers(self, token: str) -> None:
-        """Kill every process that carries `token`, now: its model has exited."""
-        if self.adopt_orphans:
-            self._kill([c for c in own_children() if token_of(c) == token and not is_zombie(c)])
-            self.sweep()
-        else:
-            await trio.to_thread.run_sync(self._kill_carriers, token)
+        """Kill every process that carries `token`, now: its model has exited.
+
+        The carriers are looked for among this process's children when it adopts
+        orphans (an escaped helper is re-parented to it), else among every process.
+        A look reads /proc and costs the same for one token as for many, so it runs
+        in a thread, and the tokens of models that end while one is under way share
+        the next: a pool stopping hundreds of models at once makes a few looks, not
+        hundreds, and the event loop goes on meanwhile. A live model is skipped
+        unread: it carries a token of its own.
+        """
+        self._wanted.add(token)
+        needed = self._looks_started + 1  # the next look to start covers it
+        while self._looks_finished < needed:
+            if self._looking is None:
+                tokens, self._wanted = self._wanted, set()
+                self._looks_started += 1
+                self._looking = trio.Event()
+                live = frozenset(_live.values())
+                try:
+                    await trio.to_thread.run_sync(self._kill_carriers, tokens, live)
+                finally:
+                    self._looks_finished += 1
+                    self._looking.set()
+                    self._looking = None
+                self.sweep()  # and the orphans of models no longer alive
+            else:
+                await self._looking.wait()
 
     def sweep(self) -> None:
         """Kill and reap adopted orphans, unless they belong to a live model."""
@@ -161,10 +185,15 @@ class Reaper:
         live_pids = set(_live.values())
         return [c for c in own_children() if c not in live_pids and token_of(c) not in _live]
 
-    def _kill_carriers(self, token: str) -> None:
-        """Without adoption: find escaped descendants anywhere by the token they carry."""
-        for _ in range(KILL_ROUNDS):
-            carriers = [p for p in all_pids() if token_of(p) == token and not is_zombie(p)]
+    def _kill_carriers(self, tokens: set[str], live: frozenset[int]) -> None:
+        """Kill the processes that carry one of `tokens`: adopted ones, or any at all."""
+        for _ in range(1 if self.adopt_orphans else KILL_ROUNDS):
+            candidates = own_children() if self.adopt_orphans else all_pids()
+            carriers = [
+                p
+                for p in candidates
+                if p not in live and token_of(p) in tokens and not is_zombie(p)
+            ]
             if not carriers:
                 return
             self._kill(carriers)

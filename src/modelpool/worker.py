@@ -182,6 +182,8 @@ class Worker:
         if state is not self.state:
             self._state_since = now
         self.state = state
+        if was_ready != self.ready:
+            self._pool.ready_models += 1 if self.ready else -1
         if not (was_ready and self.ready):  # idle <-> busy, twice a request, is no news to the pool
             self._pool.worker_changed()
 

@@ -1,0 +1,66 @@
+"""Starting and shrinking a big pool keep the event loop responsive.
+
+Every request, probe and heartbeat waits while one turn of the loop runs. Stopping
+hundreds of models used to make turns of a tenth of a second and more (256 -> 2) and
+of seconds (1024 -> 2), growing with the square of the pool's size; starting 1024
+made turns of half a second.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+
+from modelpool import PoolConfig, open_pool
+from modelpool.operations import CHANGE_AT_ONCE
+
+PROBE = Path(__file__).parent / "shrink_probe.py"
+SHRINK_STALL = 0.05  # seconds; a quiet machine stays near 10 ms, the old code took 0.1 s to 5 s
+START_STALL = 0.25  # 1024 models: about 50 ms on a quiet machine, the old code over 0.5 s
+
+
+@pytest.mark.parametrize(("size", "reaper"), [(256, "tokens"), (1024, "adopt")])
+async def test_starting_and_shrinking_a_big_pool_never_stalls_the_event_loop(
+    size: int, reaper: str
+) -> None:
+    done = await trio.run_process(
+        [sys.executable, str(PROBE), str(size), reaper], capture_stdout=True, capture_stderr=True
+    )
+    figures = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    assert figures["size"] == 2
+    assert figures["stall"] < SHRINK_STALL, figures
+    if size == 1024:
+        assert figures["start_stall"] < START_STALL, figures
+
+
+SLOW_TINY = ["sh", "-c", 'sleep 0.2; echo "ready: Model-initialized"; while read l; do :; done']
+
+
+async def test_a_resize_starts_and_stops_a_few_models_at_a_time() -> None:
+    """Hundreds of workers started or stopped at once would take their steps in the
+    same turns of the loop; a resize changes CHANGE_AT_ONCE at a time instead."""
+    async with open_pool(PoolConfig(model_cmd=SLOW_TINY, workers=2)) as pool:
+        await pool.wait_ready()
+        most = {"starting": 0, "stopping": 0}
+
+        async def watch() -> None:
+            while True:
+                starting = [w for w in pool.workers if w.trial and not w.became_ready.is_set()]
+                stopping = [w for w in pool.workers if w.retiring is not None]
+                most["starting"] = max(most["starting"], len(starting))
+                most["stopping"] = max(most["stopping"], len(stopping))
+                await trio.sleep(0.005)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            grown = await pool.operations.scale(40)
+            shrunk = await pool.operations.scale(2)
+            nursery.cancel_scope.cancel()
+        assert len(grown["added"]) == 38 and len(shrunk["retired"]) == 38
+        assert pool.local_ready == len(pool.workers) == 2
+        assert 2 <= most["starting"] <= CHANGE_AT_ONCE, most
+        assert 2 <= most["stopping"] <= CHANGE_AT_ONCE, most
