@@ -35,7 +35,9 @@ def test_the_back_off_doubles_from_its_start_up_to_its_cap() -> None:
 
 
 async def test_a_worker_past_1025_failures_keeps_restarting_and_status_answers() -> None:
-    config = PoolConfig(model_cmd=BROKEN, workers=1, backoff_initial=0.05, backoff_max=0.1)
+    config = PoolConfig(
+        model_cmd=BROKEN, workers=1, backoff_initial=0.05, backoff_max=0.1, keep_trying=True
+    )
     async with running_server(config) as server:
         worker = server.pool.workers[0]
         await wait_until(lambda: worker.restarts >= 1, 10, "a first restart")
