@@ -111,12 +111,20 @@ class PoolConfig:
     queue: str | None = None  # redis://host:port/db: a job stream shared by many nodes
     reclaim_after: float = 10.0  # seconds before a silent node's jobs are taken back
     node_name: str | None = None  # this node's name in a cluster (default host-pid-random)
+    preload: bool = False  # fork every model from one loaded template (Python models only)
 
     def __post_init__(self) -> None:
         if not self.model_cmd or not all(isinstance(arg, str) for arg in self.model_cmd):
             raise ConfigError("model_cmd", "must name a program")
         if not self.model_cmd[0].strip():
             raise ConfigError("model_cmd", "must name a program")
+        if self.preload:
+            from .pycommand import NotPythonCommand, parse_python_command
+
+            try:
+                parse_python_command(self.model_cmd)
+            except NotPythonCommand as exc:
+                raise ConfigError("model_cmd", f"cannot be preloaded: {exc}") from None
         if not self.ready_line.strip():
             raise ConfigError("ready_line", "must not be empty")
         # With a shared queue, a node may run no models at all: an HTTP front only.

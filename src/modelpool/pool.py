@@ -38,9 +38,11 @@ from .jobqueue import JobQueue, open_queue
 from .metrics import PoolMetrics
 from .operations import Operations
 from .reaper import Reaper
+from .starter import ModelStarter, Spawner
 from .worker import State, Worker
 
 if TYPE_CHECKING:
+    from .preload import Preloader
     from .schema import RequestSchema
 
 log = logging.getLogger("modelpool.pool")
@@ -78,6 +80,13 @@ class Pool:
         self.queue.node_status = self.node_status
         self.serves_http = False  # set by the HTTP service, for the cluster's view
         self.operations = Operations(self)
+        self._spawner = Spawner(reaper)
+        self.preloader: Preloader | None = None
+        if config.preload:
+            from .preload import Preloader
+
+            self.preloader = Preloader(self)
+            self.preloader.load(self.generation, config)
         for _ in range(config.workers):
             self.add_worker()
 
@@ -169,6 +178,7 @@ class Pool:
             "healthy": healthy,
             "problem": problem,
             "orphans_killed": self.reaper.killed,
+            "template": None if self.preloader is None else self.preloader.snapshot(),
             "recent": self.metrics.recent.summary(),
             **self.queue.status(),
         }
@@ -260,6 +270,12 @@ class Pool:
                 self.workers.remove(worker)  # while stopping, /status shows every worker
                 self.retired_busy_seconds += worker.busy_seconds()
                 self.worker_changed()
+
+    def starter_for(self, worker: Worker) -> ModelStarter:
+        """How the worker's next model comes to be: spawned, or forked from its template."""
+        if self.preloader is None:
+            return self._spawner
+        return self.preloader.starter(worker.generation, worker.config)
 
     def start_task(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Run a task beside the workers (operations that must outlive their caller)."""

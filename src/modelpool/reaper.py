@@ -40,6 +40,7 @@ import trio
 log = logging.getLogger("modelpool.reaper")
 
 TOKEN_VAR = "MODELPOOL_MODEL"
+TOKEN_LENGTH = 12 + 1 + 7 + 1 + 10  # prefix-pid-count, see Reaper.new_token
 PR_SET_CHILD_SUBREAPER = 36
 KILL_ROUNDS = 10  # a tree that keeps forking while it is killed is walked again
 SWEEP_INTERVAL = 1.0  # how often adopted orphans are looked for without a reason
@@ -66,9 +67,14 @@ class Reaper:
             become_subreaper()
 
     def new_token(self) -> str:
-        """A token no other model, in this process or any other, carries."""
+        """A token no other model, in this process or any other, carries.
+
+        Every token has the same length (TOKEN_LENGTH): a child forked from a preloaded
+        template gets its own token written over the template's, in place, where
+        /proc/PID/environ shows it (see _launcher.py), which needs equal lengths.
+        """
         self._count += 1
-        return f"{self._prefix}-{os.getpid()}-{self._count}"
+        return f"{self._prefix}-{os.getpid():07d}-{self._count:010d}"
 
     @asynccontextmanager
     async def spawning(self) -> AsyncIterator[None]:
@@ -84,13 +90,18 @@ class Reaper:
         _live[token] = pid
 
     def kill_tree(self, pid: int, walk: bool = True) -> None:
-        """SIGKILL a model's process group and, if it is not reaped yet, its whole tree."""
+        """SIGKILL a model's process group and, if it is not reaped yet, its whole tree.
+
+        The walk stops at other live models: the children a preloaded template forked
+        are below it in the tree, but each is a model of its own, with its own worker.
+        """
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
         if not walk:
             return
+        spare = set(_live.values()) - {pid}
         for _ in range(KILL_ROUNDS):
-            alive = [p for p in descendants(pid) if not is_zombie(p)]
+            alive = [p for p in descendants(pid, spare) if not is_zombie(p)]
             if not alive:
                 break
             self._kill(alive)
@@ -218,12 +229,15 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` in the tree, parents before their children."""
+def descendants(pid: int, spare: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """Every process below `pid` in the tree, parents before their children; the ones in
+    `spare` are left out, and so is everything below them."""
     found: list[int] = []
     frontier = [pid]
     while frontier:
-        children = [child for parent in frontier for child in children_of(parent)]
+        children = [
+            child for parent in frontier for child in children_of(parent) if child not in spare
+        ]
         found.extend(children)
         frontier = children
     return found
