@@ -481,8 +481,8 @@ async def open_model(
     proc = await starter.start(config, name, token, model_environment(config, token))
     logs.set_field("pid", proc.pid)  # for this task's log lines and those of the pumps
     model = ModelProcess(proc, config, name, reaper, token)
-    how = "forked from its template" if proc.method == "fork" else "started"
-    log.info("%s %s: %s", model.name, how, " ".join(config.model_cmd))
+    how = " (forked from its template)" if proc.method == "fork" else ""
+    log.info("%s started%s: %s", model.name, how, " ".join(config.model_cmd))
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(model._pump_stdout)

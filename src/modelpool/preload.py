@@ -279,6 +279,8 @@ class Template:
             sock.close()
             theirs.close()
             self.pid = None
+            if self.state is TemplateState.READY:
+                self._set(TemplateState.LOADING)  # starts wait for the next one from now on
             self._template_gone()
 
     async def _fork_point(self, sock: trio.socket.SocketType, model: ModelProcess) -> dict:
