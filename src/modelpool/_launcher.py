@@ -28,8 +28,9 @@ The containment token is the MODELPOOL_MODEL variable, which the pool's reaper r
 from /proc/PID/environ: the environment a process started with, which a change to
 os.environ does not reach. So the launcher rewrites the token where the kernel shows
 it, in the template's own initial environment, just before each fork, and back just
-after: the child has its own token from its first instant. Tokens are all the same
-length, which makes that rewrite possible.
+after: the child has its own token from its first instant. The template's token is
+long enough for any child's; a shorter one is padded with NUL bytes, which readers of
+the environment see as empty entries (C's environ still points at the token itself).
 
 Messages on the control socket (SOCK_SEQPACKET, one JSON object each):
   to the pool    {"event": "fork_point", "pid": P}
@@ -94,8 +95,9 @@ class _EnvSlot:
         return self.length > 0
 
     def write(self, token: bytes) -> None:
-        assert len(token) == self.length
-        ctypes.memmove(self.address, token, self.length)
+        """Write a token over the template's; a shorter one is padded with NUL bytes."""
+        assert len(token) <= self.length
+        ctypes.memmove(self.address, token.ljust(self.length, b"\0"), self.length)
 
 
 class _Template:
@@ -184,8 +186,8 @@ class _Template:
         error = self.unsafe()
         if error is None and len(fds) != 3:
             error = f"the request carried {len(fds)} file descriptors, not 3"
-        if error is None and len(token) != self.env.length:
-            error = f"the token is {len(token)} bytes long, not {self.env.length}"
+        if error is None and not 0 < len(token) <= self.env.length:
+            error = f"the token is {len(token)} bytes long, the room for it {self.env.length}"
         if error is not None:
             for fd in fds:
                 os.close(fd)

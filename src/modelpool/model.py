@@ -472,11 +472,16 @@ def model_environment(config: PoolConfig, token: str) -> dict[str, str]:
 
 @asynccontextmanager
 async def open_model(
-    config: PoolConfig, name: str, reaper: Reaper, starter: ModelStarter | None = None
+    config: PoolConfig,
+    name: str,
+    reaper: Reaper,
+    starter: ModelStarter | None = None,
+    token: str | None = None,
 ) -> AsyncIterator[ModelProcess]:
     """Start a model (spawned, unless `starter` says otherwise); on the way out, close its
-    stdin, give it `exit_grace`, then kill it."""
-    token = reaper.new_token()
+    stdin, give it `exit_grace`, then kill it. `token`: its containment token, if not a
+    new one (a preload template's has room for its children's, see preload.py)."""
+    token = token or reaper.new_token()
     starter = starter or Spawner(reaper)
     proc = await starter.start(config, name, token, model_environment(config, token))
     logs.set_field("pid", proc.pid)  # for this task's log lines and those of the pumps

@@ -63,6 +63,13 @@ FORK_TIMEOUT = 5.0  # seconds a template gets to answer a fork request
 REPORT_WAIT = 2.0  # seconds the template gets to report how a child of its ended
 MAX_MESSAGE = 64 * 1024
 HEALTHY_UPTIME = 30.0  # a template that served this long ends a run of failures
+TEMPLATE_TOKEN_LENGTH = 64
+"""Characters of a template's containment token: room for any child's token.
+
+A child gets its own token written over the template's, in place, where
+/proc/PID/environ shows it (see _launcher.py): a token no longer than the template's,
+padded with NUL bytes (empty entries to whoever reads the environment).
+"""
 
 
 class TemplateState(enum.StrEnum):
@@ -255,7 +262,9 @@ class Template:
             command = parse_python_command(self.config.model_cmd).launched(theirs.fileno())
             config = replace(self.config, model_cmd=command)
             starter = Spawner(self._reaper, pass_fds=[theirs.fileno()])
-            async with open_model(config, self.name, self._reaper, starter) as model:
+            token = self._reaper.new_token().ljust(TEMPLATE_TOKEN_LENGTH, ".")
+            model_cm = open_model(config, self.name, self._reaper, starter, token)
+            async with model_cm as model:
                 theirs.close()
                 await model.wait_ready()
                 first = await self._fork_point(sock, model)

@@ -40,7 +40,6 @@ import trio
 log = logging.getLogger("modelpool.reaper")
 
 TOKEN_VAR = "MODELPOOL_MODEL"
-TOKEN_LENGTH = 12 + 1 + 7 + 1 + 10  # prefix-pid-count, see Reaper.new_token
 PR_SET_CHILD_SUBREAPER = 36
 KILL_ROUNDS = 10  # a tree that keeps forking while it is killed is walked again
 SWEEP_INTERVAL = 1.0  # how often adopted orphans are looked for without a reason
@@ -67,14 +66,9 @@ class Reaper:
             become_subreaper()
 
     def new_token(self) -> str:
-        """A token no other model, in this process or any other, carries.
-
-        Every token has the same length (TOKEN_LENGTH): a child forked from a preloaded
-        template gets its own token written over the template's, in place, where
-        /proc/PID/environ shows it (see _launcher.py), which needs equal lengths.
-        """
+        """A token no other model, in this process or any other, carries."""
         self._count += 1
-        return f"{self._prefix}-{os.getpid():07d}-{self._count:010d}"
+        return f"{self._prefix}-{os.getpid()}-{self._count}"
 
     @asynccontextmanager
     async def spawning(self) -> AsyncIterator[None]:

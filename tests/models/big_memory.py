@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """A model that holds BIG_MODEL_MIB MiB (default 300) once loaded, every page written, as
-a real model holds its weights; then answers one request at a time:
+a real model holds its weights, after BIG_MODEL_LOAD_SECONDS (default 0) more of loading
+(reading them, say); then answers one request at a time:
   {}                 its pid, its parent's pid, and how much it holds of its own
   {"grow_mib": n}    keeps n more MiB of its own, every page written
   {"touch_mib": n}   writes to the first n MiB of its weights (a fork's copy-on-write
@@ -15,6 +16,7 @@ import sys
 import time
 
 PAGE = 4096
+time.sleep(float(os.environ.get("BIG_MODEL_LOAD_SECONDS", "0")))
 weights = bytearray(int(os.environ.get("BIG_MODEL_MIB", "300")) << 20)
 for offset in range(0, len(weights), PAGE):
     weights[offset] = 1
