@@ -30,6 +30,7 @@ from conftest import (
     wait_until,
 )
 from modelpool import ConfigError, ModelFailed, ModelTimeout, PoolConfig, open_pool
+from modelpool.errors import ModelCommandError
 from modelpool.operations import OperationFailed
 from modelpool.options import parse
 from modelpool.pool import Pool
@@ -458,3 +459,78 @@ async def test_the_bundled_model3_preloads_from_the_command_line_defaults() -> N
             assert response.json() == {"ice_found": True}
         server.proc.send_signal(signal.SIGTERM)
         assert await server.exit_code(within=20) == 0
+
+
+async def test_a_template_that_becomes_unsafe_after_its_fork_point_falls_back(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A signal handler of the model runs in the template while it waits, and starts a
+    thread: the next fork is refused, and that start (and the next) is a plain one."""
+    script = tmp_path / "late_thread.py"
+    script.write_text(
+        "import json, os, signal, sys, threading, time\n"
+        "def start_thread(*_):\n"
+        "    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n"
+        "signal.signal(signal.SIGALRM, start_thread)\n"
+        "signal.setitimer(signal.ITIMER_REAL, 0.5)\n"
+        "print('ready: Model-initialized')\n"
+        "for line in sys.stdin:\n"
+        "    print('result: ' + json.dumps({'pid': os.getpid(), 'ppid': os.getppid()}))\n"
+    )
+    config = PoolConfig(model_cmd=[sys.executable, str(script)], workers=1, preload=True)
+    async with open_pool(config) as pool:
+        await pool.wait_ready()
+        assert pool.workers[0].snapshot()["start"]["method"] == "fork"
+        await trio.sleep(1.0)  # its timer went off in the template: a second thread runs
+        await pool.operations.scale(3)
+        status = pool.status()
+        assert status["template"]["state"] == "fallback"
+        assert "threads" in status["template"]["fallback_reason"]
+        methods = sorted(w["start"]["method"] for w in status["workers"])
+        assert methods == ["fork", "spawn", "spawn"]
+        for _ in range(3):
+            assert (await pool.predict({}))["pid"]
+    assert any("--preload" in r.msg and r.levelno == logging.WARNING for r in caplog.records)
+
+
+async def test_a_stuck_template_is_replaced_and_replacements_fork_from_the_new_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("modelpool.preload.FORK_TIMEOUT", 0.5)
+    async with open_pool(model3_config(workers=2, preload=True, backoff_initial=0.1)) as pool:
+        await pool.wait_ready()
+        stuck, child, other = template_pid(pool), pool.workers[0].pid, pool.workers[1].pid
+        assert child is not None
+        os.kill(stuck, signal.SIGSTOP)
+        try:
+            os.kill(child, signal.SIGKILL)
+            await wait_until(
+                lambda: (pool.status()["template"] or {}).get("pid") not in (None, stuck),
+                10,
+                "a new template",
+            )
+            await pool.wait_ready()
+            assert parent_of(pool.workers[0].pid or 0) == template_pid(pool)
+            assert await pool.predict({"data": 0}) == {"ice_found": True}
+            assert not process_alive(stuck)
+            assert pool.workers[1].pid == other and process_alive(other)  # not taken along
+        finally:
+            kill_if_alive([stuck])
+
+
+async def test_reload_to_a_command_that_cannot_be_preloaded_changes_nothing() -> None:
+    async with open_pool(model3_config(workers=1, preload=True)) as pool:
+        await pool.wait_ready()
+        template, child = template_pid(pool), pool.workers[0].pid
+        with pytest.raises(OperationFailed, match="cannot be preloaded"):
+            await pool.operations.reload(["/bin/sh", "-c", "echo"])
+        assert template_pid(pool) == template and pool.workers[0].pid == child
+        assert pool.generation == 1
+        assert await pool.predict({"data": 0}) == {"ice_found": True}
+
+
+async def test_an_interpreter_that_cannot_be_run_stops_the_pool_at_once() -> None:
+    config = PoolConfig(model_cmd=["/nonexistent/python3", "model.py"], preload=True)
+    with trio.fail_after(10), pytest.raises(ModelCommandError, match="cannot run"):
+        async with open_pool(config):
+            await trio.sleep(30)

@@ -36,7 +36,7 @@ Messages on the control socket (SOCK_SEQPACKET, one JSON object each):
   to the pool    {"event": "fork_point", "pid": P}
                  {"event": "unsafe", "reason": "..."}
                  {"event": "forked", "id": N, "pid": P}              + the child's pidfd
-                 {"event": "fork_failed", "id": N, "error": "..."}
+                 {"event": "fork_failed", "id": N, "error": "...", "unsafe": B}
                  {"event": "exited", "pid": P, "status": S}          (S as subprocess's)
   from the pool  {"op": "fork", "id": N, "token": "..."}           + stdin, stdout, stderr
 
@@ -184,7 +184,12 @@ class _Template:
         ident = request.get("id")
         token = str(request.get("token", "")).encode()
         error = self.unsafe()
-        if error is None and len(fds) != 3:
+        if error is not None:
+            for fd in fds:
+                os.close(fd)
+            self.send({"event": "fork_failed", "id": ident, "error": error, "unsafe": True})
+            return False
+        if len(fds) != 3:
             error = f"the request carried {len(fds)} file descriptors, not 3"
         if error is None and not 0 < len(token) <= self.env.length:
             error = f"the token is {len(token)} bytes long, the room for it {self.env.length}"

@@ -165,14 +165,15 @@ class _PoolGauges:
         yield info
         if pool.preloader is not None:
             template = pool.preloader.current()
-            state = GaugeMetricFamily(
+            template_state = GaugeMetricFamily(
                 "modelpool_template_state",
                 "The --preload template of the current generation: 1 for its state",
                 labels=["state"],
             )
             for name in TEMPLATE_STATES:
-                state.add_metric([name], int(template is not None and template.state == name))
-            yield state
+                current = template is not None and template.state == name
+                template_state.add_metric([name], int(current))
+            yield template_state
         yield GaugeMetricFamily(
             "modelpool_generation",
             "The model generation new workers start (a reload raises it)",

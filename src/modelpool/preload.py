@@ -48,7 +48,7 @@ import trio
 from .model import StartFailed, open_model
 from .pycommand import parse_python_command
 from .reaper import descendants
-from .starter import ModelStarter, Spawner
+from .starter import ModelHandle, ModelStarter, Spawner
 
 if TYPE_CHECKING:
     from .config import PoolConfig
@@ -201,6 +201,7 @@ class Template:
         self._changed = trio.Event()
         self._scope = trio.CancelScope()
         self._sock: trio.socket.SocketType | None = None
+        self._model: ModelProcess | None = None
         self._sending = trio.Lock()
         self._ids = itertools.count(1)
         self._pending: dict[int, _Reply] = {}
@@ -271,7 +272,7 @@ class Template:
                 if first.get("event") != "fork_point":
                     self._fall_back(str(first.get("reason", first)))
                     return
-                self.pid = model.pid
+                self.pid, self._model = model.pid, model
                 self.load_seconds = trio.current_time() - model.started_at
                 self.loads += 1
                 self.failure = None
@@ -284,7 +285,7 @@ class Template:
                 )
                 await self._serve(sock)
         finally:
-            self._sock = None
+            self._sock, self._model = None, None
             sock.close()
             theirs.close()
             self.pid = None
@@ -334,6 +335,9 @@ class Template:
                 if reply is not None:
                     reply.error = str(message.get("error"))
                     reply.done.set()
+                if message.get("unsafe"):  # it became unsafe to fork since its fork point
+                    self._fall_back(str(message.get("error")))
+                    return
             elif event == "exited":
                 report = self._exits.pop(int(message.get("pid", 0)), None)
                 if report is not None:
@@ -412,9 +416,11 @@ class Template:
             with trio.move_on_after(FORK_TIMEOUT):
                 await reply.done.wait()
             if not reply.done.is_set():
-                raise StartFailed(
-                    f"{name} failed to start: {self.name} did not fork within {FORK_TIMEOUT:g} s"
-                )
+                problem = f"{self.name} did not fork within {FORK_TIMEOUT:g} s"
+                if self._model is not None:  # it is stuck: a new one is loaded
+                    log.error("%s; killing it", problem)
+                    self._model.kill_group()
+                raise StartFailed(f"{name} failed to start: {problem}")
             if reply.error is not None or reply.pid is None or reply.pidfd is None:
                 problem = f"{self.name} could not fork: {reply.error}"
                 raise StartFailed(f"{name} failed to start: {problem}")
@@ -466,15 +472,20 @@ class Forker:
 
     async def start(
         self, config: PoolConfig, name: str, token: str, env: dict[str, str]
-    ) -> ForkedProcess | Any:
+    ) -> ModelHandle:
         asked_at = trio.current_time()
         template = self._template
         await template.settled(config.init_timeout + FORK_POINT_WAIT, name)
         if template.state is TemplateState.FALLBACK:
             return await self._spawner.start(config, name, token, env)
-        async with self._reaper.spawning():
-            child = await template.fork(name, token)
-            self._reaper.model_started(child.pid, token)
+        try:
+            async with self._reaper.spawning():
+                child = await template.fork(name, token)
+                self._reaper.model_started(child.pid, token)
+        except StartFailed:
+            if template.state is not TemplateState.FALLBACK:
+                raise
+            return await self._spawner.start(config, name, token, env)  # unsafe since: plain
         child.started_at = asked_at
         return child
 

@@ -30,9 +30,15 @@ class ModelHandle(Protocol):
     method: str  # "spawn" or "fork", for /status and the start-time metric
     ready_at_start: bool  # a forked child is past its ready line before it exists
     started_at: float  # trio time at which the start was asked for
-    stdin: trio.abc.SendStream
-    stdout: trio.abc.ReceiveStream
-    stderr: trio.abc.ReceiveStream
+
+    @property
+    def stdin(self) -> trio.abc.SendStream: ...
+
+    @property
+    def stdout(self) -> trio.abc.ReceiveStream: ...
+
+    @property
+    def stderr(self) -> trio.abc.ReceiveStream: ...
 
     @property
     def returncode(self) -> int | None:
