@@ -335,7 +335,7 @@ def _install_stdin(template: _Template) -> None:
     encoding = getattr(original, "encoding", None) or "utf-8"
     errors = getattr(original, "errors", None) or "strict"
     reader = io.BufferedReader(_Stdin(template))
-    sys.stdin = io.TextIOWrapper(reader, encoding=encoding, errors=errors)
+    sys.stdin = io.TextIOWrapper(reader, encoding=encoding, errors=errors, newline="\n")
 
 
 def _run(kind: str, target: str, args: list[str]) -> None:

@@ -85,8 +85,7 @@ class Pool:
         if config.preload:
             from .preload import Preloader
 
-            self.preloader = Preloader(self)
-            self.preloader.load(self.generation, config)
+            self.preloader = Preloader(self)  # loads a template once a model is asked for
         for _ in range(config.workers):
             self.add_worker()
 
@@ -243,6 +242,8 @@ class Pool:
         self.shutdown()
         for worker in self.workers:
             worker.kill_model()
+        if self.preloader is not None:
+            self.preloader.kill()
         self._abort()
 
     # -- changing the set of workers (operations.py decides when) ----------------------

@@ -227,6 +227,12 @@ class Template:
         """Stop the template gracefully (its stdin closes); its children serve on."""
         self._scope.cancel()
 
+    def kill(self) -> None:
+        """Hard stop: SIGKILL the template and what it started (not its children) now."""
+        if self._model is not None:
+            self._model.kill_group()
+        self.stop()
+
     async def _keep_loaded(self) -> None:
         failures = 0
         while True:
@@ -514,8 +520,12 @@ class Preloader:
         return template
 
     def starter(self, generation: int, config: PoolConfig) -> ModelStarter:
-        """How a model of `generation` starts: forked from its template (plainly if none)."""
+        """How a model of `generation` starts: forked from its template, which the first
+        model of the pool's generation has loaded; plainly for an older generation whose
+        template is retired (its last workers are on their way out)."""
         template = self.templates.get(generation)
+        if template is None and generation == self._pool.generation:
+            template = self.load(generation, config)
         if template is None or template.config.model_cmd != config.model_cmd:
             return self._spawner
         return Forker(template, self._spawner, self._pool.reaper)
@@ -530,6 +540,10 @@ class Preloader:
             del self.templates[generation]
             raise
         return template
+
+    def kill(self) -> None:
+        for template in self.templates.values():
+            template.kill()
 
     def retire_others(self, generation: int) -> None:
         """Every model is of `generation` now: the other templates are of no more use."""
