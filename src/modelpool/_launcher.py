@@ -131,8 +131,8 @@ class _Template:
 
     def unsafe(self) -> str | None:
         """Why a fork now would not be safe, or None."""
-        if not hasattr(os, "pidfd_open"):
-            return "this system has no pidfd_open (Linux 5.3 or later is needed)"
+        if not hasattr(os, "pidfd_open") or not hasattr(socket, "send_fds"):
+            return "it needs Python 3.9 or later on Linux 5.3 or later (os.pidfd_open)"
         if not self.env.found:
             return f"its environment has no {TOKEN_VAR}, so its children could not be contained"
         threads = len(os.listdir("/proc/self/task"))
