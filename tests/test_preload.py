@@ -271,7 +271,7 @@ def test_a_command_that_is_not_python_is_refused_with_the_reason() -> None:
 
 
 def test_the_command_line_refuses_a_non_python_command_under_preload(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     with pytest.raises(SystemExit) as exited:
         parse(["serve", "--preload", "--model-cmd", "./model.sh"])
@@ -280,6 +280,12 @@ def test_the_command_line_refuses_a_non_python_command_under_preload(
     assert "--model-cmd: cannot be preloaded: './model.sh' is not a Python interpreter" in error
     _, settings = parse(["worker", "--queue", "redis://x:1/0"], {"MODELPOOL_PRELOAD": "yes"})
     assert settings.config.pool.preload
+    config_file = tmp_path / "modelpool.toml"
+    config_file.write_text("preload = true\n")
+    _, settings = parse(["serve", "--config", str(config_file)], {})
+    assert settings.config.pool.preload
+    _, settings = parse(["serve"], {})
+    assert not settings.config.pool.preload  # off by default
 
 
 # -- the template's own life -------------------------------------------------------------
