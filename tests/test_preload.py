@@ -34,6 +34,7 @@ from modelpool.errors import ModelCommandError
 from modelpool.operations import OperationFailed
 from modelpool.options import parse
 from modelpool.pool import Pool
+from modelpool.pycommand import LAUNCHER, NotPythonCommand, parse_python_command
 from modelpool.reaper import token_of
 from serverproc import server_process, wait_listening, wait_ready
 
@@ -268,6 +269,60 @@ def test_a_command_that_is_not_python_is_refused_with_the_reason() -> None:
         PoolConfig(model_cmd=["python3", "-u", "-c", "print(1)"], preload=True)
     PoolConfig(model_cmd=["/bin/sh", "model.sh"])  # fine without --preload
     PoolConfig(model_cmd=["python3.11", "-X", "dev", "-um", "package.model", "--x"], preload=True)
+
+
+@pytest.mark.parametrize(
+    ("command", "flags", "kind", "target", "args"),
+    [
+        (["python3", "-u", "m.py", "-x"], ["-u"], "script", "m.py", ["-x"]),
+        (
+            ["python3.11", "-W", "ignore", "-X", "dev", "m.py"],
+            ["-W", "ignore", "-X", "dev"],
+            "script",
+            "m.py",
+            [],
+        ),
+        (
+            ["python", "-Wignore", "-OO", "m.py", "--", "a"],
+            ["-Wignore", "-OO"],
+            "script",
+            "m.py",
+            ["--", "a"],
+        ),
+        (
+            ["python3", "-um", "pkg.model", "--port", "1"],
+            ["-u"],
+            "module",
+            "pkg.model",
+            ["--port", "1"],
+        ),
+        (["python3", "-m", "pkg"], [], "module", "pkg", []),
+        ([sys.executable, "-B", "--", "-odd-name.py"], ["-B"], "script", "-odd-name.py", []),
+    ],
+)
+def test_a_python_command_is_read_as_the_interpreter_reads_it(
+    command: list[str], flags: list[str], kind: str, target: str, args: list[str]
+) -> None:
+    parsed = parse_python_command(command)
+    assert (parsed.flags, parsed.kind, parsed.target, parsed.args) == (flags, kind, target, args)
+    launched = parsed.launched(7)
+    assert launched[: 1 + len(flags)] == [command[0], *flags]
+    assert launched[1 + len(flags) :] == [str(LAUNCHER), "7", kind, target, *args]
+
+
+@pytest.mark.parametrize(
+    ("command", "why"),
+    [
+        (["node", "model.js"], "is not a Python interpreter"),
+        (["python3", "-c", "print(1)"], "python -c"),
+        (["python3", "-", "x"], "read from stdin"),
+        (["python3", "-u"], "names no script"),
+        (["python3", "-m"], "names no module"),
+    ],
+)
+def test_a_command_that_cannot_be_preloaded_says_why(command: list[str], why: str) -> None:
+    with pytest.raises(NotPythonCommand, match=why):
+        parse_python_command(command)
 
 
 def test_the_command_line_refuses_a_non_python_command_under_preload(
