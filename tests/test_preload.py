@@ -595,3 +595,41 @@ async def test_an_interpreter_that_cannot_be_run_stops_the_pool_at_once() -> Non
     with trio.fail_after(10), pytest.raises(ModelCommandError, match="cannot run"):
         async with open_pool(config):
             await trio.sleep(30)
+
+
+async def test_a_model_that_writes_garbage_to_the_control_socket_costs_only_its_template(
+    tmp_path: Path,
+) -> None:
+    """The model runs in the template's process and can find the launcher's socket: what
+    it writes there fails that template's load; the children serve on, and /status says
+    why. (Its first load behaves; the one after the template is killed meddles.)"""
+    script, marker = tmp_path / "meddler.py", tmp_path / "loaded-once"
+    script.write_text(
+        "import os, pathlib, socket, stat, sys\n"
+        f"marker = pathlib.Path({str(marker)!r})\n"
+        "if marker.exists():\n"
+        "    for name in os.listdir('/proc/self/fd'):\n"
+        "        try:\n"
+        "            if stat.S_ISSOCK(os.fstat(int(name)).st_mode):\n"
+        "                socket.socket(fileno=os.dup(int(name))).send(b'{not json')\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "marker.touch()\n"
+        "print('ready: Model-initialized')\n"
+        "for line in sys.stdin:\n"
+        "    print('result: {}')\n"
+    )
+    config = PoolConfig(model_cmd=[sys.executable, str(script)], workers=2, preload=True)
+    async with open_pool(config) as pool:
+        await pool.wait_ready()
+        children = [w.pid for w in pool.workers]
+        os.kill(template_pid(pool), signal.SIGKILL)
+        await wait_until(
+            lambda: "makes no sense" in str((pool.status()["template"] or {}).get("last_failure")),
+            10,
+            "the meddling template to fail",
+        )
+        assert pool.status()["template"]["state"] in ("failed", "loading")
+        for _ in range(3):
+            assert await pool.predict({}) == {}
+        assert [w.pid for w in pool.workers] == children

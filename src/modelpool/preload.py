@@ -176,12 +176,6 @@ class ForkedProcess:
         """What it holds of its own: the private pages of its tree, not the template's."""
         return tree_private_mib(self.pid)
 
-    def kill(self) -> None:
-        """SIGKILL it through its pidfd (a pid alone might name another process by now)."""
-        if self._pidfd >= 0:
-            with contextlib.suppress(ProcessLookupError):
-                signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-
 
 class Template:
     """One generation's warm template: loaded, re-loaded when it dies, asked for forks."""
@@ -302,7 +296,11 @@ class Template:
     async def _fork_point(self, sock: trio.socket.SocketType, model: ModelProcess) -> dict:
         """The launcher's first word: it reached the fork point, or it is not safe to fork."""
         with trio.move_on_after(FORK_POINT_WAIT):
-            message, fds = await _receive(sock)
+            try:
+                message, fds = await _receive(sock)
+            except BadMessage as exc:
+                problem = f"a message on its control socket makes no sense: {exc}"
+                raise StartFailed(f"{self.name} failed to start: {problem}") from None
             for fd in fds:
                 os.close(fd)
             if message is None:
@@ -326,48 +324,59 @@ class Template:
         )
 
     async def _serve(self, sock: trio.socket.SocketType) -> None:
+        """Read the template's messages until it ends, or falls back to plain starts.
+
+        The model runs in that process and could write to the socket too: a message
+        that makes no sense ends the template (a new one is loaded).
+        """
         while True:
-            message, fds = await _receive(sock)
-            if message is None:
-                return
-            event = message.get("event")
-            if event == "forked":
-                self._on_forked(message, fds)
-            else:
-                for fd in fds:
-                    os.close(fd)
-            if event == "fork_failed":
-                reply = self._pending.get(message.get("id", 0))
-                if reply is not None:
-                    reply.error = str(message.get("error"))
-                    reply.done.set()
-                if message.get("unsafe"):  # it became unsafe to fork since its fork point
-                    self._fall_back(str(message.get("error")))
+            try:
+                message, fds = await _receive(sock)
+                if message is None or self._on_message(message, fds):
                     return
-            elif event == "exited":
-                report = self._exits.pop(int(message.get("pid", 0)), None)
-                if report is not None:
-                    report.status = int(message["status"])
-                    report.done.set()
+            except (BadMessage, KeyError, TypeError, ValueError) as exc:
+                log.error("%s sent a message that makes no sense (%s); killing it", self.name, exc)
+                if self._model is not None:
+                    self._model.kill_group()
+                return
+
+    def _on_message(self, message: dict, fds: list[int]) -> bool:
+        """Act on one message, owning its descriptors; True once the template is unsafe."""
+        event = message.get("event")
+        if event == "forked":
+            self._on_forked(message, fds)
+            return False
+        for fd in fds:
+            os.close(fd)
+        if event == "exited":
+            report = self._exits.pop(int(message["pid"]), None)
+            if report is not None:
+                report.status = int(message["status"])
+                report.done.set()
+        elif event == "fork_failed":
+            reply = self._pending.get(message.get("id", 0))
+            if reply is not None:
+                reply.error = str(message.get("error"))
+                reply.done.set()
+            if message.get("unsafe"):  # it became unsafe to fork since its fork point
+                self._fall_back(str(message.get("error")))
+                return True
+        return False
 
     def _on_forked(self, message: dict, fds: list[int]) -> None:
-        pid = int(message["pid"])
-        report = self._exits[pid] = _ExitReport()
+        pid = message.get("pid")
         reply = self._pending.get(message.get("id", 0))
-        if not fds:
-            if reply is not None:
-                reply.error = "the template sent no pidfd"
-                reply.done.set()
-            return
+        if not isinstance(pid, int) or pid <= 0 or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError(f"a fork reported with pid {pid!r} and {len(fds)} descriptor(s)")
+        report = self._exits[pid] = _ExitReport()
         if reply is None:  # its start was cancelled meanwhile: nobody owns the child
             with contextlib.suppress(ProcessLookupError):
                 signal.pidfd_send_signal(fds[0], signal.SIGKILL)
-            for fd in fds:
-                os.close(fd)
+            os.close(fds[0])
             return
         reply.pid, reply.pidfd, reply.report = pid, fds[0], report
-        for fd in fds[1:]:
-            os.close(fd)
         reply.done.set()
 
     def _template_gone(self) -> None:
@@ -559,11 +568,18 @@ class Preloader:
         return None if template is None else template.snapshot()
 
 
+class BadMessage(Exception):
+    """What came on a template's control socket is not a message of the launcher's."""
+
+
 async def _receive(sock: trio.socket.SocketType) -> tuple[dict | None, list[int]]:
-    """One message from the launcher and the descriptors it carried; None at its end."""
+    """One message from the launcher and the descriptors it carried; None at its end.
+
+    BadMessage (its descriptors closed) if it is not one JSON object, whole.
+    """
     fds: list[int] = []
     try:
-        data, ancillary, _, _ = await sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4 * 4))
+        data, ancillary, flags, _ = await sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(4 * 4))
     except OSError:
         return None, fds
     for level, kind, payload in ancillary:
@@ -572,8 +588,26 @@ async def _receive(sock: trio.socket.SocketType) -> tuple[dict | None, list[int]
             numbers.frombytes(payload[: len(payload) - len(payload) % numbers.itemsize])
             fds.extend(numbers)
     if not data:
-        return None, fds
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    problem = _message_problem(data, flags)
+    if problem is not None:
+        for fd in fds:
+            os.close(fd)
+        raise BadMessage(f"{data[:80]!r}: {problem}")
     return json.loads(data), fds
+
+
+def _message_problem(data: bytes, flags: int) -> str | None:
+    """Why `data` is not one whole JSON object, or None."""
+    if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+        return "cut short"
+    try:
+        message = json.loads(data)
+    except ValueError as exc:
+        return str(exc)
+    return None if isinstance(message, dict) else "not an object"
 
 
 def smaps_mib(pid: int) -> dict[str, float]:
