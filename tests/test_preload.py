@@ -391,6 +391,13 @@ async def test_reload_to_a_new_model_file_loads_a_new_template_first(tmp_path: P
         assert {(await pool.predict({}))["version"] for _ in range(4)} == {2}
         assert all(parent_of(w.pid or 0) == new_template for w in pool.workers)
         assert [w.generation for w in pool.workers] == [pool.generation] * 2
+        # a new command (as POST /admin/reload may give): a template of that command
+        other = model_file(tmp_path / "other.py", version=3)
+        report = await pool.operations.reload([sys.executable, "-u", str(other)])
+        assert report["template"]["state"] == "ready"
+        assert {(await pool.predict({}))["version"] for _ in range(4)} == {3}
+        assert all(parent_of(w.pid or 0) == template_pid(pool) for w in pool.workers)
+        await wait_until(lambda: not process_alive(new_template), 10, "the second template to go")
 
 
 async def test_scale_up_forks_at_once() -> None:
