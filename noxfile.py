@@ -26,7 +26,8 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def bench(session: nox.Session) -> None:
     """Side by side with baselines in one run (bench.py), the cluster path beside the local
-    pool (cluster.py), then the cost of connection and process limits (limits.py).
+    pool (cluster.py), the cost of connection and process limits (limits.py), then
+    start-up, plain beside --preload (preload.py).
     `-- --quick` for CI's short run. Needs Debian's wrk."""
     import shutil  # here, as this session is the only one that needs it
 
@@ -38,6 +39,7 @@ def bench(session: nox.Session) -> None:
     quick = ["--quick"] if "--quick" in session.posargs else []
     session.run("python", "benchmarks/cluster.py", *quick)
     session.run("python", "benchmarks/limits.py", *quick)
+    session.run("python", "benchmarks/preload.py", *quick)
 
 
 @nox.session

@@ -13,6 +13,8 @@ chaos task, at random:
   hangup    a client that hangs up while its request waits or computes
   trickle   a client that hangs up half-way through its body
   burst     sends --max-queue + 40 requests at once (some get 503 queue full)
+  template  with --preload (every model forked from one warm template): SIGKILLs the
+            template itself, whose children must serve on while a new one loads
 
 At the end it stops the service with SIGTERM and prints, and checks: requests sent,
 answered ok, errors by kind, answers that carry another request's id (must be 0),
@@ -24,7 +26,7 @@ service failed to kill would end up as its child and be counted.
 Exit code 0 when every check holds. Traffic goes to 127.0.0.1 only, and it stops by
 itself: --duration bounds the load and every request has a deadline.
 
-Run: nox -s chaos [-- --duration 300]
+Run: nox -s chaos [-- --duration 300] [-- --preload]
 """
 
 from __future__ import annotations
@@ -94,6 +96,8 @@ class Session:
         command += ["--keep-alive-timeout", str(KEEP_ALIVE), "--backoff-initial", "0.05"]
         command += ["--backoff-max", "0.5", "--log-level", "WARNING"]
         command += ["--model-cmd", f"{sys.executable} -u {MODEL}"]
+        if self.args.preload:
+            command += ["--preload"]
         log = open(self.args.service_log, "w")  # noqa: SIM115
         self.proc = subprocess.Popen(command, stderr=log, stdout=subprocess.DEVNULL)
 
@@ -118,6 +122,12 @@ class Session:
                     if ready["ready"] == self.args.workers:
                         return
                 await trio.sleep(0.05)
+
+    async def template(self, client: httpx.AsyncClient) -> dict:
+        """The --preload template as /status shows it ({} if none, or no answer)."""
+        with contextlib.suppress(httpx.HTTPError, ValueError):
+            return (await client.get("/status")).json()["template"] or {}
+        return {}
 
     async def model_pids(self, client: httpx.AsyncClient) -> list[int]:
         with contextlib.suppress(httpx.HTTPError, ValueError):
@@ -171,6 +181,9 @@ class Session:
     async def chaos_loop(self, client: httpx.AsyncClient, until: float) -> None:
         actions = ["kill", "timeout", "crash", "escape", "hangup", "trickle", "burst"]
         weights = [3, 2, 2, 2, 3, 2, 1]
+        if self.args.preload:
+            actions.append("template")
+            weights.append(1)
         async with trio.open_nursery() as nursery:
             while trio.current_time() < until:
                 await trio.sleep(self.random.uniform(0.1, 0.5))
@@ -181,6 +194,11 @@ class Session:
                     if pids:
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(self.random.choice(pids), signal.SIGKILL)
+                elif action == "template":
+                    pid = (await self.template(client)).get("pid")
+                    if pid:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
                 elif action == "timeout":
                     nursery.start_soon(partial_ask(self, client, "timeout", sleep=5.0))
                 elif action == "crash":
@@ -249,6 +267,11 @@ async def drive(session: Session) -> dict:
             nursery.start_soon(session.chaos_loop, client, until)
             nursery.start_soon(report_progress, session, until)
         await session.wait_ready(client)  # every model back before the last measurement
+        template = await session.template(client)
+        with trio.move_on_after(10):  # one killed at the very end loads again
+            while template and template.get("state") != "ready":
+                await trio.sleep(0.1)
+                template = await session.template(client)
     await trio.sleep(KEEP_ALIVE + 1.5)
     rss_end, fds_end = session.resources()
     return {
@@ -257,6 +280,7 @@ async def drive(session: Session) -> dict:
         "rss_end_mib": round(rss_end, 1),
         "fds_warm": fds_warm,
         "fds_end": fds_end,
+        "template": template,
     }
 
 
@@ -279,6 +303,11 @@ def main() -> int:
     parser.add_argument("--max-queue", type=int, default=64)
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", type=Path, help="also write the summary here")
+    parser.add_argument(
+        "--preload",
+        action="store_true",
+        help="run the service with --preload, and kill its template too now and then",
+    )
     parser.add_argument(
         "--service-log", type=Path, default=Path(os.devnull), help="where the service logs go"
     )
@@ -322,6 +351,10 @@ def main() -> int:
         "RSS flat": figures["rss_end_mib"] <= figures["rss_warm_mib"] * 1.25 + 5,
         "most requests answered ok": t.ok > t.sent / 2,
     }
+    if args.preload:
+        template = figures["template"]
+        checks["models were forked from the template"] = template.get("forks", 0) > args.workers
+        checks["a template was ready at the end"] = template.get("state") == "ready"
     summary["checks"] = checks
     print_table(summary)
     for example in t.wrong_examples[:5] + t.missing_examples[:5] + left[:10]:

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from conftest import ROOT
@@ -13,7 +14,9 @@ from conftest import ROOT
 DURATION = 40  # seconds of chaos; the whole run takes about 15 s more
 
 
-async def test_a_short_chaos_session_keeps_every_promise(tmp_path: Path) -> None:
+@pytest.mark.parametrize("preload", [False, True], ids=["plain", "preload"])
+async def test_a_short_chaos_session_keeps_every_promise(tmp_path: Path, preload: bool) -> None:
+    """With --preload too: every model forked from one template, which is killed as well."""
     summary_file = tmp_path / "chaos.json"
     done = await trio.run_process(
         [
@@ -23,6 +26,7 @@ async def test_a_short_chaos_session_keeps_every_promise(tmp_path: Path) -> None
             str(DURATION),
             "--json",
             str(summary_file),
+            *(["--preload"] if preload else []),
         ],
         capture_stdout=True,
         check=False,
@@ -37,6 +41,9 @@ async def test_a_short_chaos_session_keeps_every_promise(tmp_path: Path) -> None
     assert all(summary["checks"].values()), summary["checks"]
     # the chaos really happened, and the service really served through it
     assert set(summary["chaos"]) >= {"kill", "timeout", "crash", "escape", "hangup", "burst"}
+    if preload:
+        assert summary["chaos"].get("template", 0) >= 1
+        assert summary["template"]["forks"] > 4
     assert summary["errors"].get("504 model timeout", 0) >= 1
     assert summary["errors"].get("502 model failed", 0) >= 1
     assert summary["escaped_daemons_started"] >= 1

@@ -147,6 +147,7 @@ class PoolConfig:
     max_requests: int | None = None  # retire a model after this many answers (and jitter)
     max_requests_jitter: int = 0
     model_max_rss: float | None = None  # MiB, a model with its descendants
+    preload: bool = False  # fork every model from one loaded template (Python models only)
     queue: str | None = None  # redis://host:port/db: a job stream shared by many nodes
     reclaim_after: float = 10.0  # seconds before a silent node's jobs are taken back
     node_name: str | None = None  # this node's name in a cluster (default host-pid-random)
@@ -184,6 +185,13 @@ class PoolConfig:
         check_number("max_requests_jitter", self.max_requests_jitter, minimum=0, integer=True)
         if self.model_max_rss is not None:
             check_number("model_max_rss", self.model_max_rss, minimum=0, above=True)
+        if self.preload:
+            from .pycommand import NotPythonCommand, parse_python_command
+
+            try:
+                parse_python_command(self.model_cmd)
+            except NotPythonCommand as exc:
+                raise ConfigError("model_cmd", f"cannot be preloaded: {exc}") from None
         if self.model_log_rate is not None:
             check_number("model_log_rate", self.model_log_rate, minimum=1, integer=True)
         if self.model_log_level not in logging.getLevelNamesMapping():

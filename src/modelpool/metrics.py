@@ -46,6 +46,8 @@ RESTART_REASONS = (
     "reload",
 )
 WORKER_STATES = ("starting", "idle", "busy", "restarting", "stopped")
+START_METHODS = ("spawn", "fork")  # see starter.py
+TEMPLATE_STATES = ("loading", "ready", "fallback", "failed", "stopped")  # preload.TemplateState
 # From a pipe round trip (about a millisecond) to past the default 10 s timeout.
 BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -101,10 +103,14 @@ class PoolMetrics:
         )
         self.model_start = Histogram(
             "modelpool_model_start_seconds",
-            "Time from starting a model to its ready line",
+            "Time from starting a model to its ready line, by how it started (a fork is "
+            "ready when forked)",
+            ["method"],
             buckets=START_BUCKETS,
             registry=self.registry,
         )
+        for method in START_METHODS:
+            self.model_start.labels(method=method)
         self.registry.register(_PoolGauges(pool))
         self.recent = Recent()
 
@@ -162,6 +168,17 @@ class _PoolGauges:
         for w in pool.workers:
             info.add_metric([str(w.index), str(w.generation), " ".join(w.config.model_cmd)], 1)
         yield info
+        if pool.preloader is not None:
+            template = pool.preloader.current()
+            template_state = GaugeMetricFamily(
+                "modelpool_template_state",
+                "The --preload template of the current generation: 1 for its state",
+                labels=["state"],
+            )
+            for name in TEMPLATE_STATES:
+                current = template is not None and template.state == name
+                template_state.add_metric([name], int(current))
+            yield template_state
         yield GaugeMetricFamily(
             "modelpool_generation",
             "The model generation new workers start (a reload raises it)",

@@ -23,7 +23,6 @@ import logging
 import os
 import select
 import signal
-import subprocess
 import termios
 import time
 from collections import deque
@@ -38,6 +37,7 @@ from .config import PoolConfig
 from .errors import ModelFailed
 from .lines import LineReader, LineTooLong
 from .reaper import TOKEN_VAR, Reaper
+from .starter import ModelHandle, ModelStarter, Spawner
 
 RESULT_PREFIX = b"result: "
 MAX_STDERR_LINE = 64 * 1024
@@ -103,16 +103,21 @@ class CommandNotRunnable(StartFailed):
 
 
 class ModelProcess:
-    """A running model and what is known of it; built by `open_model`."""
+    """A running model and what is known of it; built by `open_model`.
+
+    `proc` is the process however it started (see starter.py). A child forked from a
+    template is past its ready line from its first instant, so it is ready at once.
+    """
 
     def __init__(
-        self, proc: trio.Process, config: PoolConfig, name: str, reaper: Reaper, token: str
+        self, proc: ModelHandle, config: PoolConfig, name: str, reaper: Reaper, token: str
     ) -> None:
         self.proc = proc
         self.pid = proc.pid
         self.name = f"{name} [pid {proc.pid}]"
-        self.started_at = trio.current_time()
-        self.ready = False
+        self.started_at = proc.started_at
+        self.method = proc.method
+        self.ready = proc.ready_at_start
         self.overflowed = False
         self.out_of_step: str | None = None  # why, once it printed a result nobody awaited
         self.hung: str | None = None  # why, once it did not get back to reading after an answer
@@ -147,6 +152,8 @@ class ModelProcess:
         self._output_log = OutputLog(
             name=self.name, level=config.model_log_level, rate=config.model_log_rate
         )
+        if self.ready:
+            self._init_done.set()
 
     # -- talking to the model -------------------------------------------------------
 
@@ -397,6 +404,9 @@ class ModelProcess:
         if self.overflowed:
             detail = f"model printed a line longer than {self._config.max_line} bytes"
             kind = "protocol"
+        elif code is None and not self.proc.running:
+            detail = "model exited; its exit status is unknown (its template ended first)"
+            kind = "crashed"
         elif code is None:
             detail = "model closed its output but did not exit"
             kind = "protocol"
@@ -432,7 +442,7 @@ class ModelProcess:
         Once the model is reaped its pid may name another process, so only its group
         (which keeps the number reserved while it has members) is killed then.
         """
-        self._reaper.kill_tree(self.pid, walk=self.proc.returncode is None)
+        self._reaper.kill_tree(self.pid, walk=self.proc.running)
 
     async def kill(self) -> None:
         """Kill the model and its tree, reap it, and kill whatever escaped it."""
@@ -444,13 +454,13 @@ class ModelProcess:
 
         A model that is not ready yet is not reading its stdin, so it is killed at once.
         """
-        if self.proc.returncode is None and self.ready:
+        if self.proc.running and self.ready:
             stdin = self.proc.stdin
             assert stdin is not None
             await stdin.aclose()
             with trio.move_on_after(grace):
                 await self.proc.wait()
-            if self.proc.returncode is None:
+            if self.proc.running:
                 log.warning(
                     "%s did not exit within %g s of stdin closing; killing it", self.name, grace
                 )
@@ -870,27 +880,23 @@ def model_environment(config: PoolConfig, token: str) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def open_model(config: PoolConfig, name: str, reaper: Reaper) -> AsyncIterator[ModelProcess]:
-    """Start a model; on the way out, close its stdin, give it `exit_grace`, then kill it."""
-    token = reaper.new_token()
-    async with reaper.spawning():
-        try:
-            proc = await trio.lowlevel.open_process(
-                config.model_cmd,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                env=model_environment(config, token),
-            )
-        except OSError as exc:
-            raise CommandNotRunnable(
-                f"{name} failed to start: cannot run {config.model_cmd[0]!r}: {exc.strerror or exc}"
-            ) from exc
-        reaper.model_started(proc.pid, token)
+async def open_model(
+    config: PoolConfig,
+    name: str,
+    reaper: Reaper,
+    starter: ModelStarter | None = None,
+    token: str | None = None,
+) -> AsyncIterator[ModelProcess]:
+    """Start a model (spawned, unless `starter` says otherwise); on the way out, close its
+    stdin, give it `exit_grace`, then kill it. `token`: its containment token, if not a
+    new one (a preload template's has room for its children's, see preload.py)."""
+    token = token or reaper.new_token()
+    starter = starter or Spawner(reaper)
+    proc = await starter.start(config, name, token, model_environment(config, token))
     logs.set_field("pid", proc.pid)  # for this task's log lines and those of the pumps
     model = ModelProcess(proc, config, name, reaper, token)
-    log.info("%s started: %s", model.name, " ".join(config.model_cmd))
+    how = " (forked from its template)" if proc.method == "fork" else ""
+    log.info("%s started%s: %s", model.name, how, " ".join(config.model_cmd))
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(model._pump_stdout)
@@ -907,12 +913,10 @@ async def open_model(config: PoolConfig, name: str, reaper: Reaper) -> AsyncIter
                         await model.stderr_ended.wait()
                     model._output_log.report_dropped()
                     nursery.cancel_scope.cancel()
-                    for stream in (proc.stdin, proc.stdout, proc.stderr):
-                        if stream is not None:
-                            await stream.aclose()
+                    await proc.aclose()
     finally:
         with trio.CancelScope(shield=True):
-            if proc.returncode is None:  # only if something above failed half-way
+            if proc.running:  # only if something above failed half-way
                 reaper.kill_tree(proc.pid)
                 await proc.wait()
             await reaper.model_reaped(proc.pid, token)

@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from .config import ConfigError
+from .model import StartFailed
 from .reaper import descendants
 
 if TYPE_CHECKING:
@@ -119,13 +121,27 @@ class Operations:
         async with self._admin:
             started = time.monotonic()
             config = pool.model_config
+            replaced: list[dict[str, Any]] = []
             if model_cmd is not None:
-                config = replace(config, model_cmd=model_cmd)
+                try:
+                    config = replace(config, model_cmd=model_cmd)
+                except ConfigError as exc:
+                    detail = f"model_cmd {exc.problem}"
+                    log.error("reload refused: %s", detail)
+                    raise OperationFailed(detail, {"model_cmd": model_cmd, "workers": []}) from None
             generation = self._new_generation()
             command = " ".join(config.model_cmd)
             log.info("reload to generation %d: %s", generation, command)
-            replaced: list[dict[str, Any]] = []
             report = {"generation": generation, "model_cmd": config.model_cmd, "workers": replaced}
+            if pool.preloader is not None:
+                try:
+                    template = await pool.preloader.prepare(generation, config)
+                except StartFailed as exc:
+                    detail = f"generation {generation}'s template failed to load: {exc}"
+                    log.error("reload stopped: %s; the models already there keep serving", detail)
+                    report["seconds"] = round(time.monotonic() - started, 3)
+                    raise OperationFailed(detail, report) from None
+                report["template"] = template.snapshot()
             while (old := self._next_to_replace(generation)) is not None:
                 step = await self._surge_replace(old, config, generation, "reload")
                 replaced.append(step)
@@ -135,6 +151,8 @@ class Operations:
                     report["seconds"] = round(time.monotonic() - started, 3)
                     raise OperationFailed(detail, report)
             pool.model_config, pool.generation = config, generation
+            if pool.preloader is not None:
+                pool.preloader.retire_others(generation)
             report["seconds"] = round(time.monotonic() - started, 3)
             log.info(
                 "reload to generation %d done in %.1f s: %d worker(s) replaced",
@@ -281,16 +299,18 @@ class Operations:
     # -- memory ---------------------------------------------------------------------------
 
     async def watch_memory(self) -> None:
-        """Every second, replace (idle) or kill (busy, past the margin) models over the limit."""
+        """Every second, replace (idle) or kill (busy, past the margin) models over the limit.
+
+        What a model holds is its handle's to say: a spawned model's resident memory, a
+        forked one's private pages (not the pages it shares with its template)."""
         limit = self._pool.config.model_max_rss
         assert limit is not None
         while not self._pool.stopped.is_set():
             for worker in list(self._pool.workers):
-                pid = worker.pid
-                if pid is None or worker.retiring is not None or not worker.ready:
+                if worker.retiring is not None or not worker.ready:
                     continue
-                used = tree_rss_mib(pid)
-                if used <= limit:
+                used = worker.memory_mib()
+                if used is None or used <= limit:
                     continue
                 what = f"uses {used:.0f} MiB, over --model-max-rss {limit:g} MiB"
                 if worker.state == "busy" and used > limit * MEMORY_MARGIN:

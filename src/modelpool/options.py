@@ -316,6 +316,17 @@ OPTIONS = [
         "pool.node_name",
     ),
     Option(
+        "--preload",
+        None,
+        False,
+        "load the model once, then fork every model from that warm template at its first "
+        "read of stdin (as gunicorn's --preload): one load's time and memory for all of "
+        "them, and replacements in milliseconds. Python models only (python [flags] "
+        "script.py or -m module); one that is not safe to fork (threads, sockets, devices "
+        "at that point) falls back to plain starts with a warning",
+        "pool.preload",
+    ),
+    Option(
         "--api-key",
         text_value,
         None,

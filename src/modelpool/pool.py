@@ -38,9 +38,11 @@ from .jobqueue import JobQueue, open_queue
 from .metrics import PoolMetrics
 from .operations import Operations
 from .reaper import Reaper
+from .starter import ModelStarter, Spawner
 from .worker import State, Worker
 
 if TYPE_CHECKING:
+    from .preload import Preloader
     from .schema import RequestSchema
 
 log = logging.getLogger("modelpool.pool")
@@ -80,6 +82,12 @@ class Pool:
         self.queue.node_status = self.node_status
         self.serves_http = False  # set by the HTTP service, for the cluster's view
         self.operations = Operations(self)
+        self._spawner = Spawner(reaper)
+        self.preloader: Preloader | None = None
+        if config.preload:
+            from .preload import Preloader
+
+            self.preloader = Preloader(self)  # loads a template once a model is asked for
         for _ in range(config.workers):
             self.add_worker()
 
@@ -175,6 +183,7 @@ class Pool:
             "healthy": healthy,
             "problem": problem,
             "orphans_killed": self.reaper.killed,
+            "template": None if self.preloader is None else self.preloader.snapshot(),
             "recent": self.metrics.recent.summary(),
             **self.queue.status(),
         }
@@ -241,6 +250,8 @@ class Pool:
         self.shutdown()
         for worker in self.workers:
             worker.kill_model()
+        if self.preloader is not None:
+            self.preloader.kill()
         self._abort()
 
     # -- changing the set of workers (operations.py decides when) ----------------------
@@ -268,6 +279,12 @@ class Pool:
                 self.workers.remove(worker)  # while stopping, /status shows every worker
                 self.retired_busy_seconds += worker.busy_seconds()
                 self.worker_changed()
+
+    def starter_for(self, worker: Worker) -> ModelStarter:
+        """How the worker's next model comes to be: spawned, or forked from its template."""
+        if self.preloader is None:
+            return self._spawner
+        return self.preloader.starter(worker.generation, worker.config)
 
     def start_task(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Run a task beside the workers (operations that must outlive their caller)."""

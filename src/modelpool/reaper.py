@@ -87,13 +87,18 @@ class Reaper:
         _live[token] = pid
 
     def kill_tree(self, pid: int, walk: bool = True) -> None:
-        """SIGKILL a model's process group and, if it is not reaped yet, its whole tree."""
+        """SIGKILL a model's process group and, if it is not reaped yet, its whole tree.
+
+        The walk stops at other live models: the children a preloaded template forked
+        are below it in the tree, but each is a model of its own, with its own worker.
+        """
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(pid, signal.SIGKILL)
         if not walk:
             return
+        spare = set(_live.values()) - {pid}
         for _ in range(KILL_ROUNDS):
-            alive = [p for p in descendants(pid) if not is_zombie(p)]
+            alive = [p for p in descendants(pid, spare) if not is_zombie(p)]
             if not alive:
                 break
             self._kill(alive)
@@ -247,12 +252,15 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` in the tree, parents before their children."""
+def descendants(pid: int, spare: set[int] | frozenset[int] = frozenset()) -> list[int]:
+    """Every process below `pid` in the tree, parents before their children; the ones in
+    `spare` are left out, and so is everything below them."""
     found: list[int] = []
     frontier = [pid]
     while frontier:
-        children = [child for parent in frontier for child in children_of(parent)]
+        children = [
+            child for parent in frontier for child in children_of(parent) if child not in spare
+        ]
         found.extend(children)
         frontier = children
     return found

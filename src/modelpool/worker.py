@@ -92,6 +92,7 @@ class Worker:
         self._starts = 0
         self._failures_in_a_row = 0  # models that failed with no request to blame
         self._ready_at = 0.0
+        self._start: dict[str, Any] | None = None  # how its current model started, how fast
         self._model: ModelProcess | None = None
         self._restart_reason = "crashed"  # why the current model will be replaced
         self._busy_total = 0.0  # seconds spent computing, for modelpool_model_busy_seconds
@@ -123,6 +124,10 @@ class Worker:
             self.failing_since = None
         return self.failing_since
 
+    def memory_mib(self) -> float | None:
+        """What its current model holds, for --model-max-rss (see ModelHandle.memory_mib)."""
+        return None if self._model is None else self._model.proc.memory_mib()
+
     def busy_seconds(self) -> float:
         """Seconds this worker's models have spent computing, the current request included."""
         if self.state is State.BUSY:
@@ -138,6 +143,7 @@ class Worker:
             "model_cmd": self._config.model_cmd,
             "retiring": self.retiring,
             "pid": self.pid,
+            "start": self._start if self.ready else None,
             "uptime": round(now - self._ready_at, 3) if self.ready else None,
             "request_id": None if self._job is None else self._job.request_id,
             "request_age": (
@@ -189,7 +195,7 @@ class Worker:
 
     async def _loop(self) -> None:
         while self._pool.wants_models() and self.retiring is None:
-            delay = self._config.backoff(self._failures_in_a_row)
+            delay = self._pool.starter_for(self).backoff(self._config, self._failures_in_a_row)
             if self._starts:
                 self.restarts += 1
                 self._pool.metrics.restarts.labels(reason=self._restart_reason).inc()
@@ -211,12 +217,15 @@ class Worker:
     async def _one_model(self) -> bool:
         """Start a model and serve with it; True when the pool has no more jobs to give."""
         try:
-            async with open_model(self._config, self.name, self._pool.reaper) as model:
+            starter = self._pool.starter_for(self)
+            async with open_model(self._config, self.name, self._pool.reaper, starter) as model:
                 self._model = model
                 await model.wait_ready()
                 self._ready_at = trio.current_time()
-                self._pool.metrics.model_start.observe(self._ready_at - model.started_at)
-                log.info("%s ready after %.1f s", model.name, self._ready_at - model.started_at)
+                took = self._ready_at - model.started_at
+                self._start = {"method": model.method, "seconds": round(took, 4)}
+                self._pool.metrics.model_start.labels(method=model.method).observe(took)
+                log.info("%s ready after %.1f s (%s)", model.name, took, model.method)
                 self._model_served = 0
                 self._model_limit = self._pool.request_limit()
                 self._recycle_asked = False

@@ -1,0 +1,373 @@
+"""modelpool's launcher for --preload: runs a Python model unmodified, and turns it into a
+template at its first read of stdin, from which the pool forks one child per worker.
+
+Usage (the pool builds it, see pycommand.py)::
+
+    python [the model's interpreter flags] _launcher.py CONTROL_FD script PATH [ARGS...]
+    python [the model's interpreter flags] _launcher.py CONTROL_FD module NAME [ARGS...]
+
+It is run by path by the model's own interpreter, which may not have modelpool
+installed: it imports only the standard library, never modelpool.
+
+How it works. Before the model runs, `sys.stdin` is replaced by a reader whose first
+read enters template mode; `for line in sys.stdin`, `readline()`, `input()` and
+`sys.stdin.buffer` all go through it (a model that reads with `os.read(0, ...)` or
+selects on fd 0 never reaches it; the pool then falls back to plain starts). By then
+the model has loaded and printed its ready line. In template mode the launcher checks
+that a fork is safe (one thread, no socket or device open), flushes stdio, calls
+`gc.freeze()` (so the children's garbage collector does not write to the shared
+pages), tells the pool over the control socket, and waits for fork requests. Each
+request carries three file descriptors (the child's stdin, stdout and stderr) and the
+child's containment token. The child starts a session of its own, takes the three
+descriptors as 0, 1 and 2, and returns from that same first read, which now reads its
+own stdin: for the model, nothing happened. The template reaps its children and tells
+the pool how each one ended; the pool gets a pidfd for each child, so it sees the
+exit itself too.
+
+The containment token is the MODELPOOL_MODEL variable, which the pool's reaper reads
+from /proc/PID/environ: the environment a process started with, which a change to
+os.environ does not reach. So the launcher rewrites the token where the kernel shows
+it, in the template's own initial environment, just before each fork, and back just
+after: the child has its own token from its first instant. The template's token is
+long enough for any child's; a shorter one is padded with NUL bytes, which readers of
+the environment see as empty entries (C's environ still points at the token itself).
+
+Messages on the control socket (SOCK_SEQPACKET, one JSON object each):
+  to the pool    {"event": "fork_point", "pid": P}
+                 {"event": "unsafe", "reason": "..."}
+                 {"event": "forked", "id": N, "pid": P}              + the child's pidfd
+                 {"event": "fork_failed", "id": N, "error": "...", "unsafe": B}
+                 {"event": "exited", "pid": P, "status": S}          (S as subprocess's)
+  from the pool  {"op": "fork", "id": N, "token": "..."}           + stdin, stdout, stderr
+
+The template leaves template mode when its stdin closes (the pool stops it) or the
+control socket does (the pool is gone): its read then returns end-of-file, and the
+model ends its own way, as it would have without the launcher.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import importlib.util
+import io
+import json
+import os
+import runpy
+import select
+import signal
+import socket
+import stat
+import sys
+
+TOKEN_VAR = "MODELPOOL_MODEL"
+MAX_MESSAGE = 64 * 1024
+ENV_START_FIELD = 50  # /proc/PID/stat fields (1-based): where the initial environment is
+HARMLESS_DEVICE_MAJOR = 1  # /dev/null, /dev/zero, /dev/urandom and friends
+
+
+class _EnvSlot:
+    """Where the containment token's value sits in this process's initial environment."""
+
+    def __init__(self) -> None:
+        self.address = 0
+        self.length = 0
+        self.original = b""
+        with open("/proc/self/stat", "rb") as file:
+            fields = file.read().rsplit(b")", 1)[1].split()
+        # fields[0] is field 3 (the state): field N is fields[N - 3]
+        start = int(fields[ENV_START_FIELD - 3])
+        end = int(fields[ENV_START_FIELD - 2])
+        area = ctypes.string_at(start, end - start)
+        key = TOKEN_VAR.encode() + b"="
+        offset = 0
+        for entry in area.split(b"\0"):
+            if entry.startswith(key):
+                self.address = start + offset + len(key)
+                self.length = len(entry) - len(key)
+                self.original = entry[len(key) :]
+                return
+            offset += len(entry) + 1
+
+    @property
+    def found(self) -> bool:
+        return self.length > 0
+
+    def write(self, token: bytes) -> None:
+        """Write a token over the template's; a shorter one is padded with NUL bytes."""
+        assert len(token) <= self.length
+        ctypes.memmove(self.address, token.ljust(self.length, b"\0"), self.length)
+
+
+class _Template:
+    """Template mode: entered once, at the model's first read of stdin."""
+
+    def __init__(self, control: socket.socket) -> None:
+        self.control = control
+        self.entered = False
+        self.closed = False  # template mode ended: reads return end-of-file
+        self.env = _EnvSlot()
+        self.children: set[int] = set()
+        self._wakeup_read = -1
+        self._wakeup_write = -1
+        self._old_wakeup = -1
+        self._old_sigchld: object = None
+
+    # -- entering ----------------------------------------------------------------------
+
+    def enter(self) -> None:
+        """Become the template; return in each child (or here once template mode ends)."""
+        self.entered = True
+        problem = self.unsafe()
+        if problem is not None:
+            self.send({"event": "unsafe", "reason": problem})
+            self.control.close()
+            return  # a plain model from now on: the pool starts the others plainly
+        _flush()
+        gc.freeze()
+        self.send({"event": "fork_point", "pid": os.getpid()})
+        self._serve()
+
+    def unsafe(self) -> str | None:
+        """Why a fork now would not be safe, or None."""
+        if not hasattr(os, "pidfd_open") or not hasattr(socket, "send_fds"):
+            return "it needs Python 3.9 or later on Linux 5.3 or later (os.pidfd_open)"
+        if not self.env.found:
+            return f"its environment has no {TOKEN_VAR}, so its children could not be contained"
+        threads = len(os.listdir("/proc/self/task"))
+        if threads > 1:
+            names = ""
+            threading = sys.modules.get("threading")
+            if threading is not None:
+                names = " (" + ", ".join(t.name for t in threading.enumerate()) + ")"
+            return f"it runs {threads} threads{names}, and a fork copies only one"
+        for fd, what in _open_descriptors(self.control.fileno()):
+            return f"it holds {what} open (fd {fd}), which every child would share"
+        return None
+
+    # -- serving -----------------------------------------------------------------------
+
+    def _serve(self) -> None:
+        self._wakeup_read, self._wakeup_write = os.pipe()
+        os.set_blocking(self._wakeup_write, False)
+        self._old_sigchld = signal.signal(signal.SIGCHLD, _ignore)
+        self._old_wakeup = signal.set_wakeup_fd(self._wakeup_write, warn_on_full_buffer=False)
+        poller = select.poll()
+        poller.register(self.control.fileno(), select.POLLIN)
+        poller.register(self._wakeup_read, select.POLLIN)
+        poller.register(0, 0)  # only its hang-up: the pool closed the template's stdin
+        while True:
+            for fd, events in poller.poll():
+                if fd == self._wakeup_read:
+                    os.read(self._wakeup_read, 4096)
+                    self._reap()
+                elif fd == 0:
+                    if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+                        self._leave()
+                        return
+                elif fd == self.control.fileno() and self._on_request():
+                    return  # in a child, or template mode ended
+
+    def _on_request(self) -> bool:
+        """Handle one message from the pool; True in a new child, or when the pool is gone."""
+        try:
+            message, fds, _, _ = socket.recv_fds(self.control, MAX_MESSAGE, 3)
+        except OSError:
+            message, fds = b"", []
+        if not message:
+            for fd in fds:
+                os.close(fd)
+            self._leave()
+            return True
+        request = json.loads(message)
+        ident = request.get("id")
+        token = str(request.get("token", "")).encode()
+        error = self.unsafe()
+        if error is not None:
+            for fd in fds:
+                os.close(fd)
+            self.send({"event": "fork_failed", "id": ident, "error": error, "unsafe": True})
+            return False
+        if len(fds) != 3:
+            error = f"the request carried {len(fds)} file descriptors, not 3"
+        if error is None and not 0 < len(token) <= self.env.length:
+            error = f"the token is {len(token)} bytes long, the room for it {self.env.length}"
+        if error is not None:
+            for fd in fds:
+                os.close(fd)
+            self.send({"event": "fork_failed", "id": ident, "error": error})
+            return False
+        _flush()
+        gc.freeze()
+        self.env.write(token)
+        try:
+            pid = os.fork()
+        except OSError as exc:
+            self.env.write(self.env.original)
+            for fd in fds:
+                os.close(fd)
+            self.send({"event": "fork_failed", "id": ident, "error": f"fork: {exc}"})
+            return False
+        if pid == 0:
+            self._become_child(fds, token.decode())
+            return True
+        self.env.write(self.env.original)
+        for fd in fds:
+            os.close(fd)
+        self.children.add(pid)
+        pidfd = os.pidfd_open(pid)
+        try:
+            self.send({"event": "forked", "id": ident, "pid": pid}, [pidfd])
+        finally:
+            os.close(pidfd)
+        return False
+
+    def _become_child(self, fds: list[int], token: str) -> None:
+        """In the child: a session of its own, its own stdio, nothing of the template's."""
+        os.setsid()
+        self._restore_signals()
+        self.control.close()
+        for fd in (self._wakeup_read, self._wakeup_write):
+            os.close(fd)
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        for fd in fds:
+            os.close(fd)
+        os.environ[TOKEN_VAR] = token  # the initial environment has it already (see above)
+        self.children.clear()
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            if pid in self.children:
+                self.children.discard(pid)
+                code = os.waitstatus_to_exitcode(status)
+                self.send({"event": "exited", "pid": pid, "status": code})
+
+    def _leave(self) -> None:
+        """Template mode ends: the model reads end-of-file and ends its own way."""
+        self._reap()
+        self._restore_signals()
+        for fd in (self._wakeup_read, self._wakeup_write):
+            os.close(fd)
+        self.control.close()
+        self.closed = True
+
+    def _restore_signals(self) -> None:
+        signal.set_wakeup_fd(self._old_wakeup)
+        signal.signal(signal.SIGCHLD, self._old_sigchld)  # type: ignore[arg-type]
+
+    def send(self, message: dict[str, object], fds: list[int] | None = None) -> None:
+        data = json.dumps(message).encode()
+        try:
+            if fds:
+                socket.send_fds(self.control, [data], fds)
+            else:
+                self.control.send(data)
+        except OSError:
+            pass  # the pool is gone: the next poll sees the socket closed
+
+
+class _Stdin(io.RawIOBase):
+    """The model's stdin: its first read makes the process a template (see above)."""
+
+    def __init__(self, template: _Template) -> None:
+        super().__init__()
+        self._template = template
+
+    def readable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return 0
+
+    def isatty(self) -> bool:
+        return os.isatty(0)
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        if not self._template.entered:
+            self._template.enter()
+        if self._template.closed:
+            return 0
+        return os.readv(0, [buffer])
+
+
+def _open_descriptors(control: int) -> list[tuple[int, str]]:
+    """File descriptors a child must not share with its siblings: sockets, devices, epolls."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        if fd in (0, 1, 2, control):
+            continue
+        try:
+            mode = os.fstat(fd)
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+        if stat.S_ISSOCK(mode.st_mode):
+            found.append((fd, "a socket"))
+        elif stat.S_ISCHR(mode.st_mode) and os.major(mode.st_rdev) != HARMLESS_DEVICE_MAJOR:
+            found.append((fd, f"a device ({target})"))
+        elif target.startswith("anon_inode:"):
+            found.append((fd, f"an {target}"))
+    return found
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        if stream is not None:
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+
+
+def _ignore(signum: int, frame: object) -> None:
+    """SIGCHLD's handler in template mode: the wakeup fd does the work."""
+
+
+def _install_stdin(template: _Template) -> None:
+    original = sys.stdin
+    encoding = getattr(original, "encoding", None) or "utf-8"
+    errors = getattr(original, "errors", None) or "strict"
+    reader = io.BufferedReader(_Stdin(template))
+    sys.stdin = io.TextIOWrapper(reader, encoding=encoding, errors=errors, newline="\n")
+
+
+def _run(kind: str, target: str, args: list[str]) -> None:
+    """Run the model as `python script` or `python -m module` would."""
+    keep_path = not (sys.flags.isolated or getattr(sys.flags, "safe_path", False))
+    if kind == "module":
+        if keep_path:
+            sys.path[0] = os.getcwd()
+        if importlib.util.find_spec(target) is None:
+            print(f"{sys.executable}: No module named {target}", file=sys.stderr)
+            sys.exit(1)
+        sys.argv = [target, *args]
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+        return
+    if not os.path.exists(target):
+        error = "[Errno 2] No such file or directory"
+        print(f"{sys.executable}: can't open file {target!r}: {error}", file=sys.stderr)
+        sys.exit(2)
+    if keep_path:
+        sys.path[0] = os.path.dirname(os.path.realpath(target))
+    sys.argv = [target, *args]
+    runpy.run_path(target, run_name="__main__")
+
+
+def main() -> None:
+    control_fd, kind, target, *args = sys.argv[1:]
+    control = socket.socket(fileno=int(control_fd))
+    control.set_inheritable(False)
+    template = _Template(control)
+    _install_stdin(template)
+    _run(kind, target, args)
+
+
+if __name__ == "__main__":
+    main()
