@@ -1,5 +1,5 @@
-"""HTTP/1.1 at its edges: clients that never read their answers; over real sockets to a
-real server on loopback.
+"""HTTP/1.1 at its edges: clients that never read their answers, ambiguous message
+framing, and OPTIONS; over real sockets to a real server on loopback.
 """
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import socket
+from collections.abc import AsyncIterator
 
 import httpx
 import trio
@@ -155,3 +156,53 @@ async def test_a_slow_reader_gets_all_of_a_large_answer() -> None:
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 200 ")
         assert json.loads(body)["echo"]["pad"] == "x" * ANSWER_BYTES
+
+
+async def read_until_closed(stream: trio.SocketStream, within: float = 5) -> bytes:
+    data = b""
+    with trio.fail_after(within):
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return data
+
+
+async def chunks(parts: list[bytes]) -> AsyncIterator[bytes]:
+    """A body httpx sends with `Transfer-Encoding: chunked`."""
+    for part in parts:
+        yield part
+
+
+async def test_content_length_with_transfer_encoding_is_refused_and_the_connection_closed() -> None:
+    # RFC 9112 section 6.1: such a message may be an attempt at request smuggling.
+    async with running_server(scripted_config(workers=1)) as server:
+        await server.pool.wait_ready()
+        async with await trio.open_tcp_stream(*address(server.url)) as client:
+            request = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            request += b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"n":\r\n0\r\n\r\n'
+            smuggled = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            await client.send_all(request + smuggled)
+            answer = await read_until_closed(client)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 ")
+        assert b"connection: close" in head.lower()
+        detail = json.loads(body)
+        assert detail["error"] == "bad request"
+        assert "Content-Length" in detail["detail"] and "Transfer-Encoding" in detail["detail"]
+        assert answer.count(b"HTTP/1.1 ") == 1  # the request after it was not served
+        assert server.pool.workers[0].served == 0
+        # either header alone is served as ever
+        chunked = await server.client.post("/predict", content=chunks([b'{"n":', b" 1}"]))
+        assert chunked.json()["echo"] == {"n": 1}
+        assert (await server.client.post("/predict", json={"n": 2})).json()["echo"] == {"n": 2}
+
+
+async def test_options_answers_in_json_with_allow() -> None:
+    async with running_server(scripted_config(workers=1)) as server:
+        for path, allowed in (("/predict", ["OPTIONS", "POST"]), ("/healthz", ["GET", "HEAD"])):
+            response = await server.client.options(path)
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "application/json"
+            methods = [m.strip() for m in response.headers["allow"].split(",")]
+            assert set(allowed) <= set(methods)
+            assert sorted(response.json()["allow"]) == sorted(methods)
+            assert response.headers["x-request-id"]

@@ -18,6 +18,7 @@ from importlib import resources
 from typing import Any
 
 from quart import Response, g, request
+from quart.globals import request_ctx
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -50,6 +51,11 @@ SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
 # Request ids name requests in logs; they grant nothing, so they need not be secret, and a
 # generator seeded once from the OS spares a system call per request (secrets.token_hex).
 _request_ids = random.Random()
+# RFC 9112 section 6.1: both headers may be an attempt at request smuggling, and the
+# connection must not be used again after answering it.
+AMBIGUOUS_FRAMING = (
+    "a request may not carry both Content-Length and Transfer-Encoding: send one of them"
+)
 STATUS_OF: dict[type[PoolError], int] = {
     BadRequest: 400,
     QueueFull: 503,
@@ -76,10 +82,24 @@ def request_id_from(header: str | None) -> str:
     return f"{_request_ids.getrandbits(64):016x}"
 
 
+def framing_is_ambiguous() -> bool:
+    headers = request.headers
+    return "Content-Length" in headers and "Transfer-Encoding" in headers
+
+
+class ModelpoolApp(QuartTrio):
+    """The app, whose answers to OPTIONS are JSON too."""
+
+    async def make_default_options_response(self) -> Response:
+        """The methods the path allows, in `Allow` and in the body."""
+        methods = sorted(request_ctx.url_adapter.allowed_methods())
+        return json_response(200, {"allow": methods}, Allow=", ".join(methods))
+
+
 def create_app(
     pool: Pool, config: ServerConfig, connections: Connections | None = None
 ) -> QuartTrio:
-    app = QuartTrio("modelpool")
+    app = ModelpoolApp("modelpool")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body
     app.config["BODY_TIMEOUT"] = config.body_timeout
     api_key = None if config.api_key is None else ApiKey(config.api_key)
@@ -90,6 +110,11 @@ def create_app(
         g.timing = None
         g.request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
         logs.set_field("request_id", g.request_id)
+        if framing_is_ambiguous():
+            if request.path == "/predict":
+                pool.metrics.request_done("bad_request", time.perf_counter() - g.started)
+            body = {"error": "bad request", "detail": AMBIGUOUS_FRAMING}
+            return json_response(400, {**body, "request_id": g.request_id})
         if api_key is not None and not api_key.allows(
             request.path, request.headers.get("Authorization")
         ):
@@ -103,7 +128,7 @@ def create_app(
     @app.after_request
     async def tag(response: Response) -> Response:
         response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
-        if pool.closing:
+        if pool.closing or framing_is_ambiguous():
             response.headers["Connection"] = "close"  # so clients stop sending on it
         if config.access_log:
             log_access(response.status_code)
