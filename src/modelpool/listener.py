@@ -345,10 +345,14 @@ class PromptTCPServer(TCPServer):
             try:
                 with self.connection.sending():
                     data = memoryview(event.data)
-                    for start in range(0, len(data), SEND_CHUNK):
-                        await self.stream.send_all(data[start : start + SEND_CHUNK])
+                    while True:  # at least once, as hypercorn: even b"" lets others run
+                        await self.stream.send_all(data[:SEND_CHUNK])
                         self.connection.progressed()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        data = data[SEND_CHUNK:]
+                        if not data:
+                            break
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                # Busy: hypercorn is closing the connection (send_eof) from its reading task
                 await self.protocol.handle(Closed())
 
     async def _read_data(self) -> None:
