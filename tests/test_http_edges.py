@@ -177,7 +177,8 @@ async def test_content_length_with_transfer_encoding_is_refused_and_the_connecti
     async with running_server(scripted_config(workers=1)) as server:
         await server.pool.wait_ready()
         async with await trio.open_tcp_stream(*address(server.url)) as client:
-            request = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+            request = b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Request-ID: smuggler-1\r\n"
+            request += b"Content-Length: 5\r\n"
             request += b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"n":\r\n0\r\n\r\n'
             smuggled = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
             await client.send_all(request + smuggled)
@@ -185,8 +186,11 @@ async def test_content_length_with_transfer_encoding_is_refused_and_the_connecti
         head, _, body = answer.partition(b"\r\n\r\n")
         assert head.startswith(b"HTTP/1.1 400 ")
         assert b"connection: close" in head.lower()
+        assert b"x-request-id: smuggler-1" in head.lower()
+        assert b"content-type: application/json" in head.lower()
         detail = json.loads(body)
         assert detail["error"] == "bad request"
+        assert detail["request_id"] == "smuggler-1"
         assert "Content-Length" in detail["detail"] and "Transfer-Encoding" in detail["detail"]
         assert answer.count(b"HTTP/1.1 ") == 1  # the request after it was not served
         assert server.pool.workers[0].served == 0

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-import re
 import time
 from importlib import resources
 from typing import Any
@@ -40,22 +38,13 @@ from .errors import (
 from .job import Timing
 from .listener import Connections
 from .pool import Pool
+from .requestid import REQUEST_ID_HEADER, request_id_from
 
 log = logging.getLogger("modelpool.http")
 access_log = logging.getLogger("modelpool.access")
 STATUS_PAGE = resources.files("modelpool").joinpath("status.html").read_bytes()
 
 RETRY_AFTER_SECONDS = "1"
-REQUEST_ID_HEADER = "X-Request-ID"
-SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-# Request ids name requests in logs; they grant nothing, so they need not be secret, and a
-# generator seeded once from the OS spares a system call per request (secrets.token_hex).
-_request_ids = random.Random()
-# RFC 9112 section 6.1: both headers may be an attempt at request smuggling, and the
-# connection must not be used again after answering it.
-AMBIGUOUS_FRAMING = (
-    "a request may not carry both Content-Length and Transfer-Encoding: send one of them"
-)
 STATUS_OF: dict[type[PoolError], int] = {
     BadRequest: 400,
     QueueFull: 503,
@@ -73,18 +62,6 @@ def json_response(status: int, body: dict[str, Any], **headers: str) -> Response
     for name, value in headers.items():
         response.headers[name.replace("_", "-")] = value
     return response
-
-
-def request_id_from(header: str | None) -> str:
-    """The client's X-Request-ID if it is a sane token, else a new one."""
-    if header is not None and SANE_REQUEST_ID.fullmatch(header):
-        return header
-    return f"{_request_ids.getrandbits(64):016x}"
-
-
-def framing_is_ambiguous() -> bool:
-    headers = request.headers
-    return "Content-Length" in headers and "Transfer-Encoding" in headers
 
 
 class ModelpoolApp(QuartTrio):
@@ -110,11 +87,6 @@ def create_app(
         g.timing = None
         g.request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
         logs.set_field("request_id", g.request_id)
-        if framing_is_ambiguous():
-            if request.path == "/predict":
-                pool.metrics.request_done("bad_request", time.perf_counter() - g.started)
-            body = {"error": "bad request", "detail": AMBIGUOUS_FRAMING}
-            return json_response(400, {**body, "request_id": g.request_id})
         if api_key is not None and not api_key.allows(
             request.path, request.headers.get("Authorization")
         ):
@@ -128,7 +100,7 @@ def create_app(
     @app.after_request
     async def tag(response: Response) -> Response:
         response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
-        if pool.closing or framing_is_ambiguous():
+        if pool.closing:
             response.headers["Connection"] = "close"  # so clients stop sending on it
         if config.access_log:
             log_access(response.status_code)
