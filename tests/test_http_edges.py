@@ -5,11 +5,13 @@ framing, and OPTIONS; over real sockets to a real server on loopback.
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import socket
 from collections.abc import AsyncIterator
 
 import httpx
+import pytest
 import trio
 
 from conftest import SCRIPTED, error_body, running_server, scripted_config, wait_until
@@ -172,8 +174,11 @@ async def chunks(parts: list[bytes]) -> AsyncIterator[bytes]:
         yield part
 
 
-async def test_content_length_with_transfer_encoding_is_refused_and_the_connection_closed() -> None:
+async def test_content_length_with_transfer_encoding_is_refused_and_the_connection_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # RFC 9112 section 6.1: such a message may be an attempt at request smuggling.
+    caplog.set_level(logging.INFO)
     async with running_server(scripted_config(workers=1)) as server:
         await server.pool.wait_ready()
         async with await trio.open_tcp_stream(*address(server.url)) as client:
@@ -194,6 +199,7 @@ async def test_content_length_with_transfer_encoding_is_refused_and_the_connecti
         assert "Content-Length" in detail["detail"] and "Transfer-Encoding" in detail["detail"]
         assert answer.count(b"HTTP/1.1 ") == 1  # the request after it was not served
         assert server.pool.workers[0].served == 0
+        assert any("smuggler-1" in r.getMessage() for r in caplog.records)  # for the operator
         # either header alone is served as ever
         chunked = await server.client.post("/predict", content=chunks([b'{"n":', b" 1}"]))
         assert chunked.json()["echo"] == {"n": 1}

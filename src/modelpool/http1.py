@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 
 import h2.config
 import h2.connection
@@ -39,6 +40,8 @@ from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.h11 import H11Protocol
 
 from .requestid import REQUEST_ID_HEADER, request_id_from
+
+log = logging.getLogger("modelpool.http")
 
 REQUEST_ID = REQUEST_ID_HEADER.lower().encode()
 AMBIGUOUS_FRAMING = (
@@ -82,6 +85,11 @@ class HTTP11Protocol(H11Protocol):
         if b"content-length" in headers and b"transfer-encoding" in headers:
             client_id = headers.get(REQUEST_ID)
             request_id = request_id_from(None if client_id is None else client_id.decode("latin-1"))
+            log.info(
+                "request %s from %s refused: both Content-Length and Transfer-Encoding",
+                request_id,
+                "-" if self.client is None else f"{self.client[0]}:{self.client[1]}",
+            )
             await self._refuse(400, "bad request", AMBIGUOUS_FRAMING, request_id)
             raise RequestRefused()
 
