@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import logging
-import random
-import re
 import time
 from importlib import resources
 from typing import Any
 
 from quart import Response, g, request
+from quart.globals import request_ctx
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -39,17 +38,13 @@ from .errors import (
 from .job import Timing
 from .listener import Connections
 from .pool import Pool
+from .requestid import REQUEST_ID_HEADER, request_id_from
 
 log = logging.getLogger("modelpool.http")
 access_log = logging.getLogger("modelpool.access")
 STATUS_PAGE = resources.files("modelpool").joinpath("status.html").read_bytes()
 
 RETRY_AFTER_SECONDS = "1"
-REQUEST_ID_HEADER = "X-Request-ID"
-SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:@/+=-]{1,128}")
-# Request ids name requests in logs; they grant nothing, so they need not be secret, and a
-# generator seeded once from the OS spares a system call per request (secrets.token_hex).
-_request_ids = random.Random()
 STATUS_OF: dict[type[PoolError], int] = {
     BadRequest: 400,
     QueueFull: 503,
@@ -69,17 +64,19 @@ def json_response(status: int, body: dict[str, Any], **headers: str) -> Response
     return response
 
 
-def request_id_from(header: str | None) -> str:
-    """The client's X-Request-ID if it is a sane token, else a new one."""
-    if header is not None and SANE_REQUEST_ID.fullmatch(header):
-        return header
-    return f"{_request_ids.getrandbits(64):016x}"
+class ModelpoolApp(QuartTrio):
+    """The app, whose answers to OPTIONS are JSON too."""
+
+    async def make_default_options_response(self) -> Response:
+        """The methods the path allows, in `Allow` and in the body."""
+        methods = sorted(request_ctx.url_adapter.allowed_methods())
+        return json_response(200, {"allow": methods}, Allow=", ".join(methods))
 
 
 def create_app(
     pool: Pool, config: ServerConfig, connections: Connections | None = None
 ) -> QuartTrio:
-    app = QuartTrio("modelpool")
+    app = ModelpoolApp("modelpool")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body
     app.config["BODY_TIMEOUT"] = config.body_timeout
     api_key = None if config.api_key is None else ApiKey(config.api_key)

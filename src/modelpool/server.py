@@ -4,8 +4,11 @@ Start-up binds the port first, then starts the models, then serves. `shutdown()`
 SIGINT/SIGTERM): the listener closes, requests on connections already open get 503,
 queued and in-flight requests get until the drain deadline; once the pool has stopped,
 idle connections are closed and every model's stdin is closed, and whatever has not
-exited after `exit_grace` is killed. `kill()` (a second signal): every model is
-SIGKILLed at once and waiting requests get 503.
+exited after `exit_grace` is killed. Responses still being written then get
+RESPONSE_SLACK seconds, after which their connections are closed, whether their clients
+read or not. `kill()` (a second signal): every model is SIGKILLed at once, waiting
+requests get 503, and HARD_STOP_SLACK seconds after the pool has stopped every
+connection is closed, whatever it is doing.
 """
 
 from __future__ import annotations
@@ -26,48 +29,13 @@ from .sdnotify import Notifier
 
 if TYPE_CHECKING:
     from hypercorn.config import Config as HypercornConfig
-    from hypercorn.typing import (
-        ASGIFramework,
-        ASGIReceiveCallable,
-        ASGISendCallable,
-        ASGISendEvent,
-        Scope,
-    )
 
     from .listener import Connections
 
 log = logging.getLogger("modelpool.server")
 
 RESPONSE_SLACK = 2.0  # seconds responses still get once the pool has stopped
-
-
-class ShieldedSends:
-    """ASGI wrapper that runs the `send` that ends a response shielded from cancellation.
-
-    After the last body chunk, hypercorn restarts its keep-alive idle timer from inside
-    that very `send` call, while quart-trio cancels the request's nursery as soon as it
-    sees the disconnect hypercorn queued on the way. The cancellation reached the new
-    timer, so idle keep-alive connections were never closed: not after
-    keep_alive_timeout, and not on shutdown, which then waited for graceful_timeout.
-    Hypercorn already shields its own socket writes, so this adds no new way to block.
-    The other sends (the status line, body chunks) start no timer and are left as they
-    are: a cancel scope per send is a cost on every request.
-    """
-
-    def __init__(self, app: ASGIFramework) -> None:
-        self.app = app
-
-    async def __call__(
-        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
-        async def shielded_send(message: ASGISendEvent) -> None:
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
-                with trio.CancelScope(shield=True):
-                    await send(message)
-            else:
-                await send(message)
-
-        await self.app(scope, receive, shielded_send)
+HARD_STOP_SLACK = 0.5  # ... once a hard stop has come (time to write its 503s), at most
 
 
 def import_http_stack() -> None:
@@ -88,7 +56,7 @@ class Service:
         self.connections: Connections | None = None
         self._reaper = reaper
         self._stop = trio.Event()
-        self._hard = False
+        self._killed = trio.Event()
         self._pool: Pool | None = None
 
     @property
@@ -102,8 +70,8 @@ class Service:
             self._pool.shutdown()
 
     def kill(self) -> None:
-        self._hard = True
         self._stop.set()
+        self._killed.set()
         if self._pool is not None:
             self._pool.kill()
 
@@ -132,13 +100,14 @@ class Service:
 
                 self._pool = pool
                 pool.serves_http = True
-                if self._hard:
+                if self._killed.is_set():
                     pool.kill()
                 elif self._stop.is_set():
                     pool.shutdown()
                 limit = connection_budget(self.config.max_connections, self.config.pool.workers)
-                self.connections = Connections(limit)
-                app = ShieldedSends(create_app(pool, self.config, self.connections))
+                # A client that reads nothing of its answer is given as long as an idle one.
+                self.connections = Connections(limit, self.config.keep_alive_timeout)
+                app = create_app(pool, self.config, self.connections)
                 hypercorn_config = self._hypercorn_config()
                 async with trio.open_nursery() as nursery:
                     binds = await nursery.start(
@@ -150,6 +119,8 @@ class Service:
                             self.connections,
                             stop_accepting=self._stop.wait,
                             close_connections=pool.stopped.wait,
+                            hard_stop=self._killed.wait,
+                            hard_stop_slack=HARD_STOP_SLACK,
                         )
                     )
                     url = binds[0]

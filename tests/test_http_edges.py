@@ -1,0 +1,218 @@
+"""HTTP/1.1 at its edges: clients that never read their answers, ambiguous message
+framing, and OPTIONS; over real sockets to a real server on loopback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import socket
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+import trio
+
+from conftest import SCRIPTED, error_body, running_server, scripted_config, wait_until
+from serverproc import server_process, wait_listening, wait_ready
+
+ANSWER_BYTES = 6 * 2**20  # more than the kernel buffers on loopback hold (4 MiB sent, a
+# few KiB received): a server writing it to a client that reads nothing has to wait
+MAX_BODY = str(8 * 2**20)
+
+
+def address(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    return host, int(port)
+
+
+async def connect(url: str, receive_buffer: int) -> trio.SocketStream:
+    """A connection whose receive buffer is `receive_buffer` bytes, set before connecting
+    (so the window it offers the server stays that small)."""
+    sock = trio.socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    await sock.connect(address(url))
+    return trio.SocketStream(sock)
+
+
+def large_echo_request() -> bytes:
+    """POST /predict whose answer (the echo model's) is ANSWER_BYTES and more."""
+    body = json.dumps({"pad": "x" * ANSWER_BYTES}).encode()
+    head = b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+async def clients_that_never_read(url: str, count: int) -> list[trio.SocketStream]:
+    """`count` clients, each asking for a large answer and then reading none of it."""
+    clients = []
+    for _ in range(count):
+        stream = await connect(url, 4096)
+        await stream.send_all(large_echo_request())
+        clients.append(stream)
+    return clients
+
+
+async def served(client: httpx.AsyncClient) -> int:
+    return sum(w["served"] for w in (await client.get("/status")).json()["workers"])
+
+
+async def test_clients_that_never_read_their_answers_keep_no_one_out_nor_hold_up_a_stop() -> None:
+    args = ("--model-cmd", " ".join(SCRIPTED), "--workers", "1", "--max-connections", "3")
+    async with server_process(*args, "--max-body", MAX_BODY) as server:
+        async with await wait_listening(server) as client:
+            await wait_ready(client, 1, within=15)
+            # the status client's own connection is one of the three
+            stalled = await clients_that_never_read(server.url, 2)
+            with trio.fail_after(20):
+                while await served(client) < 2:
+                    await trio.sleep(0.1)
+        await trio.sleep(0.5)  # both answers are being written, and stuck
+        stalled += await clients_that_never_read(server.url, 1)  # takes the last slot
+        await trio.sleep(2)  # every connection now waits on a client that does not read
+        # a newcomer is served: one that has not read for a second makes room for it
+        with trio.fail_after(10):
+            async with httpx.AsyncClient(base_url=server.url, timeout=10) as newcomer:
+                assert (await newcomer.get("/healthz")).json() == {"status": "ok"}
+        # SIGTERM stops the service within its bounds, the clients still connected
+        started = trio.current_time()
+        server.proc.send_signal(signal.SIGTERM)
+        assert await server.exit_code(within=15) == 0
+        assert trio.current_time() - started < 8
+        for stream in stalled:
+            await stream.aclose()
+
+
+async def test_sigterm_stops_the_service_in_time_while_a_client_reads_nothing() -> None:
+    args = ("--model-cmd", " ".join(SCRIPTED), "--workers", "1", "--max-body", MAX_BODY)
+    async with server_process(*args) as server:
+        async with await wait_listening(server) as client:
+            await wait_ready(client, 1, within=15)
+            stalled = await clients_that_never_read(server.url, 1)
+            with trio.fail_after(20):
+                while await served(client) < 1:
+                    await trio.sleep(0.1)
+        await trio.sleep(0.5)  # its answer is being written, and stuck
+        started = trio.current_time()
+        server.proc.send_signal(signal.SIGTERM)
+        assert await server.exit_code(within=15) == 0
+        assert trio.current_time() - started < 8
+        await stalled[0].aclose()
+
+
+async def test_a_second_signal_stops_at_once_while_clients_read_nothing() -> None:
+    args = ("--model-cmd", " ".join(SCRIPTED), "--workers", "1", "--timeout", "60")
+    async with server_process(*args, "--max-body", MAX_BODY) as server:
+        async with await wait_listening(server) as client:
+            await wait_ready(client, 1, within=15)
+            stalled = await clients_that_never_read(server.url, 2)
+            with trio.fail_after(20):
+                while await served(client) < 2:
+                    await trio.sleep(0.1)
+            answers: list[httpx.Response] = []
+
+            async def long_request() -> None:  # keeps the graceful stop draining for 30 s
+                answers.append(await client.post("/predict", json={"sleep": 30}))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(long_request)
+                await trio.sleep(1)
+                server.proc.send_signal(signal.SIGTERM)
+                await trio.sleep(0.5)
+                started = trio.current_time()
+                server.proc.send_signal(signal.SIGTERM)
+                assert await server.exit_code(within=15) == 0
+                assert trio.current_time() - started < 3
+            error_body(answers[0], 503, "shutting down")
+        for stream in stalled:
+            await stream.aclose()
+
+
+async def test_a_client_that_reads_nothing_for_the_keep_alive_timeout_is_let_go() -> None:
+    config = scripted_config(workers=1)
+    async with running_server(config, keep_alive_timeout=1, max_body=8 * 2**20) as server:
+        await server.pool.wait_ready()
+        connections = server.service.connections
+        assert connections is not None
+        async with (await clients_that_never_read(server.url, 1))[0]:
+            await wait_until(lambda: server.pool.workers[0].served == 1, 20, "answered")
+            await trio.sleep(0.5)
+            assert connections.open == 1  # its answer is being written, and stuck
+            await wait_until(lambda: connections.open == 0, 5, "the connection closed")
+
+
+async def test_a_slow_reader_gets_all_of_a_large_answer() -> None:
+    # The bound is on a write making no progress, not on how long the whole answer takes.
+    config = scripted_config(workers=1)
+    async with running_server(config, keep_alive_timeout=1, max_body=8 * 2**20) as server:
+        await server.pool.wait_ready()
+        started = trio.current_time()
+        async with await connect(server.url, 2**16) as slow:
+            await slow.send_all(large_echo_request())
+            answer = b""
+            with trio.fail_after(60):
+                while not answer.endswith(b"}\n"):
+                    answer += await slow.receive_some(2**16)
+                    await trio.sleep(0.05)  # at most 1.3 MB/s: 96 reads, 5 s
+        assert trio.current_time() - started > 3  # well past the keep-alive timeout
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 ")
+        assert json.loads(body)["echo"]["pad"] == "x" * ANSWER_BYTES
+
+
+async def read_until_closed(stream: trio.SocketStream, within: float = 5) -> bytes:
+    data = b""
+    with trio.fail_after(within):
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    return data
+
+
+async def chunks(parts: list[bytes]) -> AsyncIterator[bytes]:
+    """A body httpx sends with `Transfer-Encoding: chunked`."""
+    for part in parts:
+        yield part
+
+
+async def test_content_length_with_transfer_encoding_is_refused_and_the_connection_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # RFC 9112 section 6.1: such a message may be an attempt at request smuggling.
+    caplog.set_level(logging.INFO)
+    async with running_server(scripted_config(workers=1)) as server:
+        await server.pool.wait_ready()
+        async with await trio.open_tcp_stream(*address(server.url)) as client:
+            request = b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Request-ID: smuggler-1\r\n"
+            request += b"Content-Length: 5\r\n"
+            request += b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"n":\r\n0\r\n\r\n'
+            smuggled = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            await client.send_all(request + smuggled)
+            answer = await read_until_closed(client)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 400 ")
+        assert b"connection: close" in head.lower()
+        assert b"x-request-id: smuggler-1" in head.lower()
+        assert b"content-type: application/json" in head.lower()
+        detail = json.loads(body)
+        assert detail["error"] == "bad request"
+        assert detail["request_id"] == "smuggler-1"
+        assert "Content-Length" in detail["detail"] and "Transfer-Encoding" in detail["detail"]
+        assert answer.count(b"HTTP/1.1 ") == 1  # the request after it was not served
+        assert server.pool.workers[0].served == 0
+        assert any("smuggler-1" in r.getMessage() for r in caplog.records)  # for the operator
+        # either header alone is served as ever
+        chunked = await server.client.post("/predict", content=chunks([b'{"n":', b" 1}"]))
+        assert chunked.json()["echo"] == {"n": 1}
+        assert (await server.client.post("/predict", json={"n": 2})).json()["echo"] == {"n": 2}
+
+
+async def test_options_answers_in_json_with_allow() -> None:
+    async with running_server(scripted_config(workers=1)) as server:
+        for path, allowed in (("/predict", ["OPTIONS", "POST"]), ("/healthz", ["GET", "HEAD"])):
+            response = await server.client.options(path)
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "application/json"
+            methods = [m.strip() for m in response.headers["allow"].split(",")]
+            assert set(allowed) <= set(methods)
+            assert sorted(response.json()["allow"]) == sorted(methods)
+            assert response.headers["x-request-id"]
