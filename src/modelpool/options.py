@@ -517,7 +517,8 @@ def build_parser() -> Parser:
         help="run models only, taking jobs from a shared --queue (no HTTP)",
         description="Run models that take jobs from the Redis stream named by --queue, "
         "for the HTTP fronts (`modelpool serve --queue URL`) of a cluster. SIGTERM stops "
-        "taking jobs and finishes those in progress; SIGHUP reloads the models.",
+        "taking jobs and finishes those in progress; SIGHUP reloads the models. "
+        "Needs the Redis client: pip install 'modelpool[redis]'.",
     )
     parser.commands = {"serve": serve, "worker": worker}
     for sub in (serve, worker):
