@@ -251,3 +251,26 @@ async def test_a_models_stdout_reaches_the_log_only_when_asked_and_its_stderr_do
         assert [r["level"] for r in starting] == [stdout_level]  # before the ready line too
     assert any("request has no 'data' field" in r["message"] for r in stderr), records
     assert {r["level"] for r in stderr} == {"INFO"}
+
+
+async def test_a_model_that_says_on_stdout_why_it_cannot_start_is_quoted_at_info(
+    tmp_path: Path,
+) -> None:
+    """Its stdout is out of an INFO log now; the start-up failure's own line quotes it.
+
+    No request reached the model, so what it printed holds no user's data; /healthz,
+    which anyone may read, gets the failure without it.
+    """
+    model = tmp_path / "model.py"
+    model.write_text(
+        "import sys\nprint('loading weights.bin', flush=True)\n"
+        "print('error: weights.bin: no such file', flush=True)\nsys.exit(1)\n"
+    )
+    args = ("--model-cmd", f"{sys.executable} {model}", "--workers", "1")
+    code, stderr, _ = await run("serve", "--port", "0", *args)
+    assert code == 3, stderr
+    (verdict,) = [line for line in stderr.splitlines() if "cannot start any model" in line]
+    assert "model exited with code 1" in verdict
+    assert "printed 2 lines on stdout, the last: 'loading weights.bin', " in verdict, verdict
+    assert "'error: weights.bin: no such file'" in verdict
+    assert " stdout: " not in stderr  # the lines themselves: at --model-stdout-level

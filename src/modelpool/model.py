@@ -165,7 +165,14 @@ class ModelProcess:
         # No stderr in the message: it ends up in /healthz, which anyone may read. The
         # tail is in last_failure.stderr (/status) and, at --model-log-level, the log.
         failure = await self.describe_failure()
-        raise StartFailed(f"{self.name} failed to start: {failure.detail}")
+        summary = f"{self.name} failed to start: {failure.detail}"
+        if not self._plain.count:
+            raise StartFailed(summary)
+        # What it printed on stdout is often why (a model that reports its errors there),
+        # and is logged only at --model-stdout-level, DEBUG by default. No request was
+        # sent to it yet, so it holds no user's data: the log's line quotes it (the
+        # summary, for /healthz, does not).
+        raise StartFailed(f"{summary}; it printed {self._plain.describe()}", summary=summary)
 
     def _ready_hint(self) -> str:
         """What to check when no ready line came: the line waited for, and what came instead."""
