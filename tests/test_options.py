@@ -63,7 +63,7 @@ def test_values_that_make_no_sense_are_refused(
 
 def test_a_switch_from_the_environment_must_be_a_yes_or_no(capsys: pytest.CaptureFixture) -> None:
     message = refused([], {"MODELPOOL_ACCESS_LOG": "maybe"}, capsys)
-    assert "MODELPOOL_ACCESS_LOG='maybe' (for --access-log)" in message
+    assert "--access-log (from MODELPOOL_ACCESS_LOG='maybe'): must be one of" in message
     _, settings = parse(["serve"], {"MODELPOOL_ACCESS_LOG": "yes"})
     assert settings.config.access_log is True
 
@@ -145,9 +145,9 @@ def test_a_config_file_sets_options_and_flags_then_variables_win(tmp_path: Path)
     ("text", "complaint"),
     [
         ("workers = 0\n", "--workers (from {path}): must be at least 1"),
-        ("wokrers = 2\n", "wokrers: no such option"),
-        ("timeout = 'soon'\n", "timeout: 'soon' is not a number"),
-        ("access-log = 'yes'\n", "access-log: must be true or false"),
+        ("wokrers = 2\n", "wokrers: no such option (did you mean workers?)"),
+        ("timeout = 'soon'\n", "--timeout (from {path}): 'soon' is not a number"),
+        ("access-log = 'yes'\n", "--access-log (from {path}): must be true or false"),
         ("workers = [\n", "not valid TOML"),
     ],
 )

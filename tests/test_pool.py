@@ -169,7 +169,7 @@ async def test_lines_that_are_not_results_are_logged_not_answered(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with open_pool(scripted_config()) as pool:
+    async with open_pool(scripted_config(model_stdout_level="INFO")) as pool:
         answer = await pool.predict({"noise": 3, "stderr": "a warning"})
         assert answer["count"] == 1
     logged = caplog.text
@@ -183,7 +183,7 @@ async def test_a_chatty_model_is_logged_at_a_bounded_rate_and_the_rest_counted(
     caplog: pytest.LogCaptureFixture, rate: int | None
 ) -> None:
     caplog.set_level(logging.INFO)
-    async with open_pool(scripted_config(model_log_rate=rate)) as pool:
+    async with open_pool(scripted_config(model_log_rate=rate, model_stdout_level="INFO")) as pool:
         assert (await pool.predict({"noise": 1000}))["count"] == 1
     logged = sum("stdout: progress" in r.getMessage() for r in caplog.records)
     counts = [

@@ -142,7 +142,8 @@ class PoolConfig:
     request_schema: Mapping[str, Any] | None = None
     stderr_tail: int = 20
     env: dict[str, str] | None = None
-    model_log_level: str = "INFO"  # level of the lines models print
+    model_log_level: str = "INFO"  # level of the lines models print on stderr
+    model_stdout_level: str = "DEBUG"  # and on stdout: they often echo requests' data
     model_log_rate: int | None = 10  # lines a second per model that are logged; None: all
     max_requests: int | None = None  # retire a model after this many answers (and jitter)
     max_requests_jitter: int = 0
@@ -162,6 +163,8 @@ class PoolConfig:
         check_number("workers", self.workers, minimum=minimum, maximum=MAX_WORKERS, integer=True)
         if self.queue is not None and (problem := queue_url_problem(self.queue)) is not None:
             raise ConfigError("queue", f"{problem}; got {redact_url(self.queue)!r}")
+        if self.queue is not None and (problem := queue_client_problem()) is not None:
+            raise ConfigError("queue", problem)
         check_number("reclaim_after", self.reclaim_after, minimum=MIN_RECLAIM_AFTER)
         if not isinstance(self.keep_trying, bool):
             raise ConfigError("keep_trying", f"must be True or False, got {self.keep_trying!r}")
@@ -194,8 +197,10 @@ class PoolConfig:
                 raise ConfigError("model_cmd", f"cannot be preloaded: {exc}") from None
         if self.model_log_rate is not None:
             check_number("model_log_rate", self.model_log_rate, minimum=1, integer=True)
-        if self.model_log_level not in logging.getLevelNamesMapping():
-            raise ConfigError("model_log_level", f"is not a log level: {self.model_log_level!r}")
+        for name in ("model_log_level", "model_stdout_level"):
+            level = getattr(self, name)
+            if level not in logging.getLevelNamesMapping():
+                raise ConfigError(name, f"is not a log level: {level!r}")
         if self.id_field is not None and not self.id_field.strip():
             raise ConfigError("id_field", "must be a non-empty field name")
         if self.request_schema is not None:
@@ -351,6 +356,23 @@ def queue_url_problem(url: str) -> str | None:
             return f"option {name} must be {known[name]}, not {value!r}"
     if ("ssl_certfile" in query) != ("ssl_keyfile" in query):
         return "options ssl_certfile and ssl_keyfile go together"
+    return None
+
+
+def queue_client_problem() -> str | None:
+    """What is missing to use a queue, in words for its user; None if nothing is.
+
+    The Redis client is an extra (`modelpool[redis]`), so a pool without a shared queue
+    installs nothing it does not use. It is imported here, as the queue would import it,
+    so that a missing or broken client stops the command before any model starts.
+    """
+    try:
+        import coredis  # noqa: F401
+    except ImportError as exc:
+        return (
+            f"needs the Redis client, which is not installed ({exc}): "
+            "pip install 'modelpool[redis]'"
+        )
     return None
 
 

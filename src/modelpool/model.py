@@ -150,7 +150,9 @@ class ModelProcess:
         self._stderr_tail: deque[str] = deque(maxlen=config.stderr_tail)
         self._plain = PlainLines()  # stdout lines that were no result, for failure messages
         self._output_log = OutputLog(
-            name=self.name, level=config.model_log_level, rate=config.model_log_rate
+            name=self.name,
+            levels={"stdout": config.model_stdout_level, "stderr": config.model_log_level},
+            rate=config.model_log_rate,
         )
         if self.ready:
             self._init_done.set()
@@ -170,7 +172,14 @@ class ModelProcess:
         # No stderr in the message: it ends up in /healthz, which anyone may read. The
         # tail is in last_failure.stderr (/status) and, at --model-log-level, the log.
         failure = await self.describe_failure()
-        raise StartFailed(f"{self.name} failed to start: {failure.detail}")
+        summary = f"{self.name} failed to start: {failure.detail}"
+        if not self._plain.count:
+            raise StartFailed(summary)
+        # What it printed on stdout is often why (a model that reports its errors there),
+        # and is logged only at --model-stdout-level, DEBUG by default. No request was
+        # sent to it yet, so it holds no user's data: the log's line quotes it (the
+        # summary, for /healthz, does not).
+        raise StartFailed(f"{summary}; it printed {self._plain.describe()}", summary=summary)
 
     def _ready_hint(self) -> str:
         """What to check when no ready line came: the line waited for, and what came instead."""
@@ -186,7 +195,7 @@ class ModelProcess:
         The usual mistake is a model that prints its answer as plain JSON. With `quote`,
         the last such line is quoted: for the answer to the client whose request it was,
         and /status. The log's ERROR line goes without it, since a model's output may
-        hold users' data and is logged only at --model-log-level.
+        hold users' data and is logged only at --model-stdout-level.
         """
         count = self._plain.count
         if not count:
@@ -196,7 +205,7 @@ class ModelProcess:
         text = f"; the model printed {lines} but none started with {prefix!r}"
         if quote:
             return f"{text} (the last: {self._plain.last()[-1]!r})"
-        return f"{text} (its lines are logged at --model-log-level)"
+        return f"{text} (its lines are logged at --model-stdout-level)"
 
     @property
     def waits_visibly(self) -> bool:
@@ -509,7 +518,7 @@ class ModelProcess:
             if text.strip().startswith(self._config.ready_line):
                 self.ready = True
                 self._init_done.set()
-        elif self._output_log.admits():  # decoded only if logged: a flood costs less
+        elif self._output_log.admits("stdout"):  # decoded only if logged: a flood costs less
             self._output_log.write("stdout", _text(line), self.request_id)
 
     def _stale_id(self, payload: bytes) -> str | None:
@@ -560,9 +569,9 @@ class ModelProcess:
             )
 
     def _log_output(self, stream: str, text: str) -> None:
-        """A line the model printed: the model's business, logged at --model-log-level
-        within the model's budget (see OutputLog)."""
-        if self._output_log.admits():
+        """A line the model printed: the model's business, logged at its stream's level
+        (--model-stdout-level, --model-log-level) within the model's budget (see OutputLog)."""
+        if self._output_log.admits(stream):
             self._output_log.write(stream, text, self.request_id)
 
     def _cancel_trouble_scopes(self) -> None:
@@ -804,7 +813,11 @@ class OutputBudget:
 
 
 class OutputLog:
-    """What a model prints is its business: logged at --model-log-level, at a bounded rate.
+    """What a model prints is its business: logged at its stream's level, at a bounded rate.
+
+    Its stdout (start-up lines, the lines around its results) often echoes what it was
+    asked, users' data, so it is logged at --model-stdout-level, DEBUG by default; its
+    stderr (warnings, tracebacks: why it failed) at --model-log-level, INFO by default.
 
     Each line a model prints would otherwise cost a log record: under a flood of quick
     requests to a chatty model (model3.py prints three lines per request), logging
@@ -816,18 +829,24 @@ class OutputLog:
     reports whatever is logged.
     """
 
-    def __init__(self, name: str, level: str, rate: int | None) -> None:
+    def __init__(self, name: str, levels: dict[str, str], rate: int | None) -> None:
         self._name = name
-        self._level = logging.getLevelNamesMapping()[level]
+        names = logging.getLevelNamesMapping()
+        self._levels = {stream: names[level] for stream, level in levels.items()}
         self._rate = rate
         self._tokens = float(LOG_BURST)
         self._refilled_at = time.monotonic()
         self._dropped = 0  # lines left out since the last report
         self._dropped_since = 0.0  # when the first of them was
+        self._dropped_level = logging.DEBUG  # the highest level of a line left out
 
-    def admits(self) -> bool:
-        """Whether the next line is to be logged; a line that is not is counted."""
-        if not log.isEnabledFor(self._level):
+    def admits(self, stream: str) -> bool:
+        """Whether the next line on `stream` is to be logged; one that is not is counted.
+
+        A line its stream's level keeps out of the log costs nothing, and is not counted.
+        """
+        level = self._levels[stream]
+        if not log.isEnabledFor(level):
             return False
         if self._rate is None:
             return True
@@ -841,7 +860,9 @@ class OutputLog:
             return True
         if not self._dropped:
             self._dropped_since = now
+            self._dropped_level = level
         self._dropped += 1
+        self._dropped_level = max(self._dropped_level, level)
         return False
 
     def write(self, stream: str, text: str, request_id: str | None) -> None:
@@ -849,13 +870,14 @@ class OutputLog:
         extra = {"stream": stream}
         if request_id is not None:
             extra["request_id"] = request_id
-        log.log(self._level, "%s %s: %s", self._name, stream, text, extra=extra)
+        log.log(self._levels[stream], "%s %s: %s", self._name, stream, text, extra=extra)
 
     def report_dropped(self) -> None:
-        """Log how many lines were left out since the last report, if any were."""
+        """Log how many lines were left out since the last report, if any were: at the
+        highest level of those lines, so the count is seen wherever one of them would be."""
         if self._dropped:
             log.log(
-                self._level,
+                self._dropped_level,
                 "%s: %d lines it printed in %.0f s were not logged (over --model-log-rate %s)",
                 self._name,
                 self._dropped,

@@ -3,12 +3,17 @@
 Syntax is checked here (is it a number at all); sense is checked once, by the config
 classes, which raise ConfigError naming a field. `parse()` turns either kind of
 mistake into a message that names what the user typed: the flag, and the variable
-with its value when the value came from the environment.
+with its value when the value came from the environment. Every mistake has one form,
+`modelpool serve: error: --flag (from WHERE): problem`, and a hint to `--help`, which
+lists the options by topic. Options are never abbreviated: `--worker 2` is refused
+(with a suggestion), not taken for `--workers 2`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import difflib
 import math
 import os
 import stat
@@ -16,7 +21,7 @@ import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any
+from typing import Any, NoReturn
 
 from .config import ConfigError, MiB, PoolConfig, ServerConfig, redact_url, split_command
 from .logs import FORMATS
@@ -26,6 +31,21 @@ FALSE_WORDS = {"0", "false", "no", "off", ""}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 UNSET: Any = object()  # not on the command line (a converted value may well be None)
 MAX_CONFIG_FILE = 1 * MiB  # a file of options is a few lines
+# The topics `serve --help` groups its options by, in its order, each with what it covers.
+MODELS = "models"
+REQUESTS = "requests and queue"
+HTTP = "HTTP"
+OPERATIONS = "operations"
+CLUSTER = "cluster"
+LOGGING = "logging and metrics"
+TOPICS = {
+    MODELS: "how models are started, restarted and retired",
+    REQUESTS: "what a request may hold, and how long it may wait and compute",
+    HTTP: "where the service listens, whom it serves and what it accepts",
+    OPERATIONS: "first start, health and shutdown",
+    CLUSTER: "a job stream shared by the nodes of a cluster (pip install 'modelpool[redis]')",
+    LOGGING: "what is logged, and how",
+}
 
 
 def integer(text: str) -> int:
@@ -107,6 +127,7 @@ class Option:
     help: str
     field: str | None = None  # "pool.<name>" or "<name>" in the config; None: not config
     secret: bool = False  # never shown in a message, even when refused
+    topic: str = dataclasses.field(kw_only=True)  # one of TOPICS: its group in --help
 
     @property
     def for_worker(self) -> bool:
@@ -123,12 +144,22 @@ class Option:
 
 
 OPTIONS = [
-    Option("--host", text_value, "127.0.0.1", "address to listen on", "host"),
+    Option("--host", text_value, "127.0.0.1", "address to listen on", "host", topic=HTTP),
     Option(
-        "--port", integer, 8080, "port to listen on; 0 picks a free one (the log names it)", "port"
+        "--port",
+        integer,
+        8080,
+        "port to listen on; 0 picks a free one (the log names it)",
+        "port",
+        topic=HTTP,
     ),
     Option(
-        "--workers", integer, 4, "model processes kept warm, started in parallel", "pool.workers"
+        "--workers",
+        integer,
+        4,
+        "model processes kept warm, started in parallel",
+        "pool.workers",
+        topic=MODELS,
     ),
     Option(
         "--model-cmd",
@@ -137,6 +168,7 @@ OPTIONS = [
         "command that starts one model, quoted as in a shell (no shell runs it); "
         "default: the bundled model3.py, run unbuffered by this Python",
         "pool.model_cmd",
+        topic=MODELS,
     ),
     Option(
         "--ready-line",
@@ -144,6 +176,7 @@ OPTIONS = [
         "ready: Model-initialized",
         "a model is ready once it prints a line that starts with this",
         "pool.ready_line",
+        topic=MODELS,
     ),
     Option(
         "--timeout",
@@ -152,6 +185,7 @@ OPTIONS = [
         "seconds a model may compute one request; past it the model is killed and "
         "replaced, and the request gets 504",
         "pool.timeout",
+        topic=REQUESTS,
     ),
     Option(
         "--init-timeout",
@@ -159,6 +193,7 @@ OPTIONS = [
         60.0,
         "seconds a model may take to print its ready line before it is killed and started again",
         "pool.init_timeout",
+        topic=MODELS,
     ),
     Option(
         "--keep-trying",
@@ -168,6 +203,7 @@ OPTIONS = [
         "service stops with exit code 3 and the model's last stderr lines once every "
         "model's first start failed (exited, or no ready line within --init-timeout)",
         "pool.keep_trying",
+        topic=OPERATIONS,
     ),
     Option(
         "--max-queue",
@@ -175,6 +211,7 @@ OPTIONS = [
         256,
         "requests that may wait for a model; more get 503",
         "pool.max_queue",
+        topic=REQUESTS,
     ),
     Option(
         "--queue-timeout",
@@ -182,9 +219,15 @@ OPTIONS = [
         120.0,
         "seconds a request may wait for a free model before it gets 503; 0 waits forever",
         "pool.queue_timeout",
+        topic=REQUESTS,
     ),
     Option(
-        "--max-body", integer, MiB, "largest request body in bytes; larger ones get 413", "max_body"
+        "--max-body",
+        integer,
+        MiB,
+        "largest request body in bytes; larger ones get 413",
+        "max_body",
+        topic=HTTP,
     ),
     Option(
         "--body-timeout",
@@ -192,6 +235,7 @@ OPTIONS = [
         60.0,
         "seconds a client may take to send its request body; slower ones get 408",
         "body_timeout",
+        topic=HTTP,
     ),
     Option(
         "--keep-alive-timeout",
@@ -202,6 +246,7 @@ OPTIONS = [
         "a load balancer's idle timeout must be shorter. At --max-connections, the longest-"
         "idle connection is closed early for a new one",
         "keep_alive_timeout",
+        topic=HTTP,
     ),
     Option(
         "--max-connections",
@@ -210,6 +255,7 @@ OPTIONS = [
         "open client connections at most; at the limit the longest-idle one is closed for a "
         "newcomer, and only when every one has a request in progress do newcomers wait",
         "max_connections",
+        topic=HTTP,
     ),
     Option(
         "--max-line",
@@ -217,6 +263,7 @@ OPTIONS = [
         16 * MiB,
         "longest line in bytes a model may print; a longer one is a model failure",
         "pool.max_line",
+        topic=MODELS,
     ),
     Option(
         "--id-field",
@@ -225,6 +272,7 @@ OPTIONS = [
         "for models that echo a field: send a unique id under this name in every request "
         "and accept a result only if it carries the same id (off by default)",
         "pool.id_field",
+        topic=REQUESTS,
     ),
     Option(
         "--request-schema",
@@ -232,6 +280,7 @@ OPTIONS = [
         None,
         "JSON Schema file every request must match; others get 400 before a model sees them",
         "pool.request_schema",
+        topic=REQUESTS,
     ),
     Option(
         "--backoff-initial",
@@ -239,9 +288,15 @@ OPTIONS = [
         0.5,
         "seconds before restarting a model that failed on its own; doubles each time",
         "pool.backoff_initial",
+        topic=MODELS,
     ),
     Option(
-        "--backoff-max", number, 30.0, "longest delay between such restarts", "pool.backoff_max"
+        "--backoff-max",
+        number,
+        30.0,
+        "longest delay between such restarts",
+        "pool.backoff_max",
+        topic=MODELS,
     ),
     Option(
         "--unhealthy-after",
@@ -250,6 +305,7 @@ OPTIONS = [
         "/healthz answers 503 once every model has kept failing on its own for this many "
         "seconds, so an orchestrator restarts the service; 0 never",
         "pool.unhealthy_after",
+        topic=OPERATIONS,
     ),
     Option(
         "--drain-timeout",
@@ -258,6 +314,7 @@ OPTIONS = [
         "on SIGTERM/SIGINT, seconds queued and in-flight requests still get; "
         "default: --timeout plus one second",
         "pool.drain_timeout",
+        topic=OPERATIONS,
     ),
     Option(
         "--exit-grace",
@@ -265,6 +322,7 @@ OPTIONS = [
         5.0,
         "seconds a model gets to exit after its stdin is closed before it is killed",
         "pool.exit_grace",
+        topic=OPERATIONS,
     ),
     Option(
         "--max-requests",
@@ -273,6 +331,7 @@ OPTIONS = [
         "retire a model after this many answers, starting its replacement first so the "
         "pool never runs short (as gunicorn's max_requests); 0 never",
         "pool.max_requests",
+        topic=MODELS,
     ),
     Option(
         "--max-requests-jitter",
@@ -280,6 +339,7 @@ OPTIONS = [
         0,
         "add a random 0..N to each model's --max-requests, so models are not all retired at once",
         "pool.max_requests_jitter",
+        topic=MODELS,
     ),
     Option(
         "--model-max-rss",
@@ -289,6 +349,7 @@ OPTIONS = [
         "second: past it an idle model is replaced (its replacement first), and a computing "
         "one that passes it by more than 20 %% is killed and its request gets 502; 0 no limit",
         "pool.model_max_rss",
+        topic=MODELS,
     ),
     Option(
         "--queue",
@@ -299,6 +360,7 @@ OPTIONS = [
         "takes the oldest request; default: the in-process queue. With it, --workers 0 "
         "makes an HTTP front only",
         "pool.queue",
+        topic=CLUSTER,
     ),
     Option(
         "--reclaim-after",
@@ -307,6 +369,7 @@ OPTIONS = [
         "with --queue: seconds a job may stay with a node that stopped refreshing it (it died) "
         "before another node takes it back; it runs once more if still within its deadline",
         "pool.reclaim_after",
+        topic=CLUSTER,
     ),
     Option(
         "--node-name",
@@ -314,6 +377,7 @@ OPTIONS = [
         None,
         "with --queue: this node's name in /status and /metrics; default host-pid-random",
         "pool.node_name",
+        topic=CLUSTER,
     ),
     Option(
         "--preload",
@@ -334,6 +398,7 @@ OPTIONS = [
         "prefer the variable, which other users cannot see in the process list",
         "api_key",
         secret=True,
+        topic=HTTP,
     ),
     Option(
         "--allow-unauthenticated",
@@ -341,6 +406,7 @@ OPTIONS = [
         False,
         "listen on a non-loopback address without --api-key",
         "allow_unauthenticated",
+        topic=HTTP,
     ),
     Option(
         "--expose-model-stderr",
@@ -348,22 +414,36 @@ OPTIONS = [
         False,
         "put the model's last stderr lines into 502 answers (they may hold paths and data)",
         "expose_model_stderr",
+        topic=HTTP,
     ),
-    Option("--log-level", log_level, "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    Option("--log-level", log_level, "INFO", "DEBUG, INFO, WARNING or ERROR", topic=LOGGING),
     Option(
         "--log-format",
         log_format,
         "text",
         "text, or json: one JSON object per line with timestamp, level, logger, message, "
         "and request_id, worker and pid where they apply",
+        topic=LOGGING,
     ),
     Option(
         "--model-log-level",
         log_level,
         "INFO",
-        "level at which the lines models print are logged (they may hold users' data: "
-        "DEBUG keeps them out of an INFO log)",
+        "level at which the lines models print on stderr are logged: their warnings and "
+        "tracebacks, which say why a model failed (they may hold users' data too: DEBUG "
+        "keeps them out of an INFO log; /status keeps the last ones either way)",
         "pool.model_log_level",
+        topic=LOGGING,
+    ),
+    Option(
+        "--model-stdout-level",
+        log_level,
+        "DEBUG",
+        "level at which the lines models print on stdout, other than results, are logged: "
+        "their start-up and chatter, which often echoes requests' data (model3 prints each "
+        "input), so by default only a DEBUG log has them; INFO logs them",
+        "pool.model_stdout_level",
+        topic=LOGGING,
     ),
     Option(
         "--model-log-rate",
@@ -373,6 +453,7 @@ OPTIONS = [
         "traceback); past it lines are counted, and the count is logged every 10 s; "
         "0 logs every line",
         "pool.model_log_rate",
+        topic=LOGGING,
     ),
     Option(
         "--access-log",
@@ -380,6 +461,7 @@ OPTIONS = [
         False,
         "log one line per HTTP request: request id, status, queue wait, compute and total time",
         "access_log",
+        topic=LOGGING,
     ),
 ]
 BY_FIELD = {option.field: option for option in OPTIONS if option.field}
@@ -395,8 +477,37 @@ class Settings:
     command: str = "serve"  # or "worker": models only, for a shared queue
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+class Parser(argparse.ArgumentParser):
+    """argparse with modelpool's habits: no abbreviations, and errors in one short form.
+
+    argparse's own `error()` prints the whole usage block, and `argument --flag: ...`;
+    this prints `modelpool serve: error: --flag: ...` and a line that points to --help.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)  # `--worker 2` must not mean `--workers 2`
+        super().__init__(*args, **kwargs)
+        self.commands: dict[str, Parser] = {}  # the subcommands, by name
+
+    def error(self, message: str) -> NoReturn:
+        # argparse says "argument --flag: problem" for a value its type refused
+        message = message.removeprefix("argument ")
+        self.exit(2, f"{self.prog}: error: {message}\n({self.prog} --help lists the options)\n")
+
+    def refuse_extras(self, extras: Sequence[str]) -> NoReturn:
+        """Refuse what no option took: an unknown (or abbreviated) option, or a stray word."""
+        word = extras[0]
+        if not word.startswith("-"):
+            self.error(f"unexpected argument {word!r} (an option's value must follow it)")
+        flag = word.partition("=")[0]
+        known = [text for action in self._actions for text in action.option_strings]
+        close = difflib.get_close_matches(flag, known, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        self.error(f"{flag}: no such option{hint}")
+
+
+def build_parser() -> Parser:
+    parser = Parser(
         prog="modelpool",
         description="Keep a pool of warm model processes behind POST /predict.",
     )
@@ -404,6 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     serve = commands.add_parser(
         "serve",
+        usage="%(prog)s [OPTIONS]",
         help="start the HTTP service (the default command)",
         description="Start the pool and serve POST /predict, GET /, /healthz, /readyz, "
         "/status, /metrics. "
@@ -412,11 +524,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker = commands.add_parser(
         "worker",
+        usage="%(prog)s --queue URL [OPTIONS]",
         help="run models only, taking jobs from a shared --queue (no HTTP)",
         description="Run models that take jobs from the Redis stream named by --queue, "
         "for the HTTP fronts (`modelpool serve --queue URL`) of a cluster. SIGTERM stops "
-        "taking jobs and finishes those in progress; SIGHUP reloads the models.",
+        "taking jobs and finishes those in progress; SIGHUP reloads the models. "
+        "Needs the Redis client: pip install 'modelpool[redis]'.",
     )
+    parser.commands = {"serve": serve, "worker": worker}
     for sub in (serve, worker):
         sub.add_argument(
             "--config",
@@ -426,15 +541,24 @@ def build_parser() -> argparse.ArgumentParser:
             "the command line and then MODELPOOL_* variables win over it "
             "(env MODELPOOL_CONFIG)",
         )
-    for option in OPTIONS:
+        options = [o for o in OPTIONS if o.for_worker or sub is serve]
+        for topic, about in TOPICS.items():
+            chosen = [option for option in options if option.topic == topic]
+            if chosen:  # a worker has no HTTP options
+                _add_options(sub.add_argument_group(topic, about), chosen)
+        if unknown := [option.flag for option in options if option.topic not in TOPICS]:
+            raise ValueError(f"options with a topic not in TOPICS: {unknown}")
+    return parser
+
+
+def _add_options(group: argparse._ArgumentGroup, options: list[Option]) -> None:
+    for option in options:
         default_text = "" if option.default is None else f"; default {option.default}"
         help_text = f"{option.help} (env {option.env}{default_text})"
-        for sub in (serve, worker) if option.for_worker else (serve,):
-            if option.convert is None:
-                sub.add_argument(option.flag, action="store_true", default=UNSET, help=help_text)
-            else:
-                sub.add_argument(option.flag, type=option.convert, default=UNSET, help=help_text)
-    return parser
+        if option.convert is None:
+            group.add_argument(option.flag, action="store_true", default=UNSET, help=help_text)
+        else:
+            group.add_argument(option.flag, type=option.convert, default=UNSET, help=help_text)
 
 
 def parse(
@@ -445,13 +569,18 @@ def parse(
     Each option comes from its flag, else its MODELPOOL_* variable, else the --config
     file, else its default; a mistake is reported with where the value came from.
     """
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    top = build_parser()
+    args, extras = top.parse_known_args(argv)
+    parser = top.commands.get(args.command) or top
+    if extras:
+        parser.refuse_extras(extras)
     config_file = args.config or environ.get("MODELPOOL_CONFIG") or None
     from_file: dict[str, Any] = {}
     if config_file is not None:
         try:
             from_file = read_config_file(config_file)
+        except OptionValueError as exc:
+            parser.error(f"{exc.option.flag} (from {config_file}): {exc}")
         except ValueError as exc:
             parser.error(f"--config {config_file}: {exc}")
     values: dict[str, Any] = {}
@@ -470,16 +599,16 @@ def parse(
             try:
                 value = _from_env(option, raw)
             except argparse.ArgumentTypeError as exc:
-                parser.error(f"{where} (for {option.flag}): {exc}")
+                parser.error(f"{option.flag} (from {where}): {exc}")
         if value is UNSET and option.dest in from_file:
             source[option.dest] = f"from {config_file}"
             value = from_file[option.dest]
         values[option.dest] = option.default if value is UNSET else value
     if args.command == "worker":
         if values["queue"] is None:
-            parser.error("worker: --queue is required (the Redis stream to take jobs from)")
+            parser.error("--queue is required (the Redis stream to take jobs from)")
         if values["workers"] == 0:
-            parser.error("worker: --workers must be at least 1")
+            parser.error("--workers: must be at least 1 (a worker node runs models)")
     try:
         config = _build_config(values)
     except ConfigError as exc:
@@ -493,6 +622,14 @@ def parse(
         parser.error(f"{option.flag}{where}: {problem}")
     command = args.command or "serve"
     return parser, Settings(config, values["log_level"], values["log_format"], command)
+
+
+class OptionValueError(ValueError):
+    """A value in a file of options that its option refuses; `option` is which."""
+
+    def __init__(self, option: Option, problem: str) -> None:
+        super().__init__(problem)
+        self.option = option
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -524,11 +661,13 @@ def read_config_file(path: str) -> dict[str, Any]:
         dest = key.replace("-", "_")
         option = by_dest.get(dest)
         if option is None:
-            raise ValueError(f"{key}: no such option")
+            close = difflib.get_close_matches(dest, list(by_dest), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
+            raise ValueError(f"{key}: no such option{hint}")
         try:
             values[dest] = _from_toml(option, raw)
         except argparse.ArgumentTypeError as exc:
-            raise ValueError(f"{key}: {exc}") from None
+            raise OptionValueError(option, str(exc)) from None
     return values
 
 
