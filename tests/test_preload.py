@@ -201,11 +201,12 @@ async def test_output_printed_before_the_fork_appears_once(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="modelpool.model")
-    async with open_pool(preload_config("buffered_output.py", workers=3)) as pool:
+    chatty = {"model_stdout_level": "INFO"}  # stdout lines are logged at DEBUG by default
+    async with open_pool(preload_config("buffered_output.py", workers=3, **chatty)) as pool:
         await pool.wait_ready()
         for _ in range(6):
             await pool.predict({})
-    async with open_pool(model3_config(workers=3, preload=True)) as pool:
+    async with open_pool(model3_config(workers=3, preload=True, **chatty)) as pool:
         await pool.wait_ready()
         await pool.predict({"data": 0})
     lines = [record.getMessage() for record in caplog.records]

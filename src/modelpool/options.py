@@ -389,6 +389,7 @@ OPTIONS = [
         "script.py or -m module); one that is not safe to fork (threads, sockets, devices "
         "at that point) falls back to plain starts with a warning",
         "pool.preload",
+        topic=MODELS,
     ),
     Option(
         "--api-key",
