@@ -214,7 +214,3 @@ async def test_the_streams_length_is_the_jobs_waiting_plus_those_computing() -> 
         assert max(length for length, _, _ in samples) >= 4, samples
         assert max(waiting for _, waiting, _ in samples) >= 2, samples  # some did wait
         assert length == 0  # every answered job left the stream
-
-
-def pairs(flat: list[Any]) -> dict[str, Any]:
-    return dict(zip(flat[::2], flat[1::2], strict=True))
