@@ -38,7 +38,7 @@ def default(option: Any) -> str:
     if option.convert is None:
         return "off"
     if option.default is None:
-        return "none"
+        return "unset"
     if isinstance(option.default, float) and option.default.is_integer():
         return f"`{int(option.default)}`"
     return f"`{option.default}`"
