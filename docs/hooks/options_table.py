@@ -2,14 +2,16 @@
 
 A page that holds the line `<!-- options-table -->` gets, in its place, a table of every
 option in `modelpool.options.OPTIONS`: flag, variable, config-file key, default, which
-commands take it, and its help text. So the reference cannot drift from `--help`.
+commands take it, and its help text; grouped by the topics of `--help` where the
+options have them (`modelpool.options.TOPICS`). So the reference cannot drift from
+`--help`.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from modelpool.options import OPTIONS
+from modelpool import options
 
 MARKER = "<!-- options-table -->"
 
@@ -21,11 +23,26 @@ def on_page_markdown(markdown: str, **_: Any) -> str:
 
 
 def render() -> str:
+    topics: dict[str, str] = getattr(options, "TOPICS", {})
+    if not topics:
+        return table(options.OPTIONS)
+    parts = []
+    for name, about in topics.items():
+        chosen = [option for option in options.OPTIONS if option.topic == name]
+        parts.append(f"### {name[0].upper()}{name[1:]}\n\n{about[0].upper()}{about[1:]}.\n")
+        parts.append(table(chosen) + "\n")
+    left = [option for option in options.OPTIONS if option.topic not in topics]
+    if left:
+        parts.append("### Other\n\n" + table(left) + "\n")
+    return "\n".join(parts)
+
+
+def table(chosen: list[Any]) -> str:
     rows = [
         "| option | variable | config key | default | commands | what it does |",
         "|---|---|---|---|---|---|",
     ]
-    for option in OPTIONS:
+    for option in chosen:
         commands = "serve, worker" if option.for_worker else "serve"
         rows.append(
             f"| `{option.flag}` | `{option.env}` | `{option.dest}` | {default(option)} "
