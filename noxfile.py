@@ -1,7 +1,7 @@
 """Sessions: `nox -s tests` (the suite), `nox -s lint` (ruff), `nox -s bench` (side by side
 with baselines), `nox -s chaos` (load under killed, timed-out, crashing and escaping
 models), `nox -s load` (drive any instance with a request mix; live view, report and
-plots)."""
+plots), `nox -s docs` (the documentation site, built strictly)."""
 
 import nox
 
@@ -21,6 +21,15 @@ def lint(session: nox.Session) -> None:
     session.install("ruff")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the pages under docs/ into site/; a broken link, a missing page or a warning
+    fails it. The configuration reference is made from modelpool's options at build time."""
+    session.install(".[docs]")
+    quiet = {"NO_MKDOCS_2_WARNING": "1"}  # mkdocs-material's notice about its future
+    session.run("mkdocs", "build", "--strict", *session.posargs, env=quiet)
 
 
 @nox.session

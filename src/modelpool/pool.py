@@ -148,6 +148,7 @@ class Pool:
 
     @property
     def queue_length(self) -> int:
+        """Requests waiting for a model (on a shared queue: this front's)."""
         return self.queue.length
 
     @property
@@ -172,6 +173,7 @@ class Pool:
         await self._changed.wait()
 
     def status(self) -> dict[str, Any]:
+        """What `GET /status` shows: every worker, the queue, health and the last minute."""
         healthy, problem = self.health()
         return {
             "workers": [w.snapshot() for w in self.workers],
@@ -410,7 +412,9 @@ async def open_pool(
 
     `reaper` decides how far the pool goes to kill what its models leave behind; the
     default kills each model's group, tree and token carriers (see reaper.py). Raises
-    ModelCommandError at once if the model command cannot even be executed.
+    ModelCommandError at once if the model command cannot even be executed, and
+    FirstStartFailed (a ModelCommandError) once every model's first start failed,
+    unless `config.keep_trying`.
     """
     config = config or PoolConfig()
     reaper = reaper or Reaper()

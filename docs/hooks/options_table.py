@@ -1,0 +1,66 @@
+"""Renders the configuration reference from modelpool's one definition of its options.
+
+A page that holds the line `<!-- options-table -->` gets, in its place, a table of every
+option in `modelpool.options.OPTIONS`: flag, variable, config-file key, default, which
+commands take it, and its help text; grouped by the topics of `--help` where the
+options have them (`modelpool.options.TOPICS`). So the reference cannot drift from
+`--help`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from modelpool import options
+
+MARKER = "<!-- options-table -->"
+
+
+def on_page_markdown(markdown: str, **_: Any) -> str:
+    if MARKER not in markdown:
+        return markdown
+    return markdown.replace(MARKER, render())
+
+
+def render() -> str:
+    topics: dict[str, str] = getattr(options, "TOPICS", {})
+    if not topics:
+        return table(options.OPTIONS)
+    parts = []
+    for name, about in topics.items():
+        chosen = [option for option in options.OPTIONS if option.topic == name]
+        parts.append(f"### {name[0].upper()}{name[1:]}\n\n{about[0].upper()}{about[1:]}.\n")
+        parts.append(table(chosen) + "\n")
+    left = [option for option in options.OPTIONS if option.topic not in topics]
+    if left:
+        parts.append("### Other\n\n" + table(left) + "\n")
+    return "\n".join(parts)
+
+
+def table(chosen: list[Any]) -> str:
+    rows = [
+        "| option | variable | config key | default | commands | what it does |",
+        "|---|---|---|---|---|---|",
+    ]
+    for option in chosen:
+        commands = "serve, worker" if option.for_worker else "serve"
+        rows.append(
+            f"| `{option.flag}` | `{option.env}` | `{option.dest}` | {default(option)} "
+            f"| {commands} | {cell(option.help)} |"
+        )
+    return "\n".join(rows)
+
+
+def default(option: Any) -> str:
+    if option.convert is None:
+        return "off"
+    if option.default is None:
+        return "unset"
+    if isinstance(option.default, float) and option.default.is_integer():
+        return f"`{int(option.default)}`"
+    return f"`{option.default}`"
+
+
+def cell(text: str) -> str:
+    """Help text as one table cell: argparse's %% escape undone, pipes escaped."""
+    return text.replace("%%", "%").replace("|", "\\|")
