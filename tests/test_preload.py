@@ -29,7 +29,14 @@ from conftest import (
     read_pids,
     wait_until,
 )
-from modelpool import ConfigError, ModelFailed, ModelTimeout, PoolConfig, open_pool
+from modelpool import (
+    ConfigError,
+    FirstStartFailed,
+    ModelFailed,
+    ModelTimeout,
+    PoolConfig,
+    open_pool,
+)
 from modelpool.errors import ModelCommandError
 from modelpool.operations import OperationFailed
 from modelpool.options import parse
@@ -640,3 +647,40 @@ async def test_a_model_that_writes_garbage_to_the_control_socket_costs_only_its_
         for _ in range(3):
             assert await pool.predict({}) == {}
         assert [w.pid for w in pool.workers] == children
+
+
+# -- what a user sees when the template cannot load -----------------------------------
+
+
+async def test_a_template_that_fails_at_first_start_stops_the_pool_with_its_stderr(
+    tmp_path: Path,
+) -> None:
+    """A typo under --preload: the models never start, as without it, and the verdict
+    quotes the template's traceback (it is the only model that ran), as /status does."""
+    script = tmp_path / "typo.py"
+    script.write_text("import sys\nprint('ModuleNotFoundError: torhc', file=sys.stderr)\n")
+    script.write_text(script.read_text() + "sys.exit(1)\n")
+    config = PoolConfig(model_cmd=[sys.executable, str(script)], workers=2, preload=True)
+    with trio.fail_after(15), pytest.raises(FirstStartFailed) as raised:
+        async with open_pool(config) as pool:
+            await pool.wait_ready()
+    message = str(raised.value)
+    assert "model exited with code 1" in message
+    assert "its last stderr lines:\n    ModuleNotFoundError: torhc" in message, message
+
+
+async def test_a_failed_template_load_shows_its_stderr_in_each_workers_last_failure(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "broken.py"
+    script.write_text(
+        "import sys\nprint('no weights at /models/x', file=sys.stderr)\nsys.exit(2)\n"
+    )
+    config = PoolConfig(
+        model_cmd=[sys.executable, str(script)], workers=1, preload=True, keep_trying=True
+    )
+    async with open_pool(config) as pool:
+        await wait_until(lambda: pool.workers[0].last_failure is not None, 10, "a failure")
+        failure = pool.workers[0].last_failure
+        assert "exited with code 2" in failure["detail"]
+        assert failure["stderr"] == ["no weights at /models/x"], failure

@@ -91,11 +91,16 @@ class StartFailed(Exception):
     str() is the whole story, for the log and /status; it may quote what the model
     printed before it was ready (no request has reached it then, so no user's data).
     `summary` leaves that out: it is what /healthz, open to anyone, may show.
+    `stderr`: the last stderr lines of the process that failed, when that process is
+    not the worker's own model (a --preload template), for the same reports.
     """
 
-    def __init__(self, message: str, summary: str | None = None) -> None:
+    def __init__(
+        self, message: str, summary: str | None = None, stderr: list[str] | None = None
+    ) -> None:
         super().__init__(message)
         self.summary = message if summary is None else summary
+        self.stderr = stderr or []
 
 
 class CommandNotRunnable(StartFailed):
