@@ -684,3 +684,25 @@ async def test_a_failed_template_load_shows_its_stderr_in_each_workers_last_fail
         failure = pool.workers[0].last_failure
         assert "exited with code 2" in failure["detail"]
         assert failure["stderr"] == ["no weights at /models/x"], failure
+
+
+async def test_numpys_openblas_threads_fall_back_with_the_variable_that_keeps_them_to_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Threads started in C (OpenBLAS at `import numpy`) are threads like any other: no
+    fork. The warning says where they come from and how to have none."""
+    caplog.set_level(logging.INFO)
+    # at least two, so OpenBLAS starts one thread of its own beside the main one
+    config = preload_config("numpy_model.py", workers=1, env={"OPENBLAS_NUM_THREADS": "2"})
+    async with open_pool(config) as pool:
+        await pool.wait_ready()
+        assert (await pool.predict({}))["sum"] == 200.0**3
+        reason = pool.status()["template"]["fallback_reason"]
+        assert pool.status()["template"]["state"] == "fallback"
+        assert "not started by Python's threading" in reason, reason
+        assert "OPENBLAS_NUM_THREADS=1" in reason and "OMP_NUM_THREADS=1" in reason, reason
+    one_thread = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    async with open_pool(preload_config("numpy_model.py", workers=2, env=one_thread)) as pool:
+        await pool.wait_ready()
+        assert [w.snapshot()["start"]["method"] for w in pool.workers] == ["fork", "fork"]
+        assert (await pool.predict({}))["sum"] == 200.0**3

@@ -137,11 +137,9 @@ class _Template:
             return f"its environment has no {TOKEN_VAR}, so its children could not be contained"
         threads = len(os.listdir("/proc/self/task"))
         if threads > 1:
-            names = ""
-            threading = sys.modules.get("threading")
-            if threading is not None:
-                names = " (" + ", ".join(t.name for t in threading.enumerate()) + ")"
-            return f"it runs {threads} threads{names}, and a fork copies only one"
+            return (
+                f"it runs {threads} threads ({_thread_names(threads)}), and a fork copies only one"
+            )
         for fd, what in _open_descriptors(self.control.fileno()):
             return f"it holds {what} open (fd {fd}), which every child would share"
         return None
@@ -296,6 +294,24 @@ class _Stdin(io.RawIOBase):
         if self._template.closed:
             return 0
         return os.readv(0, [buffer])
+
+
+def _thread_names(threads: int) -> str:
+    """The names of the threads Python's threading module knows, and how many others run.
+
+    The others were started in C: by OpenBLAS, OpenMP or MKL at `import numpy` (or
+    torch), most often, each of which keeps to the main thread if told so.
+    """
+    threading = sys.modules.get("threading")
+    names = [t.name for t in threading.enumerate()] if threading is not None else ["main"]
+    others = threads - len(names)
+    if others <= 0:
+        return ", ".join(names)
+    return (
+        f"{', '.join(names)} and {others} not started by Python's threading: a C "
+        "library's, as OpenBLAS, OpenMP and MKL start at import; OPENBLAS_NUM_THREADS=1 "
+        "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 in the service's environment keep them to one"
+    )
 
 
 def _open_descriptors(control: int) -> list[tuple[int, str]]:
