@@ -706,3 +706,52 @@ async def test_numpys_openblas_threads_fall_back_with_the_variable_that_keeps_th
         await pool.wait_ready()
         assert [w.snapshot()["start"]["method"] for w in pool.workers] == ["fork", "fork"]
         assert (await pool.predict({}))["sum"] == 200.0**3
+
+
+# -- how a forked child is seen waiting (model.py's catch-up) ---------------------------
+
+
+async def test_a_forked_model3_child_is_seen_waiting_in_its_read_of_stdin() -> None:
+    """A child carries on with the template's read of its stdin: the very read a plain
+    model3 waits in, so it is seen waiting, and caught up with the same way."""
+    async with open_pool(model3_config(workers=2, preload=True)) as pool:
+        await pool.wait_ready()
+        await pool.predict({"data": 0})
+        models = [w._model for w in pool.workers]
+        assert all(m is not None and m.method == "fork" and m.waits_visibly for m in models)
+
+
+async def test_a_forked_child_that_prints_a_second_result_after_a_pause_is_replaced() -> None:
+    """As tests/test_stray.py checks for plain models: the second result, half a second
+    after the first, never answers the next request; its child is replaced by a fork."""
+    config = preload_config("two_results.py", env={"TWO_RESULTS_GAP": "0.5"})
+    async with open_pool(config) as pool:
+        for round in range(3):
+            await wait_until(lambda: pool.ready_count == 1, 5, "a fresh model")
+            first_pid = pool.workers[0].pid
+            outcomes: list = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(predict_into, pool, {"name": "A", "sleep": 0.1}, outcomes)
+                await wait_until(lambda: pool.workers[0].state == "busy", 5, "A computing")
+                nursery.start_soon(predict_into, pool, {"name": "B"}, outcomes)
+            by_name = {o["echo"]["name"]: o for o in outcomes}
+            assert by_name["A"]["which"] == "first", (round, outcomes)
+            assert (by_name["B"]["which"], by_name["B"]["count"]) == ("first", 1), outcomes
+            assert by_name["B"]["pid"] != first_pid, round
+            assert pool.workers[0].snapshot()["start"]["method"] == "fork"
+        assert "printed a result when none was awaited" in pool.workers[0].last_failure["detail"]
+
+
+async def test_the_template_is_not_reported_as_a_model_whose_waiting_cannot_be_seen(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The template waits for forks, not requests: what a request-serving model looks
+    like while it waits is none of its business, and the log must not warn about it."""
+    monkeypatch.setattr("modelpool.model.LEARN_MAX", 0.2)
+    caplog.set_level(logging.INFO, logger="modelpool.model")
+    async with open_pool(model3_config(workers=1, preload=True)) as pool:
+        await pool.wait_ready()
+        await trio.sleep(0.6)  # past LEARN_MAX, for the template too
+        await pool.predict({"data": 0})
+    unseen = [r.getMessage() for r in caplog.records if "cannot be seen" in r.getMessage()]
+    assert unseen == [], unseen

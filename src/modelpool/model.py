@@ -891,10 +891,13 @@ async def open_model(
     reaper: Reaper,
     starter: ModelStarter | None = None,
     token: str | None = None,
+    takes_requests: bool = True,
 ) -> AsyncIterator[ModelProcess]:
     """Start a model (spawned, unless `starter` says otherwise); on the way out, close its
     stdin, give it `exit_grace`, then kill it. `token`: its containment token, if not a
-    new one (a preload template's has room for its children's, see preload.py)."""
+    new one (a preload template's has room for its children's, see preload.py).
+    `takes_requests` False (a preload template): how it waits between requests is not
+    learned, since it gets none."""
     token = token or reaper.new_token()
     starter = starter or Spawner(reaper)
     proc = await starter.start(config, name, token, model_environment(config, token))
@@ -907,7 +910,8 @@ async def open_model(
             nursery.start_soon(model._pump_stdout)
             nursery.start_soon(model._pump_stderr)
             nursery.start_soon(model._watch_exit)
-            nursery.start_soon(model._learn_waiting)
+            if takes_requests:
+                nursery.start_soon(model._learn_waiting)
             try:
                 yield model
             finally:

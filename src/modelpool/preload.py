@@ -268,7 +268,9 @@ class Template:
             config = replace(self.config, model_cmd=command)
             starter = Spawner(self._reaper, pass_fds=[theirs.fileno()])
             token = self._reaper.new_token().ljust(TEMPLATE_TOKEN_LENGTH, ".")
-            model_cm = open_model(config, self.name, self._reaper, starter, token)
+            model_cm = open_model(
+                config, self.name, self._reaper, starter, token, takes_requests=False
+            )
             async with model_cm as model:
                 loaded = model
                 theirs.close()
