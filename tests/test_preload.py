@@ -716,9 +716,10 @@ async def test_a_forked_model3_child_is_seen_waiting_in_its_read_of_stdin() -> N
     model3 waits in, so it is seen waiting, and caught up with the same way."""
     async with open_pool(model3_config(workers=2, preload=True)) as pool:
         await pool.wait_ready()
-        await pool.predict({"data": 0})
+        await pool.predict({"data": 0})  # its model learned before the request went
         models = [w._model for w in pool.workers]
-        assert all(m is not None and m.method == "fork" and m.waits_visibly for m in models)
+        assert all(m is not None and m.method == "fork" for m in models)
+        await wait_until(lambda: all(m and m.waits_visibly for m in models), 5, "both seen")
 
 
 async def test_a_forked_child_that_prints_a_second_result_after_a_pause_is_replaced() -> None:
@@ -755,3 +756,19 @@ async def test_the_template_is_not_reported_as_a_model_whose_waiting_cannot_be_s
         await pool.predict({"data": 0})
     unseen = [r.getMessage() for r in caplog.records if "cannot be seen" in r.getMessage()]
     assert unseen == [], unseen
+
+
+async def test_a_forked_childs_traceback_is_the_one_its_model_prints_when_run_plainly() -> None:
+    """The launcher and runpy are modelpool's business: a crash's stderr (in /status and
+    the 502) is the model's own traceback, as without --preload, line for line."""
+    tracebacks = []
+    for preload in (False, True):
+        async with open_pool(model3_config(workers=1, preload=preload)) as pool:
+            await pool.wait_ready()
+            with pytest.raises(ModelFailed) as failed:
+                await pool.predict({"no data": 1})
+            assert "exited with code 1" in str(failed.value)
+            tracebacks.append(failed.value.stderr)
+    plain, preloaded = tracebacks
+    assert plain[0] == "Traceback (most recent call last):" and "model3.py" in plain[1]
+    assert preloaded == plain

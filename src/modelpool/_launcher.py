@@ -60,6 +60,7 @@ import signal
 import socket
 import stat
 import sys
+import types
 
 TOKEN_VAR = "MODELPOOL_MODEL"
 MAX_MESSAGE = 64 * 1024
@@ -376,13 +377,30 @@ def _run(kind: str, target: str, args: list[str]) -> None:
     runpy.run_path(target, run_name="__main__")
 
 
+def _model_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """A traceback without its first frames, the launcher's and runpy's: the model's own
+    frames, as `python script.py` prints them."""
+    ours = {os.path.realpath(__file__), os.path.realpath(runpy.__file__ or "")}
+    while tb is not None and tb.tb_next is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if name not in ours and os.path.realpath(name) not in ours and name != "<frozen runpy>":
+            break
+        tb = tb.tb_next
+    return tb
+
+
 def main() -> None:
     control_fd, kind, target, *args = sys.argv[1:]
     control = socket.socket(fileno=int(control_fd))
     control.set_inheritable(False)
     template = _Template(control)
     _install_stdin(template)
-    _run(kind, target, args)
+    try:
+        _run(kind, target, args)
+    except Exception as exc:  # what Python does for an uncaught one, minus our frames
+        exc.__traceback__ = _model_frames(exc.__traceback__)  # what excepthook prints
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
