@@ -772,3 +772,29 @@ async def test_a_forked_childs_traceback_is_the_one_its_model_prints_when_run_pl
     plain, preloaded = tracebacks
     assert plain[0] == "Traceback (most recent call last):" and "model3.py" in plain[1]
     assert preloaded == plain
+
+
+async def test_what_a_child_holds_is_measured_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child's private pages come from /proc/PID/smaps_rollup, which walks its page
+    tables: about 1.4 ms for 300 MiB, so tens of ms a second for a few children of a big
+    model. The once-a-second check reads them in a thread, not in the event loop that
+    serves every request. (The real measurement runs; the test only notes its thread.)"""
+    import threading
+
+    from modelpool import preload
+
+    threads: list[str] = []
+    measure = preload.tree_private_mib
+
+    def noted(pid: int) -> float:
+        threads.append(threading.current_thread().name)
+        return measure(pid)
+
+    monkeypatch.setattr(preload, "tree_private_mib", noted)
+    async with open_pool(model3_config(workers=2, preload=True, model_max_rss=10_000)) as pool:
+        await pool.wait_ready()
+        await wait_until(lambda: len(threads) >= 4, 5, "two memory checks")
+        assert await pool.predict({"data": 0}) == {"ice_found": True}
+    assert threading.main_thread().name not in threads, threads

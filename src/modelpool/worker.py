@@ -125,8 +125,11 @@ class Worker:
         return self.failing_since
 
     def memory_mib(self) -> float | None:
-        """What its current model holds, for --model-max-rss (see ModelHandle.memory_mib)."""
-        return None if self._model is None else self._model.proc.memory_mib()
+        """What its current model holds, for --model-max-rss (see ModelHandle.memory_mib).
+
+        Called from a thread (see Operations.watch_memory): the model is read once."""
+        model = self._model
+        return None if model is None else model.proc.memory_mib()
 
     def busy_seconds(self) -> float:
         """Seconds this worker's models have spent computing, the current request included."""
