@@ -798,3 +798,32 @@ async def test_what_a_child_holds_is_measured_off_the_event_loop(
         await wait_until(lambda: len(threads) >= 4, 5, "two memory checks")
         assert await pool.predict({"data": 0}) == {"ice_found": True}
     assert threading.main_thread().name not in threads, threads
+
+
+async def test_a_model_that_reads_a_helpers_pipe_falls_back_as_siblings_would_share_it(
+    tmp_path: Path,
+) -> None:
+    """A helper started while the model loads, whose answers come through a pipe: every
+    child would read that one pipe, and take its siblings' answers. Not safe to fork."""
+    script = tmp_path / "with_helper.py"
+    script.write_text(
+        "import json, os, subprocess, sys\n"
+        "helper = subprocess.Popen(['cat'], stdin=subprocess.PIPE, stdout=subprocess.PIPE)\n"
+        "print('ready: Model-initialized')\n"
+        "for line in sys.stdin:\n"
+        "    helper.stdin.write(line.encode())\n"
+        "    helper.stdin.flush()\n"
+        "    echoed = json.loads(helper.stdout.readline())\n"
+        "    print('result: ' + json.dumps({'pid': os.getpid(), 'echo': echoed}))\n"
+    )
+    config = PoolConfig(model_cmd=[sys.executable, str(script)], workers=2, preload=True)
+    async with open_pool(config) as pool:
+        await pool.wait_ready()
+        outcomes: list = []
+        async with trio.open_nursery() as nursery:
+            for n in range(20):
+                nursery.start_soon(predict_into, pool, {"n": n}, outcomes)
+        assert sorted(o["echo"]["n"] for o in outcomes) == list(range(20))
+        snapshot = pool.status()["template"]
+        assert snapshot["state"] == "fallback", snapshot
+        assert "the reading end of a pipe" in snapshot["fallback_reason"]

@@ -14,9 +14,10 @@ read enters template mode; `for line in sys.stdin`, `readline()`, `input()` and
 `sys.stdin.buffer` all go through it (a model that reads with `os.read(0, ...)` or
 selects on fd 0 never reaches it; the pool then falls back to plain starts). By then
 the model has loaded and printed its ready line. In template mode the launcher checks
-that a fork is safe (one thread, no socket or device open), flushes stdio, calls
-`gc.freeze()` (so the children's garbage collector does not write to the shared
-pages), tells the pool over the control socket, and waits for fork requests. Each
+that a fork is safe (one thread; no socket, device, epoll or pipe it reads from open),
+flushes stdio, calls `gc.freeze()` (so the children's garbage collector does not write
+to the shared pages), tells the pool over the control socket, and waits for fork
+requests. Each
 request carries three file descriptors (the child's stdin, stdout and stderr) and the
 child's containment token. The child starts a session of its own, takes the three
 descriptors as 0, 1 and 2, and returns from that same first read, which now reads its
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import gc
 import importlib.util
 import io
@@ -130,8 +132,9 @@ class _Template:
         self.send({"event": "fork_point", "pid": os.getpid()})
         self._serve()
 
-    def unsafe(self) -> str | None:
-        """Why a fork now would not be safe, or None."""
+    def unsafe(self, received: list[int] | None = None) -> str | None:
+        """Why a fork now would not be safe, or None. `received`: the descriptors a fork
+        request brought (the child's stdio), which are the child's to have."""
         if not hasattr(os, "pidfd_open") or not hasattr(socket, "send_fds"):
             return "it needs Python 3.9 or later on Linux 5.3 or later (os.pidfd_open)"
         if not self.env.found:
@@ -141,7 +144,8 @@ class _Template:
             return (
                 f"it runs {threads} threads ({_thread_names(threads)}), and a fork copies only one"
             )
-        for fd, what in _open_descriptors(self.control.fileno()):
+        ours = {self.control.fileno(), self._wakeup_read, self._wakeup_write, *(received or [])}
+        for fd, what in _open_descriptors(ours):
             return f"it holds {what} open (fd {fd}), which every child would share"
         return None
 
@@ -182,7 +186,7 @@ class _Template:
         request = json.loads(message)
         ident = request.get("id")
         token = str(request.get("token", "")).encode()
-        error = self.unsafe()
+        error = self.unsafe(fds)
         if error is not None:
             for fd in fds:
                 os.close(fd)
@@ -315,12 +319,14 @@ def _thread_names(threads: int) -> str:
     )
 
 
-def _open_descriptors(control: int) -> list[tuple[int, str]]:
-    """File descriptors a child must not share with its siblings: sockets, devices, epolls."""
+def _open_descriptors(ours: set[int]) -> list[tuple[int, str]]:
+    """File descriptors a child must not share with its siblings: sockets, devices, epolls,
+    and the reading ends of pipes (a helper's answers: each child would take its
+    siblings'). `ours`: the launcher's own, left out."""
     found = []
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd in (0, 1, 2, control):
+        if fd in (0, 1, 2) or fd in ours:
             continue
         try:
             mode = os.fstat(fd)
@@ -333,7 +339,16 @@ def _open_descriptors(control: int) -> list[tuple[int, str]]:
             found.append((fd, f"a device ({target})"))
         elif target.startswith("anon_inode:"):
             found.append((fd, f"an {target}"))
+        elif stat.S_ISFIFO(mode.st_mode) and _read_only(fd):
+            found.append((fd, "the reading end of a pipe"))
     return found
+
+
+def _read_only(fd: int) -> bool:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    except OSError:
+        return False
 
 
 def _flush() -> None:

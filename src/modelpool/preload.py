@@ -12,8 +12,9 @@ nothing happened.
 
 What can go wrong, and what happens then:
 - The model is not safe to fork at its fork point (threads, sockets, devices, an
-  epoll; or it never reads sys.stdin): the template says why, the pool logs it in one
-  WARNING line and shows it in /status, and this generation's models start plainly
+  epoll, a pipe it reads a helper's answers from; or it never reads sys.stdin): the
+  template says why, the pool logs it in one WARNING line and shows it in /status,
+  and this generation's models start plainly
   (`TemplateState.FALLBACK`). A process is never forked in an unsafe state.
 - The template fails to load: it is loaded again after the usual back-off, and model
   starts meanwhile fail as a plain start that failed would (the worker backs off).
