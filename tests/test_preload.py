@@ -385,8 +385,9 @@ async def test_reload_to_a_new_model_file_loads_a_new_template_first(tmp_path: P
         old_template = template_pid(pool)
         assert (await pool.predict({}))["version"] == 1
         script.write_text("raise SystemExit('broken')\n")
-        with pytest.raises(OperationFailed, match="template failed to load"):
+        with pytest.raises(OperationFailed, match="template failed to load") as failed:
             await pool.operations.reload()
+        assert str(failed.value).count("failed to start") == 1, failed.value  # said once
         assert template_pid(pool) == old_template  # as it was: same template, same version
         assert {(await pool.predict({}))["version"] for _ in range(3)} == {1}
         model_file(script, version=2)

@@ -558,6 +558,8 @@ class Preloader:
         except StartFailed:
             template.stop()
             del self.templates[generation]
+            if template.failure is not None:  # its own words, not wrapped in its name again
+                raise template.failure from None
             raise
         return template
 
