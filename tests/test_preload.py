@@ -29,7 +29,14 @@ from conftest import (
     read_pids,
     wait_until,
 )
-from modelpool import ConfigError, ModelFailed, ModelTimeout, PoolConfig, open_pool
+from modelpool import (
+    ConfigError,
+    FirstStartFailed,
+    ModelFailed,
+    ModelTimeout,
+    PoolConfig,
+    open_pool,
+)
 from modelpool.errors import ModelCommandError
 from modelpool.operations import OperationFailed
 from modelpool.options import parse
@@ -379,8 +386,9 @@ async def test_reload_to_a_new_model_file_loads_a_new_template_first(tmp_path: P
         old_template = template_pid(pool)
         assert (await pool.predict({}))["version"] == 1
         script.write_text("raise SystemExit('broken')\n")
-        with pytest.raises(OperationFailed, match="template failed to load"):
+        with pytest.raises(OperationFailed, match="template failed to load") as failed:
             await pool.operations.reload()
+        assert str(failed.value).count("failed to start") == 1, failed.value  # said once
         assert template_pid(pool) == old_template  # as it was: same template, same version
         assert {(await pool.predict({}))["version"] for _ in range(3)} == {1}
         model_file(script, version=2)
@@ -641,3 +649,183 @@ async def test_a_model_that_writes_garbage_to_the_control_socket_costs_only_its_
         for _ in range(3):
             assert await pool.predict({}) == {}
         assert [w.pid for w in pool.workers] == children
+
+
+# -- what a user sees when the template cannot load -----------------------------------
+
+
+async def test_a_template_that_fails_at_first_start_stops_the_pool_with_its_stderr(
+    tmp_path: Path,
+) -> None:
+    """A typo under --preload: the models never start, as without it, and the verdict
+    quotes the template's traceback (it is the only model that ran), as /status does."""
+    script = tmp_path / "typo.py"
+    script.write_text("import sys\nprint('ModuleNotFoundError: torhc', file=sys.stderr)\n")
+    script.write_text(script.read_text() + "sys.exit(1)\n")
+    config = PoolConfig(model_cmd=[sys.executable, str(script)], workers=2, preload=True)
+    with trio.fail_after(15), pytest.raises(FirstStartFailed) as raised:
+        async with open_pool(config) as pool:
+            await pool.wait_ready()
+    message = str(raised.value)
+    assert "model exited with code 1" in message
+    assert "its last stderr lines:\n    ModuleNotFoundError: torhc" in message, message
+
+
+async def test_a_failed_template_load_shows_its_stderr_in_each_workers_last_failure(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "broken.py"
+    script.write_text(
+        "import sys\nprint('no weights at /models/x', file=sys.stderr)\nsys.exit(2)\n"
+    )
+    config = PoolConfig(
+        model_cmd=[sys.executable, str(script)], workers=1, preload=True, keep_trying=True
+    )
+    async with open_pool(config) as pool:
+        await wait_until(lambda: pool.workers[0].last_failure is not None, 10, "a failure")
+        failure = pool.workers[0].last_failure
+        assert "exited with code 2" in failure["detail"]
+        assert failure["stderr"] == ["no weights at /models/x"], failure
+
+
+async def test_numpys_openblas_threads_fall_back_with_the_variable_that_keeps_them_to_one(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Threads started in C (OpenBLAS at `import numpy`) are threads like any other: no
+    fork. The warning says where they come from and how to have none."""
+    caplog.set_level(logging.INFO)
+    # at least two, so OpenBLAS starts one thread of its own beside the main one
+    config = preload_config("numpy_model.py", workers=1, env={"OPENBLAS_NUM_THREADS": "2"})
+    async with open_pool(config) as pool:
+        await pool.wait_ready()
+        assert (await pool.predict({}))["sum"] == 200.0**3
+        reason = pool.status()["template"]["fallback_reason"]
+        assert pool.status()["template"]["state"] == "fallback"
+        assert "not started by Python's threading" in reason, reason
+        assert "OPENBLAS_NUM_THREADS=1" in reason and "OMP_NUM_THREADS=1" in reason, reason
+    one_thread = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"}
+    async with open_pool(preload_config("numpy_model.py", workers=2, env=one_thread)) as pool:
+        await pool.wait_ready()
+        assert [w.snapshot()["start"]["method"] for w in pool.workers] == ["fork", "fork"]
+        assert (await pool.predict({}))["sum"] == 200.0**3
+
+
+# -- how a forked child is seen waiting (model.py's catch-up) ---------------------------
+
+
+async def test_a_forked_model3_child_is_seen_waiting_in_its_read_of_stdin() -> None:
+    """A child carries on with the template's read of its stdin: the very read a plain
+    model3 waits in, so it is seen waiting, and caught up with the same way."""
+    async with open_pool(model3_config(workers=2, preload=True)) as pool:
+        await pool.wait_ready()
+        await pool.predict({"data": 0})  # its model learned before the request went
+        models = [w._model for w in pool.workers]
+        assert all(m is not None and m.method == "fork" for m in models)
+        await wait_until(lambda: all(m and m.waits_visibly for m in models), 5, "both seen")
+
+
+async def test_a_forked_child_that_prints_a_second_result_after_a_pause_is_replaced() -> None:
+    """As tests/test_stray.py checks for plain models: the second result, half a second
+    after the first, never answers the next request; its child is replaced by a fork."""
+    config = preload_config("two_results.py", env={"TWO_RESULTS_GAP": "0.5"})
+    async with open_pool(config) as pool:
+        for round in range(3):
+            await wait_until(lambda: pool.ready_count == 1, 5, "a fresh model")
+            first_pid = pool.workers[0].pid
+            outcomes: list = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(predict_into, pool, {"name": "A", "sleep": 0.1}, outcomes)
+                await wait_until(lambda: pool.workers[0].state == "busy", 5, "A computing")
+                nursery.start_soon(predict_into, pool, {"name": "B"}, outcomes)
+            by_name = {o["echo"]["name"]: o for o in outcomes}
+            assert by_name["A"]["which"] == "first", (round, outcomes)
+            assert (by_name["B"]["which"], by_name["B"]["count"]) == ("first", 1), outcomes
+            assert by_name["B"]["pid"] != first_pid, round
+            assert pool.workers[0].snapshot()["start"]["method"] == "fork"
+        assert "printed a result when none was awaited" in pool.workers[0].last_failure["detail"]
+
+
+async def test_the_template_is_not_reported_as_a_model_whose_waiting_cannot_be_seen(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The template waits for forks, not requests: what a request-serving model looks
+    like while it waits is none of its business, and the log must not warn about it."""
+    monkeypatch.setattr("modelpool.model.LEARN_MAX", 0.2)
+    caplog.set_level(logging.INFO, logger="modelpool.model")
+    async with open_pool(model3_config(workers=1, preload=True)) as pool:
+        await pool.wait_ready()
+        await trio.sleep(0.6)  # past LEARN_MAX, for the template too
+        await pool.predict({"data": 0})
+    unseen = [r.getMessage() for r in caplog.records if "cannot be seen" in r.getMessage()]
+    assert unseen == [], unseen
+
+
+async def test_a_forked_childs_traceback_is_the_one_its_model_prints_when_run_plainly() -> None:
+    """The launcher and runpy are modelpool's business: a crash's stderr (in /status and
+    the 502) is the model's own traceback, as without --preload, line for line."""
+    tracebacks = []
+    for preload in (False, True):
+        async with open_pool(model3_config(workers=1, preload=preload)) as pool:
+            await pool.wait_ready()
+            with pytest.raises(ModelFailed) as failed:
+                await pool.predict({"no data": 1})
+            assert "exited with code 1" in str(failed.value)
+            tracebacks.append(failed.value.stderr)
+    plain, preloaded = tracebacks
+    assert plain[0] == "Traceback (most recent call last):" and "model3.py" in plain[1]
+    assert preloaded == plain
+
+
+async def test_what_a_child_holds_is_measured_off_the_event_loop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A child's private pages come from /proc/PID/smaps_rollup, which walks its page
+    tables: about 1.4 ms for 300 MiB, so tens of ms a second for a few children of a big
+    model. The once-a-second check reads them in a thread, not in the event loop that
+    serves every request. (The real measurement runs; the test only notes its thread.)"""
+    import threading
+
+    from modelpool import preload
+
+    threads: list[str] = []
+    measure = preload.tree_private_mib
+
+    def noted(pid: int) -> float:
+        threads.append(threading.current_thread().name)
+        return measure(pid)
+
+    monkeypatch.setattr(preload, "tree_private_mib", noted)
+    async with open_pool(model3_config(workers=2, preload=True, model_max_rss=10_000)) as pool:
+        await pool.wait_ready()
+        await wait_until(lambda: len(threads) >= 4, 5, "two memory checks")
+        assert await pool.predict({"data": 0}) == {"ice_found": True}
+    assert threading.main_thread().name not in threads, threads
+
+
+async def test_a_model_that_reads_a_helpers_pipe_falls_back_as_siblings_would_share_it(
+    tmp_path: Path,
+) -> None:
+    """A helper started while the model loads, whose answers come through a pipe: every
+    child would read that one pipe, and take its siblings' answers. Not safe to fork."""
+    script = tmp_path / "with_helper.py"
+    script.write_text(
+        "import json, os, subprocess, sys\n"
+        "helper = subprocess.Popen(['cat'], stdin=subprocess.PIPE, stdout=subprocess.PIPE)\n"
+        "print('ready: Model-initialized')\n"
+        "for line in sys.stdin:\n"
+        "    helper.stdin.write(line.encode())\n"
+        "    helper.stdin.flush()\n"
+        "    echoed = json.loads(helper.stdout.readline())\n"
+        "    print('result: ' + json.dumps({'pid': os.getpid(), 'echo': echoed}))\n"
+    )
+    config = PoolConfig(model_cmd=[sys.executable, str(script)], workers=2, preload=True)
+    async with open_pool(config) as pool:
+        await pool.wait_ready()
+        outcomes: list = []
+        async with trio.open_nursery() as nursery:
+            for n in range(20):
+                nursery.start_soon(predict_into, pool, {"n": n}, outcomes)
+        assert sorted(o["echo"]["n"] for o in outcomes) == list(range(20))
+        snapshot = pool.status()["template"]
+        assert snapshot["state"] == "fallback", snapshot
+        assert "the reading end of a pipe" in snapshot["fallback_reason"]

@@ -14,9 +14,10 @@ read enters template mode; `for line in sys.stdin`, `readline()`, `input()` and
 `sys.stdin.buffer` all go through it (a model that reads with `os.read(0, ...)` or
 selects on fd 0 never reaches it; the pool then falls back to plain starts). By then
 the model has loaded and printed its ready line. In template mode the launcher checks
-that a fork is safe (one thread, no socket or device open), flushes stdio, calls
-`gc.freeze()` (so the children's garbage collector does not write to the shared
-pages), tells the pool over the control socket, and waits for fork requests. Each
+that a fork is safe (one thread; no socket, device, epoll or pipe it reads from open),
+flushes stdio, calls `gc.freeze()` (so the children's garbage collector does not write
+to the shared pages), tells the pool over the control socket, and waits for fork
+requests. Each
 request carries three file descriptors (the child's stdin, stdout and stderr) and the
 child's containment token. The child starts a session of its own, takes the three
 descriptors as 0, 1 and 2, and returns from that same first read, which now reads its
@@ -49,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import gc
 import importlib.util
 import io
@@ -60,6 +62,7 @@ import signal
 import socket
 import stat
 import sys
+import types
 
 TOKEN_VAR = "MODELPOOL_MODEL"
 MAX_MESSAGE = 64 * 1024
@@ -129,20 +132,20 @@ class _Template:
         self.send({"event": "fork_point", "pid": os.getpid()})
         self._serve()
 
-    def unsafe(self) -> str | None:
-        """Why a fork now would not be safe, or None."""
+    def unsafe(self, received: list[int] | None = None) -> str | None:
+        """Why a fork now would not be safe, or None. `received`: the descriptors a fork
+        request brought (the child's stdio), which are the child's to have."""
         if not hasattr(os, "pidfd_open") or not hasattr(socket, "send_fds"):
             return "it needs Python 3.9 or later on Linux 5.3 or later (os.pidfd_open)"
         if not self.env.found:
             return f"its environment has no {TOKEN_VAR}, so its children could not be contained"
         threads = len(os.listdir("/proc/self/task"))
         if threads > 1:
-            names = ""
-            threading = sys.modules.get("threading")
-            if threading is not None:
-                names = " (" + ", ".join(t.name for t in threading.enumerate()) + ")"
-            return f"it runs {threads} threads{names}, and a fork copies only one"
-        for fd, what in _open_descriptors(self.control.fileno()):
+            return (
+                f"it runs {threads} threads ({_thread_names(threads)}), and a fork copies only one"
+            )
+        ours = {self.control.fileno(), self._wakeup_read, self._wakeup_write, *(received or [])}
+        for fd, what in _open_descriptors(ours):
             return f"it holds {what} open (fd {fd}), which every child would share"
         return None
 
@@ -183,7 +186,7 @@ class _Template:
         request = json.loads(message)
         ident = request.get("id")
         token = str(request.get("token", "")).encode()
-        error = self.unsafe()
+        error = self.unsafe(fds)
         if error is not None:
             for fd in fds:
                 os.close(fd)
@@ -298,12 +301,32 @@ class _Stdin(io.RawIOBase):
         return os.readv(0, [buffer])
 
 
-def _open_descriptors(control: int) -> list[tuple[int, str]]:
-    """File descriptors a child must not share with its siblings: sockets, devices, epolls."""
+def _thread_names(threads: int) -> str:
+    """The names of the threads Python's threading module knows, and how many others run.
+
+    The others were started in C: by OpenBLAS, OpenMP or MKL at `import numpy` (or
+    torch), most often, each of which keeps to the main thread if told so.
+    """
+    threading = sys.modules.get("threading")
+    names = [t.name for t in threading.enumerate()] if threading is not None else ["main"]
+    others = threads - len(names)
+    if others <= 0:
+        return ", ".join(names)
+    return (
+        f"{', '.join(names)} and {others} not started by Python's threading: a C "
+        "library's, as OpenBLAS, OpenMP and MKL start at import; OPENBLAS_NUM_THREADS=1 "
+        "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 in the service's environment keep them to one"
+    )
+
+
+def _open_descriptors(ours: set[int]) -> list[tuple[int, str]]:
+    """File descriptors a child must not share with its siblings: sockets, devices, epolls,
+    and the reading ends of pipes (a helper's answers: each child would take its
+    siblings'). `ours`: the launcher's own, left out."""
     found = []
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
-        if fd in (0, 1, 2, control):
+        if fd in (0, 1, 2) or fd in ours:
             continue
         try:
             mode = os.fstat(fd)
@@ -316,7 +339,16 @@ def _open_descriptors(control: int) -> list[tuple[int, str]]:
             found.append((fd, f"a device ({target})"))
         elif target.startswith("anon_inode:"):
             found.append((fd, f"an {target}"))
+        elif stat.S_ISFIFO(mode.st_mode) and _read_only(fd):
+            found.append((fd, "the reading end of a pipe"))
     return found
+
+
+def _read_only(fd: int) -> bool:
+    try:
+        return fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+    except OSError:
+        return False
 
 
 def _flush() -> None:
@@ -360,13 +392,30 @@ def _run(kind: str, target: str, args: list[str]) -> None:
     runpy.run_path(target, run_name="__main__")
 
 
+def _model_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """A traceback without its first frames, the launcher's and runpy's: the model's own
+    frames, as `python script.py` prints them."""
+    ours = {os.path.realpath(__file__), os.path.realpath(runpy.__file__ or "")}
+    while tb is not None and tb.tb_next is not None:
+        name = tb.tb_frame.f_code.co_filename
+        if name not in ours and os.path.realpath(name) not in ours and name != "<frozen runpy>":
+            break
+        tb = tb.tb_next
+    return tb
+
+
 def main() -> None:
     control_fd, kind, target, *args = sys.argv[1:]
     control = socket.socket(fileno=int(control_fd))
     control.set_inheritable(False)
     template = _Template(control)
     _install_stdin(template)
-    _run(kind, target, args)
+    try:
+        _run(kind, target, args)
+    except Exception as exc:  # what Python does for an uncaught one, minus our frames
+        exc.__traceback__ = _model_frames(exc.__traceback__)  # what excepthook prints
+        sys.excepthook(type(exc), exc, exc.__traceback__)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

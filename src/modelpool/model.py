@@ -91,11 +91,16 @@ class StartFailed(Exception):
     str() is the whole story, for the log and /status; it may quote what the model
     printed before it was ready (no request has reached it then, so no user's data).
     `summary` leaves that out: it is what /healthz, open to anyone, may show.
+    `stderr`: the last stderr lines of the process that failed, when that process is
+    not the worker's own model (a --preload template), for the same reports.
     """
 
-    def __init__(self, message: str, summary: str | None = None) -> None:
+    def __init__(
+        self, message: str, summary: str | None = None, stderr: list[str] | None = None
+    ) -> None:
         super().__init__(message)
         self.summary = message if summary is None else summary
+        self.stderr = stderr or []
 
 
 class CommandNotRunnable(StartFailed):
@@ -908,10 +913,13 @@ async def open_model(
     reaper: Reaper,
     starter: ModelStarter | None = None,
     token: str | None = None,
+    takes_requests: bool = True,
 ) -> AsyncIterator[ModelProcess]:
     """Start a model (spawned, unless `starter` says otherwise); on the way out, close its
     stdin, give it `exit_grace`, then kill it. `token`: its containment token, if not a
-    new one (a preload template's has room for its children's, see preload.py)."""
+    new one (a preload template's has room for its children's, see preload.py).
+    `takes_requests` False (a preload template): how it waits between requests is not
+    learned, since it gets none."""
     token = token or reaper.new_token()
     starter = starter or Spawner(reaper)
     proc = await starter.start(config, name, token, model_environment(config, token))
@@ -924,7 +932,8 @@ async def open_model(
             nursery.start_soon(model._pump_stdout)
             nursery.start_soon(model._pump_stderr)
             nursery.start_soon(model._watch_exit)
-            nursery.start_soon(model._learn_waiting)
+            if takes_requests:
+                nursery.start_soon(model._learn_waiting)
             try:
                 yield model
             finally:

@@ -12,8 +12,9 @@ nothing happened.
 
 What can go wrong, and what happens then:
 - The model is not safe to fork at its fork point (threads, sockets, devices, an
-  epoll; or it never reads sys.stdin): the template says why, the pool logs it in one
-  WARNING line and shows it in /status, and this generation's models start plainly
+  epoll, a pipe it reads a helper's answers from; or it never reads sys.stdin): the
+  template says why, the pool logs it in one WARNING line and shows it in /status,
+  and this generation's models start plainly
   (`TemplateState.FALLBACK`). A process is never forked in an unsafe state.
 - The template fails to load: it is loaded again after the usual back-off, and model
   starts meanwhile fail as a plain start that failed would (the worker backs off).
@@ -200,6 +201,7 @@ class Template:
         self._ids = itertools.count(1)
         self._pending: dict[int, _Reply] = {}
         self._exits: dict[int, _ExitReport] = {}  # pid -> report, for this template's children
+        self._last_stderr: list[str] = []  # the last load's last stderr lines, for its failure
 
     # -- its life -----------------------------------------------------------------------
 
@@ -240,6 +242,7 @@ class Template:
             except* StartFailed as group:
                 exc = group.exceptions[0]
                 assert isinstance(exc, StartFailed)
+                exc.stderr = exc.stderr or self._last_stderr  # for the workers' reports
                 self.failure = exc
                 failed = True
                 log.error("%s failed to load: %s", self.name, exc)
@@ -259,13 +262,18 @@ class Template:
         """Load one template process and serve fork requests until it ends."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sock = trio.socket.from_stdlib_socket(ours)
+        self._last_stderr = []
+        loaded: ModelProcess | None = None
         try:
             command = parse_python_command(self.config.model_cmd).launched(theirs.fileno())
             config = replace(self.config, model_cmd=command)
             starter = Spawner(self._reaper, pass_fds=[theirs.fileno()])
             token = self._reaper.new_token().ljust(TEMPLATE_TOKEN_LENGTH, ".")
-            model_cm = open_model(config, self.name, self._reaper, starter, token)
+            model_cm = open_model(
+                config, self.name, self._reaper, starter, token, takes_requests=False
+            )
             async with model_cm as model:
+                loaded = model
                 theirs.close()
                 await model.wait_ready()
                 first = await self._fork_point(sock, model)
@@ -285,6 +293,8 @@ class Template:
                 )
                 await self._serve(sock)
         finally:
+            if loaded is not None:
+                self._last_stderr = loaded.stderr_tail
             self._sock, self._model = None, None
             sock.close()
             theirs.close()
@@ -401,7 +411,8 @@ class Template:
         if self.state is TemplateState.LOADING:
             raise StartFailed(f"{name} failed to start: {self.name} not loaded within {within:g} s")
         if self.failure is not None:
-            raise type(self.failure)(f"{name} failed to start: {self.failure}")
+            failure = self.failure
+            raise type(failure)(f"{name} failed to start: {failure}", stderr=failure.stderr)
         raise StartFailed(f"{name} failed to start: {self.name} is {self.state}")
 
     async def fork(self, name: str, token: str) -> ForkedProcess:
@@ -547,6 +558,8 @@ class Preloader:
         except StartFailed:
             template.stop()
             del self.templates[generation]
+            if template.failure is not None:  # its own words, not wrapped in its name again
+                raise template.failure from None
             raise
         return template
 

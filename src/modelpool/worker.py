@@ -125,8 +125,11 @@ class Worker:
         return self.failing_since
 
     def memory_mib(self) -> float | None:
-        """What its current model holds, for --model-max-rss (see ModelHandle.memory_mib)."""
-        return None if self._model is None else self._model.proc.memory_mib()
+        """What its current model holds, for --model-max-rss (see ModelHandle.memory_mib).
+
+        Called from a thread (see Operations.watch_memory): the model is read once."""
+        model = self._model
+        return None if model is None else model.proc.memory_mib()
 
     def busy_seconds(self) -> float:
         """Seconds this worker's models have spent computing, the current request included."""
@@ -245,7 +248,8 @@ class Worker:
                     raise ModelCommandError(str(exc)) from exc
                 started = self._model
                 summary = exc.summary if isinstance(exc, StartFailed) else None
-                self._failed_on_its_own("start_failed", str(exc), started, summary)
+                stderr = exc.stderr if isinstance(exc, StartFailed) else []
+                self._failed_on_its_own("start_failed", str(exc), started, summary, stderr)
                 if not self.trial and self._pool.first_start_failed(self):
                     raise FirstStartFailed(self._first_start_verdict(exc, started)) from exc
                 log.error("%s%s", exc, "" if started is None else started.stderr_note())
@@ -269,7 +273,7 @@ class Worker:
             f"{exc}; every model failed to start and none was ever ready "
             f"(--keep-trying keeps restarting them); command: {command}"
         )
-        tail = [] if model is None else model.stderr_tail
+        tail = model.stderr_tail if model is not None else getattr(exc, "stderr", [])
         if not tail:
             return f"{verdict}; it printed nothing on stderr"
         lines = [
@@ -463,12 +467,13 @@ class Worker:
         detail: str,
         model: ModelProcess | None = None,
         summary: str | None = None,
+        stderr: list[str] | None = None,
     ) -> None:
         """Count a failure towards the back-off and the pool's health."""
         self._failures_in_a_row += 1
         if self.failing_since is None:
             self.failing_since = trio.current_time()
-        self._record(reason, detail, None, model, summary)
+        self._record(reason, detail, None, model, summary, stderr)
 
     def _record(
         self,
@@ -477,10 +482,13 @@ class Worker:
         request_id: str | None,
         model: ModelProcess | None,
         summary: str | None = None,
+        stderr: list[str] | None = None,
     ) -> None:
         """Keep the last failure for /status: the one place a model's stderr is shown.
 
-        `summary` is the detail without what the model printed, for /healthz.
+        `summary` is the detail without what the model printed, for /healthz. `stderr`
+        is that of the process that failed when it was not this worker's model (a
+        --preload template that could not load).
         """
         self._restart_reason = reason
         self.failure_summary = detail if summary is None else summary
@@ -491,5 +499,5 @@ class Worker:
             "request_id": request_id,
             "pid": None if model is None else model.pid,
             "exit_code": None if model is None else model.proc.returncode,
-            "stderr": [] if model is None else model.stderr_tail,
+            "stderr": model.stderr_tail if model is not None else (stderr or []),
         }
