@@ -19,7 +19,10 @@ from modelpool import PoolConfig, open_pool
 from modelpool.operations import CHANGE_AT_ONCE
 
 PROBE = Path(__file__).parent / "shrink_probe.py"
-SHRINK_STALL = 0.05  # seconds; a quiet machine stays near 10 ms, the old code took 0.1 s to 5 s
+# Longest turn of the loop while shrinking to 2, by pool size. A quiet machine stays near
+# 10 ms; a busy one, with Python's collector walking the heap of 1024 workers (some
+# 65 ms a pass), reached 57 ms. The old code took 0.13-0.4 s at 256 and 4.6-12.8 s at 1024.
+SHRINK_STALL = {256: 0.1, 1024: 0.25}
 START_STALL = 0.25  # 1024 models: about 50 ms on a quiet machine, the old code over 0.5 s
 
 
@@ -32,7 +35,7 @@ async def test_starting_and_shrinking_a_big_pool_never_stalls_the_event_loop(
     )
     figures = json.loads(done.stdout.decode().strip().splitlines()[-1])
     assert figures["size"] == 2
-    assert figures["stall"] < SHRINK_STALL, figures
+    assert figures["stall"] < SHRINK_STALL[size], figures
     if size == 1024:
         assert figures["start_stall"] < START_STALL, figures
 
