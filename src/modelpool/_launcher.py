@@ -38,7 +38,15 @@ Messages on the control socket (SOCK_SEQPACKET, one JSON object each):
                  {"event": "forked", "id": N, "pid": P}              + the child's pidfd
                  {"event": "fork_failed", "id": N, "error": "...", "unsafe": B}
                  {"event": "exited", "pid": P, "status": S}          (S as subprocess's)
-  from the pool  {"op": "fork", "id": N, "token": "..."}           + stdin, stdout, stderr
+  from the pool  {"op": "fork", "id": N, "token": "...", "env": {...}}
+                                                            + stdin, stdout, stderr
+
+A fork request's "env" is how the child's environment differs from the template's
+(with --devices, its device: {"MODELPOOL_DEVICE": "1", "CUDA_VISIBLE_DEVICES": "1"};
+null unsets a variable). The child sets it in os.environ, and so in the C library's
+environment, before the model's code runs again: what CUDA and its kin read when they
+first touch a device. Unlike the token, it is not written where /proc/PID/environ
+shows it: a child's initial environment stays the template's.
 
 The template leaves template mode when its stdin closes (the pool stops it) or the
 control socket does (the pool is gone): its read then returns end-of-file, and the
@@ -183,6 +191,7 @@ class _Template:
         request = json.loads(message)
         ident = request.get("id")
         token = str(request.get("token", "")).encode()
+        env = request.get("env") or {}
         error = self.unsafe()
         if error is not None:
             for fd in fds:
@@ -193,6 +202,8 @@ class _Template:
             error = f"the request carried {len(fds)} file descriptors, not 3"
         if error is None and not 0 < len(token) <= self.env.length:
             error = f"the token is {len(token)} bytes long, the room for it {self.env.length}"
+        if error is None:
+            error = _env_problem(env)
         if error is not None:
             for fd in fds:
                 os.close(fd)
@@ -210,7 +221,7 @@ class _Template:
             self.send({"event": "fork_failed", "id": ident, "error": f"fork: {exc}"})
             return False
         if pid == 0:
-            self._become_child(fds, token.decode())
+            self._become_child(fds, token.decode(), env)
             return True
         self.env.write(self.env.original)
         for fd in fds:
@@ -223,8 +234,9 @@ class _Template:
             os.close(pidfd)
         return False
 
-    def _become_child(self, fds: list[int], token: str) -> None:
-        """In the child: a session of its own, its own stdio, nothing of the template's."""
+    def _become_child(self, fds: list[int], token: str, env: dict[str, str | None]) -> None:
+        """In the child: a session of its own, its own stdio and environment changes,
+        nothing of the template's."""
         os.setsid()
         self._restore_signals()
         self.control.close()
@@ -235,6 +247,11 @@ class _Template:
         for fd in fds:
             os.close(fd)
         os.environ[TOKEN_VAR] = token  # the initial environment has it already (see above)
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
         self.children.clear()
 
     def _reap(self) -> None:
@@ -296,6 +313,18 @@ class _Stdin(io.RawIOBase):
         if self._template.closed:
             return 0
         return os.readv(0, [buffer])
+
+
+def _env_problem(env: object) -> str | None:
+    """Why a fork request's environment changes cannot be made, or None."""
+    if not isinstance(env, dict):
+        return f"its env is {type(env).__name__}, not an object"
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key or key == TOKEN_VAR:
+            return f"its env names a variable that cannot be set: {key!r}"
+        if value is not None and (not isinstance(value, str) or "\0" in value):
+            return f"its env gives {key} a value that is not text: {value!r}"
+    return None
 
 
 def _open_descriptors(control: int) -> list[tuple[int, str]]:

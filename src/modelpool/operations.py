@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from . import devices
 from .config import ConfigError
 from .model import StartFailed
 from .reaper import descendants
@@ -188,7 +189,9 @@ class Operations:
         """Grow by starting new workers (answer once they are ready) or shrink by retiring.
 
         Shrinking retires workers that are restarting or starting first, then idle
-        ones, then busy ones, which finish their request first.
+        ones, then busy ones, which finish their request first; with --devices, each
+        from a device that has the most workers, so the spread stays even (a grow gives
+        new workers the devices with the fewest, see devices.py).
 
         A resize takes the surge lock for its whole run. A recycle's surge in flight
         would otherwise add its replacement after the resize counted, and replace a
@@ -226,7 +229,9 @@ class Operations:
                     log.error("resize stopped: %s", detail)
                     raise OperationFailed(detail, report)
             elif workers < before:
-                chosen = sorted(serving, key=_retire_order)[: before - workers]
+                chosen = devices.to_retire(
+                    serving, before - workers, lambda w: w.device, _retire_order
+                )
                 retired.extend({"worker": w.index, "pid": w.pid} for w in chosen)
                 await _retire_in_waves(chosen, "resize")
             report["seconds"] = round(time.monotonic() - started, 3)
@@ -284,7 +289,7 @@ class Operations:
         async with self._surge:
             if old.retiring is not None or pool.closing:
                 return {"replaced": old.index, "skipped": "already retiring or shutting down"}
-            new = pool.add_worker(config, generation, trial=True)
+            new = pool.add_worker(config, generation, trial=True, device=old.device)
             await _first_model(new)
             if not new.became_ready.is_set():
                 failure = new.start_failure or "stopped before it was ready (shutting down)"

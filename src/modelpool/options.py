@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any
 
-from .config import ConfigError, MiB, PoolConfig, ServerConfig, redact_url, split_command
+from .config import (
+    ConfigError,
+    MiB,
+    PoolConfig,
+    ServerConfig,
+    redact_url,
+    split_command,
+    split_devices,
+)
 from .logs import FORMATS
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -72,6 +80,11 @@ def command(text: str) -> list[str]:
         return split_command(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def device_list(text: str) -> tuple[str, ...] | None:
+    """Device ids separated by commas; each is checked by PoolConfig."""
+    return split_devices(text)
 
 
 def schema_file(text: str) -> dict[str, Any]:
@@ -327,6 +340,23 @@ OPTIONS = [
         "pool.preload",
     ),
     Option(
+        "--devices",
+        device_list,
+        None,
+        "device ids separated by commas (0,1 or GPU-<uuid>,MIG-<uuid>): each worker gets "
+        "one, in turn, as TorchServe does, and its models get it as MODELPOOL_DEVICE and "
+        "as --device-env; a worker keeps its device across restarts, reloads and recycling",
+        "pool.devices",
+    ),
+    Option(
+        "--device-env",
+        text_value,
+        "CUDA_VISIBLE_DEVICES",
+        "with --devices: the variable that also carries a model's device "
+        "(HIP_VISIBLE_DEVICES for ROCm, ...); empty: MODELPOOL_DEVICE only",
+        "pool.device_env",
+    ),
+    Option(
         "--api-key",
         text_value,
         None,
@@ -541,6 +571,10 @@ def _from_toml(option: Option, raw: Any) -> Any:
         if not raw or not all(isinstance(word, str) for word in raw):
             raise argparse.ArgumentTypeError("must be a list of strings naming a program")
         return raw
+    if option.convert is device_list and isinstance(raw, list):
+        if not all(isinstance(word, str | int) and not isinstance(word, bool) for word in raw):
+            raise argparse.ArgumentTypeError("must be a list of device ids, as [0, 1]")
+        return tuple(str(word) for word in raw) or None
     if isinstance(raw, bool) or not isinstance(raw, str | int | float):
         raise argparse.ArgumentTypeError(f"must be a string or a number, got {raw!r}")
     return option.convert(str(raw))
