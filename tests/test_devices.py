@@ -38,6 +38,11 @@ def serving(pool: Pool) -> list[Any]:
     return [w for w in pool.workers if w.retiring is None]
 
 
+def initial_environ(pid: int | None) -> list[str]:
+    """The environment a process started with, as the kernel shows it."""
+    return Path(f"/proc/{pid}/environ").read_bytes().decode().split("\0")
+
+
 def spread(pool: Pool) -> dict[str | None, int]:
     return dict(collections.Counter(w.device for w in serving(pool)))
 
@@ -80,8 +85,7 @@ async def test_workers_get_the_devices_in_turn_and_their_models_see_them() -> No
         assert [w["device"] for w in status] == ["0", "1", "0", "1"]
         assert [w["device"] for w in pool.node_status()["workers"]] == ["0", "1", "0", "1"]
         for worker in pool.workers:  # a spawned model's initial environment says so too
-            environ = Path(f"/proc/{worker.pid}/environ").read_bytes().split(b"\0")
-            assert f"MODELPOOL_DEVICE={worker.device}".encode() in environ
+            assert f"MODELPOOL_DEVICE={worker.device}" in initial_environ(worker.pid)
         info = {"generation": "1", "model_cmd": " ".join(MODEL)}
         for worker in pool.workers:
             labels = {**info, "worker": str(worker.index), "device": worker.device}
