@@ -122,16 +122,25 @@ async def test_a_reload_gives_each_new_worker_the_device_of_the_one_it_replaces(
         assert_models_see_their_devices(pool, await ask_every_worker(pool))
 
 
-async def test_recycling_keeps_each_device_its_share() -> None:
+async def test_a_recycled_workers_replacement_takes_over_its_device() -> None:
+    """--max-requests 1: each answer retires its worker for a new one, one at a time here,
+    so each step shows which worker replaced which."""
     async with open_pool(device_config(max_requests=1)) as pool:
-        first = await ask_every_worker(pool)  # each model's one answer: all are recycled
-        originals = set(first)
+        await pool.wait_ready()
+        for _ in range(4):
+            before = {w.index: w.device for w in pool.workers}
+            pids = {w.pid: w.index for w in pool.workers}
+            answer = await pool.predict({})
+            answered = pids[answer["pid"]]
+            assert answer["env"]["MODELPOOL_DEVICE"] == before[answered]
 
-        def recycled() -> bool:
-            indexes = {w.index for w in pool.workers}
-            return not indexes & originals and sum(w.ready for w in pool.workers) == 4
+            def replaced(answered: int = answered, before: dict = before) -> bool:
+                indexes = {w.index for w in pool.workers}
+                return answered not in indexes and len(indexes - set(before)) == 1
 
-        await wait_until(recycled, 30, "every worker recycled")
+            await wait_until(replaced, 20, f"worker {answered} recycled")
+            (new,) = [w for w in pool.workers if w.index not in before]
+            assert new.device == before[answered], (before, new.index, new.device)
         assert spread(pool) == {"0": 2, "1": 2}
         assert_models_see_their_devices(pool, await ask_every_worker(pool))
 
@@ -148,7 +157,7 @@ async def test_a_resize_keeps_the_spread_even_both_ways() -> None:
 
         async with trio.open_nursery() as nursery:
             for _ in range(4):  # device 1's two models are busy for 2 s, device 0's idle
-                nursery.start_soon(hold, {"sleep": 2.0, "sleep_on": "1"})
+                nursery.start_soon(hold, {"sleep": 2.0, "sleep_on": ["1"]})
             await wait_until(lambda: len(outcomes) == 2, 10, "device 0's answers")
             assert {w.device for w in pool.workers if w.state == "busy"} == {"1"}
             report = await pool.operations.scale(2)
@@ -157,6 +166,26 @@ async def test_a_resize_keeps_the_spread_even_both_ways() -> None:
         assert spread(pool) == {"0": 1, "1": 1}
         await pool.operations.scale(5)
         assert spread(pool) == {"0": 3, "1": 2}
+        assert_models_see_their_devices(pool, await ask_every_worker(pool))
+
+
+async def test_a_grow_after_a_shrink_fills_the_device_left_empty() -> None:
+    """Not the next device in a round-robin's turn: the one with the fewest workers."""
+    async with open_pool(device_config(workers=3, devices="0,1,2")) as pool:
+        await pool.wait_ready()
+        outcomes: list[dict] = []
+
+        async def hold(request: dict) -> None:
+            outcomes.append(await pool.predict(request))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):  # devices 0 and 2 busy: the idle one, on 1, is retired
+                nursery.start_soon(hold, {"sleep": 1.5, "sleep_on": ["0", "2"]})
+            await wait_until(lambda: len(outcomes) == 1, 10, "device 1's answer")
+            await pool.operations.scale(2)
+            assert spread(pool) == {"0": 1, "2": 1}
+            await pool.operations.scale(3)
+        assert spread(pool) == {"0": 1, "1": 1, "2": 1}
         assert_models_see_their_devices(pool, await ask_every_worker(pool))
 
 

@@ -4,7 +4,7 @@ variables as os.environ and the C library (what CUDA reads) see them now, what t
 while it loaded (under --preload: in the template), and its pid.
 
 {"sleep": S} holds the answer S seconds, so concurrent requests reach every worker;
-with "sleep_on": D, only a model on device D sleeps.
+with "sleep_on": [D, ...], only a model on one of those devices sleeps.
 DEVICE_UNSAFE=1 keeps a character device open from its load on, as a CUDA model does
 (/dev/ptmx here: /dev/nvidia* does not exist on a machine with no GPU).
 """
@@ -32,9 +32,8 @@ if os.environ.get("DEVICE_UNSAFE"):
 print("ready: Model-initialized")
 for line in sys.stdin:
     request = json.loads(line)
-    if request.get("sleep_on", os.environ.get("MODELPOOL_DEVICE")) == os.environ.get(
-        "MODELPOOL_DEVICE"
-    ):
+    device = os.environ.get("MODELPOOL_DEVICE")
+    if device in request.get("sleep_on", [device]):
         time.sleep(request.get("sleep", 0))
     answer = {
         "pid": os.getpid(),
