@@ -22,6 +22,7 @@ from modelpool import PoolConfig, open_pool
 from modelpool.config import ConfigError
 from modelpool.options import parse
 from modelpool.pool import Pool
+from modelpool.reaper import token_of
 from serverproc import server_process, wait_listening, wait_ready
 
 MODEL = hostile("device_env.py")
@@ -201,6 +202,7 @@ async def test_device_env_names_the_variable_and_other_variables_pass_untouched(
                 "MODELPOOL_DEVICE": device,
                 "HIP_VISIBLE_DEVICES": device,
                 "CUDA_VISIBLE_DEVICES": "7",
+                "MODELPOOL_ENV_ROOM": None,
             }
             assert answer["env"] == expected
     async with open_pool(device_config(workers=2, device_env="")) as pool:
@@ -234,8 +236,21 @@ async def test_preload_each_forked_child_gets_its_own_device() -> None:
         for answer in answers.values():
             assert answer["loaded_with"]["MODELPOOL_DEVICE"] is None  # the template's
             assert answer["loaded_with"]["CUDA_VISIBLE_DEVICES"] == ""
+            assert answer["loaded_with"]["MODELPOOL_ENV_ROOM"] is None  # the launcher's
+            assert answer["env"]["MODELPOOL_ENV_ROOM"] is None
         template = pool.status()["template"]
         assert template is not None and template["state"] == "ready"
+        seen = [e for e in initial_environ(template["pid"]) if "DEVICE" in e]
+        assert seen == ["CUDA_VISIBLE_DEVICES="]
+        for worker in pool.workers:  # the kernel's view of a child is its own too
+            environ = initial_environ(worker.pid)
+            mine = [e for e in environ if "DEVICE" in e or e.startswith("MODELPOOL_")]
+            token = [e for e in mine if e.startswith("MODELPOOL_MODEL=")]
+            assert len(token) == 1 and token_of(worker.pid) == token[0].partition("=")[2]
+            assert sorted(e for e in mine if e not in token) == [
+                f"CUDA_VISIBLE_DEVICES={worker.device}",
+                f"MODELPOOL_DEVICE={worker.device}",
+            ], mine
         victim = pool.workers[1]
         old_pid = victim.pid
         assert old_pid is not None

@@ -16,8 +16,8 @@ workers from the devices that have the most, so the spread stays even both ways.
 A --preload template is given no device: MODELPOOL_DEVICE is unset and the device
 variable is empty (CUDA reads that as no device at all). Each child forked from it is
 given its worker's device in its os.environ right after the fork, before the model's
-code runs again (see _launcher.py); a model that touches a device only at its first
-request then initialises it on its own device.
+code runs again, and where /proc/PID/environ shows it (see _launcher.py); a model that
+touches a device only at its first request then initialises it on its own device.
 """
 
 from __future__ import annotations
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
     from .config import PoolConfig
 
 DEVICE_VAR = "MODELPOOL_DEVICE"
+ROOM_VAR = "MODELPOOL_ENV_ROOM"  # as _launcher.py's: room for a forked child's variables
+ROOM = 512  # bytes of it: MODELPOOL_DEVICE and a device variable fit, however long
+# config.py lets a device id (128) and a variable's name (128) be
 
 W = TypeVar("W")
 
@@ -38,12 +41,15 @@ def variables(config: PoolConfig, device: str | None) -> dict[str, str]:
     """What a model's environment says of its device; {} without --devices.
 
     `device` None is a --preload template's: no device (the variable empty, so the
-    template sees none rather than every device the service sees).
+    template sees none rather than every device the service sees), and ROOM_VAR, which
+    the launcher hides from the model and each child writes its own variables over
+    (see _launcher.py's _EnvTail). They go last in the environment (model_environment).
     """
     if not config.devices:
         return {}
     if device is None:
-        return {} if config.device_env is None else {config.device_env: ""}
+        blank = {} if config.device_env is None else {config.device_env: ""}
+        return {**blank, ROOM_VAR: "." * ROOM}
     found = {DEVICE_VAR: device}
     if config.device_env is not None:
         found[config.device_env] = device

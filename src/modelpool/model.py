@@ -877,9 +877,11 @@ def model_environment(config: PoolConfig, token: str, device: str | None = None)
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(HIDDEN_VARIABLES)}
     env.update(config.env or {})
-    env.update(devices.variables(config, device))
     env["PYTHONUNBUFFERED"] = "1"
     env[TOKEN_VAR] = token
+    for key, value in devices.variables(config, device).items():
+        env.pop(key, None)  # last, in order: a forked child rewrites them (_launcher.py)
+        env[key] = value
     return env
 
 

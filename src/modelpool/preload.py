@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .devices import ROOM_VAR
 from .model import StartFailed, open_model
 from .pycommand import parse_python_command
 from .reaper import TOKEN_VAR, descendants
@@ -66,6 +67,7 @@ FORK_TIMEOUT = 5.0  # seconds a template gets to answer a fork request
 REPORT_WAIT = 2.0  # seconds the template gets to report how a child of its ended
 MAX_MESSAGE = 64 * 1024
 HEALTHY_UPTIME = 30.0  # a template that served this long ends a run of failures
+OWN_VARIABLES = (TOKEN_VAR, ROOM_VAR)  # the launcher's business, in no fork request
 TEMPLATE_TOKEN_LENGTH = 64
 """Characters of a template's containment token: room for any child's token.
 
@@ -411,14 +413,16 @@ class Template:
     def env_changes(self, env: dict[str, str]) -> dict[str, str | None]:
         """How a child's environment (`env`, what a plain start would get) differs from
         the template's: its device (see devices.py), set in the child's os.environ right
-        after the fork. None unsets a variable. The token is written apart (_launcher.py).
+        after the fork. None unsets a variable. The token is written apart, and the room
+        is the launcher's (see _launcher.py).
         """
         changes: dict[str, str | None] = {
             key: value
             for key, value in env.items()
-            if self._env.get(key) != value and key != TOKEN_VAR
+            if self._env.get(key) != value and key not in OWN_VARIABLES
         }
-        changes.update({key: None for key in self._env if key not in env and key != TOKEN_VAR})
+        gone = [key for key in self._env if key not in env and key not in OWN_VARIABLES]
+        changes.update(dict.fromkeys(gone))
         return changes
 
     async def fork(

@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-NAMES = ("MODELPOOL_DEVICE", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES")
+NAMES = ("MODELPOOL_DEVICE", "CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "MODELPOOL_ENV_ROOM")
 libc = ctypes.CDLL(None)
 libc.getenv.restype = ctypes.c_char_p
 
