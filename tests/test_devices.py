@@ -118,7 +118,7 @@ async def test_a_reload_gives_each_new_worker_the_device_of_the_one_it_replaces(
         assert len(report["workers"]) == 4
         after = {w.index: w.device for w in pool.workers}
         for step in report["workers"]:
-            assert after[step["by"]] == before[step["replaced"]], report
+            assert after[step["by"]] == before[step["replaced"]] == step["device"], report
         assert spread(pool) == {"0": 2, "1": 2}
         assert_models_see_their_devices(pool, await ask_every_worker(pool))
 
@@ -163,9 +163,10 @@ async def test_a_resize_keeps_the_spread_even_both_ways() -> None:
             assert {w.device for w in pool.workers if w.state == "busy"} == {"1"}
             report = await pool.operations.scale(2)
         assert len(outcomes) == 4
-        assert len(report["retired"]) == 2
+        assert sorted(step["device"] for step in report["retired"]) == ["0", "1"]
         assert spread(pool) == {"0": 1, "1": 1}
-        await pool.operations.scale(5)
+        report = await pool.operations.scale(5)
+        assert [step["device"] for step in report["added"]] == ["0", "1", "0"]
         assert spread(pool) == {"0": 3, "1": 2}
         assert_models_see_their_devices(pool, await ask_every_worker(pool))
 
@@ -188,6 +189,13 @@ async def test_a_grow_after_a_shrink_fills_the_device_left_empty() -> None:
             await pool.operations.scale(3)
         assert spread(pool) == {"0": 1, "1": 1, "2": 1}
         assert_models_see_their_devices(pool, await ask_every_worker(pool))
+
+
+async def test_fewer_workers_than_devices_is_warned_of(caplog: pytest.LogCaptureFixture) -> None:
+    async with open_pool(device_config(workers=1, devices="0,1,2")) as pool:
+        await pool.wait_ready()
+        assert [w.device for w in pool.workers] == ["0"]
+    assert "--devices names 3 devices but --workers is 1: no model runs on 1, 2" in caplog.text
 
 
 async def test_device_env_names_the_variable_and_other_variables_pass_untouched(

@@ -218,7 +218,7 @@ class Operations:
                 for worker in trials:
                     if worker.became_ready.is_set():
                         worker.trial = False  # from now on it restarts like any other
-                        added.append({"worker": worker.index, "pid": worker.pid})
+                        added.append(_entry(worker))
                     else:
                         failure = worker.start_failure or "stopped before it was ready"
                         failed.append(failure)
@@ -232,7 +232,7 @@ class Operations:
                 chosen = devices.to_retire(
                     serving, before - workers, lambda w: w.device, _retire_order
                 )
-                retired.extend({"worker": w.index, "pid": w.pid} for w in chosen)
+                retired.extend(_entry(w) for w in chosen)
                 await _retire_in_waves(chosen, "resize")
             report["seconds"] = round(time.monotonic() - started, 3)
             log.info("resize to %d worker(s) done in %.1f s", workers, report["seconds"])
@@ -296,6 +296,8 @@ class Operations:
                 return {"replaced": old.index, "by": new.index, "failed": failure}
             new.trial = False
             step = {"replaced": old.index, "old_pid": old.pid, "by": new.index, "pid": new.pid}
+            if new.device is not None:
+                step["device"] = new.device
             pool.metrics.restarts.labels(reason=reason).inc()
             old.retire(reason)
             await old.ended.wait()  # its request finishes; then one extra model at most
@@ -360,6 +362,14 @@ async def _retire_in_waves(workers: list[Worker], reason: str) -> None:
         for worker in workers:
             await slots.acquire()
             nursery.start_soon(retire, worker)
+
+
+def _entry(worker: Worker) -> dict[str, Any]:
+    """A worker in a resize's report: its id, pid and, with --devices, its device."""
+    entry: dict[str, Any] = {"worker": worker.index, "pid": worker.pid}
+    if worker.device is not None:
+        entry["device"] = worker.device
+    return entry
 
 
 def _retire_order(worker: Worker) -> int:

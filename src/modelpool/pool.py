@@ -91,6 +91,14 @@ class Pool:
             from .preload import Preloader
 
             self.preloader = Preloader(self)  # loads a template once a model is asked for
+        if config.devices and 0 < config.workers < len(config.devices):
+            idle = ", ".join(config.devices[config.workers :])
+            log.warning(
+                "--devices names %d devices but --workers is %d: no model runs on %s",
+                len(config.devices),
+                config.workers,
+                idle,
+            )
         for _ in range(config.workers):
             self.add_worker()
 
