@@ -9,6 +9,7 @@ CUDA reads) see it, so every test checks what a real model would get.
 from __future__ import annotations
 
 import collections
+import importlib.util
 import os
 import signal
 from pathlib import Path
@@ -20,9 +21,11 @@ import trio
 from conftest import hostile, wait_until
 from modelpool import PoolConfig, open_pool
 from modelpool.config import ConfigError
+from modelpool.devices import ROOM_VAR
 from modelpool.options import parse
 from modelpool.pool import Pool
-from modelpool.reaper import token_of
+from modelpool.pycommand import LAUNCHER
+from modelpool.reaper import TOKEN_VAR, token_of
 from serverproc import server_process, wait_listening, wait_ready
 
 MODEL = hostile("device_env.py")
@@ -269,6 +272,24 @@ async def test_preload_each_forked_child_gets_its_own_device() -> None:
         assert_models_see_their_devices(pool, answers)
 
 
+async def test_preload_with_no_device_variable_children_get_modelpool_device_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")  # --device-env "": the service's, as is
+    config = device_config(workers=2, preload=True, device_env="", devices="GPU-a,GPU-b")
+    async with open_pool(config) as pool:
+        answers = await ask_every_worker(pool)
+        devices = {w.index: w.device for w in pool.workers}
+        for index, answer in answers.items():
+            assert answer["env"]["MODELPOOL_DEVICE"] == devices[index]
+            assert answer["c_env"]["MODELPOOL_DEVICE"] == devices[index]
+            assert answer["env"]["CUDA_VISIBLE_DEVICES"] == "5"
+            assert answer["loaded_with"]["CUDA_VISIBLE_DEVICES"] == "5"
+        for worker in pool.workers:
+            mine = [e for e in initial_environ(worker.pid) if "DEVICE" in e]
+            assert sorted(mine) == ["CUDA_VISIBLE_DEVICES=5", f"MODELPOOL_DEVICE={worker.device}"]
+
+
 async def test_preload_a_model_that_opens_a_device_while_loading_starts_plainly() -> None:
     """Such a model is not safe to fork: the launcher sees the device open, and the
     models start plainly, each with its device from its first instant."""
@@ -347,3 +368,17 @@ def test_devices_from_every_source(tmp_path: Path) -> None:
     assert PoolConfig(devices="").devices is None
     with pytest.raises(ConfigError, match="devices"):
         PoolConfig(devices=[0, 1])  # type: ignore[list-item]
+
+
+def test_the_launcher_refuses_environment_changes_it_cannot_make() -> None:
+    """The launcher runs by path, without modelpool: it keeps its own copies of the names."""
+    spec = importlib.util.spec_from_file_location("launcher", LAUNCHER)
+    assert spec is not None and spec.loader is not None
+    launcher = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(launcher)
+    assert launcher.ROOM_VAR == ROOM_VAR and launcher.TOKEN_VAR == TOKEN_VAR
+    assert launcher._env_problem({"MODELPOOL_DEVICE": "0", "GONE": None}) is None
+    assert "cannot be set" in launcher._env_problem({TOKEN_VAR: "x"})
+    assert "cannot be set" in launcher._env_problem({"A=B": "x"})
+    assert "not text" in launcher._env_problem({"A": 1})
+    assert "not an object" in launcher._env_problem(["A"])
