@@ -82,11 +82,6 @@ def command(text: str) -> list[str]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def device_list(text: str) -> tuple[str, ...] | None:
-    """Device ids separated by commas; each is checked by PoolConfig."""
-    return split_devices(text)
-
-
 def schema_file(text: str) -> dict[str, Any]:
     from .schema import load_schema  # jsonschema only for those who use it
 
@@ -341,11 +336,14 @@ OPTIONS = [
     ),
     Option(
         "--devices",
-        device_list,
+        split_devices,  # each id is checked by PoolConfig
         None,
         "device ids separated by commas (0,1 or GPU-<uuid>,MIG-<uuid>): each worker gets "
-        "one, in turn, as TorchServe does, and its models get it as MODELPOOL_DEVICE and "
-        "as --device-env; a worker keeps its device across restarts, reloads and recycling",
+        "one, in turn (as TorchServe does; a new worker the one with the fewest), and its "
+        "models get it as MODELPOOL_DEVICE and as --device-env; a worker keeps its device "
+        "across restarts, and its replacements (reload, recycling) take it over. With "
+        "--preload the template sees no device: a model must touch its device at its "
+        "first request, not while it loads",
         "pool.devices",
     ),
     Option(
@@ -571,7 +569,7 @@ def _from_toml(option: Option, raw: Any) -> Any:
         if not raw or not all(isinstance(word, str) for word in raw):
             raise argparse.ArgumentTypeError("must be a list of strings naming a program")
         return raw
-    if option.convert is device_list and isinstance(raw, list):
+    if option.convert is split_devices and isinstance(raw, list):
         if not all(isinstance(word, str | int) and not isinstance(word, bool) for word in raw):
             raise argparse.ArgumentTypeError("must be a list of device ids, as [0, 1]")
         return tuple(str(word) for word in raw) or None

@@ -20,8 +20,8 @@ What can go wrong, and what happens then:
 - The template dies while its children serve: they serve on. It is loaded again in the
   background, and replacements fork from the new one once it is ready.
 - A child's environment is the template's, with its own token and, with --devices,
-  its worker's device set in its os.environ by the launcher right after the fork (the
-  template itself has none, see devices.py).
+  its worker's device, set by the launcher right after the fork in its os.environ and
+  where /proc/PID/environ shows it (the template itself has none, see devices.py).
 - A child's exit: its pidfd tells the moment; its status comes from the template,
   which reaps its children and reports, or from waitid if the service adopted the child
   as a subreaper after the template died. If neither can tell, the status is unknown,
