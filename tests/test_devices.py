@@ -29,7 +29,7 @@ from modelpool.reaper import TOKEN_VAR, token_of
 from serverproc import server_process, wait_listening, wait_ready
 
 MODEL = hostile("device_env.py")
-HOLD = 0.3  # seconds each model holds a request, so that every worker gets one
+HOLD = 0.5  # seconds each model holds a request, so that every worker gets one
 
 
 def device_config(**overrides: object) -> PoolConfig:
@@ -51,10 +51,17 @@ def spread(pool: Pool) -> dict[str | None, int]:
     return dict(collections.Counter(w.device for w in serving(pool)))
 
 
+async def all_idle(pool: Pool) -> None:
+    """Every worker waits for a job: requests sent now go one to each, in the order the
+    workers started waiting (the queue hands a job to a waiting worker at once)."""
+    await pool.wait_ready()
+    await wait_until(lambda: all(w.state == "idle" for w in pool.workers), 20, "all idle")
+
+
 async def ask_every_worker(pool: Pool) -> dict[int, dict]:
     """Each serving worker's model's answer, by worker id: one request per worker at once,
     each held HOLD seconds, so no worker can take two."""
-    await pool.wait_ready()
+    await all_idle(pool)
     workers = serving(pool)
     answers: list[dict] = []
 
@@ -153,7 +160,7 @@ async def test_a_resize_keeps_the_spread_even_both_ways() -> None:
     """Shrinking retires from the device with the most workers, even when the cheap
     (idle) ones are all on one device; growing fills the device with the fewest."""
     async with open_pool(device_config()) as pool:
-        await pool.wait_ready()
+        await all_idle(pool)
         outcomes: list[dict] = []
 
         async def hold(request: dict) -> None:
@@ -177,7 +184,7 @@ async def test_a_resize_keeps_the_spread_even_both_ways() -> None:
 async def test_a_grow_after_a_shrink_fills_the_device_left_empty() -> None:
     """Not the next device in a round-robin's turn: the one with the fewest workers."""
     async with open_pool(device_config(workers=3, devices="0,1,2")) as pool:
-        await pool.wait_ready()
+        await all_idle(pool)
         outcomes: list[dict] = []
 
         async def hold(request: dict) -> None:
