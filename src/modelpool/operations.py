@@ -295,7 +295,12 @@ class Operations:
                 failure = new.start_failure or "stopped before it was ready (shutting down)"
                 return {"replaced": old.index, "by": new.index, "failed": failure}
             new.trial = False
-            step = {"replaced": old.index, "old_pid": old.pid, "by": new.index, "pid": new.pid}
+            step: dict[str, Any] = {
+                "replaced": old.index,
+                "old_pid": old.pid,
+                "by": new.index,
+                "pid": new.pid,
+            }
             if new.device is not None:
                 step["device"] = new.device
             pool.metrics.restarts.labels(reason=reason).inc()
