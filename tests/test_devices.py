@@ -21,7 +21,7 @@ import trio
 from conftest import hostile, wait_until
 from modelpool import PoolConfig, open_pool
 from modelpool.config import ConfigError
-from modelpool.devices import ROOM_VAR
+from modelpool.devices import ROOM_VAR, to_retire
 from modelpool.options import parse
 from modelpool.pool import Pool
 from modelpool.pycommand import LAUNCHER
@@ -389,3 +389,13 @@ def test_the_launcher_refuses_environment_changes_it_cannot_make() -> None:
     assert "cannot be set" in launcher._env_problem({"A=B": "x"})
     assert "not text" in launcher._env_problem({"A": 1})
     assert "not an object" in launcher._env_problem(["A"])
+
+
+def test_a_shrink_takes_from_the_fullest_device_the_cheapest_first() -> None:
+    """(name, device, cost): device 0 has three, so it loses one first, its cheapest."""
+    workers = [("a", "0", 3), ("b", "0", 2), ("c", "0", 3), ("d", "1", 0), ("e", "1", 1)]
+    chosen = to_retire(workers, 3, lambda w: w[1], lambda w: w[2])
+    assert [w[0] for w in chosen] == ["b", "d", "a"]
+    plain = [(name, None, cost) for name, _, cost in workers]  # no devices: the cheapest
+    assert [w[0] for w in to_retire(plain, 3, lambda w: w[1], lambda w: w[2])] == ["d", "e", "b"]
+    assert len(to_retire(workers, 9, lambda w: w[1], lambda w: w[2])) == 5
