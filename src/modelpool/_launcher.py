@@ -39,7 +39,15 @@ Messages on the control socket (SOCK_SEQPACKET, one JSON object each):
                  {"event": "forked", "id": N, "pid": P}              + the child's pidfd
                  {"event": "fork_failed", "id": N, "error": "...", "unsafe": B}
                  {"event": "exited", "pid": P, "status": S}          (S as subprocess's)
-  from the pool  {"op": "fork", "id": N, "token": "..."}           + stdin, stdout, stderr
+  from the pool  {"op": "fork", "id": N, "token": "...", "env": {...}}
+                                                            + stdin, stdout, stderr
+
+A fork request's "env" is how the child's environment differs from the template's
+(with --devices, its device: {"MODELPOOL_DEVICE": "1", "CUDA_VISIBLE_DEVICES": "1"};
+null unsets a variable). The child sets it in os.environ, and so in the C library's
+environment, before the model's code runs again: what CUDA and its kin read when they
+first touch a device. It also writes it over the end of its initial environment, which
+the pool leaves room for (see _EnvTail), so /proc/PID/environ shows it too.
 
 The template leaves template mode when its stdin closes (the pool stops it) or the
 control socket does (the pool is gone): its read then returns end-of-file, and the
@@ -65,9 +73,26 @@ import sys
 import types
 
 TOKEN_VAR = "MODELPOOL_MODEL"
+ROOM_VAR = "MODELPOOL_ENV_ROOM"  # room for a child's variables, see _EnvTail
 MAX_MESSAGE = 64 * 1024
 ENV_START_FIELD = 50  # /proc/PID/stat fields (1-based): where the initial environment is
 HARMLESS_DEVICE_MAJOR = 1  # /dev/null, /dev/zero, /dev/urandom and friends
+
+
+def _initial_environment() -> list[tuple[int, bytes]]:
+    """This process's initial environment, where /proc/PID/environ shows it: each entry
+    ("NAME=value") with its address."""
+    with open("/proc/self/stat", "rb") as file:
+        fields = file.read().rsplit(b")", 1)[1].split()
+    # fields[0] is field 3 (the state): field N is fields[N - 3]
+    start = int(fields[ENV_START_FIELD - 3])
+    end = int(fields[ENV_START_FIELD - 2])
+    entries = []
+    offset = 0
+    for entry in ctypes.string_at(start, end - start).split(b"\0"):
+        entries.append((start + offset, entry))
+        offset += len(entry) + 1
+    return entries
 
 
 class _EnvSlot:
@@ -77,21 +102,13 @@ class _EnvSlot:
         self.address = 0
         self.length = 0
         self.original = b""
-        with open("/proc/self/stat", "rb") as file:
-            fields = file.read().rsplit(b")", 1)[1].split()
-        # fields[0] is field 3 (the state): field N is fields[N - 3]
-        start = int(fields[ENV_START_FIELD - 3])
-        end = int(fields[ENV_START_FIELD - 2])
-        area = ctypes.string_at(start, end - start)
         key = TOKEN_VAR.encode() + b"="
-        offset = 0
-        for entry in area.split(b"\0"):
+        for address, entry in _initial_environment():
             if entry.startswith(key):
-                self.address = start + offset + len(key)
+                self.address = address + len(key)
                 self.length = len(entry) - len(key)
                 self.original = entry[len(key) :]
                 return
-            offset += len(entry) + 1
 
     @property
     def found(self) -> bool:
@@ -103,6 +120,46 @@ class _EnvSlot:
         ctypes.memmove(self.address, token.ljust(self.length, b"\0"), self.length)
 
 
+class _EnvTail:
+    """The end of the initial environment, which a child rewrites with its own variables.
+
+    The pool starts a template with the variables its children get other values of
+    (with --devices, CUDA_VISIBLE_DEVICES empty) last, followed by ROOM_VAR, padding
+    that gives them room. A child writes its own entries over that tail, padded with
+    NUL bytes (empty entries to readers, as the token's padding), so /proc/PID/environ
+    shows its device as os.environ does, each variable once. Where the tail is not so
+    (no room, not enough, or a variable also named before it), nothing is written.
+    """
+
+    def __init__(self) -> None:
+        entries = _initial_environment()
+        room = ROOM_VAR.encode() + b"="
+        self.entries: list[tuple[int, bytes]] = []  # up to the room, which must be last
+        for index, (_, entry) in enumerate(entries):
+            if entry.startswith(room) and not any(later for _, later in entries[index + 1 :]):
+                self.entries = entries[: index + 1]
+
+    def rewrite(self, env: dict[str, str | None]) -> None:
+        """In a child: its entries over the tail, if they fit (see the class)."""
+        if not self.entries:
+            return
+        wanted = {key.encode() for key in env}
+        start = len(self.entries) - 1
+        while start > 0 and self.entries[start - 1][1].partition(b"=")[0] in wanted:
+            start -= 1
+        before = {entry.partition(b"=")[0] for _, entry in self.entries[:start]}
+        if wanted & before:
+            return
+        address = self.entries[start][0]
+        room_address, room = self.entries[-1]
+        length = room_address + len(room) + 1 - address
+        payload = b"".join(
+            f"{key}={value}".encode() + b"\0" for key, value in env.items() if value is not None
+        )
+        if len(payload) <= length:
+            ctypes.memmove(address, payload.ljust(length, b"\0"), length)
+
+
 class _Template:
     """Template mode: entered once, at the model's first read of stdin."""
 
@@ -111,6 +168,7 @@ class _Template:
         self.entered = False
         self.closed = False  # template mode ended: reads return end-of-file
         self.env = _EnvSlot()
+        self.tail = _EnvTail()
         self.children: set[int] = set()
         self._wakeup_read = -1
         self._wakeup_write = -1
@@ -186,6 +244,7 @@ class _Template:
         request = json.loads(message)
         ident = request.get("id")
         token = str(request.get("token", "")).encode()
+        env = request.get("env") or {}
         error = self.unsafe(fds)
         if error is not None:
             for fd in fds:
@@ -196,6 +255,8 @@ class _Template:
             error = f"the request carried {len(fds)} file descriptors, not 3"
         if error is None and not 0 < len(token) <= self.env.length:
             error = f"the token is {len(token)} bytes long, the room for it {self.env.length}"
+        if error is None:
+            error = _env_problem(env)
         if error is not None:
             for fd in fds:
                 os.close(fd)
@@ -213,7 +274,7 @@ class _Template:
             self.send({"event": "fork_failed", "id": ident, "error": f"fork: {exc}"})
             return False
         if pid == 0:
-            self._become_child(fds, token.decode())
+            self._become_child(fds, token.decode(), env)
             return True
         self.env.write(self.env.original)
         for fd in fds:
@@ -226,8 +287,9 @@ class _Template:
             os.close(pidfd)
         return False
 
-    def _become_child(self, fds: list[int], token: str) -> None:
-        """In the child: a session of its own, its own stdio, nothing of the template's."""
+    def _become_child(self, fds: list[int], token: str, env: dict[str, str | None]) -> None:
+        """In the child: a session of its own, its own stdio and environment changes,
+        nothing of the template's."""
         os.setsid()
         self._restore_signals()
         self.control.close()
@@ -238,6 +300,12 @@ class _Template:
         for fd in fds:
             os.close(fd)
         os.environ[TOKEN_VAR] = token  # the initial environment has it already (see above)
+        for key, value in env.items():  # setenv() copies: nothing points into the tail then
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        self.tail.rewrite(env)
         self.children.clear()
 
     def _reap(self) -> None:
@@ -299,6 +367,18 @@ class _Stdin(io.RawIOBase):
         if self._template.closed:
             return 0
         return os.readv(0, [buffer])
+
+
+def _env_problem(env: object) -> str | None:
+    """Why a fork request's environment changes cannot be made, or None."""
+    if not isinstance(env, dict):
+        return f"its env is {type(env).__name__}, not an object"
+    for key, value in env.items():
+        if not key or "=" in key or "\0" in key or key == TOKEN_VAR:
+            return f"its env names a variable that cannot be set: {key!r}"
+        if value is not None and (not isinstance(value, str) or "\0" in value):
+            return f"its env gives {key} a value that is not text: {value!r}"
+    return None
 
 
 def _thread_names(threads: int) -> str:
@@ -406,6 +486,7 @@ def _model_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
 
 def main() -> None:
     control_fd, kind, target, *args = sys.argv[1:]
+    os.environ.pop(ROOM_VAR, None)  # the model sees none of it; /proc/PID/environ keeps it
     control = socket.socket(fileno=int(control_fd))
     control.set_inheritable(False)
     template = _Template(control)

@@ -48,6 +48,11 @@ TLS_OPTIONS: dict[str, str] = {
     "ssl_keyfile": "a key file",
 }
 NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# A device as CUDA_VISIBLE_DEVICES and its kin name one: 0, GPU-<uuid>, MIG-<uuid>,
+# MIG-GPU-<uuid>/1/0, 0.1 (a sub-device): printable ASCII, no comma (the list's
+# separator), no space, no quote or other character a shell or a list would split on.
+DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+@-]{0,127}")
+VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 
 
 class ConfigError(ValueError):
@@ -90,6 +95,36 @@ def split_command(text: str) -> list[str]:
     if not words:
         raise ValueError("must name a program")
     return words
+
+
+def split_devices(text: str) -> tuple[str, ...] | None:
+    """A --devices list as its device ids: "0,1" is ("0", "1"); "" (or blanks) is None.
+
+    The one rule for --devices, its variable, its config-file key and
+    PoolConfig(devices="0,1"); each id is checked by PoolConfig (see check_devices).
+    """
+    if not text.strip():
+        return None
+    return tuple(word.strip() for word in text.split(","))
+
+
+def check_devices(devices: tuple[str, ...]) -> None:
+    """Raise ConfigError unless every device id is one a device variable can carry, once."""
+    seen: set[str] = set()
+    for device in devices:
+        if not DEVICE_ID.fullmatch(device):
+            problem = (
+                f"must be device ids separated by commas (0,1 or GPU-<uuid>,MIG-<uuid>): "
+                f"letters, digits and ._:/+@-, at most 128 each; {device!r} is not one"
+            )
+            raise ConfigError("devices", problem)
+        if device in seen:
+            problem = (
+                f"names {device!r} twice; each device once (workers are shared out among "
+                "the devices in turn: raise --workers for more models per device)"
+            )
+            raise ConfigError("devices", problem)
+        seen.add(device)
 
 
 def check_number(
@@ -153,9 +188,16 @@ class PoolConfig:
     reclaim_after: float = 10.0  # seconds before a silent node's jobs are taken back
     node_name: str | None = None  # this node's name in a cluster (default host-pid-random)
     keep_trying: bool = False  # keep restarting models that fail before any was ever ready
+    devices: tuple[str, ...] | None = None  # one per worker, in turn (or "0,1"); None: none
+    device_env: str | None = "CUDA_VISIBLE_DEVICES"  # also set to the device; None: only ours
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "model_cmd", _command_words(self.model_cmd))
+        object.__setattr__(self, "devices", _device_ids(self.devices))
+        if self.device_env == "":
+            object.__setattr__(self, "device_env", None)
+        if self.device_env is not None:
+            check_device_env(self.device_env)
         if not self.ready_line.strip():
             raise ConfigError("ready_line", "must not be empty")
         # With a shared queue, a node may run no models at all: an HTTP front only.
@@ -238,6 +280,44 @@ class PoolConfig:
             return min(math.ldexp(self.backoff_initial, failures - 1), cap)
         except OverflowError:
             return cap
+
+
+def check_device_env(name: Any) -> None:
+    """Raise ConfigError unless `name` can be the variable that carries a model's device.
+
+    MODELPOOL_* variables are the service's own (MODELPOOL_MODEL is a model's
+    containment token, MODELPOOL_DEVICE is set anyway): none of them may be chosen.
+    """
+    if not isinstance(name, str) or not VARIABLE_NAME.fullmatch(name):
+        problem = (
+            "must be an environment variable's name (letters, digits and _, not starting "
+            f"with a digit), such as CUDA_VISIBLE_DEVICES, or empty for none; got {name!r}"
+        )
+        raise ConfigError("device_env", problem)
+    if name.upper().startswith("MODELPOOL_"):
+        problem = (
+            f"must not be a MODELPOOL_ variable, which are modelpool's own (models get "
+            f"MODELPOOL_DEVICE anyway); got {name!r}"
+        )
+        raise ConfigError("device_env", problem)
+
+
+def _device_ids(value: Any) -> tuple[str, ...] | None:
+    """devices as a tuple of checked ids: a string is split as --devices is."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = split_devices(value)
+        if value is None:
+            return None
+    if not isinstance(value, list | tuple) or not all(isinstance(d, str) for d in value):
+        problem = f"must be device ids separated by commas or a list of strings, got {value!r}"
+        raise ConfigError("devices", problem)
+    if not value:
+        return None
+    devices = tuple(value)
+    check_devices(devices)
+    return devices
 
 
 def _command_words(value: Any) -> list[str]:

@@ -160,13 +160,17 @@ class _PoolGauges:
             value=pool.retired_busy_seconds + sum(w.busy_seconds() for w in pool.workers),
         )
         yield busy
+        # With --devices, each worker's device as a label too; without, the labels stay
+        # as they were (an empty label is no label to Prometheus anyway).
+        with_device = bool(pool.config.devices)
         info = GaugeMetricFamily(
             "modelpool_worker_info",
-            "Each worker's model generation and command (always 1)",
-            labels=["worker", "generation", "model_cmd"],
+            "Each worker's model generation and command, and device with --devices (always 1)",
+            labels=["worker", "generation", "model_cmd", *(["device"] if with_device else [])],
         )
         for w in pool.workers:
-            info.add_metric([str(w.index), str(w.generation), " ".join(w.config.model_cmd)], 1)
+            labels = [str(w.index), str(w.generation), " ".join(w.config.model_cmd)]
+            info.add_metric([*labels, w.device or ""] if with_device else labels, 1)
         yield info
         if pool.preloader is not None:
             template = pool.preloader.current()

@@ -31,7 +31,7 @@ from contextlib import asynccontextmanager, contextmanager
 
 import trio
 
-from . import logs, procwatch
+from . import devices, logs, procwatch
 from .codec import result_id
 from .config import PoolConfig
 from .errors import ModelFailed
@@ -131,6 +131,7 @@ class ModelProcess:
         self.request_id: str | None = None  # the request it computes, for its output's log
         self.stdout_ended = trio.Event()
         self.stderr_ended = trio.Event()
+        self.env: dict[str, str] = {}  # the environment it was started with
         self._config = config
         self._reaper = reaper
         self._token = token
@@ -892,17 +893,22 @@ class OutputLog:
             self._dropped = 0
 
 
-def model_environment(config: PoolConfig, token: str) -> dict[str, str]:
-    """The service's environment minus its own settings, plus the model's token.
+def model_environment(config: PoolConfig, token: str, device: str | None = None) -> dict[str, str]:
+    """The service's environment minus its own settings, plus the model's token and device.
 
     MODELPOOL_* variables are the service's business (one may hold the API key); a
-    model, which is untrusted, gets none of them. PYTHONUNBUFFERED makes a Python model
-    that prints with plain print() heard at once.
+    model, which is untrusted, gets none of them but its own: its token and, with
+    --devices, MODELPOOL_DEVICE (see devices.py; `device` None is a template's, which
+    gets none). PYTHONUNBUFFERED makes a Python model that prints with plain print()
+    heard at once.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(HIDDEN_VARIABLES)}
     env.update(config.env or {})
     env["PYTHONUNBUFFERED"] = "1"
     env[TOKEN_VAR] = token
+    for key, value in devices.variables(config, device).items():
+        env.pop(key, None)  # last, in order: a forked child rewrites them (_launcher.py)
+        env[key] = value
     return env
 
 
@@ -914,17 +920,21 @@ async def open_model(
     starter: ModelStarter | None = None,
     token: str | None = None,
     takes_requests: bool = True,
+    device: str | None = None,
 ) -> AsyncIterator[ModelProcess]:
     """Start a model (spawned, unless `starter` says otherwise); on the way out, close its
     stdin, give it `exit_grace`, then kill it. `token`: its containment token, if not a
     new one (a preload template's has room for its children's, see preload.py).
     `takes_requests` False (a preload template): how it waits between requests is not
-    learned, since it gets none."""
+    learned, since it gets none.
+    `device`: its worker's, with --devices."""
     token = token or reaper.new_token()
     starter = starter or Spawner(reaper)
-    proc = await starter.start(config, name, token, model_environment(config, token))
+    env = model_environment(config, token, device)
+    proc = await starter.start(config, name, token, env)
     logs.set_field("pid", proc.pid)  # for this task's log lines and those of the pumps
     model = ModelProcess(proc, config, name, reaper, token)
+    model.env = env
     how = " (forked from its template)" if proc.method == "fork" else ""
     log.info("%s started%s: %s", model.name, how, " ".join(config.model_cmd))
     try:

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
+from . import devices
 from .config import ConfigError
 from .model import StartFailed
 from .reaper import descendants
@@ -188,7 +189,9 @@ class Operations:
         """Grow by starting new workers (answer once they are ready) or shrink by retiring.
 
         Shrinking retires workers that are restarting or starting first, then idle
-        ones, then busy ones, which finish their request first.
+        ones, then busy ones, which finish their request first; with --devices, each
+        from a device that has the most workers, so the spread stays even (a grow gives
+        new workers the devices with the fewest, see devices.py).
 
         A resize takes the surge lock for its whole run. A recycle's surge in flight
         would otherwise add its replacement after the resize counted, and replace a
@@ -215,7 +218,7 @@ class Operations:
                 for worker in trials:
                     if worker.became_ready.is_set():
                         worker.trial = False  # from now on it restarts like any other
-                        added.append({"worker": worker.index, "pid": worker.pid})
+                        added.append(_entry(worker))
                     else:
                         failure = worker.start_failure or "stopped before it was ready"
                         failed.append(failure)
@@ -226,8 +229,10 @@ class Operations:
                     log.error("resize stopped: %s", detail)
                     raise OperationFailed(detail, report)
             elif workers < before:
-                chosen = sorted(serving, key=_retire_order)[: before - workers]
-                retired.extend({"worker": w.index, "pid": w.pid} for w in chosen)
+                chosen = devices.to_retire(
+                    serving, before - workers, lambda w: w.device, _retire_order
+                )
+                retired.extend(_entry(w) for w in chosen)
                 await _retire_in_waves(chosen, "resize")
             report["seconds"] = round(time.monotonic() - started, 3)
             log.info("resize to %d worker(s) done in %.1f s", workers, report["seconds"])
@@ -284,13 +289,20 @@ class Operations:
         async with self._surge:
             if old.retiring is not None or pool.closing:
                 return {"replaced": old.index, "skipped": "already retiring or shutting down"}
-            new = pool.add_worker(config, generation, trial=True)
+            new = pool.add_worker(config, generation, trial=True, device=old.device)
             await _first_model(new)
             if not new.became_ready.is_set():
                 failure = new.start_failure or "stopped before it was ready (shutting down)"
                 return {"replaced": old.index, "by": new.index, "failed": failure}
             new.trial = False
-            step = {"replaced": old.index, "old_pid": old.pid, "by": new.index, "pid": new.pid}
+            step: dict[str, Any] = {
+                "replaced": old.index,
+                "old_pid": old.pid,
+                "by": new.index,
+                "pid": new.pid,
+            }
+            if new.device is not None:
+                step["device"] = new.device
             pool.metrics.restarts.labels(reason=reason).inc()
             old.retire(reason)
             await old.ended.wait()  # its request finishes; then one extra model at most
@@ -368,6 +380,14 @@ async def _retire_in_waves(workers: list[Worker], reason: str) -> None:
         for worker in workers:
             await slots.acquire()
             nursery.start_soon(retire, worker)
+
+
+def _entry(worker: Worker) -> dict[str, Any]:
+    """A worker in a resize's report: its id, pid and, with --devices, its device."""
+    entry: dict[str, Any] = {"worker": worker.index, "pid": worker.pid}
+    if worker.device is not None:
+        entry["device"] = worker.device
+    return entry
 
 
 def _retire_order(worker: Worker) -> int:

@@ -23,7 +23,15 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, NoReturn
 
-from .config import ConfigError, MiB, PoolConfig, ServerConfig, redact_url, split_command
+from .config import (
+    ConfigError,
+    MiB,
+    PoolConfig,
+    ServerConfig,
+    redact_url,
+    split_command,
+    split_devices,
+)
 from .logs import FORMATS
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
@@ -392,6 +400,26 @@ OPTIONS = [
         topic=MODELS,
     ),
     Option(
+        "--devices",
+        split_devices,  # each id is checked by PoolConfig
+        None,
+        "device ids separated by commas (0,1 or GPU-<uuid>,MIG-<uuid>): each worker gets "
+        "one, in turn (as TorchServe does; a new worker the one with the fewest), and its "
+        "models get it as MODELPOOL_DEVICE and as --device-env; a worker keeps its device "
+        "across restarts, and its replacements (reload, recycling) take it over. With "
+        "--preload the template sees no device: a model must touch its device at its "
+        "first request, not while it loads",
+        "pool.devices",
+    ),
+    Option(
+        "--device-env",
+        text_value,
+        "CUDA_VISIBLE_DEVICES",
+        "with --devices: the variable that also carries a model's device "
+        "(HIP_VISIBLE_DEVICES for ROCm, ...); empty: MODELPOOL_DEVICE only",
+        "pool.device_env",
+    ),
+    Option(
         "--api-key",
         text_value,
         None,
@@ -681,6 +709,10 @@ def _from_toml(option: Option, raw: Any) -> Any:
         if not raw or not all(isinstance(word, str) for word in raw):
             raise argparse.ArgumentTypeError("must be a list of strings naming a program")
         return raw
+    if option.convert is split_devices and isinstance(raw, list):
+        if not all(isinstance(word, str | int) and not isinstance(word, bool) for word in raw):
+            raise argparse.ArgumentTypeError("must be a list of device ids, as [0, 1]")
+        return tuple(str(word) for word in raw) or None
     if isinstance(raw, bool) or not isinstance(raw, str | int | float):
         raise argparse.ArgumentTypeError(f"must be a string or a number, got {raw!r}")
     return option.convert(str(raw))

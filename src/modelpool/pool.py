@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from . import devices
 from .codec import encode_request
 from .config import PoolConfig
 from .errors import (
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
     from .schema import RequestSchema
 
 log = logging.getLogger("modelpool.pool")
+# What a node's heartbeat tells the cluster of each of its workers.
+HEARTBEAT_KEYS = ("id", "state", "pid", "served", "failed", "restarts", "generation", "device")
 
 
 class Pool:
@@ -88,6 +91,14 @@ class Pool:
             from .preload import Preloader
 
             self.preloader = Preloader(self)  # loads a template once a model is asked for
+        if config.devices and 0 < config.workers < len(config.devices):
+            idle = ", ".join(config.devices[config.workers :])
+            log.warning(
+                "--devices names %d devices but --workers is %d: no model runs on %s",
+                len(config.devices),
+                config.workers,
+                idle,
+            )
         for _ in range(config.workers):
             self.add_worker()
 
@@ -199,10 +210,7 @@ class Pool:
             "size": len(self.workers),
             "shutting_down": self.closing,
             "workers": [
-                {
-                    key: snapshot[key]
-                    for key in ("id", "state", "pid", "served", "failed", "restarts", "generation")
-                }
+                {key: snapshot[key] for key in HEARTBEAT_KEYS}
                 for snapshot in (w.snapshot() for w in self.workers)
             ],
         }
@@ -259,15 +267,27 @@ class Pool:
     # -- changing the set of workers (operations.py decides when) ----------------------
 
     def add_worker(
-        self, config: PoolConfig | None = None, generation: int | None = None, trial: bool = False
+        self,
+        config: PoolConfig | None = None,
+        generation: int | None = None,
+        trial: bool = False,
+        device: str | None = None,
     ) -> Worker:
-        """Start one more worker; it leaves `workers` when it ends (retired or stopped)."""
+        """Start one more worker; it leaves `workers` when it ends (retired or stopped).
+
+        With --devices, it runs on `device` (a replacement's, its predecessor's), or
+        else on the device the fewest serving workers have (see devices.py).
+        """
+        if device is None and self.config.devices:
+            serving = (w.device for w in self.workers if w.retiring is None)
+            device = devices.least_used(self.config.devices, serving)
         worker = Worker(
             next(self._indexes),
             self,
             config or self.model_config,
             self.generation if generation is None else generation,
             trial,
+            device,
         )
         self.workers.append(worker)
         self._nursery.start_soon(self._run_worker, worker, name=f"modelpool {worker.name}")

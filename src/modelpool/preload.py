@@ -20,6 +20,9 @@ What can go wrong, and what happens then:
   starts meanwhile fail as a plain start that failed would (the worker backs off).
 - The template dies while its children serve: they serve on. It is loaded again in the
   background, and replacements fork from the new one once it is ready.
+- A child's environment is the template's, with its own token and, with --devices,
+  its worker's device, set by the launcher right after the fork in its os.environ and
+  where /proc/PID/environ shows it (the template itself has none, see devices.py).
 - A child's exit: its pidfd tells the moment; its status comes from the template,
   which reaps its children and reports, or from waitid if the service adopted the child
   as a subreaper after the template died. If neither can tell, the status is unknown,
@@ -46,9 +49,10 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from .devices import ROOM_VAR
 from .model import StartFailed, open_model
 from .pycommand import parse_python_command
-from .reaper import descendants
+from .reaper import TOKEN_VAR, descendants
 from .starter import ModelHandle, ModelStarter, Spawner
 
 if TYPE_CHECKING:
@@ -64,6 +68,7 @@ FORK_TIMEOUT = 5.0  # seconds a template gets to answer a fork request
 REPORT_WAIT = 2.0  # seconds the template gets to report how a child of its ended
 MAX_MESSAGE = 64 * 1024
 HEALTHY_UPTIME = 30.0  # a template that served this long ends a run of failures
+OWN_VARIABLES = (TOKEN_VAR, ROOM_VAR)  # the launcher's business, in no fork request
 TEMPLATE_TOKEN_LENGTH = 64
 """Characters of a template's containment token: room for any child's token.
 
@@ -202,6 +207,7 @@ class Template:
         self._pending: dict[int, _Reply] = {}
         self._exits: dict[int, _ExitReport] = {}  # pid -> report, for this template's children
         self._last_stderr: list[str] = []  # the last load's last stderr lines, for its failure
+        self._env: dict[str, str] = {}  # the environment the ready template started with
 
     # -- its life -----------------------------------------------------------------------
 
@@ -280,7 +286,7 @@ class Template:
                 if first.get("event") != "fork_point":
                     self._fall_back(str(first.get("reason", first)))
                     return
-                self.pid, self._model = model.pid, model
+                self.pid, self._model, self._env = model.pid, model, model.env
                 self.load_seconds = trio.current_time() - model.started_at
                 self.loads += 1
                 self.failure = None
@@ -415,8 +421,26 @@ class Template:
             raise type(failure)(f"{name} failed to start: {failure}", stderr=failure.stderr)
         raise StartFailed(f"{name} failed to start: {self.name} is {self.state}")
 
-    async def fork(self, name: str, token: str) -> ForkedProcess:
-        """One child, with its own pipes and token; StartFailed if the template cannot."""
+    def env_changes(self, env: dict[str, str]) -> dict[str, str | None]:
+        """How a child's environment (`env`, what a plain start would get) differs from
+        the template's: its device (see devices.py), set in the child's os.environ right
+        after the fork. None unsets a variable. The token is written apart, and the room
+        is the launcher's (see _launcher.py).
+        """
+        changes: dict[str, str | None] = {
+            key: value
+            for key, value in env.items()
+            if self._env.get(key) != value and key not in OWN_VARIABLES
+        }
+        gone = [key for key in self._env if key not in env and key not in OWN_VARIABLES]
+        changes.update(dict.fromkeys(gone))
+        return changes
+
+    async def fork(
+        self, name: str, token: str, env: dict[str, str | None] | None = None
+    ) -> ForkedProcess:
+        """One child, with its own pipes, token and `env` changes (see env_changes);
+        StartFailed if the template cannot."""
         sock = self._sock
         if sock is None or self.state is not TemplateState.READY:
             raise StartFailed(f"{name} failed to start: {self.name} is {self.state}")
@@ -429,7 +453,8 @@ class Template:
         reply = self._pending[ident] = _Reply()
         child: ForkedProcess | None = None
         try:
-            request = json.dumps({"op": "fork", "id": ident, "token": token}).encode()
+            fork = {"op": "fork", "id": ident, "token": token, "env": env or {}}
+            request = json.dumps(fork).encode()
             fds = array.array("i", theirs)
             try:
                 async with self._sending:
@@ -506,7 +531,7 @@ class Forker:
             return await self._spawner.start(config, name, token, env)
         try:
             async with self._reaper.spawning():
-                child = await template.fork(name, token)
+                child = await template.fork(name, token, template.env_changes(env))
                 self._reaper.model_started(child.pid, token)
         except StartFailed:
             if template.state is not TemplateState.FALLBACK:

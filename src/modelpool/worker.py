@@ -54,7 +54,8 @@ class Worker:
     life. New versions, recycling and resizing never change a worker: they start new
     workers and retire old ones (see operations.py). A `trial` worker is a surge
     replacement: if its first model fails to start, it gives up instead of retrying,
-    so whoever started it can tell at once.
+    so whoever started it can tell at once. Its `device` (--devices) is fixed too:
+    every model it starts gets that one (see devices.py).
     """
 
     def __init__(
@@ -64,9 +65,11 @@ class Worker:
         config: PoolConfig | None = None,
         generation: int = 1,
         trial: bool = False,
+        device: str | None = None,
     ) -> None:
         self.index = index
         self.name = f"worker {index}"
+        self.device = device
         self.generation = generation
         self.trial = trial
         self.state = State.STARTING
@@ -143,6 +146,7 @@ class Worker:
             "id": self.index,
             "state": self.state.value,
             "generation": self.generation,
+            "device": self.device,
             "model_cmd": self._config.model_cmd,
             "retiring": self.retiring,
             "pid": self.pid,
@@ -221,7 +225,10 @@ class Worker:
         """Start a model and serve with it; True when the pool has no more jobs to give."""
         try:
             starter = self._pool.starter_for(self)
-            async with open_model(self._config, self.name, self._pool.reaper, starter) as model:
+            opened = open_model(
+                self._config, self.name, self._pool.reaper, starter, device=self.device
+            )
+            async with opened as model:
                 self._model = model
                 await model.wait_ready()
                 self._ready_at = trio.current_time()
