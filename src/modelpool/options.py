@@ -410,6 +410,7 @@ OPTIONS = [
         "--preload the template sees no device: a model must touch its device at its "
         "first request, not while it loads",
         "pool.devices",
+        topic=MODELS,
     ),
     Option(
         "--device-env",
@@ -418,6 +419,7 @@ OPTIONS = [
         "with --devices: the variable that also carries a model's device "
         "(HIP_VISIBLE_DEVICES for ROCm, ...); empty: MODELPOOL_DEVICE only",
         "pool.device_env",
+        topic=MODELS,
     ),
     Option(
         "--api-key",
