@@ -272,6 +272,8 @@ class Worker:
             f"(--keep-trying keeps restarting them); command: {command}"
         )
         tail = [] if model is None else model.stderr_tail
+        if not tail:
+            return verdict, []
         lines = [
             line if len(line) <= QUOTED_STDERR_CHARS else line[:QUOTED_STDERR_CHARS] + "..."
             for line in tail
