@@ -61,7 +61,10 @@ async def test_a_typo_in_the_model_file_stops_the_service_with_its_stderr(tmp_pa
     assert verdict.startswith("cannot start any model, so not serving: "), verdict
     assert "failed to start: model exited with code 2" in verdict
     assert f"command: {typo}" in verdict and "--keep-trying" in verdict
-    assert verdict.count(CANT_OPEN) == 1  # the model's own last stderr line, quoted
+    assert verdict.endswith("its last stderr lines:"), verdict
+    quoted = verdicts[0]["quoted"]  # the model's own last stderr line, quoted once
+    assert len(quoted) == 1 and CANT_OPEN in quoted[0], quoted
+    assert CANT_OPEN not in verdict
     assert not any("Traceback" in line for line in server.log)
 
 

@@ -7,6 +7,8 @@ rest of the path would pass for a record of its own, of any logger, level and co
 from __future__ import annotations
 
 import logging
+import sys
+from pathlib import Path
 
 from conftest import SCRIPTED, wait_until
 from modelpool.logs import TextFormatter, escape
@@ -68,3 +70,36 @@ def test_a_traceback_keeps_its_lines_but_none_starts_at_the_margin() -> None:
     assert lines[0].endswith("modelpool.test: failed")
     assert all(line.startswith("    ") for line in lines[1:]), lines
     assert lines[-1] == f"    {FORGED}"  # indented: not a record of its own
+
+
+async def test_a_first_start_error_quotes_the_models_stderr_one_escaped_line_each(
+    tmp_path: Path,
+) -> None:
+    """The service's own ERROR when no model can start quotes the model's last stderr
+    lines: in a text log each on its own indented line, readable as the model wrote
+    it, with its control characters escaped; none starts at the margin, so a model
+    cannot forge a record there either."""
+    model = tmp_path / "fails.py"
+    model.write_text(
+        "import sys\n"
+        "sys.stderr.write('Traceback (most recent call last):\\n')\n"
+        f"sys.stderr.write({FORGED!r} + '\\r\\n')\n"
+        "sys.stderr.write('\\x1b[31mModuleNotFoundError: torhc\\n')\n"
+        "sys.exit(1)\n"
+    )
+    args = ("--workers", "1", "--model-cmd", f"{sys.executable} {model}")
+    async with server_process(*args) as server:
+        assert await server.exit_code(within=20) == 3
+    assert not [line for line in server.log if line.startswith("2026-01-01")], server.log
+    start = next(i for i, line in enumerate(server.log) if "cannot start any model" in line)
+    assert server.log[start].endswith("its last stderr lines:"), server.log[start]
+    assert server.log[start + 1 : start + 4] == [
+        "    Traceback (most recent call last):",
+        f"    {FORGED}",
+        "    \\x1b[31mModuleNotFoundError: torhc",
+    ], server.log[start:]
+
+
+def test_the_lines_a_record_quotes_are_escaped_and_indented() -> None:
+    text = TextFormatter().format(record("verdict:", quoted=["one", "two\rthree\n" + FORGED]))
+    assert text.endswith(f"verdict:\n    one\n    two\\rthree\\n{FORGED}"), text

@@ -19,7 +19,7 @@ import trio
 from . import logs
 from .binding import CannotListen
 from .config import PoolConfig, ServerConfig
-from .errors import ModelCommandError
+from .errors import FirstStartFailed, ModelCommandError
 from .options import parse
 from .pool import Pool, open_pool
 from .reaper import Reaper
@@ -133,12 +133,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except* ModelCommandError as group:
         code = EXIT_MODEL_COMMAND
         for error in _leaves(group.exceptions)[:1]:
-            log.error("cannot start any model, so not serving: %s", error)
+            _log_model_command_error(error)
     except* OSError as group:
         code = EXIT_CANNOT_LISTEN
         for error in _leaves(group.exceptions):
             log.error("cannot serve: %s", error)
     return code
+
+
+def _log_model_command_error(error: BaseException) -> None:
+    """The one ERROR record of a model command that cannot start. A first start's
+    stderr lines are its `quoted` field: one to a line, escaped and indented, under
+    the message in a text log (see logs.TextFormatter); a list in a JSON one."""
+    if isinstance(error, FirstStartFailed) and error.stderr:
+        log.error(
+            "cannot start any model, so not serving: %s; its last stderr lines:",
+            error.verdict,
+            extra={"quoted": error.stderr},
+        )
+    else:
+        log.error("cannot start any model, so not serving: %s", error)
 
 
 def _leaves(errors: Sequence[BaseException]) -> list[BaseException]:

@@ -6,6 +6,7 @@ client sees names the request, and the log lines about it can be found.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 
@@ -132,4 +133,16 @@ class FirstStartFailed(ModelCommandError):
     name, a missing package) that restarting will not mend; so, unless asked to keep
     trying (`keep_trying`), `open_pool` raises this and the command line exits with
     code 3, as for a command that cannot be run at all.
+
+    `verdict` says why; `stderr` holds the model's last stderr lines, quoted after it
+    in the message, and kept apart so that a text log can show them one to a line.
     """
+
+    def __init__(self, verdict: str, stderr: Sequence[str] = ()) -> None:
+        self.verdict = verdict
+        self.stderr = list(stderr)
+        if self.stderr:
+            message = f"{verdict}; its last stderr lines:\n    " + "\n    ".join(self.stderr)
+        else:
+            message = f"{verdict}; it printed nothing on stderr"
+        super().__init__(message)

@@ -67,7 +67,9 @@ class TextFormatter(logging.Formatter):
     the rest pass for a record of its own, so the line is escaped as a whole (see
     `escape`), whatever field carries the character: no call site can forget. A
     traceback keeps its lines, each escaped and indented, so that every line that
-    starts at the margin is a record's first.
+    starts at the margin is a record's first; so do the lines a record quotes
+    (`quoted`, a list of strings: a model's last stderr lines), one to a line after
+    the message.
     """
 
     def __init__(self) -> None:
@@ -80,7 +82,7 @@ class TextFormatter(logging.Formatter):
         request_id = getattr(record, "request_id", None)
         if request_id is not None:
             text = f"{text} request_id={request_id}"
-        lines = [escape(text)]
+        lines = [escape(text), *getattr(record, "quoted", ())]
         if record.exc_info:
             lines.extend(self.formatException(record.exc_info).splitlines())
         elif record.exc_text:

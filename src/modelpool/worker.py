@@ -258,7 +258,7 @@ class Worker:
                 stderr = exc.stderr if isinstance(exc, StartFailed) else []
                 self._failed_on_its_own("start_failed", str(exc), started, summary, stderr)
                 if not self.trial and self._pool.first_start_failed(self):
-                    raise FirstStartFailed(self._first_start_verdict(exc, started)) from exc
+                    raise FirstStartFailed(*self._first_start_verdict(exc, started)) from exc
                 log.error("%s%s", exc, "" if started is None else started.stderr_note())
                 if self.trial:
                     self.start_failure = str(exc)
@@ -267,7 +267,9 @@ class Worker:
             logs.set_field("pid", None)
         return self.start_failure is not None  # a trial gives up: its starter decides
 
-    def _first_start_verdict(self, exc: Exception, model: ModelProcess | None) -> str:
+    def _first_start_verdict(
+        self, exc: Exception, model: ModelProcess | None
+    ) -> tuple[str, list[str]]:
         """Why the service gives up at first start: the failure, the command, its stderr.
 
         Elsewhere a model's stderr stays out of ERROR lines (it may hold users' data,
@@ -282,12 +284,12 @@ class Worker:
         )
         tail = model.stderr_tail if model is not None else getattr(exc, "stderr", [])
         if not tail:
-            return f"{verdict}; it printed nothing on stderr"
+            return verdict, []
         lines = [
             line if len(line) <= QUOTED_STDERR_CHARS else line[:QUOTED_STDERR_CHARS] + "..."
             for line in tail
         ]
-        return f"{verdict}; its last stderr lines:\n    " + "\n    ".join(lines)
+        return verdict, lines
 
     def kill_model(self) -> None:
         """Hard stop: SIGKILL the current model and its tree without waiting."""
