@@ -57,16 +57,22 @@ async def served(client: httpx.AsyncClient) -> int:
     return sum(w["served"] for w in (await client.get("/status")).json()["workers"])
 
 
+async def stall(url: str, client: httpx.AsyncClient, count: int) -> list[trio.SocketStream]:
+    """`count` clients that never read, once every one of their answers is computed."""
+    stalled = await clients_that_never_read(url, count)
+    with trio.fail_after(20):
+        while await served(client) < count:
+            await trio.sleep(0.1)
+    return stalled
+
+
 async def test_clients_that_never_read_their_answers_keep_no_one_out_nor_hold_up_a_stop() -> None:
     args = ("--model-cmd", " ".join(SCRIPTED), "--workers", "1", "--max-connections", "3")
     async with server_process(*args, "--max-body", MAX_BODY) as server:
         async with await wait_listening(server) as client:
             await wait_ready(client, 1, within=15)
             # the status client's own connection is one of the three
-            stalled = await clients_that_never_read(server.url, 2)
-            with trio.fail_after(20):
-                while await served(client) < 2:
-                    await trio.sleep(0.1)
+            stalled = await stall(server.url, client, 2)
         await trio.sleep(0.5)  # both answers are being written, and stuck
         stalled += await clients_that_never_read(server.url, 1)  # takes the last slot
         await trio.sleep(2)  # every connection now waits on a client that does not read
@@ -88,10 +94,7 @@ async def test_sigterm_stops_the_service_in_time_while_a_client_reads_nothing() 
     async with server_process(*args) as server:
         async with await wait_listening(server) as client:
             await wait_ready(client, 1, within=15)
-            stalled = await clients_that_never_read(server.url, 1)
-            with trio.fail_after(20):
-                while await served(client) < 1:
-                    await trio.sleep(0.1)
+            stalled = await stall(server.url, client, 1)
         await trio.sleep(0.5)  # its answer is being written, and stuck
         started = trio.current_time()
         server.proc.send_signal(signal.SIGTERM)
@@ -105,10 +108,7 @@ async def test_a_second_signal_stops_at_once_while_clients_read_nothing() -> Non
     async with server_process(*args, "--max-body", MAX_BODY) as server:
         async with await wait_listening(server) as client:
             await wait_ready(client, 1, within=15)
-            stalled = await clients_that_never_read(server.url, 2)
-            with trio.fail_after(20):
-                while await served(client) < 2:
-                    await trio.sleep(0.1)
+            stalled = await stall(server.url, client, 2)
             answers: list[httpx.Response] = []
 
             async def long_request() -> None:  # keeps the graceful stop draining for 30 s
