@@ -31,7 +31,7 @@ from pathlib import Path
 import trio
 
 from benchtools import free_port
-from modelpool.reaper import Reaper, all_pids, descendants, own_children, token_of
+from modelpool.process.reaper import Reaper, all_pids, descendants, own_children, token_of
 
 # A model whose `n` helpers stay behind; every odd one moves to a session of its own.
 TREE_MODEL = """

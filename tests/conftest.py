@@ -19,8 +19,8 @@ import pytest
 import trio
 
 from modelpool import PoolConfig, PoolError, ServerConfig
-from modelpool.pool import Pool
-from modelpool.server import Service
+from modelpool.http.server import Service
+from modelpool.pool.pool import Pool
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL3 = [sys.executable, "-u", str(ROOT / "model3.py")]

@@ -14,7 +14,7 @@ import sys
 import trio
 
 from modelpool import PoolConfig, open_pool
-from modelpool.reaper import Reaper
+from modelpool.process.reaper import Reaper
 
 # A model that costs almost nothing: the ready line, then an answer per request.
 TINY = ["sh", "-c", 'echo "ready: Model-initialized"; while read line; do echo "result: {}"; done']

@@ -14,7 +14,7 @@ import httpx
 import trio
 
 from conftest import FAST_MODEL3, SCRIPTED, error_body, process_alive, wait_until
-from modelpool.options import OPTIONS
+from modelpool.settings.options import OPTIONS
 from serverproc import (
     ServerProcess,
     assert_all_gone,

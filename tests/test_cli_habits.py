@@ -20,8 +20,8 @@ import trove_classifiers
 
 from conftest import FAST_MODEL3, error_body, wait_until
 from modelpool import PoolConfig
-from modelpool.config import ConfigError
-from modelpool.options import OPTIONS, TOPICS, parse
+from modelpool.settings.config import ConfigError
+from modelpool.settings.options import OPTIONS, TOPICS, parse
 from serverproc import clean_env, server_process, wait_listening, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +29,8 @@ HINT = "(modelpool {command} --help lists the options)"
 # The command with the Redis client made unimportable, as where it is not installed:
 # None in sys.modules makes `import coredis` raise ImportError.
 WITHOUT_COREDIS = (
-    "import sys; sys.modules['coredis'] = None; from modelpool.cli import main; sys.exit(main())"
+    "import sys; sys.modules['coredis'] = None; "
+    "from modelpool.cli.main import main; sys.exit(main())"
 )
 
 
@@ -164,7 +165,9 @@ async def test_queue_without_the_redis_client_names_the_extra_before_any_model_s
         assert trio.current_time() - begun < 20  # at once: the old one tried to connect
     assert not started.exists(), "a model was started"
     # Without --queue nothing imports it: a service (or worker) without a shared queue runs.
-    unused = "import sys, modelpool.cli, modelpool.server; assert 'coredis' not in sys.modules"
+    unused = (
+        "import sys, modelpool.cli.main, modelpool.http.server; assert 'coredis' not in sys.modules"
+    )
     code, stderr, _ = await run(code=unused)
     assert code == 0, stderr
 

@@ -21,7 +21,7 @@ from conftest import (
     wait_until,
 )
 from modelpool import BadRequest, ModelFailed, ModelTimeout, PoolConfig, QueueTimeout, open_pool
-from modelpool.codec import MAX_RESULT_DEPTH
+from modelpool.core.codec import MAX_RESULT_DEPTH
 
 
 async def test_a_shell_script_model_is_served_like_any_other() -> None:

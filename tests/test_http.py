@@ -24,7 +24,7 @@ from conftest import (
     wait_until,
 )
 from modelpool import PoolConfig, ServerConfig
-from modelpool.server import Service
+from modelpool.http.server import Service
 
 
 async def post_many(client: httpx.AsyncClient, bodies: list[object]) -> list[httpx.Response]:

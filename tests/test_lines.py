@@ -7,7 +7,7 @@ import os
 import pytest
 import trio
 
-from modelpool.lines import LineReader, LineTooLong
+from modelpool.process.lines import LineReader, LineTooLong
 
 
 async def read_all(data: bytes, max_line: int) -> list[bytes]:

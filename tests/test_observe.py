@@ -22,7 +22,7 @@ from conftest import (
     wait_until,
 )
 from modelpool import ModelFailed, open_pool
-from modelpool.metrics import OUTCOMES, RESTART_REASONS, WORKER_STATES
+from modelpool.pool.metrics import OUTCOMES, RESTART_REASONS, WORKER_STATES
 from serverproc import server_process, wait_listening, wait_ready
 
 ONE_SCRIPTED_WITH_ACCESS_LOG = ("--model-cmd", " ".join(SCRIPTED), "--workers", "1", "--access-log")

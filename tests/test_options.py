@@ -9,9 +9,16 @@ from pathlib import Path
 import pytest
 
 from modelpool import PoolConfig, ServerConfig
-from modelpool.cli import main
-from modelpool.config import ConfigError
-from modelpool.options import OPTIONS, count_or_none, mib_or_none, number, parse, seconds_or_none
+from modelpool.cli.main import main
+from modelpool.settings.config import ConfigError
+from modelpool.settings.options import (
+    OPTIONS,
+    count_or_none,
+    mib_or_none,
+    number,
+    parse,
+    seconds_or_none,
+)
 
 NUMBERS = (number, seconds_or_none, mib_or_none, count_or_none)
 NUMERIC = [o for o in OPTIONS if o.convert in NUMBERS or o.flag == "--port"]

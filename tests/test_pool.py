@@ -30,7 +30,7 @@ from modelpool import (
     ShuttingDown,
     open_pool,
 )
-from modelpool.pool import Pool
+from modelpool.pool.pool import Pool
 
 
 def pids(pool: Pool) -> list[int | None]:

@@ -12,7 +12,7 @@ from redisserver import server
 
 from conftest import SCRIPTED
 from modelpool import PoolConfig
-from modelpool.config import ConfigError, redact_url
+from modelpool.settings.config import ConfigError, redact_url
 from serverproc import clean_env, server_process, wait_listening, wait_ready
 
 MODEL = ["--model-cmd", " ".join(SCRIPTED)]

@@ -15,7 +15,7 @@ import pytest
 import trio
 
 from conftest import running_server, scripted_config, wait_until
-from modelpool.pool import Pool
+from modelpool.pool.pool import Pool
 
 SLOW_START = {"SCRIPTED_INIT_SECONDS": "0.3"}  # so that a surge lasts a while
 

@@ -14,8 +14,8 @@ import trio
 
 from conftest import hostile_config, predict_into, wait_busy, wait_until
 from modelpool import ModelFailed, PoolError, open_pool
-from modelpool.model import OUTPUT_BURST_LINES, OUTPUT_RATE_LINES
-from modelpool.pool import Pool
+from modelpool.pool.pool import Pool
+from modelpool.process.model import OUTPUT_BURST_LINES, OUTPUT_RATE_LINES
 
 ROUNDS = 10
 
@@ -148,7 +148,7 @@ async def test_with_an_id_field_a_stale_result_is_dropped_and_the_request_gets_i
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The model prints each result again 50 ms later (a thread), while computing the next."""
-    caplog.set_level(logging.WARNING, "modelpool.model")
+    caplog.set_level(logging.WARNING, "modelpool.process.model")
     async with open_pool(hostile_config("late_id_copy.py", id_field="rid")) as pool:
         await pool.wait_ready()
         pid = pool.workers[0].pid

@@ -33,7 +33,7 @@ import trio
 from redisserver import free_port, redis_server
 
 from conftest import FAST_MODEL3, MODELS, children_of
-from modelpool.sdnotify import EXTEND_EVERY
+from modelpool.http.sdnotify import EXTEND_EVERY
 from serverproc import ServerProcess, clean_env, server_process, wait_listening, wait_ready
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")

@@ -1,9 +1,9 @@
 """Renders the configuration reference from modelpool's one definition of its options.
 
 A page that holds the line `<!-- options-table -->` gets, in its place, a table of every
-option in `modelpool.options.OPTIONS`: flag, variable, config-file key, default, which
+option in `modelpool.settings.options.OPTIONS`: flag, variable, config-file key, default, which
 commands take it, and its help text; grouped by the topics of `--help` where the
-options have them (`modelpool.options.TOPICS`). So the reference cannot drift from
+options have them (`modelpool.settings.options.TOPICS`). So the reference cannot drift from
 `--help`.
 """
 

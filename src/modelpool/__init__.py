@@ -11,8 +11,7 @@ from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .config import ConfigError, PoolConfig, ServerConfig
-    from .errors import (
+    from modelpool.core.errors import (
         BadRequest,
         FirstStartFailed,
         ModelCommandError,
@@ -24,30 +23,31 @@ if TYPE_CHECKING:
         QueueUnavailable,
         ShuttingDown,
     )
-    from .job import Timing
-    from .metrics import PoolMetrics
-    from .pool import Pool, open_pool
-    from .reaper import Reaper
+    from modelpool.core.job import Timing
+    from modelpool.pool.metrics import PoolMetrics
+    from modelpool.pool.pool import Pool, open_pool
+    from modelpool.process.reaper import Reaper
+    from modelpool.settings.config import ConfigError, PoolConfig, ServerConfig
 
 _WHERE = {
-    "ConfigError": "config",
-    "PoolConfig": "config",
-    "ServerConfig": "config",
-    "BadRequest": "errors",
-    "FirstStartFailed": "errors",
-    "ModelCommandError": "errors",
-    "ModelFailed": "errors",
-    "ModelTimeout": "errors",
-    "PoolError": "errors",
-    "QueueFull": "errors",
-    "QueueTimeout": "errors",
-    "QueueUnavailable": "errors",
-    "ShuttingDown": "errors",
-    "Timing": "job",
-    "PoolMetrics": "metrics",
-    "Pool": "pool",
-    "open_pool": "pool",
-    "Reaper": "reaper",
+    "ConfigError": "settings.config",
+    "PoolConfig": "settings.config",
+    "ServerConfig": "settings.config",
+    "BadRequest": "core.errors",
+    "FirstStartFailed": "core.errors",
+    "ModelCommandError": "core.errors",
+    "ModelFailed": "core.errors",
+    "ModelTimeout": "core.errors",
+    "PoolError": "core.errors",
+    "QueueFull": "core.errors",
+    "QueueTimeout": "core.errors",
+    "QueueUnavailable": "core.errors",
+    "ShuttingDown": "core.errors",
+    "Timing": "core.job",
+    "PoolMetrics": "pool.metrics",
+    "Pool": "pool.pool",
+    "open_pool": "pool.pool",
+    "Reaper": "process.reaper",
 }
 __all__ = [
     "BadRequest",

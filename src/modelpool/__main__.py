@@ -1,5 +1,5 @@
 """`python -m modelpool` is the same as the `modelpool` command."""
 
-from .cli import main
+from modelpool.cli.main import main
 
 raise SystemExit(main())

@@ -31,13 +31,14 @@ from contextlib import asynccontextmanager, contextmanager
 
 import trio
 
-from . import devices, logs, procwatch
-from .codec import result_id
-from .config import PoolConfig
-from .errors import ModelFailed
-from .lines import LineReader, LineTooLong
-from .reaper import TOKEN_VAR, Reaper
-from .starter import ModelHandle, ModelStarter, Spawner
+from modelpool.core import logs
+from modelpool.core.codec import result_id
+from modelpool.core.errors import ModelFailed
+from modelpool.process import devices, procwatch
+from modelpool.process.lines import LineReader, LineTooLong
+from modelpool.process.reaper import TOKEN_VAR, Reaper
+from modelpool.process.starter import ModelHandle, ModelStarter, Spawner
+from modelpool.settings.config import PoolConfig
 
 RESULT_PREFIX = b"result: "
 MAX_STDERR_LINE = 64 * 1024

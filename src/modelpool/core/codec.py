@@ -18,7 +18,7 @@ import json
 import math
 from typing import Any
 
-from .errors import BadRequest
+from modelpool.core.errors import BadRequest
 
 MAX_REQUEST_DEPTH = 200
 MAX_RESULT_DEPTH = 256  # a model may wrap a request in a few levels of its own

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-LAUNCHER = Path(__file__).with_name("_launcher.py")
+LAUNCHER = Path(__file__).parents[1] / "process" / "_launcher.py"
 PYTHON_NAME = re.compile(r"python(3(\.\d+)?)?")
 FLAGS_WITH_VALUE = "WX"  # -W arg, -X opt: the value is the rest of the word, or the next word
 LONG_FLAGS_WITH_VALUE = ("--check-hash-based-pycs",)

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, NoReturn
 
-from .config import (
+from modelpool.core.logs import FORMATS
+from modelpool.settings.config import (
     ConfigError,
     MiB,
     PoolConfig,
@@ -32,7 +33,6 @@ from .config import (
     split_command,
     split_devices,
 )
-from .logs import FORMATS
 
 TRUE_WORDS = {"1", "true", "yes", "on"}
 FALSE_WORDS = {"0", "false", "no", "off", ""}
@@ -103,7 +103,7 @@ def command(text: str) -> list[str]:
 
 
 def schema_file(text: str) -> dict[str, Any]:
-    from .schema import load_schema  # jsonschema only for those who use it
+    from modelpool.core.schema import load_schema  # jsonschema only for those who use it
 
     try:
         return load_schema(text)

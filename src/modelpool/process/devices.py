@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
-    from .config import PoolConfig
+    from modelpool.settings.config import PoolConfig
 
 DEVICE_VAR = "MODELPOOL_DEVICE"
 ROOM_VAR = "MODELPOOL_ENV_ROOM"  # as _launcher.py's: room for a forked child's variables

@@ -19,7 +19,7 @@ from jsonschema.exceptions import SchemaError, best_match
 
 __all__ = ["RequestSchema", "SchemaError", "load_schema"]
 
-from .errors import BadRequest
+from modelpool.core.errors import BadRequest
 
 MAX_COMPLAINT = 300  # characters of the validator's message a client is shown
 MAX_VALUE = 60  # characters of the offending value quoted in it

@@ -20,12 +20,9 @@ from quart.globals import request_ctx
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from . import logs
-from .admin import add_admin_routes
-from .auth import ApiKey
-from .codec import parse_request
-from .config import ServerConfig
-from .errors import (
+from modelpool.core import logs
+from modelpool.core.codec import parse_request
+from modelpool.core.errors import (
     BadRequest,
     ModelFailed,
     ModelTimeout,
@@ -35,14 +32,17 @@ from .errors import (
     QueueUnavailable,
     ShuttingDown,
 )
-from .job import Timing
-from .listener import Connections
-from .pool import Pool
-from .requestid import REQUEST_ID_HEADER, request_id_from
+from modelpool.core.job import Timing
+from modelpool.core.requestid import REQUEST_ID_HEADER, request_id_from
+from modelpool.http.admin import add_admin_routes
+from modelpool.http.auth import ApiKey
+from modelpool.http.listener import Connections
+from modelpool.pool.pool import Pool
+from modelpool.settings.config import ServerConfig
 
 log = logging.getLogger("modelpool.http")
 access_log = logging.getLogger("modelpool.access")
-STATUS_PAGE = resources.files("modelpool").joinpath("status.html").read_bytes()
+STATUS_PAGE = resources.files("modelpool.http").joinpath("status.html").read_bytes()
 
 RETRY_AFTER_SECONDS = "1"
 STATUS_OF: dict[type[PoolError], int] = {

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .errors import QueueFull, QueueTimeout
+from modelpool.core.errors import QueueFull, QueueTimeout
 
 if TYPE_CHECKING:
     from prometheus_client.core import Metric
 
-    from .config import PoolConfig
-    from .job import Job
-    from .metrics import PoolMetrics
+    from modelpool.core.job import Job
+    from modelpool.pool.metrics import PoolMetrics
+    from modelpool.settings.config import PoolConfig
 
 
 class JobQueue(ABC):
@@ -216,6 +216,8 @@ def open_queue(config: PoolConfig, metrics: PoolMetrics, node: str) -> JobQueue:
     """The queue the configuration asks for: in-process, or a Redis stream (`config.queue`)."""
     if config.queue is None:
         return LocalQueue(config.max_queue, metrics)
-    from .redisqueue import RedisQueue  # imported only when used: no cost to a local pool
+    from modelpool.queues.redisqueue import (
+        RedisQueue,  # imported only when used: no cost to a local pool
+    )
 
     return RedisQueue(config, metrics, node)

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import trio
 
 if TYPE_CHECKING:
-    from .pool import Pool
+    from modelpool.pool.pool import Pool
 
 log = logging.getLogger("modelpool.systemd")
 

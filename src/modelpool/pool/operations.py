@@ -23,14 +23,14 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
-from . import devices
-from .config import ConfigError
-from .model import StartFailed
-from .reaper import descendants
+from modelpool.process import devices
+from modelpool.process.model import StartFailed
+from modelpool.process.reaper import descendants
+from modelpool.settings.config import ConfigError
 
 if TYPE_CHECKING:
-    from .pool import Pool
-    from .worker import Worker
+    from modelpool.pool.pool import Pool
+    from modelpool.pool.worker import Worker
 
 log = logging.getLogger("modelpool.operations")
 T = TypeVar("T")

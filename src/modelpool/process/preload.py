@@ -49,17 +49,17 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from .devices import ROOM_VAR
-from .model import StartFailed, open_model
-from .pycommand import parse_python_command
-from .reaper import TOKEN_VAR, descendants
-from .starter import ModelHandle, ModelStarter, Spawner
+from modelpool.process.devices import ROOM_VAR
+from modelpool.process.model import StartFailed, open_model
+from modelpool.process.reaper import TOKEN_VAR, descendants
+from modelpool.process.starter import ModelHandle, ModelStarter, Spawner
+from modelpool.settings.pycommand import parse_python_command
 
 if TYPE_CHECKING:
-    from .config import PoolConfig
-    from .model import ModelProcess
-    from .pool import Pool
-    from .reaper import Reaper
+    from modelpool.pool.pool import Pool
+    from modelpool.process.model import ModelProcess
+    from modelpool.process.reaper import Reaper
+    from modelpool.settings.config import PoolConfig
 
 log = logging.getLogger("modelpool.preload")
 

@@ -23,10 +23,10 @@ from typing import Any
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
-from .config import MAX_WORKERS
-from .operations import Busy, OperationFailed
-from .options import command
-from .pool import Pool
+from modelpool.pool.operations import Busy, OperationFailed
+from modelpool.pool.pool import Pool
+from modelpool.settings.config import MAX_WORKERS
+from modelpool.settings.options import command
 
 log = logging.getLogger("modelpool.admin")
 NEEDS_KEY = "set --api-key to change the model command over HTTP"

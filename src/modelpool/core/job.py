@@ -9,7 +9,7 @@ from typing import Any
 
 import trio
 
-from .errors import PoolError
+from modelpool.core.errors import PoolError
 
 log = logging.getLogger("modelpool.job")
 MAX_ATTEMPTS = 2  # a job whose model died before reading it is tried once more

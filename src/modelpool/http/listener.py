@@ -57,7 +57,7 @@ from hypercorn.typing import (
 )
 from hypercorn.utils import parse_socket_addr, repr_socket_addr, wrap_app
 
-from .http1 import HTTP11Protocol
+from modelpool.http.http1 import HTTP11Protocol
 
 log = logging.getLogger("modelpool.listener")
 

@@ -73,7 +73,7 @@ def bundled_model_path() -> Path:
     packaged = Path(str(resources.files("modelpool"))) / "model3.py"
     if packaged.is_file():
         return packaged
-    return Path(__file__).resolve().parents[2] / "model3.py"
+    return Path(__file__).resolve().parents[3] / "model3.py"
 
 
 def default_model_cmd() -> list[str]:
@@ -231,7 +231,7 @@ class PoolConfig:
         if self.model_max_rss is not None:
             check_number("model_max_rss", self.model_max_rss, minimum=0, above=True)
         if self.preload:
-            from .pycommand import NotPythonCommand, parse_python_command
+            from modelpool.settings.pycommand import NotPythonCommand, parse_python_command
 
             try:
                 parse_python_command(self.model_cmd)
@@ -246,7 +246,7 @@ class PoolConfig:
         if self.id_field is not None and not self.id_field.strip():
             raise ConfigError("id_field", "must be a non-empty field name")
         if self.request_schema is not None:
-            from .schema import RequestSchema, SchemaError
+            from modelpool.core.schema import RequestSchema, SchemaError
 
             try:
                 RequestSchema(self.request_schema)

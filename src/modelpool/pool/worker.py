@@ -23,15 +23,21 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import logs
-from .codec import ResultError, parse_result
-from .errors import FirstStartFailed, ModelCommandError, ModelFailed, ModelTimeout, ShuttingDown
-from .job import Job
-from .model import CommandNotRunnable, ModelProcess, StartFailed, open_model
+from modelpool.core import logs
+from modelpool.core.codec import ResultError, parse_result
+from modelpool.core.errors import (
+    FirstStartFailed,
+    ModelCommandError,
+    ModelFailed,
+    ModelTimeout,
+    ShuttingDown,
+)
+from modelpool.core.job import Job
+from modelpool.process.model import CommandNotRunnable, ModelProcess, StartFailed, open_model
 
 if TYPE_CHECKING:
-    from .config import PoolConfig
-    from .pool import Pool
+    from modelpool.pool.pool import Pool
+    from modelpool.settings.config import PoolConfig
 
 log = logging.getLogger("modelpool.worker")
 

@@ -16,15 +16,15 @@ from collections.abc import AsyncIterator, Sequence
 
 import trio
 
-from . import logs
-from .binding import CannotListen
-from .config import PoolConfig, ServerConfig
-from .errors import FirstStartFailed, ModelCommandError
-from .options import parse
-from .pool import Pool, open_pool
-from .reaper import Reaper
-from .sdnotify import Notifier
-from .server import Service
+from modelpool.core import logs
+from modelpool.core.errors import FirstStartFailed, ModelCommandError
+from modelpool.http.binding import CannotListen
+from modelpool.http.sdnotify import Notifier
+from modelpool.http.server import Service
+from modelpool.pool.pool import Pool, open_pool
+from modelpool.process.reaper import Reaper
+from modelpool.settings.config import PoolConfig, ServerConfig
+from modelpool.settings.options import parse
 
 log = logging.getLogger("modelpool")
 EXIT_CANNOT_LISTEN = 1

@@ -24,27 +24,27 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import devices
-from .codec import encode_request
-from .config import PoolConfig
-from .errors import (
+from modelpool.core.codec import encode_request
+from modelpool.core.errors import (
     ModelCommandError,
     ModelFailed,
     PoolError,
     QueueTimeout,
     ShuttingDown,
 )
-from .job import MAX_ATTEMPTS, Job, Timing
-from .jobqueue import JobQueue, open_queue
-from .metrics import PoolMetrics
-from .operations import Operations
-from .reaper import Reaper
-from .starter import ModelStarter, Spawner
-from .worker import State, Worker
+from modelpool.core.job import MAX_ATTEMPTS, Job, Timing
+from modelpool.pool.metrics import PoolMetrics
+from modelpool.pool.operations import Operations
+from modelpool.pool.worker import State, Worker
+from modelpool.process import devices
+from modelpool.process.reaper import Reaper
+from modelpool.process.starter import ModelStarter, Spawner
+from modelpool.queues.jobqueue import JobQueue, open_queue
+from modelpool.settings.config import PoolConfig
 
 if TYPE_CHECKING:
-    from .preload import Preloader
-    from .schema import RequestSchema
+    from modelpool.core.schema import RequestSchema
+    from modelpool.process.preload import Preloader
 
 log = logging.getLogger("modelpool.pool")
 # What a node's heartbeat tells the cluster of each of its workers.
@@ -65,7 +65,7 @@ class Pool:
         self._changed = trio.Event()
         self._schema: RequestSchema | None = None
         if config.request_schema is not None:
-            from .schema import RequestSchema  # jsonschema only for those who use it
+            from modelpool.core.schema import RequestSchema  # jsonschema only for those who use it
 
             self._schema = RequestSchema(config.request_schema)
         self._prefix = secrets.token_hex(4)
@@ -88,7 +88,7 @@ class Pool:
         self._spawner = Spawner(reaper)
         self.preloader: Preloader | None = None
         if config.preload:
-            from .preload import Preloader
+            from modelpool.process.preload import Preloader
 
             self.preloader = Preloader(self)  # loads a template once a model is asked for
         if config.devices and 0 < config.workers < len(config.devices):

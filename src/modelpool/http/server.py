@@ -21,16 +21,16 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .binding import CannotListen, bind, inherited_socket
-from .config import ServerConfig, is_loopback
-from .pool import Pool, open_pool
-from .reaper import Reaper
-from .sdnotify import Notifier
+from modelpool.http.binding import CannotListen, bind, inherited_socket
+from modelpool.http.sdnotify import Notifier
+from modelpool.pool.pool import Pool, open_pool
+from modelpool.process.reaper import Reaper
+from modelpool.settings.config import ServerConfig, is_loopback
 
 if TYPE_CHECKING:
     from hypercorn.config import Config as HypercornConfig
 
-    from .listener import Connections
+    from modelpool.http.listener import Connections
 
 log = logging.getLogger("modelpool.server")
 
@@ -95,8 +95,8 @@ class Service:
                 # of a second to import, is imported meanwhile rather than before, in a
                 # thread, so that this one goes on starting models.
                 await trio.to_thread.run_sync(import_http_stack)
-                from .app import create_app
-                from .listener import Connections, connection_budget, serve, sockets
+                from modelpool.http.app import create_app
+                from modelpool.http.listener import Connections, connection_budget, serve, sockets
 
                 self._pool = pool
                 pool.serves_http = True

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 if TYPE_CHECKING:
-    from .config import PoolConfig
-    from .reaper import Reaper
+    from modelpool.process.reaper import Reaper
+    from modelpool.settings.config import PoolConfig
 
 
 class ModelHandle(Protocol):
@@ -99,7 +99,7 @@ class SpawnedProcess:
             await stream.aclose()
 
     def memory_mib(self) -> float:
-        from .operations import tree_rss_mib
+        from modelpool.pool.operations import tree_rss_mib
 
         return tree_rss_mib(self.pid)
 
@@ -114,7 +114,7 @@ class Spawner:
     async def start(
         self, config: PoolConfig, name: str, token: str, env: dict[str, str]
     ) -> SpawnedProcess:
-        from .model import CommandNotRunnable
+        from modelpool.process.model import CommandNotRunnable
 
         started_at = trio.current_time()
         async with self._reaper.spawning():

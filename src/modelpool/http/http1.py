@@ -39,7 +39,7 @@ import h11
 from hypercorn.events import Closed, Event, RawData
 from hypercorn.protocol.h11 import H11Protocol
 
-from .requestid import REQUEST_ID_HEADER, request_id_from
+from modelpool.core.requestid import REQUEST_ID_HEADER, request_id_from
 
 log = logging.getLogger("modelpool.http")
 

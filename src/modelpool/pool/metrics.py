@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 
 if TYPE_CHECKING:
-    from .pool import Pool
+    from modelpool.pool.pool import Pool
 
 OUTCOMES = (
     "ok",

@@ -54,8 +54,7 @@ from coredis.exceptions import (
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from .config import redact_url as redact
-from .errors import (
+from modelpool.core.errors import (
     BadRequest,
     ModelFailed,
     ModelTimeout,
@@ -65,12 +64,13 @@ from .errors import (
     QueueUnavailable,
     ShuttingDown,
 )
-from .job import MAX_ATTEMPTS, Job
-from .jobqueue import JobQueue
+from modelpool.core.job import MAX_ATTEMPTS, Job
+from modelpool.queues.jobqueue import JobQueue
+from modelpool.settings.config import redact_url as redact
 
 if TYPE_CHECKING:
-    from .config import PoolConfig
-    from .metrics import PoolMetrics
+    from modelpool.pool.metrics import PoolMetrics
+    from modelpool.settings.config import PoolConfig
 
 log = logging.getLogger("modelpool.redis")
 

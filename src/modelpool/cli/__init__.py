@@ -1,0 +1,1 @@
+"""The command line: `modelpool serve` and its friends."""

@@ -1,0 +1,2 @@
+"""One model process: starting it (spawned, or forked from a warm template), its pipes
+and lines, /proc, reaping."""

@@ -1,0 +1,1 @@
+"""Where jobs wait: the queue interface, the in-process queue and the Redis Streams queue."""

@@ -1,0 +1,1 @@
+"""The options (each defined once) and the checked configuration made from them."""
