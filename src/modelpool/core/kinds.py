@@ -1,0 +1,56 @@
+"""The service's vocabularies, each an enum, so a misspelt value is an error and not a new label.
+
+Each is a `StrEnum`: its members are the very strings users see in metrics labels, JSON
+bodies and logs, so a dashboard's queries keep working. `metrics.py` declares every label
+value from these, so a counter exists (at 0) before the first time it happens.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Outcome(enum.StrEnum):
+    """How a request ended: `modelpool_requests_total{outcome}`."""
+
+    OK = "ok"
+    TIMEOUT = "timeout"
+    MODEL_FAILED = "model_failed"
+    BAD_REQUEST = "bad_request"
+    QUEUE_FULL = "queue_full"
+    QUEUE_TIMEOUT = "queue_timeout"
+    SHUTTING_DOWN = "shutting_down"
+    CLIENT_GONE = "client_gone"
+    QUEUE_UNAVAILABLE = "queue_unavailable"
+    ERROR = "error"  # a PoolError of no more precise kind
+
+
+class FailureKind(enum.StrEnum):
+    """Why a model failed its request (`ModelFailed.kind`)."""
+
+    CRASHED = "crashed"  # it exited, or closed its stdout
+    PROTOCOL = "protocol"  # it printed something that is not a result
+    MEMORY = "memory"  # it was killed for using more than --max-memory-mib
+
+
+class RestartReason(enum.StrEnum):
+    """Why a worker replaced its model: `modelpool_restarts_total{reason}`."""
+
+    TIMEOUT = "timeout"
+    CRASHED = "crashed"
+    PROTOCOL = "protocol"
+    DIED_IDLE = "died_idle"
+    START_FAILED = "start_failed"
+    RECYCLED = "recycled"
+    MEMORY = "memory"
+    RELOAD = "reload"
+
+
+class WorkerState(enum.StrEnum):
+    """Where a worker is in its life: `modelpool_workers{state}` and /status."""
+
+    STARTING = "starting"
+    IDLE = "idle"
+    BUSY = "busy"
+    RESTARTING = "restarting"
+    STOPPED = "stopped"
