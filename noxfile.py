@@ -1,7 +1,7 @@
-"""Sessions: `nox -s tests` (the suite), `nox -s lint` (ruff), `nox -s bench` (side by side
-with baselines), `nox -s chaos` (load under killed, timed-out, crashing and escaping
-models), `nox -s load` (drive any instance with a request mix; live view, report and
-plots), `nox -s docs` (the documentation site, built strictly)."""
+"""Sessions: `nox -s tests` (the suite), `nox -s lint` (ruff, mypy, import contracts),
+`nox -s bench` (side by side with baselines), `nox -s chaos` (load under killed, timed-out,
+crashing and escaping models), `nox -s load` (drive any instance with a request mix; live
+view, report and plots), `nox -s docs` (the documentation site, built strictly)."""
 
 import nox
 
@@ -18,9 +18,14 @@ def tests(session: nox.Session) -> None:
 
 @nox.session
 def lint(session: nox.Session) -> None:
-    session.install("ruff")
+    """ruff (style and common bugs), mypy --strict on the package (settings in pyproject.toml),
+    and import-linter: the layers import only downward and no import forms a cycle."""
+    # The package with its Redis extra, so mypy checks our calls against the libraries' types.
+    session.install(".[redis]", "ruff", "mypy>=1.13", "import-linter>=2.1", "types-jsonschema")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
+    session.run("mypy")
+    session.run("lint-imports")
 
 
 @nox.session
