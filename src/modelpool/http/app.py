@@ -36,7 +36,7 @@ from modelpool.core.job import Timing
 from modelpool.core.requestid import REQUEST_ID_HEADER, request_id_from
 from modelpool.http.admin import add_admin_routes
 from modelpool.http.auth import ApiKey
-from modelpool.http.listener import Connections
+from modelpool.http.connections import Connections
 from modelpool.pool.pool import Pool
 from modelpool.settings.config import ServerConfig
 
