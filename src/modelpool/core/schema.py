@@ -30,7 +30,9 @@ class RequestSchema:
 
     def __init__(self, schema: Mapping[str, Any]) -> None:
         cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-        cls.check_schema(schema)
+        # types-jsonschema's Validator protocol asks for a dict here; the classes it
+        # stands for take any Mapping, as their own stubs say (validators.pyi).
+        cls.check_schema(schema)  # type: ignore[arg-type]
         self._validator = cls(schema)
 
     def check(self, value: Any) -> None:

@@ -1,1 +1,2 @@
-"""The HTTP face: the app, admin routes, the API key, the listener, socket binding, the service."""
+"""The HTTP face: the app, admin routes, the API key, connection accounting, the listener,
+socket binding, the service."""

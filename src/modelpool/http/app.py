@@ -36,7 +36,7 @@ from modelpool.core.job import Timing
 from modelpool.core.requestid import REQUEST_ID_HEADER, request_id_from
 from modelpool.http.admin import add_admin_routes
 from modelpool.http.auth import ApiKey
-from modelpool.http.listener import Connections
+from modelpool.http.connections import Connections
 from modelpool.pool.pool import Pool
 from modelpool.settings.config import ServerConfig
 
@@ -69,7 +69,9 @@ class ModelpoolApp(QuartTrio):
 
     async def make_default_options_response(self) -> Response:
         """The methods the path allows, in `Allow` and in the body."""
-        methods = sorted(request_ctx.url_adapter.allowed_methods())
+        adapter = request_ctx.url_adapter
+        assert adapter is not None  # an OPTIONS request is answered once it has been routed
+        methods = sorted(adapter.allowed_methods())
         return json_response(200, {"allow": methods}, Allow=", ".join(methods))
 
 
@@ -110,7 +112,8 @@ def create_app(
     async def predict() -> Response:
         try:
             try:
-                value = parse_request(await request.get_data(cache=False))
+                body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+                value = parse_request(body)
             except BadRequest:
                 pool.metrics.request_done("bad_request", time.perf_counter() - g.started)
                 raise

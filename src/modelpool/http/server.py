@@ -30,7 +30,7 @@ from modelpool.settings.config import ServerConfig, is_loopback
 if TYPE_CHECKING:
     from hypercorn.config import Config as HypercornConfig
 
-    from modelpool.http.listener import Connections
+    from modelpool.http.connections import Connections
 
 log = logging.getLogger("modelpool.server")
 
@@ -96,7 +96,8 @@ class Service:
                 # thread, so that this one goes on starting models.
                 await trio.to_thread.run_sync(import_http_stack)
                 from modelpool.http.app import create_app
-                from modelpool.http.listener import Connections, connection_budget, serve, sockets
+                from modelpool.http.connections import Connections, connection_budget
+                from modelpool.http.listener import serve, sockets
 
                 self._pool = pool
                 pool.serves_http = True

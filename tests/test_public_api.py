@@ -1,0 +1,126 @@
+"""The library's public API: the names `modelpool` exports, where they are documented, and
+what importing the package costs.
+
+An embedder writes `from modelpool import Pool, PoolConfig, open_pool`; a name that goes
+missing from `__all__`, stops resolving, or is exported without a word in
+docs/embedding.md breaks them, or leaves them guessing. And `import modelpool` is free on
+purpose (its names are imported when first used): `modelpool serve` starts its models
+before it imports the HTTP stack, and an embedder of the pool never pays for it.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import modelpool
+
+EMBEDDING = Path(__file__).resolve().parent.parent / "docs" / "embedding.md"
+
+# What docs/embedding.md documents; a change here is a change of the library's API.
+DOCUMENTED = {
+    "BadRequest",
+    "ConfigError",
+    "FirstStartFailed",
+    "ModelCommandError",
+    "ModelFailed",
+    "ModelTimeout",
+    "Pool",
+    "PoolConfig",
+    "PoolError",
+    "PoolMetrics",
+    "QueueFull",
+    "QueueTimeout",
+    "QueueUnavailable",
+    "Reaper",
+    "ServerConfig",
+    "ShuttingDown",
+    "Timing",
+    "open_pool",
+}
+
+# Serving HTTP, and the libraries only some embedders use (a request schema, JSON logs).
+HTTP_STACK = {"quart", "quart_trio", "hypercorn", "werkzeug", "h11", "h2"}
+ON_DEMAND = {"jsonschema", "pythonjsonlogger", "coredis"}
+
+
+def imported_by(statement: str) -> list[str]:
+    """The modules a fresh interpreter imports to run `statement`, beyond its start-up."""
+    probe = (
+        "import json, sys\n"
+        "before = set(sys.modules)\n"
+        f"{statement}\n"
+        "print(json.dumps(sorted(set(sys.modules) - before)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    modules: list[str] = json.loads(done.stdout)
+    return modules
+
+
+def test_all_is_the_documented_set() -> None:
+    assert len(modelpool.__all__) == len(set(modelpool.__all__)), "a name is listed twice"
+    assert set(modelpool.__all__) == DOCUMENTED
+
+
+def test_every_exported_name_resolves_to_what_it_names() -> None:
+    for name in modelpool.__all__:
+        value = getattr(modelpool, name)
+        assert value.__name__ == name
+        assert value.__module__.startswith("modelpool."), (name, value.__module__)
+
+
+def test_an_unknown_name_is_an_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="NoSuchThing"):
+        _ = modelpool.NoSuchThing
+
+
+def test_every_exported_name_is_in_the_embedding_guide() -> None:
+    page = EMBEDDING.read_text(encoding="utf-8")
+    rendered = set(re.findall(r"^::: modelpool\.(\w+)\s*$", page, flags=re.MULTILINE))
+    missing = [
+        name
+        for name in modelpool.__all__
+        if name not in rendered and f"`{name}`" not in page and f"modelpool.{name}" not in page
+    ]
+    assert not missing, f"docs/embedding.md says nothing of {missing}"
+    assert rendered <= set(modelpool.__all__), (
+        f"docs/embedding.md renders names the package does not export: "
+        f"{sorted(rendered - set(modelpool.__all__))}"
+    )
+
+
+def test_importing_the_package_imports_only_the_standard_library() -> None:
+    """What it costs today, pinned: the package's own `__init__` and a few stdlib modules;
+    no other modelpool module, no trio, no HTTP stack."""
+    imported = imported_by("import modelpool")
+    assert "modelpool" in imported
+    beyond = [
+        name
+        for name in imported
+        if name != "modelpool" and name.split(".")[0] not in sys.stdlib_module_names
+    ]
+    assert not beyond, f"import modelpool imports {beyond}"
+
+
+def test_an_embedder_of_the_pool_does_not_import_the_http_stack() -> None:
+    imported = imported_by("from modelpool import Pool, PoolConfig, open_pool")
+    assert "modelpool.pool.pool" in imported
+    tops = {name.split(".")[0] for name in imported}
+    assert not tops & HTTP_STACK, sorted(tops & HTTP_STACK)
+    assert not tops & ON_DEMAND, sorted(tops & ON_DEMAND)
+    ours = [name for name in imported if name.startswith(("modelpool.http", "modelpool.cli"))]
+    assert not ours, ours
+
+
+def test_the_package_says_it_is_typed() -> None:
+    """PEP 561: without py.typed, mypy ignores the hints of an installed modelpool."""
+    assert (importlib.resources.files("modelpool") / "py.typed").is_file()
