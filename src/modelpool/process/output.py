@@ -1,7 +1,7 @@
 """What a model prints, as the service reads it: within a budget, logged at a bounded rate.
 
 A model is an adversary here too: it may print floods, endless lines, or users' data.
-`StampedStream` is its stdout or stderr as the pumps read it (see model.py): it notes
+`StampedStream` is its stdout or stderr as the pumps read it (modelprocess.py): it notes
 when bytes last came and whether a line is half-written, and waits for the budget
 before each read. `OutputBudget` is what it may print while none of its results is
 awaited; `OutputLog` how much of it reaches the log; `PlainLines` what it printed

@@ -47,8 +47,10 @@ import trio
 from modelpool.process.failures import StartFailed
 from modelpool.process.reaper import Reaper
 from modelpool.process.starter import ModelHandle, ModelStarter, Spawner
-from modelpool.process.template import Template
+from modelpool.process.template import TEMPLATE_STATES, Template, TemplateState
 from modelpool.settings.config import PoolConfig
+
+__all__ = ["TEMPLATE_STATES", "Forker", "Preloader", "PreloadingPool", "Template", "TemplateState"]
 
 log = logging.getLogger("modelpool.preload")
 
