@@ -251,7 +251,7 @@ async def test_a_model_unsafe_to_fork_falls_back_to_plain_starts_with_a_warning(
 async def test_a_model_that_reads_fd_0_directly_falls_back_to_plain_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("modelpool.process.preload.FORK_POINT_WAIT", 1.0)
+    monkeypatch.setattr("modelpool.process.template.FORK_POINT_WAIT", 1.0)
     script = tmp_path / "raw_reader.py"
     script.write_text(
         "import os\n"
@@ -573,7 +573,7 @@ async def test_a_template_that_becomes_unsafe_after_its_fork_point_falls_back(
 async def test_a_stuck_template_is_replaced_and_replacements_fork_from_the_new_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("modelpool.process.preload.FORK_TIMEOUT", 0.5)
+    monkeypatch.setattr("modelpool.process.template.FORK_TIMEOUT", 0.5)
     async with open_pool(model3_config(workers=2, preload=True, backoff_initial=0.1)) as pool:
         await pool.wait_ready()
         stuck, child, other = template_pid(pool), pool.workers[0].pid, pool.workers[1].pid
@@ -750,7 +750,7 @@ async def test_the_template_is_not_reported_as_a_model_whose_waiting_cannot_be_s
 ) -> None:
     """The template waits for forks, not requests: what a request-serving model looks
     like while it waits is none of its business, and the log must not warn about it."""
-    monkeypatch.setattr("modelpool.process.model.LEARN_MAX", 0.2)
+    monkeypatch.setattr("modelpool.process.pacing.LEARN_MAX", 0.2)
     caplog.set_level(logging.INFO, logger="modelpool.model")
     async with open_pool(model3_config(workers=1, preload=True)) as pool:
         await pool.wait_ready()
@@ -785,7 +785,7 @@ async def test_what_a_child_holds_is_measured_off_the_event_loop(
     serves every request. (The real measurement runs; the test only notes its thread.)"""
     import threading
 
-    from modelpool.process import preload
+    from modelpool.process import forked as preload
 
     threads: list[str] = []
     measure = preload.tree_private_mib

@@ -15,7 +15,7 @@ import trio
 from conftest import hostile_config, predict_into, wait_busy, wait_until
 from modelpool import ModelFailed, PoolError, open_pool
 from modelpool.pool.pool import Pool
-from modelpool.process.model import OUTPUT_BURST_LINES, OUTPUT_RATE_LINES
+from modelpool.process.output import OUTPUT_BURST_LINES, OUTPUT_RATE_LINES
 
 ROUNDS = 10
 

@@ -18,14 +18,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import trio
 
 from modelpool.process import devices
 from modelpool.process.model import StartFailed
-from modelpool.process.reaper import descendants
 from modelpool.settings.config import ConfigError
 
 if TYPE_CHECKING:
@@ -393,17 +391,3 @@ def _entry(worker: Worker) -> dict[str, Any]:
 def _retire_order(worker: Worker) -> int:
     """Which workers to retire first: the cheapest to lose."""
     return {"restarting": 0, "starting": 1, "idle": 2, "busy": 3}.get(worker.state, 4)
-
-
-def tree_rss_mib(pid: int) -> float:
-    """Resident memory of a model and every process below it, in MiB."""
-    total = 0
-    for member in [pid, *descendants(pid)]:
-        try:
-            for line in Path(f"/proc/{member}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1])
-                    break
-        except OSError:
-            continue  # it ended meanwhile
-    return total / 1024

@@ -5,7 +5,8 @@ through; one that merely sleeps, or waits for a helper, is blocked too, but else
 /proc/PID/syscall tells them apart: for a blocked task it shows the system call and
 its arguments (the first being the file descriptor of a read), and "running" for a
 task that runs. It needs the access ptrace needs (the same user, or root); where it
-cannot be read, nothing is seen, and the caller keeps its older rule.
+cannot be read, nothing is seen, and the caller keeps its older rule. The reads
+themselves are procfs.py's (`blocked_in`, `pipe_inode`); this module knows what they mean.
 
 System call numbers differ between architectures, so none is written here: the
 numbers of read(2) and readv(2) are taken from a thread of this process blocked in
@@ -21,41 +22,9 @@ import threading
 import time
 from collections.abc import Callable
 
-Signature = tuple[int, int]
-"""What a blocked task looks like: its system call number and first argument."""
+from modelpool.process.procfs import blocked_in
 
 CALIBRATE_MAX = 1.0  # seconds a thread of ours gets to block in a read
-
-
-def blocked_in(pid: int) -> Signature | None:
-    """The system call the process's main thread is blocked in; None if it runs or is unknown."""
-    try:
-        fd = os.open(f"/proc/{pid}/syscall", os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fields = os.read(fd, 256).split(maxsplit=2)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
-    if len(fields) < 3:  # "running", or nothing
-        return None
-    try:
-        return int(fields[0]), int(fields[1], 16)
-    except ValueError:
-        return None
-
-
-def pipe_inode(pid: int, fd: int) -> int | None:
-    """The inode of the pipe open as `fd` in process `pid`; None if that is no pipe."""
-    try:
-        target = os.readlink(f"/proc/{pid}/fd/{fd}")
-    except OSError:
-        return None
-    if not (target.startswith("pipe:[") and target.endswith("]")):
-        return None
-    return int(target[6:-1])
 
 
 @functools.cache

@@ -6,7 +6,7 @@ model's tree altogether (a double fork or a daemon: its parent exits and it is
 re-parented). Three mechanisms cover those, from the cheapest:
 
 1. The process tree: when a model is killed, every process still below it in the tree
-   is killed too, found through /proc, round after round until none is left.
+   is killed too, found through /proc (procfs.py), round after round until none is left.
 2. A token: every model gets `MODELPOOL_MODEL=<unique token>` in its environment, which
    its descendants inherit. An orphan that carries the token of a model that has ended
    is killed.
@@ -33,9 +33,17 @@ import signal
 import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
-from pathlib import Path
 
 import trio
+
+from modelpool.process.procfs import (
+    all_pids,
+    command_of,
+    descendants,
+    environ_value,
+    is_zombie,
+    own_children,
+)
 
 log = logging.getLogger("modelpool.reaper")
 
@@ -224,80 +232,9 @@ def become_subreaper() -> None:
         log.warning("cannot become a child subreaper: %s", os.strerror(error))
 
 
-# -- /proc ---------------------------------------------------------------------------
-
-
-def own_children() -> list[int]:
-    """This process's children, from every thread (trio starts processes from threads)."""
-    found: list[int] = []
-    for task in Path("/proc/self/task").iterdir():
-        try:
-            found.extend(int(pid) for pid in (task / "children").read_text().split())
-        except OSError:
-            continue
-    return found
-
-
-def children_of(pid: int) -> list[int]:
-    found: list[int] = []
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return found
-    for task in tasks:
-        try:
-            found.extend(int(child) for child in (task / "children").read_text().split())
-        except OSError:
-            continue
-    return found
-
-
-def descendants(pid: int, spare: set[int] | frozenset[int] = frozenset()) -> list[int]:
-    """Every process below `pid` in the tree, parents before their children; the ones in
-    `spare` are left out, and so is everything below them."""
-    found: list[int] = []
-    frontier = [pid]
-    while frontier:
-        children = [
-            child for parent in frontier for child in children_of(parent) if child not in spare
-        ]
-        found.extend(children)
-        frontier = children
-    return found
-
-
-def all_pids() -> list[int]:
-    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
-
-
-def is_zombie(pid: int) -> bool:
-    """True if `pid` has exited (or is gone) and only waits to be reaped."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
 def token_of(pid: int) -> str | None:
     """The model token in a process's environment, if it still carries one."""
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return None
-    prefix = TOKEN_VAR.encode() + b"="
-    for entry in environ.split(b"\0"):
-        if entry.startswith(prefix):
-            return entry[len(prefix) :].decode(errors="replace")
-    return None
-
-
-def command_of(pid: int) -> str:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return "?"
-    return raw.replace(b"\0", b" ").decode(errors="replace").strip()[:200] or "?"
+    return environ_value(pid, TOKEN_VAR)
 
 
 def _reap(pid: int) -> None:

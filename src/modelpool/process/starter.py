@@ -18,6 +18,9 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from modelpool.process.failures import CommandNotRunnable
+from modelpool.process.procfs import tree_rss_mib
+
 if TYPE_CHECKING:
     from modelpool.process.reaper import Reaper
     from modelpool.settings.config import PoolConfig
@@ -31,14 +34,15 @@ class ModelHandle(Protocol):
     ready_at_start: bool  # a forked child is past its ready line before it exists
     started_at: float  # trio time at which the start was asked for
 
+    # Its pipes: file descriptors, which the model's pacing looks at (see pacing.py).
     @property
-    def stdin(self) -> trio.abc.SendStream: ...
+    def stdin(self) -> trio.lowlevel.FdStream: ...
 
     @property
-    def stdout(self) -> trio.abc.ReceiveStream: ...
+    def stdout(self) -> trio.lowlevel.FdStream: ...
 
     @property
-    def stderr(self) -> trio.abc.ReceiveStream: ...
+    def stderr(self) -> trio.lowlevel.FdStream: ...
 
     @property
     def returncode(self) -> int | None:
@@ -75,7 +79,10 @@ class SpawnedProcess:
     ready_at_start = False
 
     def __init__(self, proc: trio.Process, started_at: float) -> None:
-        assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
+        # trio makes a process's pipes FdStreams on Unix (typed as plain streams)
+        assert isinstance(proc.stdin, trio.lowlevel.FdStream)
+        assert isinstance(proc.stdout, trio.lowlevel.FdStream)
+        assert isinstance(proc.stderr, trio.lowlevel.FdStream)
         self.proc = proc
         self.pid = proc.pid
         self.started_at = started_at
@@ -99,8 +106,6 @@ class SpawnedProcess:
             await stream.aclose()
 
     def memory_mib(self) -> float:
-        from modelpool.pool.operations import tree_rss_mib
-
         return tree_rss_mib(self.pid)
 
 
@@ -114,8 +119,6 @@ class Spawner:
     async def start(
         self, config: PoolConfig, name: str, token: str, env: dict[str, str]
     ) -> SpawnedProcess:
-        from modelpool.process.model import CommandNotRunnable
-
         started_at = trio.current_time()
         async with self._reaper.spawning():
             try:
