@@ -4,13 +4,9 @@ once it runs (`failure_of`: the `ModelFailed` its worker reports)."""
 from __future__ import annotations
 
 import signal
-from typing import TYPE_CHECKING
 
 from modelpool.core.errors import ModelFailed
 from modelpool.core.kinds import FailureKind
-
-if TYPE_CHECKING:
-    from modelpool.process.starter import ModelHandle
 
 
 class StartFailed(Exception):
@@ -36,16 +32,16 @@ class CommandNotRunnable(StartFailed):
 
 
 def failure_of(
-    proc: ModelHandle, overflowed: bool, max_line: int, stderr: list[str]
+    code: int | None, running: bool, overflowed: bool, max_line: int, stderr: list[str]
 ) -> ModelFailed:
     """Why a model stopped answering, once its exit is known (or it is known to be alive):
-    one line, its exit code and `stderr`, its last stderr lines. `overflowed`: it printed
-    a line longer than `max_line`."""
-    code = proc.returncode
+    one line, its exit code and `stderr`, its last stderr lines. `code`: its exit status
+    (None: not known); `running`: whether it is still alive. `overflowed`: it printed a
+    line longer than `max_line`."""
     if overflowed:
         detail = f"model printed a line longer than {max_line} bytes"
         kind = FailureKind.PROTOCOL
-    elif code is None and not proc.running:
+    elif code is None and not running:
         detail = "model exited; its exit status is unknown (its template ended first)"
         kind = FailureKind.CRASHED
     elif code is None:

@@ -238,8 +238,9 @@ class ModelProcess:
         if self.proc.returncode is not None:
             with trio.move_on_after(PUMP_DRAIN):
                 await self.stderr_ended.wait()
+        proc, tail = self.proc, list(self._stderr_tail)
         return failure_of(
-            self.proc, self.overflowed, self._config.max_line, list(self._stderr_tail)
+            proc.returncode, proc.running, self.overflowed, self._config.max_line, tail
         )
 
     @property
