@@ -29,7 +29,7 @@ from conftest import (
     wait_until,
 )
 from modelpool import ModelFailed, QueueFull, QueueTimeout, QueueUnavailable, open_pool
-from modelpool.queues.redisqueue import STREAM
+from modelpool.queues.redis.wire import STREAM
 from serverproc import ServerProcess, server_process, wait_listening, wait_ready
 
 MODEL = ["--model-cmd", " ".join(SCRIPTED)]

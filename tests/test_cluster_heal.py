@@ -24,7 +24,7 @@ from redisserver import RestartableServer, command, restartable_server
 from test_cluster import MODEL, cluster
 
 from conftest import error_body
-from modelpool.queues.redisqueue import NODES, STREAM
+from modelpool.queues.redis.wire import NODES, STREAM
 from serverproc import server_process, wait_listening, wait_ready
 
 HEARTBEAT = 1.0  # redisqueue.BEAT_SECONDS

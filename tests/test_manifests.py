@@ -30,7 +30,7 @@ from redisserver import redis_server
 from conftest import MODEL3, ROOT
 from modelpool import PoolConfig, open_pool
 from modelpool.http.server import RESPONSE_SLACK
-from modelpool.queues.redisqueue import GROUP, STREAM
+from modelpool.queues.redis.wire import GROUP, STREAM
 from modelpool.settings.config import ServerConfig
 from modelpool.settings.options import parse
 

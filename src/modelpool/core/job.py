@@ -34,7 +34,9 @@ class Job:
     unique value sent to the model under `--id-field`, when that is on. `queued` is
     true while the job sits in the channel; `abandoned` once the caller stopped waiting
     (its client went away, or its queue wait ran out). A worker skips an abandoned job
-    it has not started, and throws away the answer of one it has.
+    it has not started, and throws away the answer of one it has. What only one kind
+    of queue needs to know of a job (its key in a shared queue, its caller's wait) that
+    queue keeps itself.
     """
 
     def __init__(
@@ -57,8 +59,6 @@ class Job:
         self.timing = Timing()
         self.taken = trio.Event()
         self.done = trio.Event()
-        self.queue_deadline: trio.CancelScope | None = None  # the caller's queue timeout
-        self.queue_key: bytes | None = None  # its name in a shared queue, where it has one
         self._value: dict[str, Any] | None = None
         self._error: PoolError | None = None
 

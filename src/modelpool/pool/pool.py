@@ -39,7 +39,8 @@ from modelpool.pool.worker import State, Worker
 from modelpool.process import devices
 from modelpool.process.reaper import Reaper
 from modelpool.process.starter import ModelStarter, Spawner
-from modelpool.queues.jobqueue import JobQueue, open_queue
+from modelpool.queues.base import JobQueue
+from modelpool.queues.open import open_queue
 from modelpool.settings.config import PoolConfig
 
 if TYPE_CHECKING:
@@ -81,8 +82,7 @@ class Pool:
         self.workers: list[Worker] = []
         self.ready_models = 0  # workers whose model is ready, counted by them: no scan per change
         self.metrics = PoolMetrics(self)
-        self.queue: JobQueue = open_queue(config, self.metrics, self.node)
-        self.queue.node_status = self.node_status
+        self.queue: JobQueue = open_queue(config, self.metrics, self.node, self.node_status)
         self.serves_http = False  # set by the HTTP service, for the cluster's view
         self.operations = Operations(self)
         self._spawner = Spawner(reaper)
