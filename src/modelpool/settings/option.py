@@ -43,12 +43,12 @@ class Option:
 
     `convert` reads its text (flag, variable, a string in the config file); `check`
     judges its value wherever it comes from (the config classes run it, and so does
-    the HTTP admin API), returning the value to keep. A value of None skips neither:
-    an option that may be unset says so with `checks.OrNone`.
+    the HTTP admin API), returning the value to keep. None is checked as any value is:
+    an option that may be unset wraps its check in `checks.OrNone`.
     """
 
     name: str  # its field, config-file key and argparse dest; whence flag and variable
-    convert: Callable[[str], Any] | None  # None: an on/off switch
+    convert: Callable[[str], Any] | None  # None: an on/off switch (or no command's setting)
     default: Any  # as --help and the reference show it (None: unset)
     help: str
     owner: str  # POOL, SERVER or COMMAND
@@ -80,19 +80,10 @@ class Option:
             return ()
         return ("serve",) if self.owner == SERVER else ("serve", "worker")
 
-    @property
-    def for_worker(self) -> bool:
-        """Whether `modelpool worker` (models only, no HTTP) takes this option."""
-        return "worker" in self.commands
-
     def validate(self, value: Any) -> Any:
         """The value to keep, as the config classes keep it; ConfigError if it makes no
         sense, naming this option's field."""
         return value if self.check is None else self.check(self.name, value)
-
-    def made_default(self) -> Any:
-        """The value a config class gets when none is given."""
-        return self.default if self.factory is None else self.factory()
 
 
 def field_of(option: Option) -> Any:

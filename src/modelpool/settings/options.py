@@ -190,9 +190,4 @@ def option(name: str) -> Option:
     return BY_NAME[name]
 
 
-def owned_by(owner: str) -> list[Option]:
-    """The options whose values go to `owner` (option.POOL or option.SERVER), in order."""
-    return [option for option in BY_NAME.values() if option.owner == owner]
-
-
-__all__ = ["BY_NAME", "OPTIONS", "TOPICS", "Option", "option", "owned_by"]
+__all__ = ["BY_NAME", "OPTIONS", "TOPICS", "Option", "option"]  # TOPICS: option.py's

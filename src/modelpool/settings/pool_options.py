@@ -116,7 +116,7 @@ MODEL_OPTIONS = [
         30.0,
         "longest delay between such restarts",
         POOL,
-        topic=MODELS,
+        topic=MODELS,  # at least --backoff-initial: a relation, which PoolConfig checks
     ),
     Option(
         "max_requests",
