@@ -27,7 +27,7 @@ from modelpool.settings.parsers import BadValue
 from modelpool.settings.sources import OptionValueError, choose, read_config_file
 
 UNSET: Any = object()  # not on the command line (a converted value may well be None)
-BY_NAME = {each.name: each for each in OPTIONS}
+WITH_FLAG = {each.name: each for each in OPTIONS}  # a ConfigError names a field; we, its flag
 
 
 @dataclass(frozen=True)
@@ -35,9 +35,9 @@ class Settings:
     """Parsed options: `config` for the service, plus the ones outside it."""
 
     config: ServerConfig
-    log_level: str
-    log_format: str = "text"
-    command: str = "serve"  # or "worker": models only, for a shared queue
+    log_level: str  # --log-level and --log-format: the table's defaults if not given
+    log_format: str
+    command: str  # "serve", or "worker": models only, for a shared queue
 
 
 class Parser(argparse.ArgumentParser):
@@ -174,7 +174,7 @@ def parse(
     try:
         config = from_options(values)
     except ConfigError as exc:
-        culprit = BY_NAME.get(exc.field)
+        culprit = WITH_FLAG.get(exc.field)
         if culprit is None:
             parser.error(str(exc))
         where = f" ({source[culprit.name]})" if culprit.name in source else ""
