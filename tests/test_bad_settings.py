@@ -17,7 +17,8 @@ import pytest
 import trio
 
 from conftest import SCRIPTED, running_server, scripted_config
-from modelpool.settings.options import MAX_CONFIG_FILE, parse
+from modelpool.cli.parser import parse
+from modelpool.settings.sources import MAX_CONFIG_FILE
 from serverproc import clean_env
 
 MEMORY_CAP = 2 << 30  # bytes of address space for the command: the old one read for ever

@@ -20,8 +20,9 @@ import trove_classifiers
 
 from conftest import FAST_MODEL3, error_body, wait_until
 from modelpool import PoolConfig
+from modelpool.cli.parser import parse
 from modelpool.settings.config import ConfigError
-from modelpool.settings.options import OPTIONS, TOPICS, parse
+from modelpool.settings.options import OPTIONS, TOPICS
 from serverproc import clean_env, server_process, wait_listening, wait_ready
 
 ROOT = Path(__file__).resolve().parents[1]

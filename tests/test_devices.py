@@ -20,11 +20,11 @@ import trio
 
 from conftest import hostile, wait_until
 from modelpool import PoolConfig, open_pool
+from modelpool.cli.parser import parse
 from modelpool.pool.pool import Pool
 from modelpool.process.devices import ROOM_VAR, to_retire
 from modelpool.process.reaper import TOKEN_VAR, token_of
 from modelpool.settings.config import ConfigError
-from modelpool.settings.options import parse
 from modelpool.settings.pycommand import LAUNCHER
 from serverproc import server_process, wait_listening, wait_ready
 

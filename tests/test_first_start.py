@@ -21,7 +21,8 @@ from redisserver import redis_server
 
 from conftest import SCRIPTED, hostile, hostile_config, running_server, wait_until
 from modelpool import ConfigError, FirstStartFailed, ModelCommandError, PoolConfig, open_pool
-from modelpool.settings.options import command, parse
+from modelpool.cli.parser import parse
+from modelpool.settings.parsers import command
 from serverproc import assert_all_gone, server_process, wait_listening
 
 CANT_OPEN = "can't open file"

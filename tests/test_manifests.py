@@ -29,10 +29,10 @@ from redisserver import redis_server
 
 from conftest import MODEL3, ROOT
 from modelpool import PoolConfig, open_pool
+from modelpool.cli.parser import parse
 from modelpool.http.server import RESPONSE_SLACK
 from modelpool.queues.redis.wire import GROUP, STREAM
 from modelpool.settings.config import ServerConfig
-from modelpool.settings.options import parse
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"
 MANIFESTS = sorted(KUBERNETES.rglob("*.yaml"))

@@ -10,15 +10,10 @@ import pytest
 
 from modelpool import PoolConfig, ServerConfig
 from modelpool.cli.main import main
+from modelpool.cli.parser import parse
 from modelpool.settings.config import ConfigError
-from modelpool.settings.options import (
-    OPTIONS,
-    count_or_none,
-    mib_or_none,
-    number,
-    parse,
-    seconds_or_none,
-)
+from modelpool.settings.options import OPTIONS
+from modelpool.settings.parsers import count_or_none, mib_or_none, number, seconds_or_none
 
 NUMBERS = (number, seconds_or_none, mib_or_none, count_or_none)
 NUMERIC = [o for o in OPTIONS if o.convert in NUMBERS or o.flag == "--port"]

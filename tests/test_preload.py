@@ -37,11 +37,11 @@ from modelpool import (
     PoolConfig,
     open_pool,
 )
+from modelpool.cli.parser import parse
 from modelpool.core.errors import ModelCommandError
 from modelpool.pool.operations import OperationFailed
 from modelpool.pool.pool import Pool
 from modelpool.process.reaper import token_of
-from modelpool.settings.options import parse
 from modelpool.settings.pycommand import LAUNCHER, NotPythonCommand, parse_python_command
 from serverproc import server_process, wait_listening, wait_ready
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from modelpool import options
+from modelpool.settings import options
 
 MARKER = "<!-- options-table -->"
 
@@ -43,9 +43,9 @@ def table(chosen: list[Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for option in chosen:
-        commands = "serve, worker" if option.for_worker else "serve"
+        commands = ", ".join(option.commands)
         rows.append(
-            f"| `{option.flag}` | `{option.env}` | `{option.dest}` | {default(option)} "
+            f"| `{option.flag}` | `{option.env}` | `{option.key}` | {default(option)} "
             f"| {commands} | {cell(option.help)} |"
         )
     return "\n".join(rows)

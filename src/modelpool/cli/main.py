@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import trio
 
+from modelpool.cli.parser import parse
 from modelpool.core import logs
 from modelpool.core.errors import FirstStartFailed, ModelCommandError
 from modelpool.http.binding import CannotListen
@@ -24,7 +25,6 @@ from modelpool.http.server import Service
 from modelpool.pool.pool import Pool, open_pool
 from modelpool.process.reaper import Reaper
 from modelpool.settings.config import PoolConfig, ServerConfig
-from modelpool.settings.options import parse
 
 log = logging.getLogger("modelpool")
 EXIT_CANNOT_LISTEN = 1

@@ -13,8 +13,6 @@ a client that hangs up does not stop it half-way.
 
 from __future__ import annotations
 
-import argparse
-import ipaddress
 import json
 import logging
 from collections.abc import Callable
@@ -25,8 +23,9 @@ from quart_trio import QuartTrio
 
 from modelpool.pool.operations import Busy, OperationFailed
 from modelpool.pool.pool import Pool
-from modelpool.settings.config import MAX_WORKERS
-from modelpool.settings.options import command
+from modelpool.settings.checks import ConfigError, is_loopback
+from modelpool.settings.options import option
+from modelpool.settings.pool_options import WORKERS
 
 log = logging.getLogger("modelpool.admin")
 NEEDS_KEY = "set --api-key to change the model command over HTTP"
@@ -43,7 +42,8 @@ def add_admin_routes(
         return json_response(status, {**body, "request_id": g.get("request_id")})
 
     def refused() -> Response | None:
-        if api_key_set or _is_loopback(request.remote_addr):
+        address = request.remote_addr
+        if api_key_set or (address is not None and is_loopback(address)):
             return None
         return forbidden("admin paths answer only loopback clients when no API key is set")
 
@@ -117,35 +117,31 @@ def _changes_command(options: dict[str, Any]) -> str | None:
 
 
 def _model_cmd(options: dict[str, Any]) -> list[str] | None:
+    """The new command, judged as PoolConfig(model_cmd=...) and --model-cmd judge it."""
     unknown = set(options) - {"model_cmd"}
     if unknown:
         raise AdminRequestError(f"unknown field(s): {', '.join(sorted(unknown))}")
     value = options.get("model_cmd")
     if value is None:
         return None
-    if isinstance(value, str):
-        try:
-            return command(value)  # the same rules as --model-cmd
-        except argparse.ArgumentTypeError as exc:
-            raise AdminRequestError(f"model_cmd: {exc}") from None
-    words_ok = isinstance(value, list) and value and all(isinstance(w, str) for w in value)
-    if words_ok and value[0].strip():
-        return value
-    raise AdminRequestError("model_cmd must be a command line or a list of strings")
+    try:
+        words: list[str] = option("model_cmd").validate(value)
+    except ConfigError as exc:
+        if isinstance(value, str):  # a command line: say what is wrong with it
+            raise AdminRequestError(f"model_cmd: {exc.problem}") from None
+        raise AdminRequestError("model_cmd must be a command line or a list of strings") from None
+    return words
 
 
 def _workers(options: dict[str, Any]) -> int:
+    """The new number of workers, within the bounds of --workers (at least one)."""
     unknown = set(options) - {"workers"}
     if unknown:
         raise AdminRequestError(f"unknown field(s): {', '.join(sorted(unknown))}")
     value = options.get("workers")
-    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
-        raise AdminRequestError(f"workers must be a whole number from 1 to {MAX_WORKERS}")
-    return value
-
-
-def _is_loopback(address: str | None) -> bool:
     try:
-        return address is not None and ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
+        workers: int = WORKERS("workers", value)
+    except ConfigError:
+        span = f"from {WORKERS.minimum:g} to {WORKERS.maximum:g}"
+        raise AdminRequestError(f"workers must be a whole number {span}") from None
+    return workers

@@ -23,6 +23,7 @@ import trio
 
 from modelpool.http.binding import CannotListen, bind, inherited_socket
 from modelpool.http.sdnotify import Notifier
+from modelpool.pool.operations import NOT_SERVING
 from modelpool.pool.pool import Pool, open_pool
 from modelpool.process.reaper import Reaper
 from modelpool.settings.config import ServerConfig, is_loopback
@@ -78,7 +79,7 @@ class Service:
     async def reload(self) -> None:
         """A rolling reload with the same command (SIGHUP); its outcome goes to the log."""
         if self._pool is None:
-            log.warning("reload asked for while the pool is not serving; ignored")
+            log.warning(NOT_SERVING)
             return
         await self._pool.operations.signalled_reload()
 

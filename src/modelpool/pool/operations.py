@@ -37,6 +37,7 @@ MEMORY_CHECK_INTERVAL = 1.0  # seconds between two looks at every model's memory
 MEMORY_MARGIN = 1.2  # during a request, a model is killed only past 120 % of the limit
 RECYCLE_RETRY = 5.0  # seconds before a failed recycle is tried again
 CHANGE_AT_ONCE = 8  # workers a resize starts, or stops, at the same time
+NOT_SERVING = "reload asked for while the pool is not serving; ignored"
 
 
 class Busy(Exception):
@@ -66,7 +67,7 @@ class Operations:
         """A rolling reload with the same command, asked for by SIGHUP: no one waits for
         an answer, so its outcome goes to the log only."""
         if self._pool.closing:
-            log.warning("reload asked for while the pool is not serving; ignored")
+            log.warning(NOT_SERVING)
             return
         try:
             await self.detached(self.reload)
