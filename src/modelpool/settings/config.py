@@ -51,7 +51,7 @@ def setting(name: str) -> Any:
 class PoolConfig:
     """How many models to keep warm, how to start them, and what to accept from them."""
 
-    model_cmd: list[str] = setting("model_cmd")  # noqa: RUF009 (a field); or a string, split
+    model_cmd: list[str] = setting("model_cmd")  # or a string, split
     workers: int = setting("workers")
     ready_line: str = setting("ready_line")
     timeout: float = setting("timeout")
@@ -67,7 +67,7 @@ class PoolConfig:
     id_field: str | None = setting("id_field")
     request_schema: Mapping[str, Any] | None = setting("request_schema")
     stderr_tail: int = setting("stderr_tail")
-    env: dict[str, str] | None = setting("env")  # noqa: RUF009 (a field, as every one here)
+    env: dict[str, str] | None = setting("env")
     model_log_level: str = setting("model_log_level")  # of the lines models print on stderr
     model_stdout_level: str = setting("model_stdout_level")  # on stdout: they echo data
     model_log_rate: int | None = setting("model_log_rate")  # lines a second per model; None: all
