@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from modelpool import PoolConfig, open_pool
-from modelpool.pool.operations import CHANGE_AT_ONCE
+from modelpool.pool.waves import CHANGE_AT_ONCE
 
 PROBE = Path(__file__).parent / "shrink_probe.py"
 # Longest turn of the loop while shrinking to 2, by pool size. A quiet machine stays near

@@ -9,12 +9,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from modelpool.core.kinds import FailureKind, Outcome
+
 
 class PoolError(Exception):
     """Base of every error `Pool.predict` raises; `payload()` is what a client is shown."""
 
     message = "prediction failed"
-    outcome = "error"  # its label in modelpool_requests_total{outcome}
+    outcome: Outcome = Outcome.ERROR  # its label in modelpool_requests_total{outcome}
     request_id: str | None = None
 
     def payload(self) -> dict[str, Any]:
@@ -41,35 +43,35 @@ class BadRequest(DetailedError):
     """The request cannot be sent to a model: not JSON, too deep, or refused by the schema."""
 
     message = "bad request"
-    outcome = "bad_request"
+    outcome = Outcome.BAD_REQUEST
 
 
 class QueueFull(PoolError):
     """Too many requests are already waiting; the caller should retry later."""
 
     message = "queue full"
-    outcome = "queue_full"
+    outcome = Outcome.QUEUE_FULL
 
 
 class QueueTimeout(PoolError):
     """No model became free within the queue timeout."""
 
     message = "no model available"
-    outcome = "queue_timeout"
+    outcome = Outcome.QUEUE_TIMEOUT
 
 
 class QueueUnavailable(DetailedError):
     """The shared queue (Redis) cannot be reached, or lost the request."""
 
     message = "queue unavailable"
-    outcome = "queue_unavailable"
+    outcome = Outcome.QUEUE_UNAVAILABLE
 
 
 class ShuttingDown(PoolError):
     """The pool is stopping and takes no new work, or gave up on this job while stopping."""
 
     message = "shutting down"
-    outcome = "shutting_down"
+    outcome = Outcome.SHUTTING_DOWN
 
 
 class ModelTimeout(DetailedError):
@@ -80,7 +82,7 @@ class ModelTimeout(DetailedError):
     """
 
     message = "model timeout"
-    outcome = "timeout"
+    outcome = Outcome.TIMEOUT
 
 
 class ModelFailed(PoolError):
@@ -92,20 +94,20 @@ class ModelFailed(PoolError):
     """
 
     message = "model failed"
-    outcome = "model_failed"
+    outcome = Outcome.MODEL_FAILED
 
     def __init__(
         self,
         detail: str,
         exit_code: int | None = None,
         stderr: list[str] | None = None,
-        kind: str = "crashed",
+        kind: FailureKind = FailureKind.CRASHED,
     ) -> None:
         super().__init__(detail)
         self.detail = detail
         self.exit_code = exit_code
         self.stderr = stderr or []
-        self.kind = kind  # crashed or protocol
+        self.kind = kind
 
     def payload(self, expose_stderr: bool = False) -> dict[str, Any]:
         body: dict[str, Any] = {

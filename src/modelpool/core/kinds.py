@@ -1,8 +1,9 @@
 """The service's vocabularies, each an enum, so a misspelt value is an error and not a new label.
 
 Each is a `StrEnum`: its members are the very strings users see in metrics labels, JSON
-bodies and logs, so a dashboard's queries keep working. `metrics.py` declares every label
-value from these, so a counter exists (at 0) before the first time it happens.
+bodies and logs, so a dashboard's queries keep working. `metrics.py` declares its label
+values from these, so a counter exists (at 0) before the first time it happens (all but
+`Outcome.ERROR`, which no request of this version ends with).
 """
 
 from __future__ import annotations
@@ -54,3 +55,10 @@ class WorkerState(enum.StrEnum):
     BUSY = "busy"
     RESTARTING = "restarting"
     STOPPED = "stopped"
+
+
+class StartMethod(enum.StrEnum):
+    """How a model process came to be: `modelpool_model_start_seconds{method}`."""
+
+    SPAWN = "spawn"  # a new program, which loads its model
+    FORK = "fork"  # forked from the warm template (--preload)

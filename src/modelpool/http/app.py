@@ -115,7 +115,7 @@ def create_app(
                 body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
                 value = parse_request(body)
             except BadRequest:
-                pool.metrics.request_done("bad_request", time.perf_counter() - g.started)
+                pool.metrics.request_done(BadRequest.outcome, time.perf_counter() - g.started)
                 raise
             g.timing = Timing()
             result = await pool.predict(value, g.request_id, g.timing)
@@ -169,7 +169,7 @@ def create_app(
         if code == 413:
             body = {"error": "request body too large", "max_body": config.max_body}
         if request.path == "/predict" and code in (408, 413):
-            pool.metrics.request_done("bad_request", time.perf_counter() - g.started)
+            pool.metrics.request_done(BadRequest.outcome, time.perf_counter() - g.started)
         body["request_id"] = g.get("request_id")
         response = json_response(code, body)
         allow = dict(exc.get_headers()).get("Allow")

@@ -101,7 +101,7 @@ class Service:
                 from modelpool.http.listener import serve, sockets
 
                 self._pool = pool
-                pool.serves_http = True
+                pool.mark_serving_http()
                 if self._killed.is_set():
                     pool.kill()
                 elif self._stop.is_set():

@@ -14,40 +14,28 @@ from __future__ import annotations
 
 import collections
 import time
-from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 
-if TYPE_CHECKING:
-    from modelpool.pool.pool import Pool
+from modelpool.core.kinds import Outcome, RestartReason, StartMethod, WorkerState
+from modelpool.process.template import TemplateState
 
-OUTCOMES = (
-    "ok",
-    "timeout",
-    "model_failed",
-    "bad_request",
-    "queue_full",
-    "queue_timeout",
-    "shutting_down",
-    "client_gone",
-    "queue_unavailable",
-)
-RESTART_REASONS = (
-    "timeout",
-    "crashed",
-    "protocol",
-    "died_idle",
-    "start_failed",
-    "recycled",
-    "memory",
-    "reload",
-)
-WORKER_STATES = ("starting", "idle", "busy", "restarting", "stopped")
-START_METHODS = ("spawn", "fork")  # see starter.py
-TEMPLATE_STATES = ("loading", "ready", "fallback", "failed", "stopped")  # preload.TemplateState
+if TYPE_CHECKING:
+    from modelpool.process.preload import Preloader
+    from modelpool.queues.base import JobQueue
+    from modelpool.settings.config import PoolConfig
+
+# Declared ahead, so each counter shows 0 before the first time it happens. "error" (a
+# PoolError of no more precise kind) is not: no request ends so, and /metrics never showed it.
+OUTCOMES = tuple(outcome for outcome in Outcome if outcome is not Outcome.ERROR)
+RESTART_REASONS = tuple(RestartReason)
+WORKER_STATES = tuple(WorkerState)
+START_METHODS = tuple(StartMethod)
+TEMPLATE_STATES = tuple(TemplateState)
 # From a pipe round trip (about a millisecond) to past the default 10 s timeout.
 BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
@@ -57,10 +45,45 @@ START_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 3
 RECENT_SECONDS = 60
 
 
+class MeteredWorker(Protocol):
+    """What the gauges read of each worker (worker.py's Worker is one)."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def device(self) -> str | None: ...
+    @property
+    def state(self) -> WorkerState: ...
+    @property
+    def config(self) -> PoolConfig: ...
+    def busy_seconds(self) -> float: ...
+
+
+class MeteredPool(Protocol):
+    """What the gauges read of the pool when scraped (pool.py's Pool is one)."""
+
+    @property
+    def config(self) -> PoolConfig: ...
+    @property
+    def workers(self) -> Sequence[MeteredWorker]: ...
+    @property
+    def queue(self) -> JobQueue: ...
+    @property
+    def queue_length(self) -> int: ...
+    @property
+    def retired_busy_seconds(self) -> float: ...
+    @property
+    def preloader(self) -> Preloader | None: ...
+    @property
+    def generation(self) -> int: ...
+
+
 class PoolMetrics:
     """Every number the pool counts; one instance per pool."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: MeteredPool) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter(
             "modelpool_requests",
@@ -69,7 +92,9 @@ class PoolMetrics:
             registry=self.registry,
         )
         # Looked up once: finding a labelled child costs more than counting with it.
-        self._requests_by_outcome = {o: self.requests.labels(outcome=o) for o in OUTCOMES}
+        self._requests_by_outcome: dict[Outcome, Counter] = {
+            o: self.requests.labels(outcome=o) for o in OUTCOMES
+        }
         self.queue_wait = Histogram(
             "modelpool_queue_wait_seconds",
             "Time a request waited in the queue before a model took it",
@@ -114,7 +139,7 @@ class PoolMetrics:
         self.registry.register(_PoolGauges(pool))
         self.recent = Recent()
 
-    def request_done(self, outcome: str, seconds: float) -> None:
+    def request_done(self, outcome: Outcome, seconds: float) -> None:
         counter = self._requests_by_outcome.get(outcome) or self.requests.labels(outcome=outcome)
         counter.inc()
         self.request_time.observe(seconds)
@@ -137,7 +162,7 @@ class PoolMetrics:
 class _PoolGauges:
     """Queue length, workers by state and busy time, read from the pool when scraped."""
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: MeteredPool) -> None:
         self._pool = pool
 
     def describe(self) -> Iterable[Metric]:
@@ -150,9 +175,9 @@ class _PoolGauges:
         )
         yield queue
         workers = GaugeMetricFamily("modelpool_workers", "Workers by state", labels=["state"])
-        counts = collections.Counter(w.state.value for w in pool.workers)
+        counts = collections.Counter(w.state for w in pool.workers)
         for state in WORKER_STATES:
-            workers.add_metric([state], counts[state])
+            workers.add_metric([state.value], counts[state])
         yield workers
         busy = CounterMetricFamily(
             "modelpool_model_busy_seconds",
@@ -199,7 +224,7 @@ class Recent:
             collections.deque()
         )
 
-    def add(self, outcome: str, seconds: float) -> None:
+    def add(self, outcome: Outcome, seconds: float) -> None:
         now = int(time.time())
         if not self._seconds or self._seconds[-1][0] != now:
             self._seconds.append((now, collections.Counter(), []))
@@ -221,7 +246,7 @@ class Recent:
                 {
                     "t": second,
                     "answered": len(ordered),
-                    "errors": sum(n for o, n in outcomes.items() if o != "ok"),
+                    "errors": sum(n for o, n in outcomes.items() if o != Outcome.OK),
                     "p50": _percentile(ordered, 50),
                     "p99": _percentile(ordered, 99),
                 }

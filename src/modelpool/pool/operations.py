@@ -9,35 +9,65 @@ by the operation, and a new version that cannot start leaves the old ones servin
 
 Surges take turns (one lock), so at most one extra model runs at a time: a memory limit
 is about not running many at once. Reload and resize also take turns with each other
-(another lock); a second one asked for meanwhile is refused with `Busy`.
+(another lock); a second one asked for meanwhile is refused with `Busy`. Many workers at
+once are started and retired in waves (waves.py); the memory limit is watched by
+memwatch.py, which asks for recycles here.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar, cast
 
 import trio
 
+from modelpool.core.kinds import RestartReason, WorkerState
+from modelpool.pool.waves import first_model, retire_in_waves, start_in_waves
 from modelpool.process import devices
 from modelpool.process.model import StartFailed
-from modelpool.settings.config import ConfigError
+from modelpool.settings.config import ConfigError, PoolConfig
 
 if TYPE_CHECKING:
-    from modelpool.pool.pool import Pool
     from modelpool.pool.worker import Worker
+    from modelpool.process.preload import Preloader
 
 log = logging.getLogger("modelpool.operations")
 T = TypeVar("T")
 
-MEMORY_CHECK_INTERVAL = 1.0  # seconds between two looks at every model's memory
-MEMORY_MARGIN = 1.2  # during a request, a model is killed only past 120 % of the limit
 RECYCLE_RETRY = 5.0  # seconds before a failed recycle is tried again
-CHANGE_AT_ONCE = 8  # workers a resize starts, or stops, at the same time
 NOT_SERVING = "reload asked for while the pool is not serving; ignored"
+
+
+class OperatedPool(Protocol):
+    """What the operations need of the pool (pool.py's Pool is one)."""
+
+    @property
+    def closing(self) -> bool: ...
+    @property
+    def stopped(self) -> trio.Event: ...
+    @property
+    def workers(self) -> Sequence[Worker]: ...
+    @property
+    def model_config(self) -> PoolConfig: ...
+    @property
+    def generation(self) -> int: ...
+    @property
+    def preloader(self) -> Preloader | None: ...
+    def add_worker(
+        self,
+        config: PoolConfig | None = None,
+        generation: int | None = None,
+        trial: bool = False,
+        device: str | None = None,
+    ) -> Worker: ...
+    def start_task(self, fn: Callable[[], Awaitable[None]]) -> None: ...
+    def count_restart(self, reason: RestartReason) -> None: ...
+    def switch_model(self, config: PoolConfig, generation: int) -> None:
+        """What new workers run from now on: a reload's command and generation."""
+        ...
 
 
 class Busy(Exception):
@@ -53,7 +83,9 @@ class OperationFailed(Exception):
 
 
 class Operations:
-    def __init__(self, pool: Pool) -> None:
+    """The live operations on one pool, and the locks by which they take turns."""
+
+    def __init__(self, pool: OperatedPool) -> None:
         self._pool = pool
         self._admin = trio.Lock()  # reload and resize
         self._numbered = pool.generation  # the highest generation number handed out
@@ -100,7 +132,7 @@ class Operations:
         kind, value = outcome[0]
         if kind == "error":
             raise value
-        return value
+        return cast(T, value)
 
     # -- reload -----------------------------------------------------------------------
 
@@ -143,14 +175,14 @@ class Operations:
                     raise OperationFailed(detail, report) from None
                 report["template"] = template.snapshot()
             while (old := self._next_to_replace(generation)) is not None:
-                step = await self._surge_replace(old, config, generation, "reload")
+                step = await self._surge_replace(old, config, generation, RestartReason.RELOAD)
                 replaced.append(step)
                 if "failed" in step:
                     detail = f"generation {generation} failed to start: {step['failed']}"
                     log.error("reload stopped: %s; the other workers keep serving", detail)
                     report["seconds"] = round(time.monotonic() - started, 3)
                     raise OperationFailed(detail, report)
-            pool.model_config, pool.generation = config, generation
+            pool.switch_model(config, generation)
             if pool.preloader is not None:
                 pool.preloader.retire_others(generation)
             report["seconds"] = round(time.monotonic() - started, 3)
@@ -212,7 +244,7 @@ class Operations:
             report = {"workers": workers, "before": before, "added": added, "retired": retired}
             log.info("resize from %d to %d worker(s)", before, workers)
             if workers > before:
-                trials = await self._start_in_waves(workers - before)
+                trials = await start_in_waves(lambda: pool.add_worker(trial=True), workers - before)
                 failed = []
                 for worker in trials:
                     if worker.became_ready.is_set():
@@ -232,37 +264,16 @@ class Operations:
                     serving, before - workers, lambda w: w.device, _retire_order
                 )
                 retired.extend(_entry(w) for w in chosen)
-                await _retire_in_waves(chosen, "resize")
+                await retire_in_waves(chosen, "resize")
             report["seconds"] = round(time.monotonic() - started, 3)
             log.info("resize to %d worker(s) done in %.1f s", workers, report["seconds"])
             return report
 
-    async def _start_in_waves(self, count: int) -> list[Worker]:
-        """Start `count` trial workers, CHANGE_AT_ONCE at a time; wait until each is
-        ready or gave up (models start one after another anyway, see the reaper).
-
-        Hundreds of new workers at once would all take their first steps in the
-        same turn of the event loop, and hold up every request meanwhile.
-        """
-        trials: list[Worker] = []
-        slots = trio.Semaphore(CHANGE_AT_ONCE)
-
-        async def start(worker: Worker) -> None:
-            try:
-                await _first_model(worker)
-            finally:
-                slots.release()
-
-        async with trio.open_nursery() as nursery:
-            for _ in range(count):
-                await slots.acquire()
-                trials.append(self._pool.add_worker(trial=True))
-                nursery.start_soon(start, trials[-1])
-        return trials
-
     # -- recycling --------------------------------------------------------------------
 
-    async def recycle(self, worker: Worker, reason: str, metric_reason: str = "recycled") -> None:
+    async def recycle(
+        self, worker: Worker, reason: str, metric_reason: RestartReason = RestartReason.RECYCLED
+    ) -> None:
         """Replace one worker by surge, with the same command and generation.
 
         If its replacement fails to start, the worker keeps serving and the recycle is
@@ -281,7 +292,7 @@ class Operations:
     # -- the surge ----------------------------------------------------------------------
 
     async def _surge_replace(
-        self, old: Worker, config: Any, generation: int, reason: str
+        self, old: Worker, config: PoolConfig, generation: int, reason: RestartReason
     ) -> dict[str, Any]:
         """Start a worker beside `old`; once its model is ready, retire `old`."""
         pool = self._pool
@@ -289,7 +300,7 @@ class Operations:
             if old.retiring is not None or pool.closing:
                 return {"replaced": old.index, "skipped": "already retiring or shutting down"}
             new = pool.add_worker(config, generation, trial=True, device=old.device)
-            await _first_model(new)
+            await first_model(new)
             if not new.became_ready.is_set():
                 failure = new.start_failure or "stopped before it was ready (shutting down)"
                 return {"replaced": old.index, "by": new.index, "failed": failure}
@@ -302,83 +313,10 @@ class Operations:
             }
             if new.device is not None:
                 step["device"] = new.device
-            pool.metrics.restarts.labels(reason=reason).inc()
+            pool.count_restart(reason)
             old.retire(reason)
             await old.ended.wait()  # its request finishes; then one extra model at most
             return step
-
-    # -- memory ---------------------------------------------------------------------------
-
-    async def watch_memory(self) -> None:
-        """Every second, replace (idle) or kill (busy, past the margin) models over the limit.
-
-        What a model holds is its handle's to say: a spawned model's resident memory, a
-        forked one's private pages (not the pages it shares with its template). Both
-        are read from /proc in a thread: a forked model's walks its page tables (about
-        1.4 ms for 300 MiB), which the event loop, serving every request, must not wait
-        on. A worker whose model changed meanwhile is looked at again next time."""
-        limit = self._pool.config.model_max_rss
-        assert limit is not None
-        while not self._pool.stopped.is_set():
-            watched = [
-                (worker, worker.pid)
-                for worker in self._pool.workers
-                if worker.retiring is None and worker.ready
-            ]
-            usage = await trio.to_thread.run_sync(_memory_of, [worker for worker, _ in watched])
-            for (worker, pid), used in zip(watched, usage, strict=True):
-                if worker.retiring is not None or not worker.ready or worker.pid != pid:
-                    continue
-                if used is None or used <= limit:
-                    continue
-                what = f"uses {used:.0f} MiB, over --model-max-rss {limit:g} MiB"
-                if worker.state == "busy" and used > limit * MEMORY_MARGIN:
-                    worker.kill_for_memory(what)
-                elif worker.ask_recycle():
-                    self._pool.recycle(worker, what, "memory")
-            with trio.move_on_after(MEMORY_CHECK_INTERVAL):
-                await self._pool.stopped.wait()
-
-
-def _memory_of(workers: list[Worker]) -> list[float | None]:
-    """What each worker's model holds, for --model-max-rss: in a thread (see watch_memory)."""
-    return [worker.memory_mib() for worker in workers]
-
-
-async def _first_model(worker: Worker) -> None:
-    """Wait until a trial worker's first model is ready, or it gave up."""
-    async with trio.open_nursery() as nursery:
-
-        async def ready() -> None:
-            await worker.became_ready.wait()
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(ready)
-        await worker.ended.wait()
-        nursery.cancel_scope.cancel()
-
-
-async def _retire_in_waves(workers: list[Worker], reason: str) -> None:
-    """Retire `workers` and wait until they have ended, CHANGE_AT_ONCE at a time.
-
-    Stopping a model takes a few steps of the event loop (its pipes, its exit, its
-    leftovers); hundreds at once would run all those steps in the same turns of the
-    loop and hold up every request meanwhile. In waves, a turn stays short whatever
-    the pool's size, and the next worker is retired as soon as one has ended.
-    """
-    slots = trio.Semaphore(CHANGE_AT_ONCE)
-
-    async def retire(worker: Worker) -> None:
-        try:
-            worker.retire(reason)
-            await worker.ended.wait()
-        finally:
-            slots.release()
-
-    async with trio.open_nursery() as nursery:
-        for worker in workers:
-            await slots.acquire()
-            nursery.start_soon(retire, worker)
 
 
 def _entry(worker: Worker) -> dict[str, Any]:
@@ -390,5 +328,13 @@ def _entry(worker: Worker) -> dict[str, Any]:
 
 
 def _retire_order(worker: Worker) -> int:
-    """Which workers to retire first: the cheapest to lose."""
-    return {"restarting": 0, "starting": 1, "idle": 2, "busy": 3}.get(worker.state, 4)
+    """Which workers to retire first: the cheapest to lose (a stopped one comes last)."""
+    return RETIRE_ORDER.get(worker.state, len(RETIRE_ORDER))
+
+
+RETIRE_ORDER = {
+    WorkerState.RESTARTING: 0,
+    WorkerState.STARTING: 1,
+    WorkerState.IDLE: 2,
+    WorkerState.BUSY: 3,
+}

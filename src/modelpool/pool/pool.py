@@ -6,8 +6,12 @@ Embed it in any trio program::
         answer = await pool.predict({"data": 3})
 
 The queue is an in-process memory channel by default; with `PoolConfig(queue=
-"redis://...")` it is a Redis stream shared with other nodes (see jobqueue.py). The
+"redis://...")` it is a Redis stream shared with other nodes (see queues/). The
 pool does not care which: it puts jobs in, its workers take them out.
+
+The pool owns the workers, the queue and the stopping; the rest is done beside it, by
+modules that see only a Protocol of it: the callers' side (intake.py), its reports
+(report.py), the workers (worker.py), the live operations (operations.py).
 """
 
 from __future__ import annotations
@@ -24,18 +28,16 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from modelpool.core.codec import encode_request
-from modelpool.core.errors import (
-    ModelCommandError,
-    ModelFailed,
-    PoolError,
-    QueueTimeout,
-    ShuttingDown,
-)
+from modelpool.core.errors import ModelCommandError, ModelFailed, ShuttingDown
 from modelpool.core.job import MAX_ATTEMPTS, Job, Timing
+from modelpool.core.kinds import RestartReason, StartMethod, WorkerState
+from modelpool.pool import report
+from modelpool.pool.background import first_error, run_queue_until_stopped, sweep_until_stopped
+from modelpool.pool.intake import Intake
+from modelpool.pool.memwatch import watch_memory
 from modelpool.pool.metrics import PoolMetrics
 from modelpool.pool.operations import Operations
-from modelpool.pool.worker import State, Worker
+from modelpool.pool.worker import Worker
 from modelpool.process import devices
 from modelpool.process.reaper import Reaper
 from modelpool.process.starter import ModelStarter, Spawner
@@ -44,12 +46,9 @@ from modelpool.queues.open import open_queue
 from modelpool.settings.config import PoolConfig
 
 if TYPE_CHECKING:
-    from modelpool.core.schema import RequestSchema
     from modelpool.process.preload import Preloader
 
 log = logging.getLogger("modelpool.pool")
-# What a node's heartbeat tells the cluster of each of its workers.
-HEARTBEAT_KEYS = ("id", "state", "pid", "served", "failed", "restarts", "generation", "device")
 
 
 class Pool:
@@ -64,26 +63,21 @@ class Pool:
         self.started_at = trio.current_time()
         self._nursery = nursery
         self._changed = trio.Event()
-        self._schema: RequestSchema | None = None
-        if config.request_schema is not None:
-            from modelpool.core.schema import RequestSchema  # jsonschema only for those who use it
-
-            self._schema = RequestSchema(config.request_schema)
         self._prefix = secrets.token_hex(4)
         self.node = config.node_name or f"{socket.gethostname()}-{os.getpid()}-{self._prefix}"
-        self._requests = 0
         self.stopped = trio.Event()  # every worker stopped and every caller answered
         self._workers_stopped = trio.Event()
-        self.generation = 1  # the model version new workers run; a reload raises it
-        self.model_config = config  # what new workers run (a reload changes model_cmd)
+        self._generation = 1  # the model version new workers run; a reload raises it
+        self._model_config = config  # what new workers run (a reload changes model_cmd)
         self.retired_busy_seconds = 0.0  # busy time of workers no longer in the pool
         self._indexes = itertools.count()
         self._random = random.Random()
         self.workers: list[Worker] = []
-        self.ready_models = 0  # workers whose model is ready, counted by them: no scan per change
+        self._ready_models = 0  # workers whose model is ready, told by them: no scan per change
         self.metrics = PoolMetrics(self)
         self.queue: JobQueue = open_queue(config, self.metrics, self.node, self.node_status)
-        self.serves_http = False  # set by the HTTP service, for the cluster's view
+        self._intake = Intake(self, config, self.metrics, self._prefix)
+        self._serves_http = False  # told by the HTTP service, for the cluster's view
         self.operations = Operations(self)
         self._spawner = Spawner(reaper)
         self.preloader: Preloader | None = None
@@ -112,50 +106,7 @@ class Pool:
         `request_id` names the request in logs and errors; one is made up if not given.
         `timing`, if given, is filled in with where the request's time went.
         """
-        self._requests += 1
-        request_id = request_id or f"{self._prefix}-{self._requests}"
-        started = trio.current_time()
-        outcome: str | None = None
-        job: Job | None = None
-        try:
-            try:
-                job = await self._submit(request, request_id)
-            except PoolError as exc:
-                exc.request_id = request_id
-                raise
-            result = await self._answer(job)
-            outcome = "ok"
-            return result
-        except PoolError as exc:
-            outcome = exc.outcome
-            raise
-        except trio.Cancelled:
-            outcome = "client_gone"  # the caller stopped waiting
-            raise
-        finally:
-            total = trio.current_time() - started
-            if outcome is not None:
-                self.metrics.request_done(outcome, total)
-            if timing is not None:
-                if job is not None:
-                    timing.queue_wait = job.timing.queue_wait
-                    timing.compute = job.timing.compute
-                    timing.worker, timing.pid = job.timing.worker, job.timing.pid
-                timing.total = total
-
-    async def _answer(self, job: Job) -> dict[str, Any]:
-        """The job's answer, or QueueTimeout if no worker took it within the queue timeout."""
-        try:
-            await self.queue.wait(job)
-        finally:
-            if not job.done.is_set():
-                self.queue.abandon(job)
-                self._stop_idle_starts()
-        if isinstance(job.error, QueueTimeout):
-            timeout = self.config.queue_timeout
-            log.warning("request %s: no model free within %g s", job.request_id, timeout)
-            self._stop_idle_starts()  # it left the queue: maybe the last one, while draining
-        return job.result()
+        return await self._intake.predict(request, request_id, timing)
 
     @property
     def queue_length(self) -> int:
@@ -169,7 +120,25 @@ class Pool:
 
     @property
     def local_ready(self) -> int:
-        return self.ready_models
+        return self._ready_models
+
+    @property
+    def generation(self) -> int:
+        """The model version new workers run; a reload raises it."""
+        return self._generation
+
+    @property
+    def model_config(self) -> PoolConfig:
+        """What new workers run: `config`, but a reload's command once one succeeded."""
+        return self._model_config
+
+    @property
+    def serves_http(self) -> bool:
+        return self._serves_http
+
+    def mark_serving_http(self) -> None:
+        """The HTTP service serves this pool: its heartbeat tells the cluster so."""
+        self._serves_http = True
 
     async def wait_ready(self, count: int | None = None) -> None:
         """Wait until `count` models (all by default) are ready; ShuttingDown if stopping."""
@@ -185,60 +154,15 @@ class Pool:
 
     def status(self) -> dict[str, Any]:
         """What `GET /status` shows: every worker, the queue, health and the last minute."""
-        healthy, problem = self.health()
-        return {
-            "workers": [w.snapshot() for w in self.workers],
-            "size": len(self.workers),
-            "ready": self.ready_count,
-            "queue": self.queue.length,
-            "max_queue": self.config.max_queue,
-            "shutting_down": self.closing,
-            "healthy": healthy,
-            "problem": problem,
-            "orphans_killed": self.reaper.killed,
-            "template": None if self.preloader is None else self.preloader.snapshot(),
-            "recent": self.metrics.recent.summary(),
-            **self.queue.status(),
-        }
+        return report.status(self)
 
     def node_status(self) -> dict[str, Any]:
         """This node as other nodes of a cluster see it (its heartbeat)."""
-        return {
-            "pid": os.getpid(),
-            "http": self.serves_http,
-            "ready": self.local_ready,
-            "size": len(self.workers),
-            "shutting_down": self.closing,
-            "workers": [
-                {key: snapshot[key] for key in HEARTBEAT_KEYS}
-                for snapshot in (w.snapshot() for w in self.workers)
-            ],
-        }
+        return report.node_status(self)
 
     def health(self) -> tuple[bool, str | None]:
-        """Unhealthy once every model has kept failing for `unhealthy_after` seconds.
-
-        Failing means failing on its own: a start that fails, a model that dies while
-        idle. A request that crashes its model says nothing about the model's health,
-        and neither does a long first start-up. Before any model was ever ready, every
-        model failing is unhealthy at once (with --keep-trying; without, the service
-        stops): there is no working version to wait for. `unhealthy_after` None never.
-        """
-        limit = self.config.unhealthy_after
-        queue_problem = self.queue.problem()
-        if queue_problem is not None:
-            return False, queue_problem
-        now = trio.current_time()
-        since = [w.failing(now) for w in self.workers]
-        if limit is None or not since or None in since:
-            return True, None
-        failing_for = now - max(s for s in since if s is not None)
-        if failing_for < limit and self.model_was_ready:
-            return True, None
-        last = next((w.failure_summary for w in self.workers if w.failure_summary), "")
-        if not self.model_was_ready:
-            return False, f"no model was ever ready: every model failed to start; last: {last}"
-        return False, f"every model has failed for {failing_for:.0f} s; last: {last}"
+        """Healthy, or not and why (see report.health)."""
+        return report.health(self)
 
     def shutdown(self) -> None:
         """Take no new requests; serve the queued ones until the drain deadline, then stop."""
@@ -252,7 +176,7 @@ class Pool:
             self.config.effective_drain_timeout,
         )
         self._nursery.start_soon(self._drain)
-        self._stop_idle_starts()
+        self.stop_idle_starts()
         self.worker_changed()  # a pool with no workers of its own has stopped them all
 
     def kill(self) -> None:
@@ -284,8 +208,8 @@ class Pool:
         worker = Worker(
             next(self._indexes),
             self,
-            config or self.model_config,
-            self.generation if generation is None else generation,
+            config or self._model_config,
+            self._generation if generation is None else generation,
             trial,
             device,
         )
@@ -318,12 +242,34 @@ class Pool:
             return None
         return self.config.max_requests + self._random.randint(0, self.config.max_requests_jitter)
 
-    def recycle(self, worker: Worker, why: str, reason: str = "recycled") -> None:
+    def recycle(
+        self, worker: Worker, why: str, reason: RestartReason = RestartReason.RECYCLED
+    ) -> None:
         """Replace a worker by surge (its replacement is ready before it retires)."""
         if not self.closing:
             self._nursery.start_soon(self.operations.recycle, worker, why, reason)
 
+    def switch_model(self, config: PoolConfig, generation: int) -> None:
+        """A reload succeeded: new workers run `config`, of `generation`, from now on."""
+        self._model_config, self._generation = config, generation
+
+    def count_restart(self, reason: RestartReason) -> None:
+        self.metrics.restarts.labels(reason=reason).inc()
+
     # -- what workers use -------------------------------------------------------------
+
+    async def next_job(self) -> Job:
+        """The oldest job, for an idle worker; EndOfChannel once there are no more."""
+        return await self.queue.get()
+
+    def count_model_start(self, method: StartMethod, seconds: float) -> None:
+        self.metrics.model_start.labels(method=method).observe(seconds)
+
+    def count_stale_result(self) -> None:
+        self.metrics.stale_results.inc()
+
+    def count_compute(self, seconds: float) -> None:
+        self.metrics.compute.observe(seconds)
 
     def take(self, job: Job) -> bool:
         """Claim a job a worker got from the queue; False if it must be skipped."""
@@ -331,7 +277,7 @@ class Pool:
             return False
         job.attempts += 1
         job.taken.set()
-        self._stop_idle_starts()
+        self.stop_idle_starts()
         return True
 
     def retry(self, job: Job, reason: str) -> None:
@@ -361,7 +307,11 @@ class Pool:
         worker.failed_first_start = True
         return all(w.failed_first_start for w in self.workers)
 
-    def worker_changed(self) -> None:
+    def worker_changed(self, ready: bool | None = None) -> None:
+        """A worker changed state, joined or left; `ready`: its model became ready, or
+        stopped being (counted here, so that no change needs a scan of every worker)."""
+        if ready is not None:
+            self._ready_models += 1 if ready else -1
         self._changed.set()
         self._changed = trio.Event()
         if self.local_ready:
@@ -371,7 +321,7 @@ class Pool:
             elapsed = trio.current_time() - self.started_at
             size = len(self.workers)
             log.info("%d/%d models ready after %.1f s", size, size, elapsed)
-        stopped = self.closing and all(w.state is State.STOPPED for w in self.workers)
+        stopped = self.closing and all(w.state is WorkerState.STOPPED for w in self.workers)
         if stopped and not self._workers_stopped.is_set():
             self._workers_stopped.set()
             self._nursery.start_soon(self._wait_callers_answered)
@@ -383,23 +333,12 @@ class Pool:
 
     # -- inside -----------------------------------------------------------------------
 
-    async def _submit(self, request: Any, request_id: str) -> Job:
-        if self.closing:
-            raise ShuttingDown()
-        if self._schema is not None:
-            self._schema.check(request)
-        wire_id = None if self.config.id_field is None else f"{self._prefix}.{self._requests}"
-        line = encode_request(request, self.config.id_field, wire_id)
-        job = Job(line, request_id, wire_id, self.config.queue_timeout)
-        await self.queue.put(job)
-        return job
-
-    def _stop_idle_starts(self) -> None:
+    def stop_idle_starts(self) -> None:
         """While draining with an empty queue, a model still starting has nothing to do."""
         if self.wants_models():
             return
         for worker in self.workers:
-            if worker.state in (State.STARTING, State.RESTARTING):
+            if worker.state in (WorkerState.STARTING, WorkerState.RESTARTING):
                 worker.scope.cancel()
 
     async def _drain(self) -> None:
@@ -442,10 +381,10 @@ async def open_pool(
         async with trio.open_nursery() as nursery:
             pool = Pool(config, nursery, reaper)
             log.info("starting %d model(s): %s", config.workers, " ".join(config.model_cmd))
-            await nursery.start(_run_queue_until_stopped, pool)
-            nursery.start_soon(_sweep_until_stopped, pool)
+            await nursery.start(run_queue_until_stopped, pool.queue, pool.stopped)
+            nursery.start_soon(sweep_until_stopped, reaper, pool.stopped)
             if config.model_max_rss is not None:
-                nursery.start_soon(pool.operations.watch_memory)
+                nursery.start_soon(watch_memory, pool)
             try:
                 yield pool
             finally:
@@ -454,32 +393,7 @@ async def open_pool(
         fatal = group.subgroup(ModelCommandError)
         if fatal is None:
             raise
-        raise _first(fatal) from None
+        raise first_error(fatal) from None
     finally:
         with trio.CancelScope(shield=True):
             await reaper.final_sweep()
-
-
-async def _run_queue_until_stopped(
-    pool: Pool, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """The queue's own tasks (a shared queue's connection, replies, heartbeat) run until
-    the pool has stopped and the queue has sent what its workers left it to send."""
-    async with trio.open_nursery() as nursery:
-        await nursery.start(pool.queue.run)
-        task_status.started()
-        await pool.stopped.wait()
-        await pool.queue.flush()
-        nursery.cancel_scope.cancel()
-
-
-async def _sweep_until_stopped(pool: Pool) -> None:
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(pool.reaper.run)
-        await pool.stopped.wait()
-        nursery.cancel_scope.cancel()
-
-
-def _first(group: BaseExceptionGroup) -> BaseException:
-    error = group.exceptions[0]
-    return _first(error) if isinstance(error, BaseExceptionGroup) else error

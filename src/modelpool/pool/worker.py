@@ -1,11 +1,9 @@
-"""A worker owns one model process at a time and feeds it jobs from the pool's queue.
+"""A worker is one slot of the pool: it owns one model process at a time.
 
 Its loop: start a model (after a back-off delay if models keep failing on their own),
-wait for the ready line, then take jobs one by one. A job that times out, crashes the
-model or gets a broken answer costs the model: the worker answers the job, kills the
-model and everything it started, and starts a fresh one. So does a model that goes out
-of step (prints a result nobody asked for): its current request keeps its first result,
-but the model is not trusted with another.
+wait for the ready line, then serve jobs with it (a `ModelSession`, serving.py) until
+the model must be replaced, and start the next. The worker keeps what outlives each
+model: its counts, its last failure, how many models failed in a row (the back-off).
 
 At first start, while no model of the pool was ever ready, a model that fails before
 its ready line is no reason to back off and retry but a mistake in the command: once
@@ -15,28 +13,22 @@ told to keep trying (see Pool.first_start_failed).
 
 from __future__ import annotations
 
-import enum
 import logging
 import shlex
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import trio
 
 from modelpool.core import logs
-from modelpool.core.codec import ResultError, parse_result
-from modelpool.core.errors import (
-    FirstStartFailed,
-    ModelCommandError,
-    ModelFailed,
-    ModelTimeout,
-    ShuttingDown,
-)
-from modelpool.core.job import Job
+from modelpool.core.errors import FirstStartFailed, ModelCommandError
+from modelpool.core.kinds import RestartReason, StartMethod, WorkerState
+from modelpool.pool.serving import JobSource, ModelSession
 from modelpool.process.model import CommandNotRunnable, ModelProcess, StartFailed, open_model
 
 if TYPE_CHECKING:
-    from modelpool.pool.pool import Pool
+    from modelpool.process.reaper import Reaper
+    from modelpool.process.starter import ModelStarter
     from modelpool.settings.config import PoolConfig
 
 log = logging.getLogger("modelpool.worker")
@@ -45,12 +37,21 @@ HEALTHY_UPTIME = 5.0  # seconds a model must stay up to count as healthy
 QUOTED_STDERR_CHARS = 500  # of each stderr line the first-start verdict quotes
 
 
-class State(enum.StrEnum):
-    STARTING = "starting"
-    IDLE = "idle"
-    BUSY = "busy"
-    RESTARTING = "restarting"
-    STOPPED = "stopped"
+class WorkerPool(JobSource, Protocol):
+    """What a worker needs of its pool (pool.py's Pool is one), besides its jobs."""
+
+    @property
+    def ever_ready(self) -> bool: ...
+    @property
+    def reaper(self) -> Reaper: ...
+    def wants_models(self) -> bool: ...
+    def starter_for(self, worker: Worker) -> ModelStarter: ...
+    def request_limit(self) -> int | None: ...
+    def first_start_failed(self, worker: Worker) -> bool: ...
+    def recycle(self, worker: Worker, why: str) -> None: ...
+    def count_restart(self, reason: RestartReason) -> None: ...
+    def count_model_start(self, method: StartMethod, seconds: float) -> None: ...
+    def worker_changed(self, ready: bool | None = None) -> None: ...
 
 
 class Worker:
@@ -67,8 +68,8 @@ class Worker:
     def __init__(
         self,
         index: int,
-        pool: Pool,
-        config: PoolConfig | None = None,
+        pool: WorkerPool,
+        config: PoolConfig,
         generation: int = 1,
         trial: bool = False,
         device: str | None = None,
@@ -78,7 +79,7 @@ class Worker:
         self.device = device
         self.generation = generation
         self.trial = trial
-        self.state = State.STARTING
+        self.state = WorkerState.STARTING
         self.served = 0
         self.failed = 0
         self.restarts = 0
@@ -88,14 +89,12 @@ class Worker:
         self.failed_first_start = False  # a model failed before any of the pool's was ready
         self.scope = trio.CancelScope()
         self._pool = pool
-        self._config = config or pool.config
+        self._config = config
         self.retiring: str | None = None  # why it is being retired, once it is
         self.start_failure: str | None = None  # why a trial worker gave up
         self.became_ready = trio.Event()
         self.ended = trio.Event()
-        self._idle_scope: trio.CancelScope | None = None  # cancelled to retire it while idle
-        self._model_served = 0  # answers by the current model, for --max-requests
-        self._model_limit: int | None = None
+        self._session: ModelSession | None = None  # while its model is ready
         self._recycle_asked = False
         self._memory_kill: str | None = None  # why the model was killed for its memory
         self._starts = 0
@@ -103,10 +102,9 @@ class Worker:
         self._ready_at = 0.0
         self._start: dict[str, Any] | None = None  # how its current model started, how fast
         self._model: ModelProcess | None = None
-        self._restart_reason = "crashed"  # why the current model will be replaced
+        self._restart_reason = RestartReason.CRASHED  # why the current model will be replaced
         self._busy_total = 0.0  # seconds spent computing, for modelpool_model_busy_seconds
         self._state_since = time.monotonic()
-        self._job: Job | None = None
 
     @property
     def config(self) -> PoolConfig:
@@ -119,7 +117,12 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        return self.state in (State.IDLE, State.BUSY)
+        return self.state in (WorkerState.IDLE, WorkerState.BUSY)
+
+    @property
+    def memory_kill(self) -> str | None:
+        """Why its current model was killed for its memory, if it was."""
+        return self._memory_kill
 
     def failing(self, now: float) -> float | None:
         """Since when this worker's models keep failing on their own; None if they do not.
@@ -136,18 +139,19 @@ class Worker:
     def memory_mib(self) -> float | None:
         """What its current model holds, for --model-max-rss (see ModelHandle.memory_mib).
 
-        Called from a thread (see Operations.watch_memory): the model is read once."""
+        Called from a thread (see memwatch.py): the model is read once."""
         model = self._model
         return None if model is None else model.proc.memory_mib()
 
     def busy_seconds(self) -> float:
         """Seconds this worker's models have spent computing, the current request included."""
-        if self.state is State.BUSY:
+        if self.state is WorkerState.BUSY:
             return self._busy_total + time.monotonic() - self._state_since
         return self._busy_total
 
     def snapshot(self) -> dict[str, Any]:
         now = trio.current_time()
+        job = None if self._session is None else self._session.job
         return {
             "id": self.index,
             "state": self.state.value,
@@ -158,9 +162,9 @@ class Worker:
             "pid": self.pid,
             "start": self._start if self.ready else None,
             "uptime": round(now - self._ready_at, 3) if self.ready else None,
-            "request_id": None if self._job is None else self._job.request_id,
+            "request_id": None if job is None else job.request_id,
             "request_age": (
-                None if self._job is None else round(time.monotonic() - self._state_since, 3)
+                None if job is None else round(time.monotonic() - self._state_since, 3)
             ),
             "busy_seconds": round(self.busy_seconds(), 6),
             "served": self.served,
@@ -176,7 +180,7 @@ class Worker:
             with self.scope:
                 await self._loop()
         finally:
-            self._set(State.STOPPED)
+            self.set_state(WorkerState.STOPPED)
             self.ended.set()
 
     def retire(self, reason: str) -> None:
@@ -188,22 +192,22 @@ class Worker:
             return
         self.retiring = reason
         log.info("%s: retiring (%s)", self.name, reason)
-        if self.state in (State.STARTING, State.RESTARTING):
+        if self.state in (WorkerState.STARTING, WorkerState.RESTARTING):
             self.scope.cancel()
-        elif self._idle_scope is not None:
-            self._idle_scope.cancel()
+        elif self._session is not None:
+            self._session.stop_waiting()
 
-    def _set(self, state: State) -> None:
+    def set_state(self, state: WorkerState) -> None:
         now = time.monotonic()
         was_ready = self.ready
-        if self.state is State.BUSY:
+        if self.state is WorkerState.BUSY:
             self._busy_total += now - self._state_since
         if state is not self.state:
             self._state_since = now
         self.state = state
         if was_ready != self.ready:
-            self._pool.ready_models += 1 if self.ready else -1
-        if not (was_ready and self.ready):  # idle <-> busy, twice a request, is no news to the pool
+            self._pool.worker_changed(ready=self.ready)
+        elif not was_ready:  # idle <-> busy, twice a request, is no news to the pool
             self._pool.worker_changed()
 
     async def _loop(self) -> None:
@@ -211,7 +215,7 @@ class Worker:
             delay = self._pool.starter_for(self).backoff(self._config, self._failures_in_a_row)
             if self._starts:
                 self.restarts += 1
-                self._pool.metrics.restarts.labels(reason=self._restart_reason).inc()
+                self._pool.count_restart(self._restart_reason)
                 log.info(
                     "%s: restart %d in %.1f s (%d failure(s) on its own in a row)",
                     self.name,
@@ -220,10 +224,10 @@ class Worker:
                     self._failures_in_a_row,
                 )
             if delay:
-                self._set(State.RESTARTING)
+                self.set_state(WorkerState.RESTARTING)
                 await trio.sleep(delay)
             self._starts += 1
-            self._set(State.STARTING)
+            self.set_state(WorkerState.STARTING)
             if await self._one_model():
                 return
 
@@ -240,14 +244,16 @@ class Worker:
                 self._ready_at = trio.current_time()
                 took = self._ready_at - model.started_at
                 self._start = {"method": model.method, "seconds": round(took, 4)}
-                self._pool.metrics.model_start.labels(method=model.method).observe(took)
+                self._pool.count_model_start(model.method, took)
                 log.info("%s ready after %.1f s (%s)", model.name, took, model.method)
-                self._model_served = 0
-                self._model_limit = self._pool.request_limit()
+                limit = self._pool.request_limit()
                 self._recycle_asked = False
                 self._memory_kill = None
+                self._session = ModelSession(
+                    self, self._pool, model, self._config, limit, self._ready_at
+                )
                 self.became_ready.set()
-                return await self._serve(model)
+                return await self._session.serve()
         except* StartFailed as group:  # raised inside open_model's nursery: grouped
             for exc in group.exceptions:
                 # Fatal only for the service's own command, before it ever served: a
@@ -262,14 +268,16 @@ class Worker:
                 started = self._model
                 summary = exc.summary if isinstance(exc, StartFailed) else None
                 stderr = exc.stderr if isinstance(exc, StartFailed) else []
-                self._failed_on_its_own("start_failed", str(exc), started, summary, stderr)
+                self.failed_on_its_own(
+                    RestartReason.START_FAILED, str(exc), started, summary, stderr
+                )
                 if not self.trial and self._pool.first_start_failed(self):
                     raise FirstStartFailed(*self._first_start_verdict(exc, started)) from exc
                 log.error("%s%s", exc, "" if started is None else started.stderr_note())
                 if self.trial:
                     self.start_failure = str(exc)
         finally:
-            self._model = None
+            self._model = self._session = None
             logs.set_field("pid", None)
         return self.start_failure is not None  # a trial gives up: its starter decides
 
@@ -302,108 +310,12 @@ class Worker:
         if self._model is not None:
             self._model.kill_group()
 
-    async def _serve(self, model: ModelProcess) -> bool:
-        """Feed jobs to a ready model; True when the pool has no more jobs to give."""
-        model.on_stale = self._pool.metrics.stale_results.inc
-        while True:
-            if self.retiring is not None:
-                return True
-            self._set(State.IDLE)
-            job: Job | None = None
-            # One scope for both reasons to stop waiting: the model's trouble, or retire().
-            with model.cancel_on_trouble() as self._idle_scope:
-                try:
-                    job = await self._pool.queue.get()
-                except trio.EndOfChannel:
-                    return True
-            self._idle_scope = None
-            if job is None:  # receiving is cancel-safe: no job was lost
-                if model.stdout_ended.is_set() or model.out_of_step:
-                    await self._replace_unprompted(model)
-                    return False
-                return True  # retired while idle
-            if not self._pool.take(job):
-                continue
-            if not await self._run(model, job):
-                return False
+    # -- replacing a model: asked by its session, by the memory watch -------------------
 
-    async def _run(self, model: ModelProcess, job: Job) -> bool:
-        """Serve one job; False when the model must be replaced."""
-        self._job, model.request_id = job, job.request_id
-        try:
-            with logs.field("request_id", job.request_id):
-                return await self._compute(model, job)
-        finally:
-            self._job = model.request_id = None
-
-    async def _compute(self, model: ModelProcess, job: Job) -> bool:
-        self._set(State.BUSY)
-        job.timing.worker, job.timing.pid = self.index, model.pid
-        started = trio.current_time()
-        try:
-            if model.stdout_ended.is_set() or model.out_of_step:
-                self._pool.retry(job, "model failed before it received the request")
-                await self._replace_unprompted(model)
-                return False
-            payload: bytes | None = None
-            with trio.move_on_after(self._config.timeout) as deadline:
-                model.expect_result(job.wire_id)
-                try:
-                    await model.send(job.line)
-                except trio.BrokenResourceError:
-                    self._pool.retry(job, "model stopped reading before the request")
-                    await self._replace_unprompted(model)
-                    return False
-                try:
-                    payload = await model.receive_result()
-                except trio.EndOfChannel:
-                    payload = None
-            job.timing.compute = trio.current_time() - started
-            self._pool.metrics.compute.observe(job.timing.compute)
-            if deadline.cancelled_caught:
-                late = f"no result after {self._config.timeout:g} s"
-                error = ModelTimeout(late + model.missing_result(quote=True))
-                await self._fail(model, job, error, late + model.missing_result(quote=False))
-                return False
-            if payload is None:
-                failure = await model.describe_failure()
-                if self._memory_kill is not None:
-                    failure = ModelFailed(f"model killed: it {self._memory_kill}", kind="memory")
-                await self._fail(model, job, failure)
-                return False
-            try:
-                value = parse_result(payload, self._config.id_field, job.wire_id)
-            except ResultError as exc:
-                failure = ModelFailed(f"model printed an invalid result: {exc}", kind="protocol")
-                await self._fail(model, job, failure)
-                return False
-            self.served += 1
-            self._model_served += 1
-            self._failures_in_a_row = 0
-            self.failing_since = None
-            log.debug(  # per request: --access-log gives one line at INFO
-                "%s request %s served in %.2f s (queued %.2f s)",
-                model.name,
-                job.request_id,
-                job.timing.compute,
-                started - job.enqueued_at,
-            )
-            job.succeed(value)
-            await model.catch_up()
-            if model.out_of_step or model.hung:
-                await self._replace_after_answer(model, job)
-                return False
-            self._maybe_recycle()
-            return True
-        finally:
-            if not job.done.is_set() and not job.queued:
-                job.fail(ShuttingDown())
-
-    def _maybe_recycle(self) -> None:
-        """Past its --max-requests, ask the pool for a replacement (once per model)."""
-        limit = self._model_limit
-        if limit is not None and self._model_served >= limit and self.ask_recycle():
-            self._pool.recycle(self, f"served {self._model_served} requests (--max-requests)")
+    def worn_out(self, why: str) -> None:
+        """Past its --max-requests: ask the pool for a replacement (once per model)."""
+        if self.ask_recycle():
+            self._pool.recycle(self, why)
 
     def ask_recycle(self) -> bool:
         """True the first time a replacement is asked for this model."""
@@ -423,62 +335,29 @@ class Worker:
             log.error("%s %s; killing it", self._model.name, what)
             self._model.kill_group()
 
-    async def _fail(
-        self,
-        model: ModelProcess,
-        job: Job,
-        error: ModelTimeout | ModelFailed,
-        logged: str | None = None,
+    # -- what its models did: the back-off, /healthz and /status ------------------------
+
+    def answered(self) -> None:
+        """Its model answered a request: that ends a run of failures."""
+        self.served += 1
+        self._failures_in_a_row = 0
+        self.failing_since = None
+
+    def forget_failures(self) -> None:
+        """Its model had been healthy for a good while: the next back-off starts afresh."""
+        self._failures_in_a_row = 0
+
+    def job_failed(
+        self, reason: RestartReason, detail: str, request_id: str, model: ModelProcess, summary: str
     ) -> None:
-        """Kill and reap a model that failed a job, then answer the job.
-
-        `logged` is what the log (and /healthz) says of the error when str(error), for
-        the client and /status, quotes what the model printed.
-        """
-        await model.kill()
-        self._set(State.RESTARTING)
+        """Its model failed a request (it was killed for it); the request is no sign of
+        the model's health, so the back-off does not count it."""
         self.failed += 1
-        reason = "timeout" if isinstance(error, ModelTimeout) else error.kind
-        what = str(error) if logged is None else logged
-        self._record(reason, str(error), job.request_id, model, what)
-        note = model.stderr_note()  # not the lines: they may carry users' data
-        log.error(
-            "%s request %s failed, model killed: %s%s", model.name, job.request_id, what, note
-        )
-        job.fail(error)
+        self.record(reason, detail, request_id, model, summary)
 
-    async def _replace_after_answer(self, model: ModelProcess, job: Job) -> None:
-        """The model answered, then printed another result (it is out of step), or did
-        not get back to reading its stdin within --timeout (it is hung)."""
-        self._set(State.RESTARTING)
-        await model.kill()
-        reason, what = (
-            ("protocol", model.out_of_step) if model.out_of_step else ("timeout", model.hung)
-        )
-        detail = f"{what} (after answering request {job.request_id})"
-        self._record(reason, detail, job.request_id, model)
-        log.error("%s %s; replaced", model.name, detail)
-
-    async def _replace_unprompted(self, model: ModelProcess) -> None:
-        """A model died, or went out of step, with no request to blame."""
-        self._set(State.RESTARTING)
-        if model.out_of_step:
-            what, reason = model.out_of_step, "protocol"
-        else:
-            failure = await model.describe_failure()
-            what, reason = f"died while idle: {failure.detail}", "died_idle"
-            if self._memory_kill is not None:
-                what, reason = f"killed: it {self._memory_kill}", "memory"
-        await model.kill()
-        note = model.stderr_note()  # not the lines: they may carry users' data
-        log.error("%s %s; killed%s", model.name, what, note)
-        if trio.current_time() - self._ready_at > self._config.backoff_max:
-            self._failures_in_a_row = 0  # it had been healthy for a good while
-        self._failed_on_its_own(reason, what, model)
-
-    def _failed_on_its_own(
+    def failed_on_its_own(
         self,
-        reason: str,
+        reason: RestartReason,
         detail: str,
         model: ModelProcess | None = None,
         summary: str | None = None,
@@ -488,11 +367,11 @@ class Worker:
         self._failures_in_a_row += 1
         if self.failing_since is None:
             self.failing_since = trio.current_time()
-        self._record(reason, detail, None, model, summary, stderr)
+        self.record(reason, detail, None, model, summary, stderr)
 
-    def _record(
+    def record(
         self,
-        reason: str,
+        reason: RestartReason,
         detail: str,
         request_id: str | None,
         model: ModelProcess | None,

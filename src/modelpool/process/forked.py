@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from modelpool.core.kinds import StartMethod
 from modelpool.process.procfs import tree_private_mib
 
 REPORT_WAIT = 2.0  # seconds the template gets to report how a child of its ended
@@ -30,7 +31,7 @@ class ExitReport:
 class ForkedProcess:
     """A child forked from a template, as a `ModelHandle` (see starter.py)."""
 
-    method = "fork"
+    method = StartMethod.FORK
     ready_at_start = True
 
     def __init__(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
+from modelpool.core.kinds import StartMethod
 from modelpool.process.failures import CommandNotRunnable
 from modelpool.process.procfs import tree_rss_mib
 
@@ -30,7 +31,7 @@ class ModelHandle(Protocol):
     """One model process, as its worker sees it."""
 
     pid: int
-    method: str  # "spawn" or "fork", for /status and the start-time metric
+    method: StartMethod  # for /status and the start-time metric
     ready_at_start: bool  # a forked child is past its ready line before it exists
     started_at: float  # trio time at which the start was asked for
 
@@ -75,7 +76,7 @@ class ModelStarter(Protocol):
 class SpawnedProcess:
     """A model run as a program of its own: trio's process, as a `ModelHandle`."""
 
-    method = "spawn"
+    method = StartMethod.SPAWN
     ready_at_start = False
 
     def __init__(self, proc: trio.Process, started_at: float) -> None:

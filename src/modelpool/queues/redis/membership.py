@@ -24,6 +24,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from modelpool.core.errors import ModelFailed
 from modelpool.core.job import MAX_ATTEMPTS
+from modelpool.core.kinds import FailureKind
 from modelpool.queues.base import NodeStatus
 from modelpool.queues.redis.caller import Callers
 from modelpool.queues.redis.consumer import Consumer
@@ -186,7 +187,9 @@ class Membership:
             self._config.reclaim_after,
         )
         if job.attempts >= MAX_ATTEMPTS or job.expired():
-            job.fail(ModelFailed("the node that took it stopped answering", kind="crashed"))
+            job.fail(
+                ModelFailed("the node that took it stopped answering", kind=FailureKind.CRASHED)
+            )
         else:
             self._consumer.requeue(job)
 

@@ -30,6 +30,7 @@ from modelpool.core.errors import (
     ShuttingDown,
 )
 from modelpool.core.job import Job
+from modelpool.core.kinds import FailureKind
 from modelpool.queues.base import NodeStatus
 
 PREFIX = "modelpool"
@@ -238,6 +239,15 @@ def read_reply(fields: Fields, default_timeout: float) -> Reply:
     raise BadEntry(f"a reply of an unknown kind: {kind!r}")
 
 
+def _failure_kind(text: str) -> FailureKind:
+    """A failure's kind as a node wrote it; one this version does not know counts as a crash
+    (what the caller is told is the same 502 and detail either way)."""
+    try:
+        return FailureKind(text)
+    except ValueError:
+        return FailureKind.CRASHED
+
+
 def error_from(fields: Fields) -> PoolError:
     """The PoolError a reply entry stands for; ValueError (BadEntry) if it is unreadable."""
     cls = ERRORS.get(fields.get(b"error", b"").decode(), ModelFailed)
@@ -251,7 +261,7 @@ def error_from(fields: Fields) -> PoolError:
             detail or "the model failed",
             exit_code=int(exit_code) if exit_code else None,
             stderr=stderr,
-            kind=fields.get(b"failure", b"crashed").decode(),
+            kind=_failure_kind(fields.get(b"failure", b"crashed").decode()),
         )
     if cls is BadRequest:
         return BadRequest(detail)
