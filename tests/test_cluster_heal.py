@@ -27,7 +27,7 @@ from conftest import error_body
 from modelpool.queues.redis.wire import NODES, STREAM
 from serverproc import server_process, wait_listening, wait_ready
 
-HEARTBEAT = 1.0  # redisqueue.BEAT_SECONDS
+HEARTBEAT = 1.0  # queues.redis.wire.BEAT_SECONDS
 
 
 async def flushall(redis: RestartableServer) -> None:

@@ -14,7 +14,7 @@ from conftest import SCRIPTED, wait_until
 from modelpool.core.logs import TextFormatter, escape
 from serverproc import server_process, wait_listening, wait_ready
 
-FORGED = "2026-01-01 00:00:00,000 WARNING modelpool.http.admin: forged by a client"
+FORGED = "2026-01-01 00:00:00,000 WARNING modelpool.admin: forged by a client"
 ENCODED = FORGED.replace(" ", "%20").replace(",", "%2C")
 KEY = "the-key"
 

@@ -148,7 +148,7 @@ async def test_with_an_id_field_a_stale_result_is_dropped_and_the_request_gets_i
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The model prints each result again 50 ms later (a thread), while computing the next."""
-    caplog.set_level(logging.WARNING, "modelpool.process.model")
+    caplog.set_level(logging.WARNING, "modelpool.model")
     async with open_pool(hostile_config("late_id_copy.py", id_field="rid")) as pool:
         await pool.wait_ready()
         pid = pool.workers[0].pid
