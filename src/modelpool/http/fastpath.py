@@ -146,7 +146,7 @@ class FastPredict:
                 body = await self._body(receive)
                 value = parse_request(body)
             except (BadRequest, HTTPException):
-                self._pool.metrics.request_done("bad_request", time.perf_counter() - started)
+                self._pool.metrics.request_done(BadRequest.outcome, time.perf_counter() - started)
                 raise
             timing = Timing()
             status, answer = 200, await self._answer(receive, value, request_id, timing)

@@ -98,7 +98,6 @@ class Service:
                 # thread, so that this one goes on starting models.
                 await trio.to_thread.run_sync(import_http_stack)
                 from modelpool.http.app import create_app
-                from modelpool.http.fastpath import FastPredict, fast_predict_enabled
                 from modelpool.http.listener import Connections, connection_budget, serve, sockets
 
                 self._pool = pool
@@ -111,6 +110,8 @@ class Service:
                 # A client that reads nothing of its answer is given as long as an idle one.
                 self.connections = Connections(limit, self.config.keep_alive_timeout)
                 app: ASGIFramework = create_app(pool, self.config, self.connections)
+                from modelpool.http.fastpath import FastPredict, fast_predict_enabled
+
                 if fast_predict_enabled():  # POST /predict without quart: see fastpath.py
                     app = FastPredict(app, pool, self.config)
                 hypercorn_config = self._hypercorn_config()
