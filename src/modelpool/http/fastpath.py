@@ -13,10 +13,11 @@ quart's after-request hook writes it, before the answer is sent.
 Only what can be answered without quart is answered here; everything else goes to the
 quart app untouched, before a single message of it has been read: other paths and
 methods (405, OPTIONS, HEAD), a request the API key refuses (401: quart answers it
-without reading the body), a Content-Length over --max-body-bytes (413 at once), and a
-root path. Bodies that grow past the limit as they stream (chunked) get the same 413
-here, and bodies that take longer than --body-timeout the same 408, counted in the
-metrics as quart's handler counts them.
+without reading the body), a Content-Length over --max-body-bytes (413 at once), a
+chunked body (which may grow past the limit as it comes: quart answers 413 while it
+reads on, which is what lets the connection go on), and a root path. A body that takes
+longer than --body-timeout gets the same 408 here, counted in the metrics as quart's
+handler counts it, and what more of it comes is read meanwhile, as quart does.
 
 As with quart-trio, a client that hangs up while its request waits or computes cancels
 it (the pool counts it as `client_gone`), and nothing is sent or logged for it.
@@ -37,12 +38,11 @@ import trio
 from hypercorn.typing import (
     ASGIFramework,
     ASGIReceiveCallable,
-    ASGIReceiveEvent,
     ASGISendCallable,
     HTTPScope,
     Scope,
 )
-from werkzeug.exceptions import HTTPException, RequestTimeout
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestTimeout
 
 from modelpool.core import logs
 from modelpool.core.codec import parse_request
@@ -76,15 +76,6 @@ class ClientGone(Exception):
     """The client hung up before its request was answered: nothing is to be sent."""
 
 
-class TooLargeAsItCame(Exception):
-    """The body grew past --max-body-bytes as it streamed: `messages`, those read so far,
-    go to quart, which answers 413 while it reads the rest (so the connection may go on)."""
-
-    def __init__(self, messages: list[ASGIReceiveEvent]) -> None:
-        super().__init__()
-        self.messages = messages
-
-
 class FastPredict:
     """The ASGI app the listener serves: POST /predict here, the rest to `app`."""
 
@@ -113,14 +104,15 @@ class FastPredict:
                 authorization = authorization if authorization is not None else value
             elif name == b"content-length":
                 length = value
-        too_long = length is not None and int(length) > self._config.max_body
-        if too_long or not self._authorized(authorization):
-            await self._app(scope, receive, send)  # quart answers these (413, 401)
+        # quart answers these: a chunked body (which may grow past the limit as it comes),
+        # a Content-Length over the limit (413), a request the API key refuses (401)
+        if length is None or int(length) > self._config.max_body:
+            await self._app(scope, receive, send)
             return
-        try:
-            await self._predict(scope, receive, send, request_id)
-        except TooLargeAsItCame as refused:
-            await self._app(scope, _replayed(refused.messages, receive), send)
+        if not self._authorized(authorization):
+            await self._app(scope, receive, send)
+            return
+        await self._predict(scope, receive, send, request_id)
 
     def _authorized(self, authorization: bytes | None) -> bool:
         if self._api_key is None:
@@ -152,12 +144,10 @@ class FastPredict:
             status, answer = 200, await self._answer(receive, value, request_id, timing)
         except ClientGone:
             return
-        except TooLargeAsItCame:
-            raise  # for quart to answer
         except PoolError as exc:
             exc.request_id = request_id
             status, answer, extra = pool_error_answer(exc, self._config.expose_model_stderr)
-        except HTTPException as exc:  # 408: the body has not come to its end
+        except HTTPException as exc:  # 408 (or 413): the body has not come to its end
             refused_mid_body = True
             status = exc.code or 500
             answer = {**http_error_body(exc, self._config.max_body), "request_id": request_id}
@@ -184,21 +174,22 @@ class FastPredict:
             nursery.cancel_scope.cancel()
 
     async def _body(self, receive: ASGIReceiveCallable) -> bytes:
-        """The whole body, within --body-timeout (408) and --max-body-bytes (see
-        TooLargeAsItCame)."""
-        messages: list[ASGIReceiveEvent] = []
+        """The whole body, within --body-timeout (408). Its Content-Length is within
+        --max-body-bytes and h11 holds the body to it; the limit is checked anyway."""
+        chunks = []
         size = 0
         with trio.move_on_after(self._config.body_timeout) as waiting:
             while True:
                 message = await receive()
                 if message["type"] != "http.request":
                     raise ClientGone()
-                messages.append(message)
-                size += len(message.get("body", b""))
+                chunk = message.get("body", b"")
+                size += len(chunk)
                 if size > self._config.max_body:
-                    raise TooLargeAsItCame(messages)
+                    raise RequestEntityTooLarge()
+                chunks.append(chunk)
                 if not message.get("more_body", False):
-                    return b"".join(m.get("body", b"") for m in messages)  # type: ignore[misc]
+                    return b"".join(chunks)
         assert waiting.cancelled_caught
         raise RequestTimeout()
 
@@ -221,20 +212,6 @@ class FastPredict:
         if answer is None:
             raise ClientGone()
         return answer
-
-
-def _replayed(
-    messages: list[ASGIReceiveEvent], receive: ASGIReceiveCallable
-) -> ASGIReceiveCallable:
-    """`receive`, giving first the messages already read from it."""
-    pending = list(messages)
-
-    async def replay() -> ASGIReceiveEvent:
-        if pending:
-            return pending.pop(0)
-        return await receive()
-
-    return replay
 
 
 async def _send(
