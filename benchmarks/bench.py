@@ -9,7 +9,9 @@ issue's targets are checked on those ratios:
              (a) a raw ASGI app and (b) a trivial quart-trio route, both on hypercorn's
              trio worker, (c) modelpool with its default logging and 4 model3 models,
              (d) gunicorn with 4 sync workers each owning a warm model3
-             (benchmarks/baselines/). Also the CPU time the server's processes (not
+             (benchmarks/baselines/); with --before DIR, also (c0) the modelpool of
+             another checkout (DIR/src), e.g. main, to compare before and after. Also
+             the CPU time the server's processes (not
              the models) spend per request, steadier than req/s on a busy machine.
              Rounds alternate the servers, so drift in the machine's load hits them
              alike; figures are medians over rounds, and a ratio is the median of the
@@ -188,12 +190,16 @@ def hypercorn_app(name: str, app: str) -> Server:
     return Server(name, command, ready_line=f"Running on http://127.0.0.1:{port}", port=port)
 
 
-def modelpool(env: dict[str, str]) -> Server:
-    """`modelpool serve` on its defaults (4 x model3, INFO logging), on a free port."""
+def modelpool(env: dict[str, str], checkout: Path | None = None) -> Server:
+    """`modelpool serve` on its defaults (4 x model3, INFO logging), on a free port; that
+    of `checkout` (its src/ first on the path), as "modelpool-before", if given."""
     port = free_port()
     command = [sys.executable, "-m", "modelpool", "serve", "--port", str(port)]
     command += ["--workers", str(MODELS)]
     ready = f"{MODELS}/{MODELS} models ready after"
+    if checkout is not None:
+        env = {**env, "PYTHONPATH": str(checkout.resolve() / "src")}
+        return Server("modelpool-before", command, ready_line=ready, env=env, port=port)
     return Server("modelpool", command, ready_line=ready, env=env, port=port)
 
 
@@ -533,6 +539,15 @@ LABELS = {
     "gunicorn": f"(d) gunicorn, {MODELS} sync workers each owning a model3",
 }
 FLAT_MIB = 2.0  # "flat": at most this much growth over the second half of the requests
+THROUGHPUT_VS_QUART = 1.0  # targets: at 4 and 32 connections, at least the quart route's
+P50_GAP_MS = 0.0  # ... and at 1 connection a p50 no higher than its
+
+
+def paired_of(over: dict[str, Any], connections: int, key: str, difference: bool = False) -> float:
+    """modelpool against the modelpool of --before, paired within rounds as `paired`."""
+    mine = over["modelpool"][connections]["runs"]
+    theirs = over["modelpool-before"][connections]["runs"]
+    return paired(mine, theirs, key, difference)
 
 
 def mark(ok: bool) -> str:
@@ -555,28 +570,31 @@ def report(results: dict[str, Any]) -> tuple[str, dict[str, bool]]:
     pool = over["modelpool"]
     targets: dict[str, bool] = {}
     for c in (4, 32):
-        ok = pool[c]["vs"]["quart-trio"]["req_per_s"] >= 0.8
-        targets[f"throughput_{c}_conn_ge_80pct_quart"] = ok
-    targets["p50_1_conn_within_0.3ms_of_quart"] = pool[1]["vs"]["quart-trio"]["p50_ms_diff"] <= 0.3
+        ok = pool[c]["vs"]["quart-trio"]["req_per_s"] >= THROUGHPUT_VS_QUART
+        targets[f"throughput_{c}_conn_ge_quart"] = ok
+    targets["p50_1_conn_le_quart"] = pool[1]["vs"]["quart-trio"]["p50_ms_diff"] <= P50_GAP_MS
 
     head = ['POST `{"data": 0}`, wrk, keep-alive']
     head += [f"req/s, {c} conn{'s' if c > 1 else ''}" for c in CONNECTIONS]
     head += ["p50, 1 conn", "server CPU per req, 32 conns"]
     rows = [head]
-    for name, label in LABELS.items():
+    labels = dict(LABELS)
+    if "modelpool-before" in over:
+        labels = {"modelpool-before": f"(c0) modelpool before ({results['before']})", **labels}
+    for name, label in labels.items():
         row = [label]
         for c in CONNECTIONS:
             share = over[name][c]["vs"]["quart-trio"]["req_per_s"]
             cell = f"{over[name][c]['req_per_s']:,.0f} ({share:.0%})"
             if name == "modelpool" and c in (4, 32):
-                cell += " " + mark(share >= 0.8)
+                cell += " " + mark(share >= THROUGHPUT_VS_QUART)
             row.append(cell)
         gap = over[name][1]["vs"]["quart-trio"]["p50_ms_diff"]
         cell = f"{over[name][1]['p50_ms']:.2f} ms"
         if name != "quart-trio":
             cell += f" ({gap:+.2f})"
         if name == "modelpool":
-            cell += " " + mark(gap <= 0.3)
+            cell += " " + mark(gap <= P50_GAP_MS)
         cpu = over[name][32]
         cell_cpu = (
             f"{cpu['cpu_us_per_req']:,.0f} µs ({cpu['vs']['quart-trio']['cpu_us_per_req']:.0%})"
@@ -587,6 +605,12 @@ def report(results: dict[str, Any]) -> tuple[str, dict[str, bool]]:
     ratio += [f"{vs_gun[c]['req_per_s']:.0%}" for c in CONNECTIONS]
     ratio += [f"{vs_gun[1]['p50_ms_diff']:+.2f} ms", f"{vs_gun[32]['cpu_us_per_req']:.0%}"]
     rows.append(ratio)
+    if "modelpool-before" in over:
+        gain = ["modelpool vs (c0), same run"]
+        gain += [f"{paired_of(over, c, 'req_per_s'):.0%}" for c in CONNECTIONS]
+        gain += [f"{paired_of(over, 1, 'p50_ms', True):+.2f} ms"]
+        gain += [f"{paired_of(over, 32, 'cpu_us_per_req'):.0%}"]
+        rows.append(gain)
     first = table(rows)
     notes = []  # after a blank line, so Markdown does not read them as rows
     for name in LABELS:
@@ -611,7 +635,7 @@ def report(results: dict[str, Any]) -> tuple[str, dict[str, bool]]:
             [
                 f"batch of {n} ({span[0]:g}-{span[1]:g} s) vs FCFS ideal on {MODELS}{what}",
                 f"{pool_b['efficiency']:.1%} ({pool_b['measured_s']:.2f} / "
-                f"{pool_b['ideal_s']:.2f} s)",
+                f"{pool_b['ideal_s']:.2f} s)" + before_batch(batches, clients),
                 f"{gun_b['efficiency']:.1%} ({gun_b['measured_s']:.2f} s)",
                 f"≥ 99% {mark(ok)}",
             ]
@@ -643,6 +667,12 @@ def report(results: dict[str, Any]) -> tuple[str, dict[str, bool]]:
         ]
     )
     return first + "\n\n" + table(rows), targets
+
+
+def before_batch(batches: dict[tuple[str, int], dict[str, Any]], clients: int) -> str:
+    """The same batch on the modelpool of --before, if it ran."""
+    before = batches.get(("modelpool-before", clients))
+    return "" if before is None else f"; (c0): {before['efficiency']:.1%}"
 
 
 def header(results: dict[str, Any]) -> str:
@@ -709,6 +739,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--trickle", type=float, default=0.25, help="seconds between body bytes")
     parser.add_argument("--startup-rounds", type=int, help="start-up rounds (3; quick 1)")
     parser.add_argument("--memory-requests", type=int, default=10_000)
+    parser.add_argument(
+        "--before",
+        type=Path,
+        help="a checkout of modelpool (e.g. a worktree of main) to measure beside this one",
+    )
     args = parser.parse_args()
     full = {"rounds": 3, "seconds": 5.0, "batch": 40, "startup_rounds": 3}
     quick = {"rounds": 1, "seconds": 2.0, "batch": 16, "startup_rounds": 1}
@@ -750,6 +785,9 @@ def main() -> int:
                 modelpool(SHORT_START),
                 gunicorn(SHORT_START),
             ]
+            if args.before is not None:
+                servers.append(modelpool(SHORT_START, args.before))
+                results["before"] = str(args.before)
             with running(servers, log_dir):
                 print(
                     f"overhead: wrk, 1 thread, {args.rounds} round(s) of {args.seconds:g} s "

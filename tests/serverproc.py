@@ -16,6 +16,7 @@ import httpx
 import trio
 
 from conftest import children_of, group_members, process_alive
+from modelpool.http.fastpath import FAST_PREDICT_VARIABLE
 
 LISTENING = re.compile(r"listening on (http://[^\s\"]+)")
 STARTED = re.compile(r"\[pid (\d+)\] started")
@@ -99,8 +100,11 @@ async def wait_ready(client: httpx.AsyncClient, count: int, within: float) -> No
 
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This environment without settings of ours or of the models, plus `extra`."""
+    """This environment without settings of ours or of the models, plus `extra`; the switch
+    of the fast path is kept, so that the suite runs against the path it was started with."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELPOOL_", "MODEL3_"))}
+    if FAST_PREDICT_VARIABLE in os.environ:
+        env[FAST_PREDICT_VARIABLE] = os.environ[FAST_PREDICT_VARIABLE]
     return {**env, **(extra or {})}
 
 

@@ -56,9 +56,13 @@ STATUS_OF: dict[type[PoolError], int] = {
 }
 
 
+def json_body(body: dict[str, Any]) -> bytes:
+    """An answer's body: one JSON object and a newline (what fastpath.py sends too)."""
+    return (json.dumps(body) + "\n").encode()
+
+
 def json_response(status: int, body: dict[str, Any], **headers: str) -> Response:
-    text = json.dumps(body) + "\n"
-    response = Response(text, status=status, content_type="application/json")
+    response = Response(json_body(body), status=status, content_type="application/json")
     for name, value in headers.items():
         response.headers[name.replace("_", "-")] = value
     return response
@@ -105,7 +109,9 @@ def create_app(
         if pool.closing:
             response.headers["Connection"] = "close"  # so clients stop sending on it
         if config.access_log:
-            log_access(response.status_code)
+            started = g.get("started", time.perf_counter())
+            client, method, path = request.remote_addr, request.method, request.path
+            log_access(client, method, path, response.status_code, g.get("timing"), started)
         return response
 
     @app.post("/predict")
@@ -165,9 +171,7 @@ def create_app(
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         code = exc.code or 500
-        body: dict[str, Any] = {"error": (exc.name or "error").lower()}
-        if code == 413:
-            body = {"error": "request body too large", "max_body": config.max_body}
+        body = http_error_body(exc, config.max_body)
         if request.path == "/predict" and code in (408, 413):
             pool.metrics.request_done(BadRequest.outcome, time.perf_counter() - g.started)
         body["request_id"] = g.get("request_id")
@@ -179,41 +183,56 @@ def create_app(
 
     @app.errorhandler(Exception)
     async def internal_error(exc: Exception) -> Response:
-        request_id = g.get("request_id")
-        log.exception(
-            "request %s: unhandled error in %s %s", request_id, request.method, request.path
-        )
-        return json_response(500, {"error": "internal error", "request_id": request_id})
-
-    def log_access(status: int) -> None:
-        timing: Timing = g.get("timing") or Timing()
-        total = time.perf_counter() - g.get("started", time.perf_counter())
-        client = request.remote_addr or "-"
-        access_log.info(
-            '%s "%s %s" %d queue=%s compute=%s total=%.3fs worker=%s pid=%s',
-            client,
-            request.method,
-            request.path,
-            status,
-            _seconds(timing.queue_wait),
-            _seconds(timing.compute),
-            total,
-            "-" if timing.worker is None else timing.worker,
-            "-" if timing.pid is None else timing.pid,
-            extra={
-                "client": client,
-                "method": request.method,
-                "path": request.path,
-                "status": status,
-                "queue_wait": timing.queue_wait,
-                "compute": timing.compute,
-                "total": round(total, 6),
-                "worker": timing.worker,
-                "pid": timing.pid,
-            },
-        )
+        body = internal_error_body(g.get("request_id"), request.method, request.path)
+        return json_response(500, body)
 
     return app
+
+
+def http_error_body(exc: HTTPException, max_body: int) -> dict[str, Any]:
+    """The body of an HTTP-level refusal (405, 408, 413, ...), without its request_id."""
+    if (exc.code or 500) == 413:
+        return {"error": "request body too large", "max_body": max_body}
+    return {"error": (exc.name or "error").lower()}
+
+
+def internal_error_body(request_id: str | None, method: str, path: str) -> dict[str, Any]:
+    """Log the exception being handled, and the body of the 500 that answers it."""
+    log.exception("request %s: unhandled error in %s %s", request_id, method, path)
+    return {"error": "internal error", "request_id": request_id}
+
+
+def log_access(
+    client: str | None, method: str, path: str, status: int, timing: Timing | None, started: float
+) -> None:
+    """One line of the access log (logger modelpool.access): the request and its timings;
+    `started` is the perf_counter() of its arrival."""
+    timing = timing or Timing()
+    total = time.perf_counter() - started
+    client = client or "-"
+    access_log.info(
+        '%s "%s %s" %d queue=%s compute=%s total=%.3fs worker=%s pid=%s',
+        client,
+        method,
+        path,
+        status,
+        _seconds(timing.queue_wait),
+        _seconds(timing.compute),
+        total,
+        "-" if timing.worker is None else timing.worker,
+        "-" if timing.pid is None else timing.pid,
+        extra={
+            "client": client,
+            "method": method,
+            "path": path,
+            "status": status,
+            "queue_wait": timing.queue_wait,
+            "compute": timing.compute,
+            "total": round(total, 6),
+            "worker": timing.worker,
+            "pid": timing.pid,
+        },
+    )
 
 
 def _seconds(value: float | None) -> str:
@@ -221,9 +240,17 @@ def _seconds(value: float | None) -> str:
 
 
 def pool_error_response(exc: PoolError, expose_stderr: bool = False) -> Response:
+    status, body, headers = pool_error_answer(exc, expose_stderr)
+    return json_response(status, body, **headers)
+
+
+def pool_error_answer(
+    exc: PoolError, expose_stderr: bool = False
+) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """What answers a PoolError: status, body, and extra headers (as json_response takes them)."""
     status = STATUS_OF.get(type(exc), 500)
     if isinstance(exc, ModelFailed):
-        return json_response(status, exc.payload(expose_stderr))
+        return status, exc.payload(expose_stderr), {}
     if isinstance(exc, QueueFull | QueueTimeout | QueueUnavailable):
-        return json_response(status, exc.payload(), Retry_After=RETRY_AFTER_SECONDS)
-    return json_response(status, exc.payload())
+        return status, exc.payload(), {"Retry_After": RETRY_AFTER_SECONDS}
+    return status, exc.payload(), {}

@@ -30,6 +30,7 @@ from modelpool.settings.config import ServerConfig, is_loopback
 
 if TYPE_CHECKING:
     from hypercorn.config import Config as HypercornConfig
+    from hypercorn.typing import ASGIFramework
 
     from modelpool.http.connections import Connections
 
@@ -42,6 +43,7 @@ HARD_STOP_SLACK = 0.5  # ... once a hard stop has come (time to write its 503s),
 def import_http_stack() -> None:
     """Import what serving HTTP needs (quart, hypercorn): run in a thread, see Service.run."""
     import_module(".app", __package__)
+    import_module(".fastpath", __package__)
     import_module(".listener", __package__)
 
 
@@ -109,7 +111,11 @@ class Service:
                 limit = connection_budget(self.config.max_connections, self.config.pool.workers)
                 # A client that reads nothing of its answer is given as long as an idle one.
                 self.connections = Connections(limit, self.config.keep_alive_timeout)
-                app = create_app(pool, self.config, self.connections)
+                app: ASGIFramework = create_app(pool, self.config, self.connections)
+                from modelpool.http.fastpath import FastPredict, fast_predict_enabled
+
+                if fast_predict_enabled():  # POST /predict without quart: see fastpath.py
+                    app = FastPredict(app, pool, self.config)
                 hypercorn_config = self._hypercorn_config()
                 async with trio.open_nursery() as nursery:
                     binds = await nursery.start(
