@@ -378,6 +378,25 @@ async def test_children_serve_on_when_the_template_is_sigkilled_and_a_new_one_lo
         assert pool.status()["template"]["loads"] == 2
 
 
+async def test_a_child_that_is_slow_after_its_fork_serves_on_when_the_template_dies_at_once() -> (
+    None
+):
+    """A child is in a session of its own before its worker hears of it: the template's
+    end (its process group killed) never takes a child along, however slow the child is
+    to run after its fork (here an at-fork hook of the model's sleeps in it)."""
+    config = preload_config("slow_after_fork.py", workers=2, env={"AFTER_FORK_SLEEP": "0.5"})
+    async with open_pool(config) as pool:
+        await pool.wait_ready()
+        template = template_pid(pool)
+        children = [w.pid for w in pool.workers]
+        assert all(pid is not None and os.getsid(pid) == pid for pid in children)
+        os.kill(template, signal.SIGKILL)
+        answers = [await pool.predict({}) for _ in range(4)]
+        assert {a["pid"] for a in answers} <= set(children)
+        assert [w.pid for w in pool.workers] == children  # the same children served
+        assert all(w.last_failure is None for w in pool.workers)
+
+
 async def test_reload_to_a_new_model_file_loads_a_new_template_first(tmp_path: Path) -> None:
     script = model_file(tmp_path / "model.py", version=1)
     config = PoolConfig(model_cmd=[sys.executable, str(script)], workers=2, preload=True)

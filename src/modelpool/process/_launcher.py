@@ -19,11 +19,13 @@ flushes stdio, calls `gc.freeze()` (so the children's garbage collector does not
 to the shared pages), tells the pool over the control socket, and waits for fork
 requests. Each
 request carries three file descriptors (the child's stdin, stdout and stderr) and the
-child's containment token. The child starts a session of its own, takes the three
-descriptors as 0, 1 and 2, and returns from that same first read, which now reads its
-own stdin: for the model, nothing happened. The template reaps its children and tells
-the pool how each one ended; the pool gets a pidfd for each child, so it sees the
-exit itself too.
+child's containment token. The child starts a session of its own (first thing after
+the fork, and the template waits for it before it tells the pool of the child: until
+then the child is in the template's process group, which the pool kills when the
+template ends), takes the three descriptors as 0, 1 and 2, and returns from that
+same first read, which now reads its own stdin: for the model, nothing happened. The
+template reaps its children and tells the pool how each one ended; the pool gets a
+pidfd for each child, so it sees the exit itself too.
 
 The containment token is the MODELPOOL_MODEL variable, which the pool's reaper reads
 from /proc/PID/environ: the environment a process started with, which a change to
@@ -77,6 +79,7 @@ ROOM_VAR = "MODELPOOL_ENV_ROOM"  # room for a child's variables, see _EnvTail
 MAX_MESSAGE = 64 * 1024
 ENV_START_FIELD = 50  # /proc/PID/stat fields (1-based): where the initial environment is
 HARMLESS_DEVICE_MAJOR = 1  # /dev/null, /dev/zero, /dev/urandom and friends
+SESSION_WAIT = 2.0  # seconds a new child gets to be in its own session (the pool waits 5)
 
 
 def _initial_environment() -> list[tuple[int, bytes]]:
@@ -174,6 +177,7 @@ class _Template:
         self._wakeup_write = -1
         self._old_wakeup = -1
         self._old_sigchld: object = None
+        self._session_write = -1  # during a fork of ours: the child says "in my session"
 
     # -- entering ----------------------------------------------------------------------
 
@@ -265,20 +269,27 @@ class _Template:
         _flush()
         gc.freeze()
         self.env.write(token)
+        session_read, self._session_write = os.pipe()
         try:
             pid = os.fork()
         except OSError as exc:
-            self.env.write(self.env.original)
-            for fd in fds:
-                os.close(fd)
-            self.send({"event": "fork_failed", "id": ident, "error": f"fork: {exc}"})
-            return False
+            error = f"fork: {exc}"
+            pid = -1
         if pid == 0:
+            os.close(session_read)
             self._become_child(fds, token.decode(), env)
             return True
         self.env.write(self.env.original)
+        os.close(self._session_write)
+        self._session_write = -1
         for fd in fds:
             os.close(fd)
+        if pid > 0:
+            error = _wait_for_session(session_read, pid)
+        os.close(session_read)
+        if error is not None:
+            self.send({"event": "fork_failed", "id": ident, "error": error})
+            return False
         self.children.add(pid)
         pidfd = os.pidfd_open(pid)
         try:
@@ -287,10 +298,27 @@ class _Template:
             os.close(pidfd)
         return False
 
+    def after_fork_in_child(self) -> None:
+        """os.fork()'s first act in a child of ours, before any at-fork hook of the
+        model's: a session of its own, and word of it to the template.
+
+        Until then the child is in the template's process group, which the pool kills
+        when the template ends: the template tells the pool of a child only once it
+        has left that group, so a template that dies at once never takes it along. A
+        fork of the model's own (none in template mode) is left alone.
+        """
+        if self._session_write < 0:
+            return
+        try:
+            os.setsid()
+            os.write(self._session_write, b"s")
+        finally:
+            os.close(self._session_write)
+            self._session_write = -1
+
     def _become_child(self, fds: list[int], token: str, env: dict[str, str | None]) -> None:
-        """In the child: a session of its own, its own stdio and environment changes,
-        nothing of the template's."""
-        os.setsid()
+        """In the child, in a session of its own already (`after_fork_in_child`): its own
+        stdio and environment changes, nothing of the template's."""
         self._restore_signals()
         self.control.close()
         for fd in (self._wakeup_read, self._wakeup_write):
@@ -367,6 +395,17 @@ class _Stdin(io.RawIOBase):
         if self._template.closed:
             return 0
         return os.readv(0, [buffer])
+
+
+def _wait_for_session(session_read: int, pid: int) -> str | None:
+    """Wait for a new child's word that it is in its own session (see
+    `_Template.after_fork_in_child`); why not, with the child killed, or None."""
+    poller = select.poll()
+    poller.register(session_read, select.POLLIN)
+    if poller.poll(SESSION_WAIT * 1000) and os.read(session_read, 1):
+        return None
+    os.kill(pid, signal.SIGKILL)  # not reaped yet: the pid is still this child's
+    return f"the child did not start a session of its own within {SESSION_WAIT:g} s"
 
 
 def _env_problem(env: object) -> str | None:
@@ -490,6 +529,7 @@ def main() -> None:
     control = socket.socket(fileno=int(control_fd))
     control.set_inheritable(False)
     template = _Template(control)
+    os.register_at_fork(after_in_child=template.after_fork_in_child)  # before the model's
     _install_stdin(template)
     try:
         _run(kind, target, args)
