@@ -19,7 +19,7 @@ import pytest
 import trio
 
 from conftest import RunningServer, running_server, scripted_config
-from modelpool.http.fastpath import FAST_PREDICT_VARIABLE, FastPredict, fast_predict_enabled
+from modelpool.http.fastpath import FAST_PREDICT_VARIABLE, Predictions, fast_predict_enabled
 
 KEY = "a-key-for-the-tests-of-the-fast-path"
 MAX_BODY = 1000
@@ -114,7 +114,7 @@ async def both_paths(
             started.append(await stack.enter_async_context(running_server(pool, **server)))
             await started[-1].pool.wait_ready()
             gc.collect()  # those of services stopped before are gone
-            fast_apps = sum(isinstance(o, FastPredict) for o in gc.get_objects())
+            fast_apps = sum(isinstance(o, Predictions) for o in gc.get_objects())
             assert fast_apps == int(fast), "the switch did not pick the path asked for"
         yield started[0], started[1]
 
@@ -158,6 +158,68 @@ async def test_both_paths_answer_alike_on_the_wire_in_metrics_and_in_the_access_
         assert counts[1]["ok"] and counts[1]["bad_request"] and counts[1]["model_failed"]
         assert access_lines(caplog, "quart") == access_lines(caplog, "fast")
         assert len(access_lines(caplog, "fast")) >= len(sent) - 2
+
+
+def kept_open(request: bytes, *headers: bytes) -> bytes:
+    """`request` without its `Connection: close` (and with `headers`, if given)."""
+    return request.replace(b"Connection: close\r\n", b"".join(h + b"\r\n" for h in headers))
+
+
+async def read_answer(stream: trio.SocketStream, buffered: bytes) -> tuple[bytes, bytes]:
+    """One whole answer (its Content-Length says where it ends), and what came after it."""
+    with trio.fail_after(10):
+        while b"\r\n\r\n" not in buffered:
+            buffered += await stream.receive_some(65536)
+        head, _, rest = buffered.partition(b"\r\n\r\n")
+        length = int(re.search(rb"(?i)content-length: (\d+)", head).group(1))  # type: ignore[union-attr]
+        while len(rest) < length:
+            rest += await stream.receive_some(65536)
+    return head + b"\r\n\r\n" + rest[:length], rest[length:]
+
+
+async def keep_alive_exchange(url: str, requests: list[bytes], pipelined: bool) -> list[bytes]:
+    """Send `requests` on one connection, one after the other's answer or all at once;
+    the answers, and then what the connection gives until it closes."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    answers = []
+    async with stream:
+        if pipelined:
+            await stream.send_all(b"".join(requests))
+        buffered = b""
+        for request in requests:
+            if not pipelined:
+                await stream.send_all(request)
+            answer, buffered = await read_answer(stream, buffered)
+            answers.append(answer)
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(65536):
+                buffered += chunk
+    return [*answers, buffered]
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+async def test_both_paths_answer_alike_on_a_connection_that_goes_on(
+    monkeypatch: pytest.MonkeyPatch, pipelined: bool
+) -> None:
+    """Requests after the first on one connection, answered by either path, in turn or
+    sent all at once (the fast path frames these answers itself)."""
+    sent = [
+        kept_open(post(b'{"n": 1}', "X-Request-ID: one")),
+        kept_open(post(b'{"n": 2}', "X-Request-ID: two"), b"Connection: keep-alive"),
+        kept_open(post(b"{nope", "X-Request-ID: three")),
+        kept_open(raw("GET", "/healthz", ["X-Request-ID: four"])),
+        kept_open(post(b'{"n": 3}', "X-Request-ID: five"), b"Connection: Keep-Alive, close"),
+    ]
+    async with both_paths(monkeypatch) as (quart, fast):
+        answers = [await keep_alive_exchange(s.url, sent, pipelined) for s in (quart, fast)]
+    assert len(answers[1]) == len(sent) + 1
+    for mine, theirs in zip(answers[0], answers[1], strict=True):
+        assert normalised(mine, set()) == normalised(theirs, set())
+    statuses = [answer.split(b" ", 2)[1] for answer in answers[1][:-1]]
+    assert statuses == [b"200", b"200", b"400", b"200", b"200"]
+    assert b'{"n": 2}' in answers[1][1] and b"x-request-id: two" in answers[1][1]
+    assert answers[1][-1] == b""  # closed after the last, which asked for it
 
 
 async def test_both_paths_give_408_to_a_body_that_stalls_and_count_it(

@@ -262,17 +262,44 @@ async def read_response(stream: trio.SocketStream) -> bytes:
     return data
 
 
-async def test_idle_keep_alive_connections_are_closed_after_the_timeout() -> None:
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
+PREDICT = b'POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: 8\r\n\r\n{"n": 1}'
+
+
+@pytest.mark.parametrize("request_", [HEALTHZ, PREDICT], ids=["quart", "predict"])
+async def test_idle_keep_alive_connections_are_closed_after_the_timeout(request_: bytes) -> None:
     async with running_server(scripted_config(), keep_alive_timeout=0.5) as server:
         host, port = server.url.removeprefix("http://").split(":")
         async with await trio.open_tcp_stream(host, int(port)) as stream:
-            await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n")
+            await stream.send_all(request_)
             assert b"200" in await read_response(stream)
             with trio.fail_after(5):
                 assert await stream.receive_some(4096) == b""  # the server hung up
 
 
-async def test_shutdown_is_not_held_up_by_idle_keep_alive_connections() -> None:
+@pytest.mark.parametrize("request_", [HEALTHZ, PREDICT], ids=["quart", "predict"])
+async def test_each_request_gives_a_keep_alive_connection_the_whole_timeout_again(
+    request_: bytes,
+) -> None:
+    """Requests 0.3 s apart, for three times the 1 s timeout, on one connection: it
+    stays open throughout, and closes a timeout after the last."""
+    async with running_server(scripted_config(), keep_alive_timeout=1.0) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        async with await trio.open_tcp_stream(host, int(port)) as stream:
+            started = trio.current_time()
+            while trio.current_time() - started < 3.0:
+                await stream.send_all(request_)
+                with trio.fail_after(5):
+                    assert b"200" in await read_response(stream)
+                await trio.sleep(0.3)
+            last = trio.current_time()
+            with trio.fail_after(5):
+                assert await stream.receive_some(4096) == b""  # the server hung up
+            assert trio.current_time() - last >= 0.6  # not before its timeout (less slack)
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/predict"])
+async def test_shutdown_is_not_held_up_by_idle_keep_alive_connections(path: str) -> None:
     # The drain deadline is 61 s, and hypercorn would wait for open connections that long.
     service = Service(ServerConfig(pool=scripted_config(timeout=60), port=0))
     returned = trio.Event()
@@ -284,7 +311,10 @@ async def test_shutdown_is_not_held_up_by_idle_keep_alive_connections() -> None:
     async with trio.open_nursery() as nursery:
         url = await nursery.start(run)
         async with httpx.AsyncClient(base_url=url) as keep_alive:
-            assert (await keep_alive.get("/healthz")).status_code == 200
+            if path == "/predict":
+                assert (await keep_alive.post(path, json={"n": 1})).status_code == 200
+            else:
+                assert (await keep_alive.get(path)).status_code == 200
             started = trio.current_time()
             service.shutdown()
             with trio.move_on_after(5):

@@ -216,3 +216,37 @@ async def test_options_answers_in_json_with_allow() -> None:
             assert set(allowed) <= set(methods)
             assert sorted(response.json()["allow"]) == sorted(methods)
             assert response.headers["x-request-id"]
+
+
+REFUSED_MID_REQUEST = {
+    "413": b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: 5000000\r\n\r\n",
+    "400": (
+        b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: 5000000\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n"
+    ),
+    "431": b"POST /predict HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * 20_000,
+}
+
+
+@pytest.mark.parametrize("status", sorted(REFUSED_MID_REQUEST))
+async def test_a_client_still_sending_when_refused_reads_its_answer_not_a_reset(
+    status: str,
+) -> None:
+    """Refused before its request was read to its end (a body over the limit, an
+    ambiguous framing, headers over h11's limit), a client that goes on sending for a
+    while, as a client does not know it was refused until it reads, can still send,
+    and then reads its answer: the connection lingers instead of being reset."""
+    async with running_server(scripted_config(), max_body=1000) as server:
+        stream = await trio.open_tcp_stream(*address(server.url))
+        async with stream:
+            await stream.send_all(REFUSED_MID_REQUEST[status])
+            await trio.sleep(0.3)  # the answer has come, and the server closed its end
+            for _ in range(5):
+                await stream.send_all(b"x" * 20_000)  # a reset would refuse these
+                await trio.sleep(0.05)
+            answer = b""
+            with trio.fail_after(10):
+                while chunk := await stream.receive_some(65536):
+                    answer += chunk
+        assert answer.startswith(b"HTTP/1.1 %s " % status.encode()), answer[:200]
+        assert (await server.client.post("/predict", json={"n": 1})).status_code == 200

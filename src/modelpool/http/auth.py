@@ -4,7 +4,8 @@ Probes (`/healthz`, `/readyz`) stay open, so an orchestrator needs no secret, an
 does the status page (`/`), which holds no data: it asks the browser's user for the key
 and sends it with each of its calls to `/status`. Everything else, present and future,
 needs the key once one is set. The check runs before the
-body is read, so a client without the key cannot make the service read a large body.
+body is read, so a client without the key cannot make the service read a large body
+(at most what the lingering close drops, a megabyte: see listener.PromptTCPServer._close).
 """
 
 from __future__ import annotations

@@ -227,13 +227,17 @@ class Connections:
         """Wrap `app` so each connection knows when it has a request in progress, and the
         `send` that ends a response is shielded from cancellation (`Connection.sending`).
 
-        After the last body chunk, hypercorn restarts its keep-alive idle timer from inside
-        that very `send` call, while quart-trio cancels the request's nursery as soon as it
-        sees the disconnect hypercorn queued on the way. The cancellation reached the new
-        timer, so idle keep-alive connections were never closed: not after
-        keep_alive_timeout, and not on shutdown, which then waited for graceful_timeout.
-        The other sends (the status line, body chunks) start no timer: only their socket
-        writes are shielded (listener.PromptTCPServer.protocol_send), as hypercorn's are.
+        After the last body chunk, hypercorn recycles the connection for its next request
+        from inside that very `send` call, while quart-trio cancels the request's nursery
+        as soon as it sees the disconnect hypercorn queued on the way. The cancellation
+        reached the recycling: hypercorn's own keep-alive timer, started there, was
+        cancelled, so idle keep-alive connections were never closed (not after
+        keep_alive_timeout, and not on shutdown, which then waited for graceful_timeout).
+        listener.KeepAliveTimer starts no task there any more, but the recycling still
+        hands the stream's end to hypercorn's stream, which waits. The other sends (the
+        status line, body chunks) recycle nothing: only their socket writes are shielded
+        (listener.PromptTCPServer.protocol_send), as hypercorn's are. fastpath.py's
+        requests do not come through here: they keep the same account themselves.
         """
 
         async def tracked(

@@ -1,23 +1,32 @@
-"""`POST /predict` straight from ASGI, in front of the quart-trio app (app.py).
+"""`POST /predict` answered on the connection itself, beside hypercorn's ASGI streams.
 
-A prediction is the one request that comes by the thousand; through quart each one
-builds a request object, its headers as a werkzeug `Headers`, an app and a request
-context, `g`, runs the before/after hooks, and reads its body in a task of its own next
-to the handler's. Here the same request is answered from the ASGI scope and messages
-directly, with app.py's own pieces for everything a client or operator sees: the
-request id (requestid.py), the API key check (auth.py), the bodies and statuses of
-errors (`pool_error_answer`, `http_error_body`, `internal_error_body`), `Connection:
-close` while the pool drains, and the access log line (`log_access`), written, as
-quart's after-request hook writes it, before the answer is sent.
+A prediction is the one request that comes by the thousand. Through ASGI each one costs,
+before and after the app's handler: a scope, a task with a message queue of its own,
+hypercorn's stream state machine, its header checks, and a socket write for the status
+line, another for the body and a third for the end; and through quart a request object,
+its headers as a werkzeug `Headers`, an app and a request context, `g`, the
+before/after hooks, and a task to read the body beside the handler's.
 
-Only what can be answered without quart is answered here; everything else goes to the
-quart app untouched, before a single message of it has been read: other paths and
-methods (405, OPTIONS, HEAD), a request the API key refuses (401: quart answers it
-without reading the body), a Content-Length over --max-body-bytes (413 at once), a
-chunked body (which may grow past the limit as it comes: quart answers 413 while it
-reads on, which is what lets the connection go on), and a root path. A body that takes
-longer than --body-timeout gets the same 408 here, counted in the metrics as quart's
-handler counts it, and what more of it comes is read meanwhile, as quart does.
+Here hypercorn's HTTP/1.1 protocol (http1.py) hands a `POST /predict` it has parsed to a
+`PredictStream` instead of an ASGI stream: one task per request that waits for the body,
+asks the pool, and writes the whole answer in one write, through h11 as every other
+answer is framed. What a client or operator sees is what the quart app (app.py) gives,
+made by app.py's own pieces: the request id (requestid.py), the API key check
+(auth.py), the bodies and statuses of errors (`pool_error_answer`, `http_error_body`,
+`internal_error_body`), `Connection: close` while the pool drains, the metrics, and the
+access log line (`log_access`), written, as quart's after-request hook writes it,
+before the answer is sent. tests/test_fastpath.py compares both, byte for byte.
+
+Only what can be answered without quart is taken (`Predictions.stream_for`); everything
+else goes to hypercorn's ASGI stream and the quart app untouched, before a byte of its
+body has been read: other paths and methods (405, OPTIONS, HEAD), a request the API key
+refuses (401: quart answers it without reading the body), a Content-Length over
+--max-body-bytes (413 at once), a chunked body (which may grow past the limit as it
+comes: quart answers 413 while it reads on, which is what lets the connection go on), a
+root path or server names (hypercorn's own checks). A body that takes longer than
+--body-timeout gets the same 408 here, counted in the metrics as quart's handler counts
+it; what more of it comes is read and dropped meanwhile, and the connection is then
+closed, as after quart's 408.
 
 As with quart-trio, a client that hangs up while its request waits or computes cancels
 it (the pool counts it as `client_gone`), and nothing is sent or logged for it.
@@ -32,17 +41,11 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 import trio
-from hypercorn.typing import (
-    ASGIFramework,
-    ASGIReceiveCallable,
-    ASGISendCallable,
-    HTTPScope,
-    Scope,
-)
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge, RequestTimeout
+from hypercorn.protocol.events import Body, EndBody, StreamClosed
+from werkzeug.exceptions import HTTPException, RequestTimeout
 
 from modelpool.core import logs
 from modelpool.core.codec import parse_request
@@ -60,11 +63,20 @@ from modelpool.http.auth import ApiKey
 from modelpool.pool.pool import Pool
 from modelpool.settings.config import ServerConfig
 
+if TYPE_CHECKING:
+    import h11
+    from hypercorn.protocol.events import Event as StreamEvent
+
+    from modelpool.http.connections import Connection
+
 FAST_PREDICT_VARIABLE = "MODELPOOL_FAST_PREDICT"
 PATH = "/predict"
+TARGET = PATH.encode()
 REQUEST_ID = REQUEST_ID_HEADER.lower().encode()
 CONTENT_TYPE = (b"content-type", b"application/json")
 CLOSE = (b"connection", b"close")
+
+Headers = list[tuple[bytes, bytes]]
 
 
 def fast_predict_enabled(environ: Mapping[str, str] = os.environ) -> bool:
@@ -72,83 +84,74 @@ def fast_predict_enabled(environ: Mapping[str, str] = os.environ) -> bool:
     return environ.get(FAST_PREDICT_VARIABLE, "1").strip() != "0"
 
 
-class ClientGone(Exception):
-    """The client hung up before its request was answered: nothing is to be sent."""
+class Responder(Protocol):
+    """What a PredictStream needs of its connection's protocol (http1.HTTP11Protocol)."""
+
+    async def respond(self, status: int, headers: Headers, body: bytes, keep_alive: bool) -> None:
+        """Write the whole answer at once, and end the request (the connection goes on
+        to the next one, or closes); `keep_alive`: the request allows it to go on."""
 
 
-class FastPredict:
-    """The ASGI app the listener serves: POST /predict here, the rest to `app`."""
+class Predictions:
+    """The service's side of the fast path: which requests it takes, and their answers."""
 
-    def __init__(self, app: ASGIFramework, pool: Pool, config: ServerConfig) -> None:
-        self._app = app
+    def __init__(self, pool: Pool, config: ServerConfig) -> None:
         self._pool = pool
         self._config = config
         self._api_key = None if config.api_key is None else ApiKey(config.api_key)
 
-    async def __call__(
-        self, scope: Scope, receive: ASGIReceiveCallable, send: ASGISendCallable
-    ) -> None:
-        if (
-            scope["type"] != "http"
-            or scope["path"] != PATH
-            or scope["method"] != "POST"
-            or scope.get("root_path")
-        ):
-            await self._app(scope, receive, send)
-            return
+    def stream_for(
+        self,
+        request: h11.Request,
+        responder: Responder,
+        connection: Connection,
+        client: tuple[str, int] | None,
+    ) -> PredictStream | None:
+        """A stream for `request` if this path answers it, else None (quart will)."""
+        if request.method != b"POST" or request.target.partition(b"?")[0] != TARGET:
+            return None
         request_id = authorization = length = None
-        for name, value in scope["headers"]:
-            if name == REQUEST_ID:
+        keep_alive = request.http_version == b"1.1"  # as h11 decides it
+        for name, value in request.headers:  # h11 gives the names in lower case
+            if name == b"content-length":
+                length = value
+            elif name == b"connection" and b"close" in _tokens(value):
+                keep_alive = False
+            elif name == REQUEST_ID:
                 request_id = request_id if request_id is not None else value
             elif name == b"authorization":
                 authorization = authorization if authorization is not None else value
-            elif name == b"content-length":
-                length = value
         # quart answers these: a chunked body (which may grow past the limit as it comes),
         # a Content-Length over the limit (413), a request the API key refuses (401)
         if length is None or int(length) > self._config.max_body:
-            await self._app(scope, receive, send)
-            return
-        if not self._authorized(authorization):
-            await self._app(scope, receive, send)
-            return
-        await self._predict(scope, receive, send, request_id)
+            return None
+        if self._api_key is not None:
+            header = None if authorization is None else authorization.decode("latin-1")
+            if not self._api_key.allows(PATH, header):
+                return None
+        client_id = None if request_id is None else request_id.decode("latin-1")
+        return PredictStream(self, responder, connection, client, client_id, keep_alive)
 
-    def _authorized(self, authorization: bytes | None) -> bool:
-        if self._api_key is None:
-            return True
-        header = None if authorization is None else authorization.decode("latin-1")
-        return self._api_key.allows(PATH, header)
-
-    async def _predict(
-        self,
-        scope: HTTPScope,
-        receive: ASGIReceiveCallable,
-        send: ASGISendCallable,
-        client_id: bytes | None,
-    ) -> None:
-        started = time.perf_counter()
-        request_id = request_id_from(None if client_id is None else client_id.decode("latin-1"))
+    async def answer(self, stream: PredictStream) -> tuple[int, Headers, bytes]:
+        """The status, headers and body that answer `stream`'s request; the access log
+        line is written here, before they are sent."""
+        started = stream.started
+        request_id = request_id_from(stream.client_id)
         logs.set_field("request_id", request_id)
         timing: Timing | None = None
         extra: dict[str, str] = {}
-        refused_mid_body = False
         try:
             try:
-                body = await self._body(receive)
-                value = parse_request(body)
+                value = parse_request(await stream.body(self._config.body_timeout))
             except (BadRequest, HTTPException):
                 self._pool.metrics.request_done(BadRequest.outcome, time.perf_counter() - started)
                 raise
             timing = Timing()
-            status, answer = 200, await self._answer(receive, value, request_id, timing)
-        except ClientGone:
-            return
+            status, answer = 200, await self._pool.predict(value, request_id, timing)
         except PoolError as exc:
             exc.request_id = request_id
             status, answer, extra = pool_error_answer(exc, self._config.expose_model_stderr)
-        except HTTPException as exc:  # 408 (or 413): the body has not come to its end
-            refused_mid_body = True
+        except HTTPException as exc:  # 408: the body has not come to its end
             status = exc.code or 500
             answer = {**http_error_body(exc, self._config.max_body), "request_id": request_id}
         except Exception:
@@ -162,68 +165,81 @@ class FastPredict:
         if self._pool.closing:
             headers.append(CLOSE)  # so clients stop sending on it
         if self._config.access_log:
-            client = scope.get("client")
+            client = stream.client
             log_access(None if client is None else client[0], "POST", PATH, status, timing, started)
-        if not refused_mid_body:
-            await _send(send, status, headers, data)
-            return
-        # As quart does, what more of the body comes is read (and dropped) meanwhile.
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-            await _send(send, status, headers, data)
-            nursery.cancel_scope.cancel()
-
-    async def _body(self, receive: ASGIReceiveCallable) -> bytes:
-        """The whole body, within --body-timeout (408). Its Content-Length is within
-        --max-body-bytes and h11 holds the body to it; the limit is checked anyway."""
-        chunks = []
-        size = 0
-        with trio.move_on_after(self._config.body_timeout) as waiting:
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":
-                    raise ClientGone()
-                chunk = message.get("body", b"")
-                size += len(chunk)
-                if size > self._config.max_body:
-                    raise RequestEntityTooLarge()
-                chunks.append(chunk)
-                if not message.get("more_body", False):
-                    return b"".join(chunks)
-        assert waiting.cancelled_caught
-        raise RequestTimeout()
-
-    async def _answer(
-        self, receive: ASGIReceiveCallable, value: Any, request_id: str, timing: Timing
-    ) -> dict[str, Any]:
-        """The pool's answer; ClientGone if the client hangs up first (which cancels it)."""
-        answer: dict[str, Any] | None = None
-        error: Exception | None = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_disconnect, receive, nursery.cancel_scope)
-            try:
-                answer = await self._pool.predict(value, request_id, timing)
-            except Exception as exc:  # raised out here, not inside the nursery's group
-                error = exc
-            finally:
-                nursery.cancel_scope.cancel()
-        if error is not None:
-            raise error
-        if answer is None:
-            raise ClientGone()
-        return answer
+        return status, headers, data
 
 
-async def _send(
-    send: ASGISendCallable, status: int, headers: list[tuple[bytes, bytes]], data: bytes
-) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": data, "more_body": False})
+class PredictStream:
+    """One `POST /predict` on a connection: the protocol feeds it the body as it comes
+    (`handle`, as it feeds hypercorn's streams), and its task (`run`) answers it.
+
+    Its client hanging up (StreamClosed before the answer) cancels the request.
+    """
+
+    def __init__(
+        self,
+        predictions: Predictions,
+        responder: Responder,
+        connection: Connection,
+        client: tuple[str, int] | None,
+        client_id: str | None,
+        keep_alive: bool,
+    ) -> None:
+        self.started = time.perf_counter()
+        self.keep_alive = keep_alive
+        self.client = client
+        self.client_id = client_id
+        self._predictions = predictions
+        self._responder = responder
+        self._connection = connection
+        self._chunks: list[bytes] = []
+        self._complete = False
+        self._arrived: trio.Event | None = None  # made only if the task waits for the body
+        self._answering = False
+        self._scope = trio.CancelScope()
+
+    async def handle(self, event: StreamEvent) -> None:
+        """An event of the request from the protocol: body, its end, or the connection's."""
+        if isinstance(event, Body):
+            if not self._complete:
+                self._chunks.append(bytes(event.data))
+        elif isinstance(event, EndBody):
+            self._complete = True
+            if self._arrived is not None:
+                self._arrived.set()
+        elif isinstance(event, StreamClosed) and not self._answering:
+            self._scope.cancel()  # the client has gone: nothing is to be sent
+
+    async def body(self, within: float) -> bytes:
+        """The whole body, once it has come; RequestTimeout if not `within` seconds."""
+        if not self._complete:
+            self._arrived = trio.Event()
+            with trio.move_on_after(within):
+                await self._arrived.wait()
+            if not self._complete:
+                self._complete = True  # what more comes is dropped
+                raise RequestTimeout()
+        return b"".join(self._chunks)
+
+    async def run(self) -> None:
+        """Answer the request, unless its client goes first."""
+        connection = self._connection
+        connection.requests += 1
+        try:
+            with self._scope:
+                status, headers, data = await self._predictions.answer(self)
+                self._answering = True
+            if not self._answering:
+                return
+            # Not cancelled half-way: what of it cannot be written at once is written
+            # shielded (listener.PromptTCPServer), and nothing else in it waits.
+            await self._responder.respond(status, headers, data, self.keep_alive)
+        finally:
+            connection.requests -= 1
+            connection.last_active = trio.current_time()
 
 
-async def _cancel_on_disconnect(receive: ASGIReceiveCallable, scope: trio.CancelScope) -> None:
-    """Cancel `scope` once the client has hung up; what else comes (the rest of a body
-    being refused) is dropped."""
-    while (await receive())["type"] != "http.disconnect":
-        pass
-    scope.cancel()
+def _tokens(value: bytes) -> list[bytes]:
+    """A comma-separated header's tokens, in lower case (as h11 reads `Connection`)."""
+    return [token.strip() for token in value.lower().split(b",")]

@@ -24,6 +24,9 @@ smuggling (RFC 9112 section 6.1): it is refused here, as it is read, with a JSON
 the connection closed; neither its body nor anything after it is read as a request.
 Answering it from the app instead raced with hypercorn, which, reading on, saw the next
 request after a response saying `Connection: close` and closed the connection under it.
+
+A `POST /predict` that fastpath.py can answer gets a `PredictStream` in place of
+hypercorn's ASGI stream, and its answer is written whole, in one write (`respond`).
 """
 
 from __future__ import annotations
@@ -31,19 +34,26 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from typing import TYPE_CHECKING, Any
 
 import h2.config
 import h2.connection
 import h2.errors
 import h11
-from hypercorn.events import Closed, Event, RawData
-from hypercorn.protocol.h11 import H11Protocol
+from hypercorn.events import Closed, Event, RawData, Updated
+from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
 
 from modelpool.core.requestid import REQUEST_ID_HEADER, request_id_from
+
+if TYPE_CHECKING:
+    from modelpool.http.connections import Connection
+    from modelpool.http.fastpath import Headers, Predictions
 
 log = logging.getLogger("modelpool.http")
 
 REQUEST_ID = REQUEST_ID_HEADER.lower().encode()
+CLOSE = (b"connection", b"close")
 AMBIGUOUS_FRAMING = (
     "a request may not carry both Content-Length and Transfer-Encoding: send one of them"
 )
@@ -68,8 +78,86 @@ class RequestRefused(Exception):
 
 
 class HTTP11Protocol(H11Protocol):
-    """hypercorn's HTTP/1.1 protocol, never turning into HTTP/2, and refusing ambiguous
-    requests (see the module docstring)."""
+    """hypercorn's HTTP/1.1 protocol, never turning into HTTP/2, refusing ambiguous
+    requests, and giving the predictions fastpath.py answers to it (see the module
+    docstring)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        predictions: Predictions | None = None,
+        connection: Connection | None = None,
+    ) -> None:
+        super().__init__(*args)
+        self._predictions = predictions
+        self._connection = connection
+
+    async def _create_stream(self, request: h11.Request) -> None:
+        predictions, connection, config = self._predictions, self._connection, self.config
+        stream = None
+        # a root path or server names: hypercorn's own checks, in its ASGI stream
+        if predictions and connection and not config.root_path and not config.server_names:
+            stream = predictions.stream_for(request, self, connection, self.client)
+        if stream is None:
+            await super()._create_stream(request)
+            return
+        # hypercorn's streams have the same `handle`; its attribute's type names only them
+        self.stream = stream  # type: ignore[assignment]
+        self.task_group.spawn(stream.run)
+        self.keep_alive_requests += 1
+        await self.context.mark_request()
+
+    async def respond(self, status: int, headers: Headers, body: bytes, keep_alive: bool) -> None:
+        """A whole response in one write, as hypercorn would frame it (with its Date and
+        Server headers, and `Connection: close` after keep_alive_max_requests); then the
+        request's end, as hypercorn's stream would signal it. `keep_alive`: the request
+        let the connection go on (HTTP/1.1, no `Connection: close`).
+
+        The common case, a request read to its end on a connection that goes on, is
+        framed here and the next request gets a fresh h11 connection with what came
+        after this one (h11's framing of a response was a tenth of a prediction's time
+        on the server); anything else is framed by h11 and recycled by hypercorn.
+        """
+        headers = [*headers, *self.config.response_headers("h11")]
+        if self.keep_alive_requests >= self.config.keep_alive_max_requests:
+            headers.append(CLOSE)
+        connection = self.connection
+        if (
+            keep_alive
+            and connection.their_state is h11.DONE
+            and connection.our_state is h11.SEND_RESPONSE
+            and CLOSE not in headers
+            and not self.context.terminated.is_set()
+        ):
+            head = b"".join([b"%s: %s\r\n" % header for header in headers])
+            await self.send(RawData(data=b"HTTP/1.1 %d \r\n%s\r\n%s" % (status, head, body)))
+            await self._next_cycle()
+            return
+        try:
+            data = connection.send(h11.Response(status_code=status, headers=headers))
+            data += connection.send(h11.Data(data=body))
+            data += connection.send(h11.EndOfMessage())
+        except h11.LocalProtocolError:
+            if connection.their_state != h11.ERROR:
+                raise
+        else:
+            await self.send(RawData(data=data))
+        await self.stream_send(StreamClosed(stream_id=STREAM_ID))
+
+    async def _next_cycle(self) -> None:
+        """What hypercorn's recycling does after a response h11 framed, for one framed
+        here: a fresh h11 connection, given what the client sent after this request."""
+        trailing, closed = self.connection.trailing_data
+        limit = self.config.h11_max_incomplete_size
+        fresh = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
+        if trailing:
+            fresh.receive_data(trailing)
+        if closed:
+            fresh.receive_data(b"")
+        self.connection = fresh
+        self.stream = None
+        await self.can_read.set()
+        await self.send(Updated(idle=True))
 
     async def handle(self, event: Event) -> None:
         with contextlib.suppress(RequestRefused):

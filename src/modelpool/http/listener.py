@@ -6,7 +6,11 @@ way `hypercorn.trio.run.worker_serve` does, with these differences:
 
 - The socket is bound first (binding.py), before any model starts, so a port in use
   is an error at once and not after the models have loaded.
-- HTTP/1.1 only: hypercorn's switches to cleartext HTTP/2 are off (see http1.py).
+- HTTP/1.1 only: hypercorn's switches to cleartext HTTP/2 are off (see http1.py), and
+  the predictions fastpath.py answers are given to it on the connection (`predictions`).
+- The keep-alive timer is one task per connection whose deadline each request moves
+  (keepalive.py), not a task started afresh for every request; reads and writes on the
+  client's socket try the system call first (core/eagerio.py).
 - At most `max_connections` connections are open at a time, the one that has waited
   longest on its client making room for a new one, and every write to a client is
   bounded: connections.py keeps that account, and says why; here the listener accepts
@@ -22,25 +26,35 @@ way `hypercorn.trio.run.worker_serve` does, with these differences:
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import TYPE_CHECKING
 
+import h11
 import trio
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.config import Sockets
-from hypercorn.events import Closed, Event, RawData
+from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.trio.lifespan import Lifespan
 from hypercorn.trio.task_group import TaskGroup
-from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import AppWrapper, ASGIFramework, ConnectionState, LifespanState
 from hypercorn.utils import parse_socket_addr, repr_socket_addr, wrap_app
 
+from modelpool.core.eagerio import EagerReader, write_now
 from modelpool.http.connections import Connection, Connections
 from modelpool.http.http1 import HTTP11Protocol
+from modelpool.http.keepalive import KeepAliveTimer
+
+if TYPE_CHECKING:
+    from modelpool.http.fastpath import Predictions
 
 SEND_CHUNK = 2**16  # bytes written at a time; each one accepted counts as progress
+LINGER = 2.0  # seconds a connection closed before its request was read reads on (`_close`)
+LINGER_BYTES = 2**20  # and bytes it reads (and drops) at most meanwhile
 
 
 def sockets(sock: socket.socket) -> Sockets:
@@ -50,7 +64,8 @@ def sockets(sock: socket.socket) -> Sockets:
 
 class PromptTCPServer(TCPServer):
     """hypercorn's connection, in HTTP/1.1 only, with bounded writes (`Connection.sending`),
-    and ended as soon as its peer has gone.
+    a keep-alive timer of its own (`KeepAliveTimer`), and ended as soon as its peer has
+    gone.
 
     hypercorn's trio TCPServer closes the socket when the client hangs up, but keeps
     the connection's tasks until its keep-alive timer runs out; the connection would
@@ -65,11 +80,17 @@ class PromptTCPServer(TCPServer):
         state: LifespanState,
         stream: trio.SocketStream,
         connection: Connection,
+        predictions: Predictions | None = None,
     ) -> None:
         # hypercorn declares an SSLStream, but reads a plain one as well (its own
         # worker_serve passes either): its type does not say so.
         super().__init__(app, config, context, state, stream)  # type: ignore[arg-type]
         self.connection = connection
+        self.predictions = predictions
+        self.keep_alive = KeepAliveTimer(config.keep_alive_timeout, context.terminated)
+        self.http1: HTTP11Protocol  # self.protocol, as its own type (set by `run`)
+        self._reading = False  # while the reading task reads (`_read_data`)
+        self._linger_until: float | None = None  # when a lingering close ends (`_close`)
 
     async def run(self) -> None:
         """hypercorn's TCPServer.run for a plain TCP stream, with HTTP11Protocol."""
@@ -82,7 +103,7 @@ class PromptTCPServer(TCPServer):
                 # in place of hypercorn's ProtocolWrapper, which would switch to HTTP/2;
                 # TCPServer declares the wrapper's type for the attribute, and calls on
                 # it only what HTTP11Protocol has too (initiate, handle)
-                self.protocol = HTTP11Protocol(  # type: ignore[assignment]
+                self.protocol = self.http1 = HTTP11Protocol(  # type: ignore[assignment]
                     self.app,
                     self.config,
                     self.context,
@@ -92,9 +113,12 @@ class PromptTCPServer(TCPServer):
                     client,
                     server,
                     self.protocol_send,
+                    predictions=self.predictions,
+                    connection=self.connection,
                 )
                 await self.protocol.initiate()
-                await self.idle_task.restart(self._task_group, self._idle_timeout)
+                self.keep_alive.idle()
+                task_group.spawn(self.keep_alive.run, self._initiate_server_close)
                 await self._read_data()
         except OSError:
             pass
@@ -102,26 +126,100 @@ class PromptTCPServer(TCPServer):
             await self._close()
 
     async def protocol_send(self, event: Event) -> None:
+        if isinstance(event, Updated):
+            if event.idle:
+                self.keep_alive.idle()
+            else:
+                self.keep_alive.busy()
+            return
         if not isinstance(event, RawData):
             await super().protocol_send(event)
             return
-        async with self.send_lock:
-            try:
-                with self.connection.sending():
-                    data = memoryview(event.data)
-                    while True:  # at least once, as hypercorn: even b"" lets others run
-                        await self.stream.send_all(data[:SEND_CHUNK])
-                        self.connection.progressed()
-                        data = data[SEND_CHUNK:]
-                        if not data:
-                            break
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-                # Busy: hypercorn is closing the connection (send_eof) from its reading task
-                await self.protocol.handle(Closed())
+        data = memoryview(event.data)
+        lock = self.send_lock
+        if lock.locked() or self.connection.aborted:
+            async with lock:
+                await self._send_waiting(data)
+            return
+        # No other write under way: write now what the socket takes (core/eagerio.py),
+        # which is most answers, whole; wait only for what is left, if anything.
+        lock.acquire_nowait()
+        try:
+            sent = 0
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                sent = write_now(self.stream.socket.fileno(), data) if data else 0
+            if sent < len(data):  # the waiting way finds any error, and says so
+                await self._send_waiting(data[sent:])
+        finally:
+            lock.release()
+
+    async def _send_waiting(self, data: memoryview) -> None:
+        """Write `data`, waiting for the client to take it (see `Connection.sending`);
+        the connection ends if it cannot be written."""
+        try:
+            with self.connection.sending():
+                while True:  # at least once, as hypercorn: even b"" lets others run
+                    await self.stream.send_all(data[:SEND_CHUNK])
+                    self.connection.progressed()
+                    data = data[SEND_CHUNK:]
+                    if not data:
+                        break
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+            # Busy: hypercorn is closing the connection (send_eof) from its reading task
+            await self.protocol.handle(Closed())
 
     async def _read_data(self) -> None:
-        await super()._read_data()
-        await self.idle_task.stop()
+        """hypercorn's TCPServer._read_data, reading eagerly (core/eagerio.py), and
+        lingering when the connection is closed before its request was read (`_close`)."""
+        socket = self.stream.socket
+        reader = EagerReader(socket.fileno, MAX_RECV)
+        read_timeout = self.config.read_timeout
+        self._reading = True
+        while self._linger_until is None:
+            try:
+                if read_timeout is None:
+                    data = await reader.receive_some()
+                else:
+                    with trio.fail_after(read_timeout):
+                        data = await reader.receive_some()
+            except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                break
+            await self.protocol.handle(RawData(data))
+            if data == b"":
+                break
+        else:
+            dropped = 0
+            with (
+                trio.move_on_at(self._linger_until),
+                contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError),
+            ):
+                while dropped < LINGER_BYTES and (data := await reader.receive_some()):
+                    dropped += len(data)  # dropped: the connection is closing
+        self._reading = False
+        await self.protocol.handle(Closed())
+        self.keep_alive.end()
+
+    async def _close(self) -> None:
+        """hypercorn's close (the end of our sending, then the socket), lingering first if
+        the client's request was not read to its end: a refusal before its body (413, an
+        ambiguous framing) or of its headers (431, 400).
+
+        Closing a socket with data unread resets the connection, and a client still
+        sending then gets the reset instead of the answer it was sent. So, as nginx's
+        `lingering_close` does, what the client still sends is read and dropped until it
+        closes its end, LINGER has passed, or LINGER_BYTES have come (the reading task
+        does it, see `_read_data`): a refused client cannot make the service read more.
+        """
+        with contextlib.suppress(
+            trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError
+        ):
+            await self.stream.send_eof()
+        if self._linger_until is None and self._reading:
+            their_state = self.http1.connection.their_state
+            if their_state is h11.SEND_BODY or their_state is h11.ERROR:
+                self._linger_until = trio.current_time() + LINGER
+                return
+        await self.stream.aclose()
 
 
 class LimitedListener(trio.abc.Listener[trio.SocketStream]):
@@ -153,9 +251,11 @@ async def serve(
     close_connections: Callable[[], Awaitable[object]],
     hard_stop: Callable[[], Awaitable[object]],
     hard_stop_slack: float,
+    predictions: Predictions | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve `app` on bound `sockets` until both shutdown steps have come and gone."""
+    """Serve `app` on bound `sockets` until both shutdown steps have come and gone;
+    the POST /predict requests `predictions` takes (fastpath.py) are answered by it."""
     wrapped = wrap_app(connections.track(app), config.wsgi_max_body_size, "asgi")
     lifespan_state: LifespanState = {}
     lifespan = Lifespan(wrapped, config, lifespan_state)
@@ -171,7 +271,9 @@ async def serve(
         try:
             with connection.scope:
                 state = ConnectionState(lifespan_state.copy())
-                await PromptTCPServer(wrapped, config, context, state, stream, connection)
+                await PromptTCPServer(
+                    wrapped, config, context, state, stream, connection, predictions
+                )
         finally:
             try:
                 await stream.aclose()  # closes even when cancelled

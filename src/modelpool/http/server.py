@@ -112,10 +112,10 @@ class Service:
                 # A client that reads nothing of its answer is given as long as an idle one.
                 self.connections = Connections(limit, self.config.keep_alive_timeout)
                 app: ASGIFramework = create_app(pool, self.config, self.connections)
-                from modelpool.http.fastpath import FastPredict, fast_predict_enabled
+                from modelpool.http.fastpath import Predictions, fast_predict_enabled
 
-                if fast_predict_enabled():  # POST /predict without quart: see fastpath.py
-                    app = FastPredict(app, pool, self.config)
+                # POST /predict answered on the connection, without ASGI: see fastpath.py
+                predictions = Predictions(pool, self.config) if fast_predict_enabled() else None
                 hypercorn_config = self._hypercorn_config()
                 async with trio.open_nursery() as nursery:
                     binds = await nursery.start(
@@ -129,6 +129,7 @@ class Service:
                             close_connections=pool.stopped.wait,
                             hard_stop=self._killed.wait,
                             hard_stop_slack=HARD_STOP_SLACK,
+                            predictions=predictions,
                         )
                     )
                     url = binds[0]

@@ -193,6 +193,12 @@ class ModelSession:
                 started - job.enqueued_at,
             )
             job.succeed(value)
+            # The answer goes out before the model is looked at: its caller, runnable
+            # since `succeed`, has had its turn once this task has yielded twice (trio
+            # runs every runnable task once per turn, in either order); a look at the
+            # model (procfs, its pipe) before it held up every answer.
+            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint()
             await model.catch_up()
             if model.out_of_step or model.hung:
                 await self._replace_after_answer(job)

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 
 import trio
 
+from modelpool.core.eagerio import write_now
 from modelpool.core.errors import ModelFailed
 from modelpool.process.failures import StartFailed, failure_of
 from modelpool.process.lines import LineReader, LineTooLong
@@ -179,8 +180,12 @@ class ModelProcess:
         like between requests, see `Pacer.learn`.
         """
         await self._pacer.before_first_request()
+        stdin = self.proc.stdin
         try:
-            await self.proc.stdin.send_all(line)
+            # at once, when the pipe has room (core/eagerio.py); else the rest, waiting
+            sent = write_now(stdin.fileno(), line)
+            if sent < len(line):
+                await stdin.send_all(memoryview(line)[sent:])
         except trio.ClosedResourceError as exc:
             raise trio.BrokenResourceError("model stdin is closed") from exc
 

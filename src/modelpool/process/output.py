@@ -3,7 +3,8 @@
 A model is an adversary here too: it may print floods, endless lines, or users' data.
 `StampedStream` is its stdout or stderr as the pumps read it (modelprocess.py): it notes
 when bytes last came and whether a line is half-written, and waits for the budget
-before each read. `OutputBudget` is what it may print while none of its results is
+before each read; it reads eagerly (core/eagerio.py), as a model prints a few times a
+request. `OutputBudget` is what it may print while none of its results is
 awaited; `OutputLog` how much of it reaches the log; `PlainLines` what it printed
 that was no result, to quote in a failure message.
 """
@@ -17,6 +18,8 @@ from collections.abc import Awaitable, Callable
 
 import trio
 
+from modelpool.core.eagerio import EagerReader
+
 RESULT_PREFIX = b"result: "  # what a result line starts with
 LOGGED_CHARS = 2000
 QUOTED_LINES = 5  # lines of its stdout a failure message quotes
@@ -27,6 +30,7 @@ OUTPUT_BURST_BYTES = 4 * 1024 * 1024  # bytes, likewise
 OUTPUT_RATE_BYTES = 4 * 1024 * 1024
 LOG_BURST = 100  # lines a model may have logged at once (a start-up, a traceback)
 DROPPED_REPORT_SECONDS = 10.0  # how often the count of lines left out is logged
+READ_SIZE = 64 * 1024  # bytes a pump reads at most at a time
 
 log = logging.getLogger("modelpool.model")
 
@@ -42,11 +46,12 @@ class StampedStream(trio.abc.ReceiveStream):
 
     def __init__(
         self,
-        stream: trio.abc.ReceiveStream,
+        stream: trio.lowlevel.FdStream,
         within_budget: Callable[[], Awaitable[None]],
         charge: Callable[[bytes | bytearray], None],
     ) -> None:
         self._stream = stream
+        self._reader = EagerReader(stream.fileno, READ_SIZE)
         self._within_budget = within_budget
         self._charge = charge
         self.last_data = trio.current_time()
@@ -54,7 +59,7 @@ class StampedStream(trio.abc.ReceiveStream):
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         await self._within_budget()
-        data = await self._stream.receive_some(max_bytes)
+        data = await self._reader.receive_some(max_bytes)
         if data:
             self.last_data = trio.current_time()
             self.mid_line = not data.endswith(b"\n")

@@ -1,0 +1,71 @@
+"""The keep-alive timer of one client connection (listener.py runs one per connection).
+
+An idle HTTP/1.1 connection is closed after --keep-alive-timeout, and at once when the
+service stops while it is idle; one with a request in progress is not, until that
+request has ended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from math import inf
+from typing import TYPE_CHECKING
+
+import trio
+
+if TYPE_CHECKING:
+    from hypercorn.typing import Event as EventLike
+
+
+class KeepAliveTimer:
+    """hypercorn's keep-alive timer for one connection, without a task per request.
+
+    hypercorn times an idle connection with a task it starts (`nursery.start`) each time
+    a request ends, and cancels when the next begins: the write that ends every answer
+    waited a turn of the scheduler for that task to start. Here one task sleeps until the
+    connection has been idle for `timeout`, or the worker is told to end while it is idle
+    (`terminated`), and then runs `close`; a request moves its deadline (`busy`, `idle`).
+    """
+
+    def __init__(self, timeout: float, terminated: EventLike) -> None:
+        self._timeout = timeout
+        self._terminated = terminated
+        self._idle = False
+        self._deadline = inf
+        self._waiting: trio.CancelScope | None = None
+        self._now_idle: trio.Event | None = None
+        self._task = trio.CancelScope()
+
+    def idle(self) -> None:
+        """A request has ended (or none has begun): close after `timeout` unless one begins."""
+        self._idle = True
+        self._deadline = trio.current_time() + self._timeout
+        if self._waiting is not None:
+            self._waiting.deadline = self._deadline
+        if self._now_idle is not None:
+            self._now_idle.set()
+
+    def busy(self) -> None:
+        """A request has begun: no deadline until it ends. (The deadline set may still
+        pass during a long request: the task then sees it busy, and waits for its end.)"""
+        self._idle = False
+        self._deadline = inf
+
+    def end(self) -> None:
+        """The connection is ending anyway: the timer's task ends."""
+        self._task.cancel()
+
+    async def run(self, close: Callable[[], Awaitable[object]]) -> None:
+        with self._task:
+            while True:
+                with trio.CancelScope(deadline=self._deadline) as self._waiting:
+                    await self._terminated.wait()
+                self._waiting = None
+                if self._idle:  # idle for `timeout`, or the worker ends
+                    break
+                self._now_idle = trio.Event()  # a request is under way: wait for its end
+                await self._now_idle.wait()
+                self._now_idle = None
+        if not self._task.cancel_called:
+            with trio.CancelScope(shield=True):
+                await close()
