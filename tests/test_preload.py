@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,7 @@ from modelpool.cli.parser import parse
 from modelpool.core.errors import ModelCommandError
 from modelpool.pool.operations import OperationFailed
 from modelpool.pool.pool import Pool
+from modelpool.process.model import open_model
 from modelpool.process.reaper import token_of
 from modelpool.settings.pycommand import LAUNCHER, NotPythonCommand, parse_python_command
 from serverproc import server_process, wait_listening, wait_ready
@@ -376,6 +378,26 @@ async def test_children_serve_on_when_the_template_is_sigkilled_and_a_new_one_lo
         assert parent_of(pool.workers[0].pid or 0) == new_template
         assert "exit status is unknown" in pool.workers[0].last_failure["detail"]
         assert pool.status()["template"]["loads"] == 2
+
+
+async def test_a_start_asked_of_a_template_that_just_died_waits_for_the_next_one() -> None:
+    """The template dies, and a start asks it for a child before the pool has read the
+    end of its control socket (no turn of the scheduler in between): the start gets a
+    child of the next template, instead of failing as "gone"."""
+    async with open_pool(model3_config(workers=1, preload=True)) as pool:
+        await pool.wait_ready()
+        old_template = template_pid(pool)
+        starter = pool.starter_for(pool.workers[0])
+        os.kill(old_template, signal.SIGKILL)
+        deadline = time.monotonic() + 5
+        while process_alive(old_template) and time.monotonic() < deadline:
+            time.sleep(0.001)  # noqa: ASYNC251 - blocking on purpose: the pool waits meanwhile
+        assert not process_alive(old_template)
+        with trio.fail_after(30):
+            async with open_model(pool.model_config, "probe", pool.reaper, starter) as model:
+                await model.wait_ready()
+                assert parent_of(model.pid) not in (old_template, os.getpid())
+                assert parent_of(model.pid) == template_pid(pool)
 
 
 async def test_a_child_that_is_slow_after_its_fork_serves_on_when_the_template_dies_at_once() -> (

@@ -47,7 +47,7 @@ import trio
 from modelpool.process.failures import StartFailed
 from modelpool.process.reaper import Reaper
 from modelpool.process.starter import ModelHandle, ModelStarter, Spawner
-from modelpool.process.template import TEMPLATE_STATES, Template, TemplateState
+from modelpool.process.template import TEMPLATE_STATES, Template, TemplateGone, TemplateState
 from modelpool.settings.config import PoolConfig
 
 __all__ = ["TEMPLATE_STATES", "Forker", "Preloader", "PreloadingPool", "Template", "TemplateState"]
@@ -86,6 +86,14 @@ class Forker:
         self, config: PoolConfig, name: str, token: str, env: dict[str, str]
     ) -> ModelHandle:
         asked_at = trio.current_time()
+        try:
+            return await self._start_once(config, name, token, env, asked_at)
+        except TemplateGone:  # it ended just now, before the pool saw it go: the next one
+            return await self._start_once(config, name, token, env, asked_at)
+
+    async def _start_once(
+        self, config: PoolConfig, name: str, token: str, env: dict[str, str], asked_at: float
+    ) -> ModelHandle:
         template = self._template
         await template.settled(config.init_timeout, name)
         if template.fallen_back:
@@ -94,6 +102,8 @@ class Forker:
             async with self._reaper.spawning():
                 child = await template.fork(name, token, template.env_changes(env))
                 self._reaper.model_started(child.pid, token)
+        except TemplateGone:
+            raise
         except StartFailed:
             if not template.fallen_back:
                 raise

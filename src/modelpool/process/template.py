@@ -45,6 +45,10 @@ padded with NUL bytes (empty entries to whoever reads the environment).
 """
 
 
+class TemplateGone(StartFailed):
+    """The template ended as a fork was asked of it: the next one can be asked instead."""
+
+
 class TemplateState(enum.StrEnum):
     LOADING = "loading"  # its model is loading (first time, or after it died)
     READY = "ready"  # models are forked from it
@@ -172,13 +176,23 @@ class Template:
         finally:
             if loaded is not None:
                 self._last_stderr = loaded.stderr_tail
-            self._sock, self._model = None, None
+            self._model = None
+            self._gone()
             sock.close()
             theirs.close()
             self.pid = None
-            if self.state is TemplateState.READY:
-                self._set(TemplateState.LOADING)  # starts wait for the next one from now on
-            self._requests.template_gone()
+
+    def _gone(self) -> None:
+        """The template ended (its control socket closed), or is being closed: fork
+        requests no longer go to it, and starts wait for the next one from now on.
+
+        Said as soon as its socket closes: its process is reaped after that, and a worker
+        restarting meanwhile sent its fork request to a closed socket and failed its start.
+        """
+        self._sock = None
+        if self.state is TemplateState.READY:
+            self._set(TemplateState.LOADING)
+        self._requests.template_gone()
 
     async def _fork_point(self, sock: trio.socket.SocketType, model: ModelProcess) -> Message:
         """The launcher's first word: it reached the fork point, or it is not safe to fork."""
@@ -220,6 +234,7 @@ class Template:
             try:
                 message, fds = await control.receive(sock)
                 if message is None:
+                    self._gone()  # now, not once its process is reaped: no fork waits on it
                     return
                 unsafe = self._requests.on_message(message, fds)
                 if unsafe is not None:  # it became unsafe to fork since its fork point
@@ -276,7 +291,8 @@ class Template:
         StartFailed if the template cannot."""
         sock = self._sock
         if sock is None or self.state is not TemplateState.READY:
-            raise StartFailed(f"{name} failed to start: {self.name} is {self.state}")
+            gone = TemplateGone if self.state is TemplateState.LOADING else StartFailed
+            raise gone(f"{name} failed to start: {self.name} is {self.state}")
         started_at = trio.current_time()
         stdin_r, stdin_w = os.pipe()
         stdout_r, stdout_w = os.pipe()
@@ -289,7 +305,8 @@ class Template:
                 async with self._sending:
                     await control.send_fork(sock, ident, token, env or {}, theirs)
             except OSError as exc:
-                raise StartFailed(f"{name} failed to start: {self.name} is gone ({exc})") from exc
+                self._gone()
+                raise TemplateGone(f"{name} failed to start: {self.name} is gone ({exc})") from exc
             finally:
                 for fd in theirs:
                     os.close(fd)
