@@ -9,8 +9,8 @@ before/after hooks, and a task to read the body beside the handler's.
 
 Here hypercorn's HTTP/1.1 protocol (http1.py) hands a `POST /predict` it has parsed to a
 `PredictStream` instead of an ASGI stream: one task per request that waits for the body,
-asks the pool, and writes the whole answer in one write, through h11 as every other
-answer is framed. What a client or operator sees is what the quart app (app.py) gives,
+asks the pool, and writes the whole answer in one write (framed as h11 frames it, see
+`HTTP11Protocol.respond`). What a client or operator sees is what the quart app (app.py) gives,
 made by app.py's own pieces: the request id (requestid.py), the API key check
 (auth.py), the bodies and statuses of errors (`pool_error_answer`, `http_error_body`,
 `internal_error_body`), `Connection: close` while the pool drains, the metrics, and the

@@ -188,7 +188,7 @@ class HTTP11Protocol(H11Protocol):
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", b"%d" % len(data)),
-            (b"connection", b"close"),
+            CLOSE,
             (REQUEST_ID, request_id.encode()),
             *self.config.response_headers("h11"),
         ]
