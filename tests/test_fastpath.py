@@ -27,7 +27,7 @@ MAX_BODY = 1000
 
 def raw(method: str, target: str, headers: list[str], body: bytes | None = None) -> bytes:
     """A raw HTTP/1.1 request (its empty header lines left out), closing its connection."""
-    lines = [f"{method} {target} HTTP/1.1", "Host: test", *filter(None, headers)]
+    lines = [f"{method} {target} HTTP/1.1", "Host: localhost", *filter(None, headers)]
     if body is not None:
         lines.append(f"Content-Length: {len(body)}")
     return "\r\n".join([*lines, "Connection: close", "", ""]).encode() + (body or b"")

@@ -8,6 +8,7 @@ in a message that says what to fix, soon, instead of a restart loop or a bare 50
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shlex
 import signal
@@ -144,6 +145,39 @@ async def test_a_model_without_a_ready_line_stops_the_first_start_after_init_tim
     assert "no ready line within 0.5 s" in message
     assert "'ready: Model-initialized' (--ready-line)" in message
     assert "on stdout, the last: 'loading...', 'still loading'" in message
+
+
+@pytest.mark.parametrize(("start", "stream"), [("spawn", "stderr"), ("preload", "stdout")])
+async def test_a_slow_start_is_said_at_info_with_the_last_line_the_model_printed(
+    start: str, stream: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What a loading model prints is logged at DEBUG (stdout) or not at all: the log
+    says at INFO, 5 s into its start (a --preload template's too), that it still loads."""
+    caplog.set_level(logging.INFO, "modelpool")
+    config = hostile_config(
+        "slow_loader.py",
+        env={"LOADER_STREAM": stream},
+        init_timeout=6.5,
+        preload=start == "preload",
+        model_stdout_level="DEBUG",
+        model_log_level="DEBUG",
+    )
+    with trio.fail_after(30), pytest.raises(FirstStartFailed) as raised:
+        async with open_pool(config) as pool:
+            await pool.wait_ready()
+    notices = [r for r in caplog.records if "still loading after" in r.getMessage()]
+    assert len(notices) == 1, [r.getMessage() for r in notices]
+    notice = notices[0]
+    assert notice.levelno == logging.INFO
+    said = notice.getMessage()
+    assert ("template (generation 1)" in said) == (start == "preload"), said
+    assert "still loading after 5 s of its --init-timeout 6.5 s: no line starting with " in said
+    assert (
+        "'ready: Model-initialized' yet; its last line, on " + stream + ": loading shard " in said
+    )
+    shard = int(said.rsplit(" ", 1)[1])
+    assert 15 <= shard <= 26, said  # the last, not the first: about 25 lines in 5 s
+    assert "no ready line within 6.5 s" in str(raised.value)  # the failure, as before
 
 
 async def test_keep_trying_restarts_models_that_never_started() -> None:

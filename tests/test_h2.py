@@ -106,7 +106,7 @@ async def test_an_http2_client_is_told_at_once_to_use_http_1_1() -> None:
         with trio.fail_after(5):
             async with await trio.open_tcp_stream(*address(server.url)) as raw:
                 head = "".join(f"{name}: {value}\r\n" for name, value in upgrade.items())
-                request = f"GET /healthz HTTP/1.1\r\nHost: test\r\n{head}\r\n".encode()
+                request = f"GET /healthz HTTP/1.1\r\nHost: localhost\r\n{head}\r\n".encode()
                 await raw.send_all(request * 2)
                 answer = b""
                 while answer.count(b'{"status": "ok"}\n') < 2:

@@ -262,8 +262,8 @@ async def read_response(stream: trio.SocketStream) -> bytes:
     return data
 
 
-HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n"
-PREDICT = b'POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: 8\r\n\r\n{"n": 1}'
+HEALTHZ = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
+PREDICT = b'POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 8\r\n\r\n{"n": 1}'
 
 
 @pytest.mark.parametrize("request_", [HEALTHZ, PREDICT], ids=["quart", "predict"])

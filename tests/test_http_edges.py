@@ -1,11 +1,13 @@
 """HTTP/1.1 at its edges: clients that never read their answers, ambiguous message
-framing, and OPTIONS; over real sockets to a real server on loopback.
+framing, OPTIONS, lingering closes, bytes after a request that closes its connection,
+and requests h11 cannot parse; over real sockets to a real server on loopback.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import signal
 import socket
 from collections.abc import AsyncIterator
@@ -15,6 +17,8 @@ import pytest
 import trio
 
 from conftest import SCRIPTED, error_body, running_server, scripted_config, wait_until
+from modelpool.http.fastpath import FAST_PREDICT_VARIABLE
+from modelpool.http.listener import LINGER
 from serverproc import server_process, wait_listening, wait_ready
 
 ANSWER_BYTES = 6 * 2**20  # more than the kernel buffers on loopback hold (4 MiB sent, a
@@ -39,7 +43,7 @@ async def connect(url: str, receive_buffer: int) -> trio.SocketStream:
 def large_echo_request() -> bytes:
     """POST /predict whose answer (the echo model's) is ANSWER_BYTES and more."""
     body = json.dumps({"pad": "x" * ANSWER_BYTES}).encode()
-    head = b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+    head = b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
     return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
 
 
@@ -122,7 +126,9 @@ async def test_a_second_signal_stops_at_once_while_clients_read_nothing() -> Non
                 started = trio.current_time()
                 server.proc.send_signal(signal.SIGTERM)
                 assert await server.exit_code(within=15) == 0
-                assert trio.current_time() - started < 3
+                # at once: well before the 30 s the graceful stop would take (a margin
+                # for a loaded 2-core machine, where the exit itself took 3.6 s)
+                assert trio.current_time() - started < 10
             error_body(answers[0], 503, "shutting down")
         for stream in stalled:
             await stream.aclose()
@@ -182,10 +188,10 @@ async def test_content_length_with_transfer_encoding_is_refused_and_the_connecti
     async with running_server(scripted_config(workers=1)) as server:
         await server.pool.wait_ready()
         async with await trio.open_tcp_stream(*address(server.url)) as client:
-            request = b"POST /predict HTTP/1.1\r\nHost: x\r\nX-Request-ID: smuggler-1\r\n"
+            request = b"POST /predict HTTP/1.1\r\nHost: localhost\r\nX-Request-ID: smuggler-1\r\n"
             request += b"Content-Length: 5\r\n"
             request += b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"n":\r\n0\r\n\r\n'
-            smuggled = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+            smuggled = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n"
             await client.send_all(request + smuggled)
             answer = await read_until_closed(client)
         head, _, body = answer.partition(b"\r\n\r\n")
@@ -219,12 +225,12 @@ async def test_options_answers_in_json_with_allow() -> None:
 
 
 REFUSED_MID_REQUEST = {
-    "413": b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: 5000000\r\n\r\n",
+    "413": b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000000\r\n\r\n",
     "400": (
-        b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: 5000000\r\n"
+        b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000000\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n"
     ),
-    "431": b"POST /predict HTTP/1.1\r\nHost: test\r\nX-Big: " + b"a" * 20_000,
+    "431": b"POST /predict HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 20_000,
 }
 
 
@@ -250,3 +256,171 @@ async def test_a_client_still_sending_when_refused_reads_its_answer_not_a_reset(
                     answer += chunk
         assert answer.startswith(b"HTTP/1.1 %s " % status.encode()), answer[:200]
         assert (await server.client.post("/predict", json={"n": 1})).status_code == 200
+
+
+SILENT_AFTER = {  # requests refused before their end, whose clients then neither send nor close
+    "413": b"POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5000000\r\n\r\n",
+    "408": b'POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{"n"',
+}
+BOTH_PATHS = pytest.mark.parametrize("fast", ["0", "1"], ids=["quart", "fastpath"])
+
+
+async def answer_then_silence(url: str, request: bytes) -> tuple[trio.SocketStream, bytes]:
+    """Send `request`, read its answer (to the service's end of sending), and send nothing
+    more: the stream, left open, and the answer."""
+    stream = await trio.open_tcp_stream(*address(url))
+    await stream.send_all(request)
+    answer = b""
+    with trio.fail_after(10):
+        while chunk := await stream.receive_some(65536):
+            answer += chunk
+    return stream, answer
+
+
+@BOTH_PATHS
+@pytest.mark.parametrize("status", sorted(SILENT_AFTER))
+async def test_a_silent_client_after_a_refusal_is_let_go_within_the_linger_bound(
+    monkeypatch: pytest.MonkeyPatch, status: str, fast: str
+) -> None:
+    monkeypatch.setenv(FAST_PREDICT_VARIABLE, fast)  # read as the service starts
+    async with running_server(scripted_config(), max_body=1000, body_timeout=0.5) as server:
+        await server.pool.wait_ready()
+        connections = server.service.connections
+        assert connections is not None
+        stream, answer = await answer_then_silence(server.url, SILENT_AFTER[status])
+        async with stream:
+            assert answer.startswith(b"HTTP/1.1 %s " % status.encode()), answer[:200]
+            # the lingering close ends after LINGER (2 s), its socket closed: a margin for
+            # a busy machine, far below the keep-alive timeout (75 s) it used to wait on
+            await wait_until(lambda: connections.open == 0, LINGER + 3, "the connection closed")
+
+
+async def test_sigterm_does_not_wait_on_a_silent_client_after_a_refusal() -> None:
+    args = ("--model-cmd", " ".join(SCRIPTED), "--workers", "1", "--max-body", "1000")
+    async with server_process(*args) as server:
+        async with await wait_listening(server) as client:
+            await wait_ready(client, 1, within=15)
+        stream, answer = await answer_then_silence(server.url, SILENT_AFTER["413"])
+        async with stream:
+            assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+            started = trio.current_time()
+            server.proc.send_signal(signal.SIGTERM)
+            assert await server.exit_code(within=15) == 0
+            # it waited for the response slack (2 s) and more; the stop itself takes a
+            # third of that (see the next test for the connection's own close)
+            assert trio.current_time() - started < LINGER
+
+
+async def test_a_lingering_close_ends_as_soon_as_the_service_stops() -> None:
+    """As an idle connection: closed once the pool has stopped, not LINGER later."""
+    async with running_server(scripted_config(), max_body=1000) as server:
+        await server.pool.wait_ready()
+        connections = server.service.connections
+        assert connections is not None
+        stream, answer = await answer_then_silence(server.url, SILENT_AFTER["413"])
+        async with stream:
+            assert answer.startswith(b"HTTP/1.1 413 "), answer[:200]
+            assert connections.open == 1  # lingering, for up to LINGER
+            server.service.shutdown()
+            with trio.fail_after(10):
+                await server.pool.stopped.wait()
+            # at once, but for a turn of the scheduler on a busy machine; LINGER (2 s) is
+            # what it waited before
+            await wait_until(lambda: connections.open == 0, LINGER / 2, "the connection closed")
+
+
+def request_then(method: str, path: str, version: str, close: bool, body: bytes | None) -> bytes:
+    head = [f"{method} {path} HTTP/{version}", "Host: localhost", "X-Request-ID: first-1"]
+    if close:
+        head.append("Connection: close")
+    if body is not None:
+        head.append(f"Content-Length: {len(body)}")
+    return "\r\n".join([*head, "", ""]).encode() + (body or b"")
+
+
+PREDICT = b'{"n": 7}'
+CLOSING_REQUESTS = {  # a request that closes its connection, and what its client sends after it
+    "predict, Connection: close, CRLF": (
+        request_then("POST", "/predict", "1.1", True, PREDICT),
+        b"\r\n",
+    ),
+    "predict, Connection: close, a request": (
+        request_then("POST", "/predict", "1.1", True, PREDICT),
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n",
+    ),
+    "predict, HTTP/1.0, bytes": (request_then("POST", "/predict", "1.0", False, PREDICT), b"junk!"),
+    "healthz, Connection: close, CRLF": (
+        request_then("GET", "/healthz", "1.1", True, None),
+        b"\r\n",
+    ),
+    "healthz, HTTP/1.0, bytes": (request_then("GET", "/healthz", "1.0", False, None), b"\r\nxx"),
+}
+
+
+@BOTH_PATHS
+@pytest.mark.parametrize("case", list(CLOSING_REQUESTS))
+async def test_a_request_that_closes_its_connection_gets_its_answer_whatever_follows(
+    monkeypatch: pytest.MonkeyPatch, case: str, fast: str
+) -> None:
+    monkeypatch.setenv(FAST_PREDICT_VARIABLE, fast)  # read as the service starts
+    request, after = CLOSING_REQUESTS[case]
+    async with running_server(scripted_config()) as server:
+        await server.pool.wait_ready()
+        async with await trio.open_tcp_stream(*address(server.url)) as stream:
+            await stream.send_all(request + after)  # at once: in the same read, as a rule
+            answer = await read_until_closed(stream, within=10)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1."), answer[:300]
+        assert head.split(b" ")[1] == b"200", answer[:300]
+        assert b"x-request-id: first-1\r\n" in head.lower() + b"\r\n"
+        assert len(re.findall(rb"HTTP/1\.[01] \d{3} ", answer)) == 1  # nothing after it answered
+        if b"/predict" in request:
+            assert json.loads(body)["echo"] == {"n": 7}
+            assert server.pool.workers[0].served == 1
+        else:
+            assert json.loads(body) == {"status": "ok"}
+
+
+MALFORMED = {  # what h11 cannot parse: (the request, its status, its error)
+    "a signed Content-Length": (
+        b'POST /predict HTTP/1.1\r\nHost: localhost\r\nContent-Length: +7\r\n\r\n{"n": 1}',
+        400,
+        "bad request",
+    ),
+    "a NUL in a header": (
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Note: a\x00b\r\n\r\n",
+        400,
+        "bad request",
+    ),
+    "headers over the limit": (  # not yet at their end, and over h11's 16 KiB already
+        b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Big: " + b"a" * 20_000,
+        431,
+        "request header fields too large",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+async def test_a_request_h11_cannot_parse_gets_a_json_error_with_a_request_id(case: str) -> None:
+    request, status, error = MALFORMED[case]
+    async with running_server(scripted_config()) as server:
+        await server.pool.wait_ready()
+        async with await trio.open_tcp_stream(*address(server.url)) as stream:
+            await stream.send_all(request)
+            answer = await read_until_closed(stream, within=10)
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 %d " % status), answer[:300]
+        headers = dict(
+            line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:] if b": " in line
+        )
+        assert headers[b"content-type"] == b"application/json"
+        assert headers[b"connection"] == b"close"
+        detail = json.loads(body)
+        assert detail["error"] == error
+        assert detail["detail"]  # h11's reason, for the client
+        assert re.fullmatch(r"[0-9a-f]{16}", detail["request_id"])
+        assert headers[REQUEST_ID] == detail["request_id"].encode()
+        assert server.pool.workers[0].served == 0
+
+
+REQUEST_ID = b"x-request-id"

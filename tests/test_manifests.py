@@ -84,6 +84,57 @@ def test_there_are_manifests_to_check() -> None:
     assert kinds.count("Deployment") == 3 and "ScaledObject" in kinds, kinds
 
 
+def test_no_two_resources_share_a_kind_and_name() -> None:
+    """standalone.yaml and cluster/front.yaml both defined Service/modelpool: applying one
+    set beside the other replaced its Service."""
+    where: dict[tuple[str, str], list[str]] = {}
+    for path, resource in resources():
+        key = (resource["kind"], resource["metadata"]["name"])
+        where.setdefault(key, []).append(str(path.relative_to(KUBERNETES)))
+    twice = {f"{kind}/{name}": paths for (kind, name), paths in where.items() if len(paths) > 1}
+    assert not twice, f"defined more than once: {twice}"
+
+
+def selector_of(resource: dict[str, Any]) -> dict[str, str] | None:
+    """The labels a Deployment, Service or PodDisruptionBudget selects pods by."""
+    spec = resource.get("spec", {})
+    if resource["kind"] == "Service":
+        return spec.get("selector")
+    if "selector" in spec:
+        assert set(spec["selector"]) == {"matchLabels"}, resource["metadata"]["name"]
+        return spec["selector"]["matchLabels"]
+    return None
+
+
+def test_every_selector_selects_only_the_pods_of_its_own_file() -> None:
+    """Each set applies beside the other: a Service, a PodDisruptionBudget or a
+    Deployment of one file never takes the pods another file's Deployment makes (a
+    Deployment, only its own)."""
+    pods = [
+        (path, doc["metadata"]["name"], doc["spec"]["template"]["metadata"]["labels"])
+        for path, doc in resources("Deployment")
+    ]
+    checked = 0
+    for path, resource in resources():
+        selector = selector_of(resource)
+        if selector is None:
+            continue
+        name = resource["metadata"]["name"]
+        taken = [
+            f"{pod_path.name}: {deployment}"
+            for pod_path, deployment, labels in pods
+            if selector.items() <= labels.items()
+        ]
+        own = [
+            f"{pod_path.name}: {deployment}"
+            for pod_path, deployment, _ in pods
+            if pod_path == path and (resource["kind"] != "Deployment" or deployment == name)
+        ]
+        assert taken and set(taken) <= set(own), f"{path.name}: {resource['kind']}/{name} {taken}"
+        checked += 1
+    assert checked >= 7
+
+
 @pytest.mark.parametrize("version", [OLDEST_KUBERNETES, kubernetes_validate.latest_version()])
 def test_every_manifest_matches_the_kubernetes_schemas(version: str) -> None:
     checked = 0

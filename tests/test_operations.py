@@ -27,6 +27,7 @@ SLOW_START = {"SCRIPTED_INIT_SECONDS": "0.5"}  # a new model takes a while, as r
 BROKEN = [sys.executable, "-c", "import sys; print('no model here', file=sys.stderr); sys.exit(3)"]
 KEY = "admin-key"  # changing the model command over HTTP needs the API key
 AUTH = {"Authorization": f"Bearer {KEY}"}  # sent by every client here; harmless without a key
+JSON_TYPE = {"Content-Type": "application/json"}  # what /admin/* require, with a body or not
 
 
 @dataclass
@@ -210,7 +211,7 @@ async def test_changing_the_model_command_over_http_needs_the_api_key(
             assert "set --api-key to change the model command over HTTP" in refused.text
         assert server.pool.generation == 1
         assert [w.generation for w in server.pool.workers] == [1]
-        plain = await server.client.post("/admin/reload")
+        plain = await server.client.post("/admin/reload", headers=JSON_TYPE)  # no body
         assert plain.status_code == 200, plain.text
         assert server.pool.model_config.model_cmd == SCRIPTED
     warned = [r for r in caplog.records if r.name == "modelpool.admin" and "refused" in r.msg]
@@ -232,7 +233,7 @@ async def test_a_second_operation_while_one_runs_is_refused_with_409() -> None:
         answers: list[httpx.Response] = []
 
         async def reload() -> None:
-            answers.append(await server.client.post("/admin/reload"))
+            answers.append(await server.client.post("/admin/reload", headers=JSON_TYPE))
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(reload)

@@ -28,6 +28,7 @@ DOCUMENTED = {
     "BadRequest",
     "ConfigError",
     "FirstStartFailed",
+    "Health",
     "ModelCommandError",
     "ModelFailed",
     "ModelTimeout",

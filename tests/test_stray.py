@@ -8,6 +8,7 @@ model that floods its stdout after answering costs its own worker, not the other
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 import pytest
 import trio
@@ -166,6 +167,45 @@ async def test_with_an_id_field_a_stale_result_is_dropped_and_the_request_gets_i
         assert f"[pid {pid}]" in warnings[0]
         assert a["rid_seen"] in " ".join(warnings)  # the stale id is named
         assert any("while awaiting" in w for w in warnings)  # and the request it did not answer
+
+
+def _computing(pool: Pool, request_id: str) -> bool:
+    return pool.workers[0].snapshot()["request_id"] == request_id
+
+
+async def _ask(pool: Pool, request: dict, request_id: str, answers: dict[str, object]) -> None:
+    try:
+        answers[request_id] = await pool.predict(request, request_id=request_id)
+    except PoolError as exc:
+        answers[request_id] = exc
+
+
+async def test_with_an_id_field_a_stale_result_quoting_the_awaited_id_is_dropped() -> None:
+    """A client pads its request with the ids the next requests will be sent with (the
+    model echoes ids, so they are easy to guess): the late copy of its result holds the
+    awaited id's text, but its id field says whose result it is."""
+    async with open_pool(hostile_config("late_id_copy.py", id_field="rid")) as pool:
+        await pool.wait_ready()
+        pid = pool.workers[0].pid
+        prefix, number = (await pool.predict({"n": -1}))["rid_seen"].rsplit(".", 1)
+        sent = int(number)
+        for round in range(ROUNDS):
+            upcoming = [f"{prefix}.{sent + k}" for k in range(1, 5)]
+            answers: dict[str, object] = {}
+            async with trio.open_nursery() as nursery:
+                a_id, b_id = f"A{round}", f"B{round}"
+                nursery.start_soon(_ask, pool, {"pad": upcoming, "sleep": 0.1}, a_id, answers)
+                await wait_until(partial(_computing, pool, a_id), 5, "A taken")
+                nursery.start_soon(_ask, pool, {"n": round, "sleep": 0.3}, b_id, answers)
+            a, b = answers[a_id], answers[b_id]
+            assert isinstance(a, dict) and a["echo"]["pad"] == upcoming, (round, a)
+            assert isinstance(b, dict), (round, b)  # not 502: A's late copy answered nothing
+            assert b["echo"] == {"n": round, "sleep": 0.3}, (round, b)
+            assert b["rid_seen"] in upcoming  # A's copy quoted B's id
+            sent = max(int(x["rid_seen"].rsplit(".", 1)[1]) for x in (a, b))
+        stale = "modelpool_stale_results_total"
+        await wait_until(lambda: pool.metrics.value(stale) >= 2 * ROUNDS, 5, "every copy dropped")
+        assert pool.workers[0].pid == pid and pool.workers[0].restarts == 0
 
 
 async def test_with_an_id_field_a_late_second_result_is_dropped_while_catching_up() -> None:

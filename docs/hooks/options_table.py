@@ -62,5 +62,6 @@ def default(option: Any) -> str:
 
 
 def cell(text: str) -> str:
-    """Help text as one table cell: argparse's %% escape undone, pipes escaped."""
-    return text.replace("%%", "%").replace("|", "\\|")
+    """Help text as one table cell: argparse's %% escape undone, pipes escaped, and `<`
+    too (`GPU-<uuid>` is text, not an HTML tag)."""
+    return text.replace("%%", "%").replace("|", "\\|").replace("<", "&lt;")

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from modelpool.core.job import Timing
     from modelpool.pool.metrics import PoolMetrics
     from modelpool.pool.pool import Pool, open_pool
+    from modelpool.pool.report import Health
     from modelpool.process.reaper import Reaper
     from modelpool.settings.config import ConfigError, PoolConfig, ServerConfig
 
@@ -45,6 +46,7 @@ _WHERE = {
     "ShuttingDown": "core.errors",
     "Timing": "core.job",
     "PoolMetrics": "pool.metrics",
+    "Health": "pool.report",
     "Pool": "pool.pool",
     "open_pool": "pool.pool",
     "Reaper": "process.reaper",
@@ -53,6 +55,7 @@ __all__ = [
     "BadRequest",
     "ConfigError",
     "FirstStartFailed",
+    "Health",
     "ModelCommandError",
     "ModelFailed",
     "ModelTimeout",

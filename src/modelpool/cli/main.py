@@ -116,9 +116,7 @@ async def _on_signals(
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] not in ("serve", "worker", "-h", "--help", "--version"):
-        argv.insert(0, "serve")
-    _, settings = parse(argv)
+    _, settings = parse(argv)  # `serve` unless argv names another command
     logs.configure(settings.log_level, settings.log_format)
     code = 0
     try:

@@ -7,7 +7,8 @@ turns either kind of mistake into a message that names what the user typed: the 
 and the variable with its value when the value came from the environment. Every mistake
 has one form, `modelpool serve: error: --flag (from WHERE): problem`, and a hint to
 `--help`, which lists the options by topic. Options are never abbreviated: `--worker 2`
-is refused (with a suggestion), not taken for `--workers 2`.
+is refused (with a suggestion), not taken for `--workers 2`; nor is a mistyped command:
+`modelpool serv` is refused with the closest command and the list of them.
 """
 
 from __future__ import annotations
@@ -55,7 +56,21 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         # argparse says "argument --flag: problem" for a value its type refused
         message = message.removeprefix("argument ")
-        self.exit(2, f"{self.prog}: error: {message}\n({self.prog} --help lists the options)\n")
+        listed = "commands" if self.commands else "options"
+        self.exit(2, f"{self.prog}: error: {message}\n({self.prog} --help lists the {listed})\n")
+
+    def with_command(self, argv: Sequence[str]) -> list[str]:
+        """`argv` with its command first: `serve` unless it names one (or asks for help or
+        the version). A first word that is no command is refused, with the closest one,
+        rather than taken for a stray argument of `serve`."""
+        if argv and (argv[0] in ("-h", "--help", "--version") or argv[0] in self.commands):
+            return list(argv)
+        if not argv or argv[0].startswith("-"):
+            return ["serve", *argv]
+        word = argv[0]
+        close = difflib.get_close_matches(word, self.commands, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        self.error(f"{word}: no such command{hint}; the commands are {', '.join(self.commands)}")
 
     def refuse_extras(self, extras: Sequence[str]) -> NoReturn:
         """Refuse what no option took: an unknown (or abbreviated) option, or a stray word."""
@@ -141,13 +156,14 @@ def _type(convert: Callable[[str], Any]) -> Callable[[str], Any]:
 def parse(
     argv: Sequence[str], environ: Mapping[str, str] = os.environ
 ) -> tuple[argparse.ArgumentParser, Settings]:
-    """Parse `serve` options; exits with status 2 and a message naming the culprit.
+    """Parse a command and its options (`serve` if argv starts with an option); exits with
+    status 2 and a message naming the culprit.
 
     Each option comes from its flag, else its MODELPOOL_* variable, else the --config
     file, else its default; a mistake is reported with where the value came from.
     """
     top = build_parser()
-    args, extras = top.parse_known_args(argv)
+    args, extras = top.parse_known_args(top.with_command(argv))
     parser = top.commands.get(args.command) or top
     if extras:
         parser.refuse_extras(extras)

@@ -32,7 +32,7 @@ class Job:
 
     `request_id` names the request to people (logs, error bodies); `wire_id` is the
     unique value sent to the model under `--id-field`, when that is on. `queued` is
-    true while the job sits in the channel; `abandoned` once the caller stopped waiting
+    true while the job waits in the queue; `abandoned` once the caller stopped waiting
     (its client went away, or its queue wait ran out). A worker skips an abandoned job
     it has not started, and throws away the answer of one it has. What only one kind
     of queue needs to know of a job (its key in a shared queue, its caller's wait) that

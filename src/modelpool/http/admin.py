@@ -5,7 +5,11 @@ without one, only clients on this machine (loopback addresses), as a service wit
 a key listens on loopback anyway unless told otherwise. A new model command is more
 than an operation: it runs whatever it names as the service's user, so without a key
 it is refused even from loopback (any local user could send it); a plain reload, which
-runs the command the operator chose, is not. Every action is logged with
+runs the command the operator chose, is not. Every request must say its body is JSON
+(`Content-Type: application/json`, even with no body), which a web page cannot say of a
+request it sends to another origin without the browser asking first (a preflight, which
+the service never grants): so a page of another origin cannot run an operation,
+whether its browser sends `Origin` (see origins.py) or not. Every action is logged with
 the address that asked and what it did. Each answer comes when the operation has
 finished, with what happened to each worker; the operation itself runs in the pool, so
 a client that hangs up does not stop it half-way.
@@ -29,6 +33,8 @@ from modelpool.settings.pool_options import WORKERS
 
 log = logging.getLogger("modelpool.admin")
 NEEDS_KEY = "set --api-key to change the model command over HTTP"
+JSON = "application/json"
+NEEDS_JSON = f"send admin requests with Content-Type: {JSON} (a body, if any, is a JSON object)"
 
 
 class AdminRequestError(ValueError):
@@ -83,6 +89,8 @@ def add_admin_routes(
         async def handle() -> Response:
             if (no := refused()) is not None:
                 return no
+            if request.mimetype != JSON:
+                return answer(415, {"error": "unsupported media type", "detail": NEEDS_JSON})
             try:
                 options = await body()
                 argument = read(options)

@@ -4,7 +4,9 @@ the live status page at /.
 Everything a client can get wrong is answered here, before a model is involved, and
 every answer, error or not, is a JSON object. Every response carries the request's id
 in `X-Request-ID` (the client's own, if it sent a sane one), and every error body
-carries it as `request_id`, so a failed request can be found in the log.
+carries it as `request_id`, so a failed request can be found in the log. Without an API
+key, a request whose Host or Origin is not the service's own is refused (403) before
+anything else is looked at: origins.py says why and which.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from modelpool.core.requestid import REQUEST_ID_HEADER, request_id_from
 from modelpool.http.admin import add_admin_routes
 from modelpool.http.auth import ApiKey
 from modelpool.http.connections import Connections
+from modelpool.http.origins import Origins
 from modelpool.pool.pool import Pool
 from modelpool.settings.config import ServerConfig
 
@@ -80,8 +83,14 @@ class ModelpoolApp(QuartTrio):
 
 
 def create_app(
-    pool: Pool, config: ServerConfig, connections: Connections | None = None
+    pool: Pool,
+    config: ServerConfig,
+    connections: Connections | None = None,
+    *,
+    origins: Origins | None,
 ) -> QuartTrio:
+    """The app; `origins` judges each request's Host and Origin (origins.guard_for: None
+    when an API key is set)."""
     app = ModelpoolApp("modelpool")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body
     app.config["BODY_TIMEOUT"] = config.body_timeout
@@ -93,6 +102,12 @@ def create_app(
         g.timing = None
         g.request_id = request_id_from(request.headers.get(REQUEST_ID_HEADER))
         logs.set_field("request_id", g.request_id)
+        if origins is not None and (why := refusal(origins)) is not None:
+            log.warning(
+                "refused %s %s from %s: %s", request.method, request.path, request.remote_addr, why
+            )
+            body = {"error": "forbidden", "detail": why, "request_id": g.request_id}
+            return json_response(403, body)
         if api_key is not None and not api_key.allows(
             request.path, request.headers.get("Authorization")
         ):
@@ -141,10 +156,8 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        healthy, problem = pool.health()
-        if healthy:
-            return json_response(200, {"status": "ok"})
-        return json_response(503, {"status": "failing", "detail": problem})
+        health = pool.health()
+        return json_response(health.http_status, health.body())
 
     @app.get("/readyz")
     async def readyz() -> Response:
@@ -187,6 +200,12 @@ def create_app(
         return json_response(500, body)
 
     return app
+
+
+def refusal(origins: Origins) -> str | None:
+    """Why `origins` refuses the request being handled, or None."""
+    headers = request.headers
+    return origins.refusal(request.method, headers.get("Host"), headers.get("Origin"))
 
 
 def http_error_body(exc: HTTPException, max_body: int) -> dict[str, Any]:

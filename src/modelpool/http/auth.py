@@ -6,6 +6,8 @@ and sends it with each of its calls to `/status`. Everything else, present and f
 needs the key once one is set. The check runs before the
 body is read, so a client without the key cannot make the service read a large body
 (at most what the lingering close drops, a megabyte: see listener.PromptTCPServer._close).
+Once a key is set it is the protection against web pages too: no page can send it, so
+the Host and Origin checks of a service without a key (origins.py) are not made.
 """
 
 from __future__ import annotations

@@ -6,14 +6,20 @@ its own, so the rules below can be read, and changed, apart from hypercorn's mac
 
 - At most `max_connections` connections are open at a time (about 18 KiB and one
   file descriptor each), fewer if the open-files limit leaves no room for them beside
-  the models' pipes (`connection_budget`). When a new client comes at the limit, the
-  connection that has waited longest on its client is closed to make room for it: an
-  idle keep-alive connection, one that has not finished sending its request headers,
-  or one whose client has read nothing of its response for `STALLED_SEND` seconds.
-  Only when every connection has a request in progress does the service stop
-  accepting, and new connections wait in the kernel's backlog until one closes. Idle
-  connections thus cannot starve other clients, nor use up the file descriptors model
-  restarts need.
+  the models' pipes (`connection_budget`). When a new client comes at the limit, a
+  connection that waits on its client is closed to make room for it: first one whose
+  request body arrives below --min-body-rate (bodyrate.py; it is answered 408), else
+  the one that has waited longest: an idle keep-alive connection, one that has not
+  finished sending its request headers, or one whose client has read nothing of its
+  response for `STALLED_SEND` seconds. Only when every other connection has a request
+  in progress does the service stop accepting, and new connections wait in the
+  kernel's backlog until one closes. Slow or idle connections thus cannot starve other
+  clients, nor use up the file descriptors model restarts need.
+- Room is made only for a client that is there: at the limit, the listener waits for
+  one to knock (`admit`'s `newcomer`) before it closes anything. Looking as soon as
+  the last slot is taken closes, with no client waiting, whoever is then between its
+  connect and its headers: which connections stay open then depends on whose request
+  was already counted as in progress, a race with the clients.
 - Every write to a client is bounded: one that accepts nothing of its response for
   `send_timeout` seconds has its connection closed (hypercorn alone would wait for
   ever, shielded from every cancellation, shutdown included).
@@ -29,6 +35,8 @@ from math import inf
 from typing import TYPE_CHECKING, Any
 
 import trio
+
+from modelpool.http.bodyrate import BodyArrival, MinBodyRate
 
 if TYPE_CHECKING:
     from hypercorn.typing import (
@@ -78,8 +86,8 @@ def connection_budget(max_connections: int, models: int) -> int:
 
 
 class Connection:
-    """One open client connection: its stream, whether a request is in progress, and the
-    writes to its client under way."""
+    """One open client connection: its stream, whether a request is in progress, how its
+    request's body arrives, and the writes to its client under way."""
 
     def __init__(self, stream: trio.SocketStream, peer: tuple[str, int], send_timeout: float):
         self.stream = stream
@@ -89,11 +97,31 @@ class Connection:
         self.scope = trio.CancelScope()
         self.send_timeout = send_timeout
         self.sending_since: float | None = None  # when a write last made progress
+        self.body = BodyArrival()  # kept by its protocol (http1.py)
+        # Answers its request 408 and closes it, given the rate it fell below (http1's
+        # time_out_body, set by listener.py)
+        self.on_slow_body: Callable[[float], object] | None = None
         self._sends: set[trio.CancelScope] = set()
+        self._timed_out = False
 
     @property
     def aborted(self) -> bool:
         return self.scope.cancel_called
+
+    @property
+    def leaving(self) -> bool:
+        """It has been told to end (aborted, or its slow body timed out): it soon will."""
+        return self._timed_out or self.scope.cancel_called
+
+    def time_out_body(self, bytes_per_second: float) -> None:
+        """Its request body arrives below `bytes_per_second`: answered 408 and closed
+        (`on_slow_body`), or closed if it has no one to answer it."""
+        self._timed_out = True
+        self.body.ended()
+        if self.on_slow_body is None:
+            self.abort()
+        else:
+            self.on_slow_body(bytes_per_second)
 
     def waiting_on_client(self, now: float) -> float | None:
         """Since when it has waited on its client (for a request, or to read a response),
@@ -154,9 +182,12 @@ class Connection:
 class Connections:
     """The open connections, by peer address; what /status reports and the limit acts on."""
 
-    def __init__(self, limit: int, send_timeout: float = inf) -> None:
+    def __init__(
+        self, limit: int, send_timeout: float = inf, min_body_rate: MinBodyRate | None = None
+    ) -> None:
         self.limit = limit
         self.send_timeout = send_timeout
+        self.min_body_rate = min_body_rate or MinBodyRate(0, 0)
         self.evicted = 0
         self._by_peer: dict[tuple[str, int], Connection] = {}
         self._slots = trio.Semaphore(limit)
@@ -167,26 +198,42 @@ class Connections:
     def open(self) -> int:
         return len(self._by_peer)
 
-    async def admit(self) -> None:
-        """Wait for room for one more connection, closing one that waits on its client if
-        need be: the one that has waited longest."""
+    async def admit(self, newcomer: Callable[[], Awaitable[object]] | None = None) -> None:
+        """Wait for room for one more connection. At the limit, once `newcomer` returns
+        (a client waits to be accepted), close one that waits on its client to make room
+        (`_make_room`); if none may be closed yet, look again every STALLED_SEND."""
+        if self._slots.value == 0 and newcomer is not None:
+            await newcomer()
         while self._slots.value == 0:
-            now = trio.current_time()
-            waiting = {}
-            for connection in self._by_peer.values():
-                since = None if connection.aborted else connection.waiting_on_client(now)
-                if since is not None:
-                    waiting[connection] = since
-            if waiting:
-                min(waiting, key=waiting.__getitem__).abort()
-                self.evicted += 1
-                break  # its handler ends at once, and frees its slot
-            # Every connection has a request in progress; one whose client stops reading
-            # its answer may be evicted once STALLED_SEND has passed: look again then.
+            # one told to end already frees its slot soon: no other is closed meanwhile
+            if not any(connection.leaving for connection in self._by_peer.values()):
+                self._make_room(trio.current_time())
+            # Every connection may have a request in progress; one whose client stops
+            # reading its answer, or whose body falls below the rate, may be closed
+            # later: look again then.
             with trio.move_on_after(STALLED_SEND):
                 await self._slots.acquire()
                 return
         await self._slots.acquire()
+
+    def _make_room(self, now: float) -> None:
+        """Close one connection that waits on its client, if one may be: the one whose
+        body has been arriving longest below the rate (answered 408), else the one that
+        has waited longest (closed)."""
+        slow: dict[Connection, float] = {}
+        waiting: dict[Connection, float] = {}
+        for connection in self._by_peer.values():
+            if self.min_body_rate.too_slow(connection.body, now):
+                slow[connection] = connection.body.since or now
+            elif (since := connection.waiting_on_client(now)) is not None:
+                waiting[connection] = since
+        if slow:
+            min(slow, key=slow.__getitem__).time_out_body(self.min_body_rate.bytes_per_second)
+        elif waiting:
+            min(waiting, key=waiting.__getitem__).abort()  # its handler ends at once
+        else:
+            return
+        self.evicted += 1
 
     def opened(self, stream: trio.SocketStream) -> Connection:
         """Register a new connection; OSError if its client is already gone."""

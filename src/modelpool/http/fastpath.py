@@ -20,7 +20,8 @@ before the answer is sent. tests/test_fastpath.py compares both, byte for byte.
 Only what can be answered without quart is taken (`Predictions.stream_for`); everything
 else goes to hypercorn's ASGI stream and the quart app untouched, before a byte of its
 body has been read: other paths and methods (405, OPTIONS, HEAD), a request the API key
-refuses (401: quart answers it without reading the body), a Content-Length over
+refuses (401: quart answers it without reading the body), one with a Host or an Origin
+that is not the service's (403, see origins.py), a Content-Length over
 --max-body-bytes (413 at once), a chunked body (which may grow past the limit as it
 comes: quart answers 413 while it reads on, which is what lets the connection go on), a
 root path or server names (hypercorn's own checks). A body that takes longer than
@@ -60,6 +61,7 @@ from modelpool.http.app import (
     pool_error_answer,
 )
 from modelpool.http.auth import ApiKey
+from modelpool.http.origins import Origins
 from modelpool.pool.pool import Pool
 from modelpool.settings.config import ServerConfig
 
@@ -95,10 +97,11 @@ class Responder(Protocol):
 class Predictions:
     """The service's side of the fast path: which requests it takes, and their answers."""
 
-    def __init__(self, pool: Pool, config: ServerConfig) -> None:
+    def __init__(self, pool: Pool, config: ServerConfig, origins: Origins | None) -> None:
         self._pool = pool
         self._config = config
         self._api_key = None if config.api_key is None else ApiKey(config.api_key)
+        self._origins = origins  # as the app's (origins.guard_for)
 
     def stream_for(
         self,
@@ -110,7 +113,7 @@ class Predictions:
         """A stream for `request` if this path answers it, else None (quart will)."""
         if request.method != b"POST" or request.target.partition(b"?")[0] != TARGET:
             return None
-        request_id = authorization = length = None
+        request_id = authorization = length = host = origin = None
         keep_alive = request.http_version == b"1.1"  # as h11 decides it
         for name, value in request.headers:  # h11 gives the names in lower case
             if name == b"content-length":
@@ -121,9 +124,17 @@ class Predictions:
                 request_id = request_id if request_id is not None else value
             elif name == b"authorization":
                 authorization = authorization if authorization is not None else value
+            elif name == b"host":
+                host = host if host is not None else value
+            elif name == b"origin":
+                origin = origin if origin is not None else value
         # quart answers these: a chunked body (which may grow past the limit as it comes),
-        # a Content-Length over the limit (413), a request the API key refuses (401)
+        # a Content-Length over the limit (413), a request the API key refuses (401), a
+        # Host or an Origin not the service's (403)
         if length is None or int(length) > self._config.max_body:
+            return None
+        origins = self._origins
+        if origins is not None and origins.refusal("POST", _text(host), _text(origin)):
             return None
         if self._api_key is not None:
             header = None if authorization is None else authorization.decode("latin-1")
@@ -238,6 +249,11 @@ class PredictStream:
         finally:
             connection.requests -= 1
             connection.last_active = trio.current_time()
+
+
+def _text(value: bytes | None) -> str | None:
+    """A header's value as quart reads it (Latin-1), or None if it was not sent."""
+    return None if value is None else value.decode("latin-1")
 
 
 def _tokens(value: bytes) -> list[bytes]:

@@ -25,8 +25,21 @@ the connection closed; neither its body nor anything after it is read as a reque
 Answering it from the app instead raced with hypercorn, which, reading on, saw the next
 request after a response saying `Connection: close` and closed the connection under it.
 
+A request that h11 cannot parse (`Content-Length: +7`, a NUL in a header, headers over
+the limit) is answered in JSON with a request id, as every other error is, where hypercorn
+sends a bare 400 (or 431) with an empty body (`_handle_events`).
+
+Once a request that closes the connection (`Connection: close`, HTTP/1.0) has been read,
+what the client sends after it is not read as a request: it is dropped, and the request
+gets its own answer. hypercorn handed those bytes to h11, which refused them (a peer in
+MUST_CLOSE may send nothing more), and answered a bare 400 while the request was cancelled.
+
 A `POST /predict` that fastpath.py can answer gets a `PredictStream` in place of
 hypercorn's ASGI stream, and its answer is written whole, in one write (`respond`).
+
+How each request's body arrives is kept on its connection (`Connection.body`): at the
+connection limit, one whose body arrives below --min-body-rate is the first to go, with a
+408 from here (`time_out_body`, see bodyrate.py).
 """
 
 from __future__ import annotations
@@ -34,19 +47,24 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import h2.config
 import h2.connection
 import h2.errors
 import h11
+import trio
 from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.protocol.events import StreamClosed
+from hypercorn.protocol.events import Body, EndBody, StreamClosed
+from hypercorn.protocol.events import Data as PassThrough
 from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
 
 from modelpool.core.requestid import REQUEST_ID_HEADER, request_id_from
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from modelpool.http.connections import Connection
     from modelpool.http.fastpath import Headers, Predictions
 
@@ -56,6 +74,10 @@ REQUEST_ID = REQUEST_ID_HEADER.lower().encode()
 CLOSE = (b"connection", b"close")
 AMBIGUOUS_FRAMING = (
     "a request may not carry both Content-Length and Transfer-Encoding: send one of them"
+)
+SLOW_BODY = (
+    "the request body came at less than %g bytes a second while the service was at its "
+    "connection limit"
 )
 
 
@@ -91,6 +113,7 @@ class HTTP11Protocol(H11Protocol):
         super().__init__(*args)
         self._predictions = predictions
         self._connection = connection
+        self._client_id: str | None = None  # the X-Request-ID of the request being read
 
     async def _create_stream(self, request: h11.Request) -> None:
         predictions, connection, config = self._predictions, self._connection, self.config
@@ -160,8 +183,104 @@ class HTTP11Protocol(H11Protocol):
         await self.send(Updated(idle=True))
 
     async def handle(self, event: Event) -> None:
+        if isinstance(event, RawData) and self.connection.their_state is h11.MUST_CLOSE:
+            return  # after a request that closes the connection: dropped, see the docstring
         with contextlib.suppress(RequestRefused):
             await super().handle(event)
+
+    async def _handle_events(self) -> None:
+        """hypercorn's H11Protocol._handle_events, but: nothing is read after a request
+        that closes the connection; a request h11 cannot parse is answered in JSON
+        (`_malformed`); and the arrival of each request's body is kept on its connection."""
+        body = None if self._connection is None else self._connection.body
+        while True:
+            connection = self.connection
+            if connection.they_are_waiting_for_100_continue:
+                await self._send_h11_event(
+                    h11.InformationalResponse(
+                        status_code=100, headers=self.config.response_headers("h11")
+                    )
+                )
+            if connection.their_state is h11.MUST_CLOSE:
+                break  # what came after it is dropped (`handle`)
+            try:
+                event = connection.next_event()
+            except h11.RemoteProtocolError as error:
+                if connection.our_state in {h11.IDLE, h11.SEND_RESPONSE}:
+                    await self._malformed(error)
+                await self.send(Closed())
+                break
+            if isinstance(event, h11.Request):
+                self._client_id = _client_id(event.headers)
+                if body is not None:
+                    body.began(_now())
+                await self.send(Updated(idle=False))
+                await self._check_protocol(event)
+                await self._create_stream(event)
+            elif event is h11.PAUSED:
+                await self.can_read.clear()
+                await self.can_read.wait()
+            elif (
+                event is h11.NEED_DATA
+                or isinstance(event, h11.ConnectionClosed)
+                or self.stream is None  # a request refused as it was read
+            ):
+                break
+            elif isinstance(event, h11.Data):
+                if body is not None:
+                    body.came(len(event.data))
+                await self.stream.handle(Body(stream_id=STREAM_ID, data=event.data))
+            elif isinstance(event, h11.EndOfMessage):
+                if body is not None:
+                    body.ended()
+                await self.stream.handle(EndBody(stream_id=STREAM_ID))
+            elif isinstance(event, PassThrough):  # a WebSocket's data, as hypercorn passes it
+                await self.stream.handle(event)
+
+    async def _malformed(self, error: h11.RemoteProtocolError) -> None:
+        """Answer a request h11 could not parse: its status (400, 431), in JSON."""
+        status = error.error_status_hint
+        # h11's reason, without the bytes it quotes (a header line may be 16 KiB)
+        detail = str(error).partition(": ")[0] or "malformed request"
+        # its own id if the error is in its body; none can be read from broken headers
+        mid_body = self.connection.our_state is h11.SEND_RESPONSE
+        request_id = request_id_from(self._client_id if mid_body else None)
+        log.info(
+            "request %s from %s refused: %s",
+            request_id,
+            _client(self.client),
+            detail,
+        )
+        await self._json_answer(status, HTTPStatus(status).phrase.lower(), detail, request_id)
+
+    def slow_body(self) -> bool:
+        """Whether the request being read has its body still to come, and nothing of its
+        answer has been sent: what `time_out_body` answers with 408."""
+        connection = self.connection
+        return (
+            self.stream is not None
+            and connection.their_state is h11.SEND_BODY
+            and connection.our_state is h11.SEND_RESPONSE
+        )
+
+    async def time_out_body(self, bytes_per_second: float) -> None:
+        """The request's body arrives too slowly while the service is at its connection
+        limit (bodyrate.py): the request is cancelled, as if its client had gone, and
+        answered 408 in JSON, and the connection closes (with a lingering close, as any
+        refusal before the end of a request). If its body has come meanwhile, or its
+        answer has begun, the connection simply closes."""
+        if not self.slow_body():
+            await self.send(Closed())
+            return
+        request_id = request_id_from(self._client_id)
+        log.info(
+            "request %s from %s timed out: its body came too slowly at the connection limit",
+            request_id,
+            _client(self.client),
+        )
+        await self._close_stream()
+        detail = SLOW_BODY % bytes_per_second
+        await self._refuse(408, "request timeout", detail, request_id)
 
     async def _check_protocol(self, event: h11.Request) -> None:
         # hypercorn's check switches to HTTP/2 here; `Upgrade: h2c` is simply not looked at.
@@ -171,18 +290,22 @@ class HTTP11Protocol(H11Protocol):
             raise RequestRefused()
         headers = dict(event.headers)  # h11 gives the names in lower case
         if b"content-length" in headers and b"transfer-encoding" in headers:
-            client_id = headers.get(REQUEST_ID)
-            request_id = request_id_from(None if client_id is None else client_id.decode("latin-1"))
+            request_id = request_id_from(self._client_id)
             log.info(
                 "request %s from %s refused: both Content-Length and Transfer-Encoding",
                 request_id,
-                "-" if self.client is None else f"{self.client[0]}:{self.client[1]}",
+                _client(self.client),
             )
             await self._refuse(400, "bad request", AMBIGUOUS_FRAMING, request_id)
             raise RequestRefused()
 
     async def _refuse(self, status: int, error: str, detail: str, request_id: str) -> None:
         """Answer the request in JSON, as the app would have, and close the connection."""
+        await self._json_answer(status, error, detail, request_id)
+        await self.send(Closed())
+
+    async def _json_answer(self, status: int, error: str, detail: str, request_id: str) -> None:
+        """An error answer in JSON, as the app's, saying that the connection closes."""
         body = json.dumps({"error": error, "detail": detail, "request_id": request_id})
         data = body.encode() + b"\n"
         headers = [
@@ -195,4 +318,19 @@ class HTTP11Protocol(H11Protocol):
         await self._send_h11_event(h11.Response(status_code=status, headers=headers))
         await self._send_h11_event(h11.Data(data=data))
         await self._send_h11_event(h11.EndOfMessage())
-        await self.send(Closed())
+
+
+def _client_id(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """The request's own X-Request-ID, if it sent one (the first)."""
+    for name, value in headers:  # h11 gives the names in lower case
+        if name == REQUEST_ID:
+            return value.decode("latin-1")
+    return None
+
+
+def _client(client: tuple[str, int] | None) -> str:
+    return "-" if client is None else f"{client[0]}:{client[1]}"
+
+
+def _now() -> float:
+    return trio.current_time()

@@ -2,11 +2,21 @@
 
 An idle HTTP/1.1 connection is closed after --keep-alive-timeout, and at once when the
 service stops while it is idle; one with a request in progress is not, until that
-request has ended.
+request has ended. A connection in its lingering close (listener.py) is closed at once
+when the service stops, as an idle one is.
+
+A request that has come but has not been read yet is in progress too. When the deadline
+and a request come in the same turn of the loop (the request just in time, or both
+while the loop was held up), the timer may run before the connection's reading task:
+it closed the connection then, with the request unread, and its client, which had sent
+it within the timeout, got a reset instead of an answer. So at its deadline the timer
+first looks whether the socket holds something unread, and if so lets the reading task
+take it (`_unread`).
 """
 
 from __future__ import annotations
 
+import select
 from collections.abc import Awaitable, Callable
 from math import inf
 from typing import TYPE_CHECKING
@@ -15,6 +25,8 @@ import trio
 
 if TYPE_CHECKING:
     from hypercorn.typing import Event as EventLike
+
+UNREAD_GRACE = 0.05  # seconds the reading task gets to take what came at the deadline
 
 
 class KeepAliveTimer:
@@ -27,9 +39,12 @@ class KeepAliveTimer:
     (`terminated`), and then runs `close`; a request moves its deadline (`busy`, `idle`).
     """
 
-    def __init__(self, timeout: float, terminated: EventLike) -> None:
+    def __init__(
+        self, timeout: float, terminated: EventLike, fileno: Callable[[], int] | None = None
+    ) -> None:
         self._timeout = timeout
         self._terminated = terminated
+        self._fileno = fileno  # the connection's socket (-1 once closed): see `_unread`
         self._idle = False
         self._deadline = inf
         self._waiting: trio.CancelScope | None = None
@@ -51,6 +66,17 @@ class KeepAliveTimer:
         self._idle = False
         self._deadline = inf
 
+    def closing(self) -> None:
+        """The connection is closing, and waits only on its client (a lingering close,
+        which bounds itself): no timeout of ours, but it is closed at once if the worker
+        is told to end, as an idle connection is."""
+        self._idle = True
+        self._deadline = inf
+        if self._waiting is not None:
+            self._waiting.deadline = inf
+        if self._now_idle is not None:
+            self._now_idle.set()
+
     def end(self) -> None:
         """The connection is ending anyway: the timer's task ends."""
         self._task.cancel()
@@ -62,10 +88,22 @@ class KeepAliveTimer:
                     await self._terminated.wait()
                 self._waiting = None
                 if self._idle:  # idle for `timeout`, or the worker ends
-                    break
+                    if self._terminated.is_set() or not self._unread():
+                        break
+                    await trio.sleep(UNREAD_GRACE)  # a request came just now: read it first
+                    continue
                 self._now_idle = trio.Event()  # a request is under way: wait for its end
                 await self._now_idle.wait()
                 self._now_idle = None
         if not self._task.cancel_called:
             with trio.CancelScope(shield=True):
                 await close()
+
+    def _unread(self) -> bool:
+        """Whether the client has sent what has not been read yet (a request, or its end)."""
+        fileno = -1 if self._fileno is None else self._fileno()
+        if fileno < 0:
+            return False
+        poller = select.poll()
+        poller.register(fileno, select.POLLIN)
+        return bool(poller.poll(0))

@@ -11,11 +11,12 @@ way `hypercorn.trio.run.worker_serve` does, with these differences:
 - The keep-alive timer is one task per connection whose deadline each request moves
   (keepalive.py), not a task started afresh for every request; reads and writes on the
   client's socket try the system call first (core/eagerio.py).
-- At most `max_connections` connections are open at a time, the one that has waited
-  longest on its client making room for a new one, and every write to a client is
-  bounded: connections.py keeps that account, and says why; here the listener accepts
-  only when it has room (`LimitedListener`), and each connection's writes go through
-  it (`PromptTCPServer`).
+- At most `max_connections` connections are open at a time, one that waits on its
+  client making room for a new one, and every write to a client is bounded:
+  connections.py keeps that account, and says why; here the listener accepts only when
+  it has room, or a client waits for it to make some (`LimitedListener`), and each
+  connection's writes go through it (`PromptTCPServer`), as does the 408 of one whose
+  body arrives too slowly when room must be made (`Connection.on_slow_body`).
 - Shutdown has two steps. `stop_accepting` closes the listeners but keeps open
   connections, so a request that arrives on one while the pool drains is answered
   (503, with `Connection: close`) rather than cut off. `close_connections` then closes
@@ -87,10 +88,13 @@ class PromptTCPServer(TCPServer):
         super().__init__(app, config, context, state, stream)  # type: ignore[arg-type]
         self.connection = connection
         self.predictions = predictions
-        self.keep_alive = KeepAliveTimer(config.keep_alive_timeout, context.terminated)
+        self.keep_alive = KeepAliveTimer(
+            config.keep_alive_timeout, context.terminated, stream.socket.fileno
+        )
         self.http1: HTTP11Protocol  # self.protocol, as its own type (set by `run`)
         self._reading = False  # while the reading task reads (`_read_data`)
         self._linger_until: float | None = None  # when a lingering close ends (`_close`)
+        self._reads = trio.CancelScope()  # the reading task's; its deadline: `_linger_until`
 
     async def run(self) -> None:
         """hypercorn's TCPServer.run for a plain TCP stream, with HTTP11Protocol."""
@@ -119,10 +123,12 @@ class PromptTCPServer(TCPServer):
                 await self.protocol.initiate()
                 self.keep_alive.idle()
                 task_group.spawn(self.keep_alive.run, self._initiate_server_close)
+                self.connection.on_slow_body = partial(task_group.spawn, self.http1.time_out_body)
                 await self._read_data()
         except OSError:
             pass
         finally:
+            self.connection.on_slow_body = None  # its tasks are over: it is simply closed
             await self._close()
 
     async def protocol_send(self, event: Event) -> None:
@@ -170,45 +176,49 @@ class PromptTCPServer(TCPServer):
 
     async def _read_data(self) -> None:
         """hypercorn's TCPServer._read_data, reading eagerly (core/eagerio.py), and
-        lingering when the connection is closed before its request was read (`_close`)."""
+        lingering when the connection is closed before its request was read (`_close`).
+
+        Every read is in `_reads`, whose deadline the lingering close sets: a read that
+        waits on a client that sends nothing ends then too, not only one that returns."""
         socket = self.stream.socket
         reader = EagerReader(socket.fileno, MAX_RECV)
         read_timeout = self.config.read_timeout
         self._reading = True
-        while self._linger_until is None:
-            try:
-                if read_timeout is None:
-                    data = await reader.receive_some()
-                else:
-                    with trio.fail_after(read_timeout):
+        with self._reads:
+            while self._linger_until is None:
+                try:
+                    if read_timeout is None:
                         data = await reader.receive_some()
-            except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
-                break
-            await self.protocol.handle(RawData(data))
-            if data == b"":
-                break
-        else:
-            dropped = 0
-            with (
-                trio.move_on_at(self._linger_until),
-                contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError),
-            ):
-                while dropped < LINGER_BYTES and (data := await reader.receive_some()):
-                    dropped += len(data)  # dropped: the connection is closing
+                    else:
+                        with trio.fail_after(read_timeout):
+                            data = await reader.receive_some()
+                except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
+                    break
+                await self.protocol.handle(RawData(data))
+                if data == b"":
+                    break
+            else:
+                dropped = 0
+                with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                    while dropped < LINGER_BYTES and (data := await reader.receive_some()):
+                        dropped += len(data)  # dropped: the connection is closing
         self._reading = False
         await self.protocol.handle(Closed())
         self.keep_alive.end()
 
     async def _close(self) -> None:
         """hypercorn's close (the end of our sending, then the socket), lingering first if
-        the client's request was not read to its end: a refusal before its body (413, an
-        ambiguous framing) or of its headers (431, 400).
+        the client's request was not read to its end (a refusal before its body: 413, 408,
+        an ambiguous framing; or of its headers: 431, 400), or the client may still be
+        sending after a request that closed the connection (`Connection: close`).
 
         Closing a socket with data unread resets the connection, and a client still
         sending then gets the reset instead of the answer it was sent. So, as nginx's
         `lingering_close` does, what the client still sends is read and dropped until it
         closes its end, LINGER has passed, or LINGER_BYTES have come (the reading task
-        does it, see `_read_data`): a refused client cannot make the service read more.
+        does it, see `_read_data`): a refused client cannot make the service read more,
+        nor hold its connection longer, whether it sends or not; and when the service
+        stops, a lingering connection is closed at once, as an idle one is (keepalive.py).
         """
         with contextlib.suppress(
             trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError
@@ -216,8 +226,10 @@ class PromptTCPServer(TCPServer):
             await self.stream.send_eof()
         if self._linger_until is None and self._reading:
             their_state = self.http1.connection.their_state
-            if their_state is h11.SEND_BODY or their_state is h11.ERROR:
+            if their_state in (h11.SEND_BODY, h11.ERROR, h11.MUST_CLOSE):
                 self._linger_until = trio.current_time() + LINGER
+                self._reads.deadline = self._linger_until
+                self.keep_alive.closing()
                 return
         await self.stream.aclose()
 
@@ -230,12 +242,16 @@ class LimitedListener(trio.abc.Listener[trio.SocketStream]):
         self._connections = connections
 
     async def accept(self) -> trio.SocketStream:
-        await self._connections.admit()
+        await self._connections.admit(self._knocked)
         try:
             return await self._inner.accept()
         except BaseException:
             self._connections.closed(None)
             raise
+
+    async def _knocked(self) -> None:
+        """Until a client waits to be accepted (its listening socket is readable)."""
+        await trio.lowlevel.wait_readable(self._inner.socket)
 
     async def aclose(self) -> None:
         await self._inner.aclose()

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import trio
 
 from modelpool.http.binding import CannotListen, bind, inherited_socket
+from modelpool.http.origins import guard_for
 from modelpool.http.sdnotify import Notifier
 from modelpool.pool.operations import NOT_SERVING
 from modelpool.pool.pool import Pool, open_pool
@@ -91,7 +92,8 @@ class Service:
         Raises binding.CannotListen before any model starts if the port cannot be
         bound, and errors.ModelCommandError if the model command cannot be run.
         """
-        sock = self._listening_socket()
+        sock, names = self._listening_socket()
+        origins = guard_for(self.config, names)
         try:
             async with open_pool(self.config.pool, self._reaper) as pool:
                 # The models are starting (each takes seconds): the HTTP stack, a fifth
@@ -99,6 +101,7 @@ class Service:
                 # thread, so that this one goes on starting models.
                 await trio.to_thread.run_sync(import_http_stack)
                 from modelpool.http.app import create_app
+                from modelpool.http.bodyrate import MinBodyRate
                 from modelpool.http.connections import Connections, connection_budget
                 from modelpool.http.listener import serve, sockets
 
@@ -110,12 +113,17 @@ class Service:
                     pool.shutdown()
                 limit = connection_budget(self.config.max_connections, self.config.pool.workers)
                 # A client that reads nothing of its answer is given as long as an idle one.
-                self.connections = Connections(limit, self.config.keep_alive_timeout)
-                app: ASGIFramework = create_app(pool, self.config, self.connections)
+                rate = MinBodyRate(self.config.min_body_rate, self.config.min_body_rate_grace)
+                self.connections = Connections(limit, self.config.keep_alive_timeout, rate)
+                app: ASGIFramework = create_app(
+                    pool, self.config, self.connections, origins=origins
+                )
                 from modelpool.http.fastpath import Predictions, fast_predict_enabled
 
                 # POST /predict answered on the connection, without ASGI: see fastpath.py
-                predictions = Predictions(pool, self.config) if fast_predict_enabled() else None
+                predictions = (
+                    Predictions(pool, self.config, origins) if fast_predict_enabled() else None
+                )
                 hypercorn_config = self._hypercorn_config()
                 async with trio.open_nursery() as nursery:
                     binds = await nursery.start(
@@ -140,11 +148,14 @@ class Service:
             sock.close()
         log.info("stopped")
 
-    def _listening_socket(self) -> socket.socket:
-        """The socket systemd passed, if it passed one; else one bound to --host/--port."""
+    def _listening_socket(self) -> tuple[socket.socket, list[str]]:
+        """The socket systemd passed, if it passed one; else one bound to --host/--port;
+        and the names it listens on, for `Host` (see origins.py): its address, and the
+        --host it was bound to (a name, perhaps)."""
         sock = inherited_socket()
         if sock is None:
-            return bind(self.config.host, self.config.port)
+            sock = bind(self.config.host, self.config.port)
+            return sock, [sock.getsockname()[0], self.config.host]
         host, port = sock.getsockname()[:2]
         log.info(
             "serving on the socket systemd passed (%s port %d); --host, --port ignored", host, port
@@ -156,7 +167,7 @@ class Service:
                 f"the socket systemd passed listens on {host}, not a loopback address, and "
                 "no API key is set: set MODELPOOL_API_KEY, or pass --allow-unauthenticated"
             )
-        return sock
+        return sock, [host]
 
     def _hypercorn_config(self) -> HypercornConfig:
         from hypercorn.config import Config as HypercornConfig

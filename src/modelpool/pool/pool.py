@@ -38,7 +38,7 @@ from modelpool.pool.memwatch import watch_memory
 from modelpool.pool.metrics import PoolMetrics
 from modelpool.pool.operations import Operations
 from modelpool.pool.worker import Worker
-from modelpool.process import devices
+from modelpool.process import devices, threads
 from modelpool.process.reaper import Reaper
 from modelpool.process.starter import ModelStarter, Spawner
 from modelpool.queues.base import JobQueue
@@ -160,8 +160,9 @@ class Pool:
         """This node as other nodes of a cluster see it (its heartbeat)."""
         return report.node_status(self)
 
-    def health(self) -> tuple[bool, str | None]:
-        """Healthy, or not and why (see report.health)."""
+    def health(self) -> report.Health:
+        """What `GET /healthz` answers: healthy, or not and why (see report.health). It
+        unpacks as `healthy, detail`; `.body()` and `.http_status` are the route's."""
         return report.health(self)
 
     def shutdown(self) -> None:
@@ -381,6 +382,8 @@ async def open_pool(
         async with trio.open_nursery() as nursery:
             pool = Pool(config, nursery, reaper)
             log.info("starting %d model(s): %s", config.workers, " ".join(config.model_cmd))
+            if config.workers:
+                log.info("thread budget: %s", threads.plan(config).describe())
             await nursery.start(run_queue_until_stopped, pool.queue, pool.stopped)
             nursery.start_soon(sweep_until_stopped, reaper, pool.stopped)
             if config.model_max_rss is not None:

@@ -1,4 +1,4 @@
-"""What the pool says about itself: /status, /healthz's verdict, and a node's heartbeat.
+"""What the pool says about itself: /status, /healthz's answer, and a node's heartbeat.
 
 These only read the pool, and each is read by someone else (the HTTP service, the
 status page, the other nodes of a cluster), so they live apart from what runs the pool.
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 import trio
+
+from modelpool.process import threads
 
 if TYPE_CHECKING:
     from modelpool.pool.metrics import PoolMetrics
@@ -65,6 +67,7 @@ def status(pool: ReportedPool) -> dict[str, Any]:
         "problem": problem,
         "orphans_killed": pool.reaper.killed,
         "template": None if pool.preloader is None else pool.preloader.snapshot(),
+        "model_threads": threads.plan(pool.config).snapshot(),
         "recent": pool.metrics.recent.summary(),
         **pool.queue.status(),
     }
@@ -85,7 +88,37 @@ def node_status(pool: ReportedPool) -> dict[str, Any]:
     }
 
 
-def health(pool: ReportedPool) -> tuple[bool, str | None]:
+class Health(NamedTuple):
+    """What `GET /healthz` answers: `body()` is its JSON body, `http_status` its status.
+
+    It unpacks as the pair `healthy, detail = pool.health()`; `/healthz` is made from it,
+    so the library and the route cannot disagree.
+    """
+
+    healthy: bool
+    """False once every model has kept failing for `unhealthy_after` seconds, or the
+    shared queue has been unreachable that long."""
+    detail: str | None = None
+    """Why not, when not healthy: the body's "detail" (None when healthy)."""
+
+    @property
+    def status(self) -> Literal["ok", "failing"]:
+        """The body's "status": "ok", or "failing"."""
+        return "ok" if self.healthy else "failing"
+
+    @property
+    def http_status(self) -> int:
+        """200 when healthy, else 503."""
+        return 200 if self.healthy else 503
+
+    def body(self) -> dict[str, str | None]:
+        """`{"status": "ok"}`, or `{"status": "failing", "detail": "..."}`."""
+        if self.healthy:
+            return {"status": self.status}
+        return {"status": self.status, "detail": self.detail}
+
+
+def health(pool: ReportedPool) -> Health:
     """Unhealthy once every model has kept failing for `unhealthy_after` seconds.
 
     Failing means failing on its own: a start that fails, a model that dies while
@@ -97,15 +130,16 @@ def health(pool: ReportedPool) -> tuple[bool, str | None]:
     limit = pool.config.unhealthy_after
     queue_problem = pool.queue.problem()
     if queue_problem is not None:
-        return False, queue_problem
+        return Health(False, queue_problem)
     now = trio.current_time()
     since = [w.failing(now) for w in pool.workers]
     if limit is None or not since or None in since:
-        return True, None
+        return Health(True)
     failing_for = now - max(s for s in since if s is not None)
     if failing_for < limit and pool.model_was_ready:
-        return True, None
+        return Health(True)
     last = next((w.failure_summary for w in pool.workers if w.failure_summary), "")
     if not pool.model_was_ready:
-        return False, f"no model was ever ready: every model failed to start; last: {last}"
-    return False, f"every model has failed for {failing_for:.0f} s; last: {last}"
+        never = "no model was ever ready: every model failed to start"
+        return Health(False, f"{never}; last: {last}")
+    return Health(False, f"every model has failed for {failing_for:.0f} s; last: {last}")

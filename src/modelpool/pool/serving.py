@@ -142,24 +142,37 @@ class ModelSession:
         self._owner.set_state(WorkerState.BUSY)
         job.timing.worker, job.timing.pid = self._owner.index, model.pid
         started = trio.current_time()
+        # Whether the job is still this session's to settle: once handed back to the
+        # queue, another worker may take it while this one replaces its model.
+        owned = True
         try:
             if model.stdout_ended.is_set() or model.out_of_step:
+                owned = False
                 self._pool.retry(job, "model failed before it received the request")
                 await self._replace_unprompted()
                 return False
             payload: bytes | None = None
+            unread = False  # the model's output ended with the request still in its stdin
             with trio.move_on_after(self._config.timeout) as deadline:
                 model.expect_result(job.wire_id)
                 try:
                     await model.send(job.line)
                 except trio.BrokenResourceError:
+                    owned = False
                     self._pool.retry(job, "model stopped reading before the request")
                     await self._replace_unprompted()
                     return False
                 try:
                     payload = await model.receive_result()
                 except trio.EndOfChannel:
-                    payload = None
+                    # Every byte of the request still in the pipe: the model never read
+                    # any of it (it is the last thing written), however late it died.
+                    unread = model.unread_input() >= len(job.line)
+            if unread:
+                owned = False
+                self._pool.retry(job, "model died before it read the request")
+                await self._replace_unprompted()
+                return False
             job.timing.compute = trio.current_time() - started
             self._pool.count_compute(job.timing.compute)
             if deadline.cancelled_caught:
@@ -207,7 +220,7 @@ class ModelSession:
                 self._owner.worn_out(f"served {self._served} requests (--max-requests)")
             return True
         finally:
-            if not job.done.is_set() and not job.queued:
+            if owned and not job.done.is_set():
                 job.fail(ShuttingDown())
 
     async def _fail(

@@ -13,7 +13,8 @@ How it works. Before the model runs, `sys.stdin` is replaced by a reader whose f
 read enters template mode; `for line in sys.stdin`, `readline()`, `input()` and
 `sys.stdin.buffer` all go through it (a model that reads with `os.read(0, ...)` or
 selects on fd 0 never reaches it; the pool then falls back to plain starts). By then
-the model has loaded and printed its ready line. In template mode the launcher checks
+the model has loaded and printed its ready line. In template mode the launcher stops
+the idle helper threads it knows to be safe to stop (tqdm's monitor), checks
 that a fork is safe (one thread; no socket, device, epoll or pipe it reads from open),
 flushes stdio, calls `gc.freeze()` (so the children's garbage collector does not write
 to the shared pages), tells the pool over the control socket, and waits for fork
@@ -49,7 +50,11 @@ A fork request's "env" is how the child's environment differs from the template'
 null unsets a variable). The child sets it in os.environ, and so in the C library's
 environment, before the model's code runs again: what CUDA and its kin read when they
 first touch a device. It also writes it over the end of its initial environment, which
-the pool leaves room for (see _EnvTail), so /proc/PID/environ shows it too.
+the pool leaves room for (see _EnvTail), so /proc/PID/environ shows it too. With a
+thread budget (threads.py), the template loads with OMP_NUM_THREADS and its kin at 1,
+and a child's "env" gives it its own: set in os.environ for the libraries that start
+later, and taken by those the template loaded already (torch, and what the model's
+threadpoolctl finds; see _take_thread_budget).
 
 The template leaves template mode when its stdin closes (the pool stops it) or the
 control socket does (the pool is gone): its read then returns end-of-file, and the
@@ -58,6 +63,7 @@ model ends its own way, as it would have without the launcher.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import ctypes
 import fcntl
@@ -72,6 +78,7 @@ import signal
 import socket
 import stat
 import sys
+import time
 import types
 
 TOKEN_VAR = "MODELPOOL_MODEL"
@@ -131,7 +138,8 @@ class _EnvTail:
     that gives them room. A child writes its own entries over that tail, padded with
     NUL bytes (empty entries to readers, as the token's padding), so /proc/PID/environ
     shows its device as os.environ does, each variable once. Where the tail is not so
-    (no room, not enough, or a variable also named before it), nothing is written.
+    (no room, or not enough), nothing is written; a variable also named before the tail
+    (a thread budget's, see threads.py) is set in os.environ only.
     """
 
     def __init__(self) -> None:
@@ -151,13 +159,13 @@ class _EnvTail:
         while start > 0 and self.entries[start - 1][1].partition(b"=")[0] in wanted:
             start -= 1
         before = {entry.partition(b"=")[0] for _, entry in self.entries[:start]}
-        if wanted & before:
-            return
         address = self.entries[start][0]
         room_address, room = self.entries[-1]
         length = room_address + len(room) + 1 - address
-        payload = b"".join(
-            f"{key}={value}".encode() + b"\0" for key, value in env.items() if value is not None
+        payload = b"".join(  # one named before the tail (a thread variable) stays as it was
+            f"{key}={value}".encode() + b"\0"
+            for key, value in env.items()
+            if value is not None and key.encode() not in before
         )
         if len(payload) <= length:
             ctypes.memmove(address, payload.ljust(length, b"\0"), length)
@@ -178,12 +186,60 @@ class _Template:
         self._old_wakeup = -1
         self._old_sigchld: object = None
         self._session_write = -1  # during a fork of ours: the child says "in my session"
+        self._watching = _thread.allocate_lock()  # held while the load is watched
+        self.early: str | None = None  # why it cannot be forked, found while it loaded
+        self._watcher = 0  # the watch's thread id
 
     # -- entering ----------------------------------------------------------------------
+
+    def watch_load(self) -> None:
+        """Watch the model while it loads, from a thread of the launcher's own (started
+        with _thread, invisible to the model's threading), so that a model that cannot
+        be forked is known as soon as it starts a thread pool in C, not only at its
+        fork point: the pool then starts plain models at once (see `_watch`)."""
+        self._watching.acquire()
+        _thread.start_new_thread(self._watch, ())
+
+    def _watch(self) -> None:
+        """Until the fork point: C threads (neither the main thread, this one, nor one of
+        Python's threading) that last EARLY_AFTER seconds are a thread pool, which no
+        fork point will be rid of (OpenMP's, OpenBLAS's, ...): the template says so at
+        once, while the model still loads."""
+        me = self._watcher = _thread.get_native_id()
+        since: float | None = None
+        try:
+            while not self.entered:
+                time.sleep(WATCH_EVERY)
+                if self.entered:
+                    return
+                others = _c_threads({me})
+                if not others:
+                    since = None
+                elif since is None:
+                    since = time.monotonic()
+                elif time.monotonic() - since >= EARLY_AFTER:
+                    names = ", ".join(sorted({_task_name(tid) for tid in others}))
+                    self.early = (
+                        f"it started {len(others)} thread(s) named {names} as it loaded, "
+                        f"which a fork would not copy: {C_THREADS_FIX}"
+                    )
+                    self.send({"event": "unsafe", "reason": self.early, "early": True})
+                    return
+        except Exception:  # a watch that fails leaves the check to the fork point
+            return
+        finally:
+            self._watching.release()
 
     def enter(self) -> None:
         """Become the template; return in each child (or here once template mode ends)."""
         self.entered = True
+        with self._watching:  # the watch has ended, and said its last
+            pass
+        if self.early is not None:  # the pool was told: it starts the models plainly
+            self.control.close()
+            return
+        _wait_for_threads(0, gone=self._watcher)  # it leaves /proc/self/task just after
+        _stop_idle_helpers()
         problem = self.unsafe()
         if problem is not None:
             self.send({"event": "unsafe", "reason": problem})
@@ -201,10 +257,10 @@ class _Template:
             return "it needs Python 3.9 or later on Linux 5.3 or later (os.pidfd_open)"
         if not self.env.found:
             return f"its environment has no {TOKEN_VAR}, so its children could not be contained"
-        threads = len(os.listdir("/proc/self/task"))
-        if threads > 1:
+        threads = os.listdir("/proc/self/task")
+        if len(threads) > 1:
             return (
-                f"it runs {threads} threads ({_thread_names(threads)}), and a fork copies only one"
+                f"it runs {len(threads)} threads, and a fork copies only one: {_describe_threads()}"
             )
         ours = {self.control.fileno(), self._wakeup_read, self._wakeup_write, *(received or [])}
         for fd, what in _open_descriptors(ours):
@@ -335,6 +391,7 @@ class _Template:
                 os.environ[key] = value
         self.tail.rewrite(env)
         self.children.clear()
+        _take_thread_budget(env)
 
     def _reap(self) -> None:
         while True:
@@ -420,22 +477,175 @@ def _env_problem(env: object) -> str | None:
     return None
 
 
-def _thread_names(threads: int) -> str:
-    """The names of the threads Python's threading module knows, and how many others run.
+HELPER_WAIT = 1.0  # seconds a stopped helper thread gets to be gone from /proc/self/task
+WATCH_EVERY = 0.05  # seconds between two looks at the threads of a loading model
+EARLY_AFTER = 0.5  # seconds a thread started in C must last while it loads to be a pool
+C_THREADS_FIX = (
+    "started in C, by a library's thread pool (OpenMP, MKL and OpenBLAS start theirs at "
+    "import, HF tokenizers at its first batch): --model-threads (not 0) keeps them to the "
+    "main thread while the template loads, as OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 "
+    "OPENBLAS_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false in the service's environment do"
+)
 
-    The others were started in C: by OpenBLAS, OpenMP or MKL at `import numpy` (or
-    torch), most often, each of which keeps to the main thread if told so.
+
+def _stop_idle_helpers() -> None:
+    """At the fork point: stop the idle helper threads known to be safe to stop, which
+    the children start again when they need them.
+
+    tqdm's monitor: the daemon thread behind every progress bar (transformers' "Loading
+    weights" among them), started with the first bar, even a disabled one
+    (TQDM_DISABLE=1), and left running. `TMonitor.exit()` stops and joins it; tqdm
+    starts a new one in a child whose bar needs it (it checks `monitor.report()`).
+    Only what the model imported is touched: nothing is imported here.
     """
     threading = sys.modules.get("threading")
-    names = [t.name for t in threading.enumerate()] if threading is not None else ["main"]
-    others = threads - len(names)
-    if others <= 0:
-        return ", ".join(names)
-    return (
-        f"{', '.join(names)} and {others} not started by Python's threading: a C "
-        "library's, as OpenBLAS, OpenMP and MKL start at import; OPENBLAS_NUM_THREADS=1 "
-        "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 in the service's environment keep them to one"
-    )
+    if threading is None:
+        return
+    stopped = 0
+    for thread in threading.enumerate():
+        if type(thread).__module__ != "tqdm._monitor" or not hasattr(thread, "exit"):
+            continue
+        with contextlib.suppress(Exception):  # the model's code: whatever it does
+            thread.exit()
+            owner = getattr(thread, "tqdm_cls", None)
+            if owner is not None and getattr(owner, "monitor", None) is thread:
+                owner.monitor = None
+            stopped += 1
+    if stopped:  # a joined thread leaves /proc/self/task a moment later
+        _wait_for_threads(len(threading.enumerate()))
+
+
+def _wait_for_threads(count: int, gone: int = 0) -> None:
+    """Wait a moment (HELPER_WAIT at most) for no more than `count` threads to run, or
+    for thread `gone` to be gone: a thread that ended leaves /proc/self/task just after."""
+    deadline = time.monotonic() + HELPER_WAIT
+    while time.monotonic() < deadline:
+        tasks = os.listdir("/proc/self/task")
+        if (str(gone) not in tasks) if gone else len(tasks) <= count:
+            return
+        time.sleep(0.001)
+
+
+def _c_threads(exclude: set[int]) -> list[str]:
+    """The threads (their ids) that are neither the main one, nor one of Python's
+    threading, nor in `exclude`: threads started in C."""
+    threading = sys.modules.get("threading")
+    known = {getattr(t, "native_id", None) for t in threading.enumerate()} if threading else set()
+    known |= exclude | {os.getpid()}
+    return [tid for tid in os.listdir("/proc/self/task") if int(tid) not in known]
+
+
+def _describe_threads() -> str:
+    """Each thread but the main one: Python's by name, with what would end it; the
+    others (started in C) by their names in /proc, with the fix."""
+    threading = sys.modules.get("threading")
+    known = list(threading.enumerate()) if threading is not None else []
+    said = []
+    for thread in known:
+        if thread is getattr(threading, "main_thread", lambda: None)():
+            continue
+        said.append(_python_thread(thread))
+    others = _c_threads(set())
+    if others:
+        names = sorted({_task_name(tid) for tid in others})
+        said.append(f"{len(others)} thread(s) named {', '.join(names)}, {C_THREADS_FIX}")
+    return "; ".join(said) or "threads that ended as they were counted"
+
+
+def _python_thread(thread: object) -> str:
+    """One thread of Python's threading, and how the model could end it in time."""
+    name = getattr(thread, "name", "?")
+    if type(thread).__module__ == "tqdm._monitor":
+        return (
+            f"{name!r}, tqdm's monitor, which did not stop: set tqdm.tqdm.monitor_interval = 0 "
+            "before the model imports tqdm"
+        )
+    if name.startswith("ThreadPoolExecutor"):
+        return f"{name!r}, an executor's worker: shut the executor down before reading sys.stdin"
+    return f"{name!r}, the model's own: end (join) it before the first read of sys.stdin"
+
+
+def _task_name(tid: str) -> str:
+    try:
+        with open(f"/proc/self/task/{tid}/comm") as file:
+            return repr(file.read().strip())
+    except OSError:
+        return "?"
+
+
+def _take_thread_budget(env: dict[str, str | None]) -> None:
+    """In a child: the thread budget its environment changes give it (OMP_NUM_THREADS and
+    its kin, see threads.py), taken by the libraries the template already loaded, which
+    read those variables once, at their start, when the template had one thread each.
+
+    torch's intra-op threads (`torch.set_num_threads`), and the OpenMP and BLAS
+    libraries loaded: by the model's threadpoolctl, where it imported it, or else by
+    their own calls (`_limit_loaded_libraries`). Nothing is imported here. Each pool
+    starts its threads when next used.
+    """
+    omp = _count(env.get("OMP_NUM_THREADS"))
+    blas = _count(env.get("OPENBLAS_NUM_THREADS") or env.get("MKL_NUM_THREADS"))
+    torch = sys.modules.get("torch")
+    if omp is not None and torch is not None:
+        with contextlib.suppress(Exception):
+            torch.set_num_threads(omp)
+    threadpoolctl = sys.modules.get("threadpoolctl")
+    if threadpoolctl is None:
+        _limit_loaded_libraries(omp, blas)
+        return
+    for limit, api in ((omp, "openmp"), (blas, "blas")):
+        if limit is not None:
+            with contextlib.suppress(Exception):
+                threadpoolctl.threadpool_limits(limits=limit, user_api=api)
+
+
+# The thread-count calls of the libraries threadpoolctl knows best, by their files' names.
+THREAD_CALLS = {
+    "libgomp": ("omp", ("omp_set_num_threads",)),
+    "libomp": ("omp", ("omp_set_num_threads",)),
+    "libiomp": ("omp", ("omp_set_num_threads",)),
+    "libmkl_rt": ("blas", ("MKL_Set_Num_Threads",)),
+    "libopenblas": ("blas", ("openblas_set_num_threads", "openblas_set_num_threads64_")),
+    "libscipy_openblas": (  # numpy's and scipy's own builds
+        "blas",
+        ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads"),
+    ),
+}
+
+
+def _limit_loaded_libraries(omp: int | None, blas: int | None) -> None:
+    """Without the model's threadpoolctl: what it would do for the commonest libraries.
+    Those this process has loaded (/proc/self/maps), each by its own call, through
+    ctypes; none is loaded here (RTLD_NOLOAD)."""
+    limits = {"omp": omp, "blas": blas}
+    paths = set()
+    with contextlib.suppress(OSError), open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.rstrip("\n").partition("/")[2]
+            if path and os.path.basename(path).startswith(tuple(THREAD_CALLS)):
+                paths.add("/" + path)
+    for path in sorted(paths):
+        name = os.path.basename(path)
+        kind, symbols = next(v for k, v in THREAD_CALLS.items() if name.startswith(k))
+        limit = limits[kind]
+        if limit is None:
+            continue
+        try:
+            library = ctypes.CDLL(path, mode=os.RTLD_NOLOAD)
+        except OSError:
+            continue
+        for symbol in symbols:
+            call = getattr(library, symbol, None)
+            if call is not None:
+                with contextlib.suppress(Exception):
+                    call(ctypes.c_int(limit))
+                break
+
+
+def _count(value: str | None) -> int | None:
+    if value is None or not value.strip().isdigit() or int(value) < 1:
+        return None
+    return int(value)
 
 
 def _open_descriptors(ours: set[int]) -> list[tuple[int, str]]:
@@ -531,6 +741,7 @@ def main() -> None:
     template = _Template(control)
     os.register_at_fork(after_in_child=template.after_fork_in_child)  # before the model's
     _install_stdin(template)
+    template.watch_load()
     try:
         _run(kind, target, args)
     except Exception as exc:  # what Python does for an uncaught one, minus our frames

@@ -30,7 +30,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from modelpool.core import logs
-from modelpool.process import devices
+from modelpool.process import devices, threads
 from modelpool.process.failures import CommandNotRunnable, StartFailed
 from modelpool.process.modelprocess import ModelProcess
 from modelpool.process.reaper import TOKEN_VAR, Reaper
@@ -45,7 +45,8 @@ log = logging.getLogger("modelpool.model")
 
 
 def model_environment(config: PoolConfig, token: str, device: str | None = None) -> dict[str, str]:
-    """The service's environment minus its own settings, plus the model's token and device.
+    """The service's environment minus its own settings, plus the model's token, thread
+    budget (threads.py) and device.
 
     MODELPOOL_* variables are the service's business (one may hold the API key); a
     model, which is untrusted, gets none of them but its own: its token and, with
@@ -55,6 +56,7 @@ def model_environment(config: PoolConfig, token: str, device: str | None = None)
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith(HIDDEN_VARIABLES)}
     env.update(config.env or {})
+    env.update(threads.variables(config, env))  # its thread budget, unless the user set it
     env["PYTHONUNBUFFERED"] = "1"
     env[TOKEN_VAR] = token
     for key, value in devices.variables(config, device).items():
@@ -104,4 +106,5 @@ async def open_model(
             if proc.running:  # only if something above failed half-way
                 reaper.kill_tree(proc.pid)
                 await proc.wait()
+            model.close()
             await reaper.model_reaped(proc.pid, token)

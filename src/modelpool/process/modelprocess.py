@@ -10,6 +10,7 @@ from __future__ import annotations
 import array
 import fcntl
 import logging
+import os
 import termios
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -19,14 +20,17 @@ import trio
 
 from modelpool.core.eagerio import write_now
 from modelpool.core.errors import ModelFailed
+from modelpool.process import procfs
 from modelpool.process.failures import StartFailed, failure_of
 from modelpool.process.lines import LineReader, LineTooLong
 from modelpool.process.output import (
+    QUOTED_CHARS,
     RESULT_PREFIX,
     OutputBudget,
     OutputLog,
     PlainLines,
     StampedStream,
+    last_state,
     text,
 )
 from modelpool.process.pacing import Pacer
@@ -38,6 +42,8 @@ from modelpool.settings.config import PoolConfig
 MAX_STDERR_LINE = 64 * 1024
 EXIT_WAIT = 2.0  # how long a model whose output ended gets to exit before it is killed
 PUMP_DRAIN = 1.0  # how long the pumps get to read what a dead model left in its pipes
+LOADING_NOTICE = 5.0  # seconds into a start before the log says the model is still loading
+LOADING_NOTICE_MAX = 60.0  # the longest gap between two such notices (they double up to it)
 
 log = logging.getLogger("modelpool.model")
 
@@ -76,6 +82,8 @@ class ModelProcess:
         self._pacer = Pacer(self, proc.stdin, config)
         self._budget_waiters = trio.lowlevel.ParkingLot()
         self._reader: LineReader | None = None
+        self._stat = procfs.open_stat(proc.pid)  # read before each request (see send)
+        self._last_line: tuple[str, str] | None = None  # its stream, and what it said there
         self._trouble_scopes: set[trio.CancelScope] = set()
         self._stderr_tail: deque[str] = deque(maxlen=config.stderr_tail)
         self._plain = PlainLines()  # stdout lines that were no result, for failure messages
@@ -110,7 +118,7 @@ class ModelProcess:
         """Return once the model printed its ready line; raise StartFailed otherwise."""
         timeout = self._config.init_timeout
         with trio.move_on_after(timeout):
-            await self.init_done.wait()
+            await self._wait_init_done()
         if self.ready:
             return
         if not self.init_done.is_set():
@@ -128,6 +136,37 @@ class ModelProcess:
         # sent to it yet, so it holds no user's data: the log's line quotes it (the
         # summary, for /healthz, does not).
         raise StartFailed(f"{summary}; it printed {self._plain.describe()}", summary=summary)
+
+    async def _wait_init_done(self) -> None:
+        """Wait for its ready line (or the end of its stdout), and say now and then that
+        it is still loading: LOADING_NOTICE seconds into its start, then at gaps that
+        double up to LOADING_NOTICE_MAX, with the last line it printed.
+
+        What it prints while loading is logged only at --model-stdout-level (DEBUG by
+        default) and --model-log-level: without these notices, a model that never
+        prints its ready line would be a silence of --init-timeout.
+        """
+        gap = LOADING_NOTICE
+        while True:
+            with trio.move_on_after(gap):
+                await self.init_done.wait()
+                return
+            last = "it printed nothing yet"
+            if self._last_line is not None:
+                stream, said = self._last_line
+                if len(said) > QUOTED_CHARS:
+                    said = said[:QUOTED_CHARS] + "..."
+                last = f"its last line, on {stream}: {said}"
+            log.info(
+                "%s still loading after %.0f s of its --init-timeout %g s: no line "
+                "starting with %r yet; %s",
+                self.name,
+                trio.current_time() - self.started_at,
+                self._config.init_timeout,
+                self._config.ready_line,
+                last,
+            )
+            gap = min(2 * gap, LOADING_NOTICE_MAX)
 
     def missing_result(self, quote: bool) -> str:
         """For a request with no result: what the model printed on stdout instead, if
@@ -174,12 +213,20 @@ class ModelProcess:
         self._budget_waiters.unpark_all()  # an awaited result is never held back
 
     async def send(self, line: bytes) -> None:
-        """Write one request line; trio.BrokenResourceError if the model is gone.
+        """Write one request line; trio.BrokenResourceError if the model is gone, or dying.
 
         The first waits (LEARN_SETTLE, at most LEARN_MAX) to learn what the model looks
         like between requests, see `Pacer.learn`.
+
+        A model killed while it waits in a read of its stdin is woken to die, but until
+        it runs, the read is not over: a request written then is read, by the kernel,
+        into a process that will never see it, and only its pending SIGKILL tells. So it
+        is looked for first (a few microseconds); once the model runs its exit, what it
+        left unread tells (`unread_input`).
         """
         await self._pacer.before_first_request()
+        if self._stat is not None and procfs.kill_pending(self._stat):
+            raise trio.BrokenResourceError("model is being killed")
         stdin = self.proc.stdin
         try:
             # at once, when the pipe has room (core/eagerio.py); else the rest, waiting
@@ -217,6 +264,26 @@ class ModelProcess:
         except (OSError, trio.ClosedResourceError):
             return 0
         return pending[0]
+
+    def unread_input(self) -> int:
+        """Bytes written to its stdin that it has not read: FIONREAD on our end of the
+        pipe, which Linux answers also once the model is dead (the pipe lives while we
+        hold that end). What a model left unread, not when it died, tells whether it got
+        a request: a big process takes milliseconds to die after SIGKILL (its memory is
+        freed before its files are closed), so a request written meanwhile goes in, and
+        only the read of its answer sees the model gone."""
+        pending = array.array("i", [0])
+        try:
+            fcntl.ioctl(self.proc.stdin.fileno(), termios.FIONREAD, pending)
+        except (OSError, trio.ClosedResourceError):
+            return 0
+        return pending[0]
+
+    def close(self) -> None:
+        """It is reaped: let go of what was kept open to look at it."""
+        if self._stat is not None:
+            os.close(self._stat)
+            self._stat = None
 
     @contextmanager
     def cancel_on_trouble(self) -> Iterator[trio.CancelScope]:
@@ -354,6 +421,7 @@ class ModelProcess:
     def _log_output(self, stream: str, line: str) -> None:
         """A line the model printed: the model's business, logged at its stream's level
         (--model-stdout-level, --model-log-level) within the model's budget (see OutputLog)."""
+        self._last_line = (stream, line)  # for the notices of a slow start (wait_ready)
         if self._output_log.admits(stream):
             self._output_log.write(stream, line, self.request_id)
 
@@ -377,7 +445,7 @@ class ModelProcess:
                     continue
                 if line is None:
                     return
-                said = text(line)
+                said = text(last_state(line))  # a progress bar: its last state
                 self._stderr_tail.append(said)
                 self._log_output("stderr", said)
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -243,6 +243,20 @@ class OutputLog:
             self._dropped = 0
 
 
+def last_state(line: bytes) -> bytes:
+    """A line of carriage-return updates, as a progress bar prints it (tqdm's "Loading
+    weights: 0%|...\r...100%|..."), as its last state: what a terminal shows of it. The
+    log then holds the bar once, finished, not every update (cut to LOGGED_CHARS, at
+    its first ones). A line without a carriage return is itself; one whose updates end
+    in a blank (a bar that cleared itself) is its last state that was not blank."""
+    if b"\r" not in line:
+        return line
+    for state in reversed(line.split(b"\r")):
+        if state.strip():
+            return state
+    return b""
+
+
 def text(line: bytes) -> str:
     """A line as the log quotes it: decoded, and cut to LOGGED_CHARS characters."""
     decoded = line.decode("utf-8", errors="replace")

@@ -15,14 +15,18 @@ What can go wrong, and what happens then:
   epoll, a pipe it reads a helper's answers from; or it never reads sys.stdin): the
   template says why, the pool logs it in one WARNING line and shows it in /status,
   and this generation's models start plainly
-  (`TemplateState.FALLBACK`). A process is never forked in an unsafe state.
+  (`TemplateState.FALLBACK`). A process is never forked in an unsafe state. A thread
+  pool started in C is seen as it starts, while the model loads: the template is
+  killed and the models start plainly at once, not after a load thrown away.
 - The template fails to load: it is loaded again after the usual back-off, and model
   starts meanwhile fail as a plain start that failed would (the worker backs off).
 - The template dies while its children serve: they serve on. It is loaded again in the
   background, and replacements fork from the new one once it is ready.
-- A child's environment is the template's, with its own token and, with --devices,
-  its worker's device, set by the launcher right after the fork in its os.environ and
-  where /proc/PID/environ shows it (the template itself has none, see devices.py).
+- A child's environment is the template's, with its own token, its thread budget
+  (the template loads with one thread per C library, see threads.py) and, with
+  --devices, its worker's device, set by the launcher right after the fork in its
+  os.environ (the device also where /proc/PID/environ shows it; the template itself
+  has none, see devices.py).
 - A child's exit: its pidfd tells the moment; its status comes from the template,
   which reaps its children and reports, or from waitid if the service adopted the child
   as a subreaper after the template died. If neither can tell, the status is unknown,

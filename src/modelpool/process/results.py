@@ -122,12 +122,11 @@ class Results:
     def _stale_id(self, payload: bytes) -> str | None:
         """The id of an earlier request of this model's that a result carries, if it does.
 
-        Only with --id-field. A result that holds the awaited id's text is taken for the
-        answer without parsing it twice (parse_result checks it); any other is parsed
-        for its id here.
+        Only with --id-field, and by the id field itself: the result is parsed for it.
+        Its text alone tells nothing: a request may carry any id in its data (the next
+        ones are easy to guess), which a model that echoes its request prints back, so
+        a stale result may hold the awaited id's text too.
         """
-        if self.awaiting and self.wire_id is not None and self.wire_id.encode() in payload:
-            return None
         assert self._id_field is not None
         got = result_id(payload, self._id_field)
         if not isinstance(got, str) or got not in self._sent_ids:

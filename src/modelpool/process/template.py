@@ -19,7 +19,7 @@ from typing import Any
 
 import trio
 
-from modelpool.process import control
+from modelpool.process import control, threads
 from modelpool.process.control import BadMessage, Message, Requests
 from modelpool.process.devices import ROOM_VAR
 from modelpool.process.forked import ForkedProcess
@@ -147,7 +147,8 @@ class Template:
         loaded: ModelProcess | None = None
         try:
             command = parse_python_command(self.config.model_cmd).launched(theirs.fileno())
-            config = replace(self.config, model_cmd=command)
+            env = {**(self.config.env or {}), **threads.template_variables(self.config)}
+            config = replace(self.config, model_cmd=command, env=env)  # one thread each
             starter = Spawner(self._reaper, pass_fds=[theirs.fileno()])
             token = self._reaper.new_token().ljust(TEMPLATE_TOKEN_LENGTH, ".")
             model_cm = open_model(
@@ -156,10 +157,11 @@ class Template:
             async with model_cm as model:
                 loaded = model
                 theirs.close()
-                await model.wait_ready()
-                first = await self._fork_point(sock, model)
+                first = await self._first_word(sock, model)
                 if first.get("event") != "fork_point":
                     self._fall_back(str(first.get("reason", first)))
+                    if first.get("early"):  # still loading: of no more use, and costly
+                        model.kill_group()
                     return
                 self.pid, self._model, self._env = model.pid, model, model.env
                 self.load_seconds = trio.current_time() - model.started_at
@@ -194,20 +196,50 @@ class Template:
             self._set(TemplateState.LOADING)
         self._requests.template_gone()
 
-    async def _fork_point(self, sock: trio.socket.SocketType, model: ModelProcess) -> Message:
-        """The launcher's first word: it reached the fork point, or it is not safe to fork."""
-        with trio.move_on_after(FORK_POINT_WAIT):
+    async def _first_word(self, sock: trio.socket.SocketType, model: ModelProcess) -> Message:
+        """The launcher's first word: it reached the fork point (after its ready line), or
+        it is not safe to fork, which it may say while the model still loads (a thread
+        pool started in C, see _launcher.py): then the models start plainly at once,
+        without waiting for a load that would be thrown away."""
+        heard: list[Message | None] = []
+        failures: list[StartFailed] = []  # raised after the nursery: not in a group
+        got = trio.Event()
+        async with trio.open_nursery() as nursery:
+
+            async def listen() -> None:
+                try:
+                    message, fds = await control.receive(sock)
+                except BadMessage as exc:
+                    problem = f"a message on its control socket makes no sense: {exc}"
+                    failures.append(StartFailed(f"{self.name} failed to start: {problem}"))
+                    nursery.cancel_scope.cancel()
+                    return
+                for fd in fds:
+                    os.close(fd)
+                heard.append(message)
+                got.set()
+                if message is not None and message.get("event") != "fork_point":
+                    nursery.cancel_scope.cancel()  # unsafe: its ready line is not needed
+
+            nursery.start_soon(listen)
             try:
-                message, fds = await control.receive(sock)
-            except BadMessage as exc:
-                problem = f"a message on its control socket makes no sense: {exc}"
-                raise StartFailed(f"{self.name} failed to start: {problem}") from None
-            for fd in fds:
-                os.close(fd)
-            if message is None:
+                await model.wait_ready()
+            except StartFailed as exc:
+                failures.append(exc)
+            else:
+                with trio.move_on_after(FORK_POINT_WAIT):
+                    await got.wait()
+            nursery.cancel_scope.cancel()
+        first = heard[0] if heard else None
+        if first is not None and first.get("event") != "fork_point":
+            return first  # unsafe, whatever else went wrong
+        if failures:
+            raise failures[0]
+        if heard:
+            if first is None:
                 failure = await model.describe_failure()
                 raise StartFailed(f"{self.name} ended before its fork point: {failure.detail}")
-            return message
+            return first
         return {
             "event": "unsafe",
             "reason": f"it printed its ready line but did not read sys.stdin within "

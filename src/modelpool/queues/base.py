@@ -108,7 +108,10 @@ class JobQueue(ABC):
 
     @abstractmethod
     def requeue(self, job: Job) -> None:
-        """Queue a claimed job once more (its model died before it could have read it)."""
+        """Queue a claimed job once more (its model died before it could have read it).
+
+        It should be the next job taken: the local queue puts it at the head; a Redis
+        stream adds it as a new entry, at its end."""
 
     @abstractmethod
     def close(self) -> None:

@@ -3,11 +3,16 @@
 It is the default, and the one a pool without `queue` uses; it needs no server and
 imports nothing beyond trio. It lives apart from the interface (base.py) so that the
 Redis queue, which shares only the interface, does not come with it.
+
+A job queued again (its model died before reading it) goes to the head of the queue,
+not behind the jobs that came after it: to a worker already waiting, if one is, or
+else before anything in the channel (`_front`).
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 
 import trio
 
@@ -28,6 +33,7 @@ class LocalQueue(JobQueue):
         self._max_queue = max_queue
         self._metrics = metrics
         self._send, self._receive = trio.open_memory_channel[Job](math.inf)
+        self._front: deque[Job] = deque()  # jobs queued again, taken before the channel's
         self._pending = 0
         self._closed = False
         # The wait of each caller whose job no worker took yet: its deadline is the
@@ -70,6 +76,11 @@ class LocalQueue(JobQueue):
             self._pending -= 1
 
     async def get(self) -> Job:
+        if self._front:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            job = self._front.popleft()  # nothing awaited since the look: still there
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            return job
         return await self._receive.receive()
 
     def claim(self, job: Job) -> bool:
@@ -87,7 +98,15 @@ class LocalQueue(JobQueue):
         return True
 
     def requeue(self, job: Job) -> None:
-        self._enqueue(job)
+        """At the head: a waiting worker gets it at once (the channel hands a job to the
+        worker that has waited longest, and a worker waits only while the channel is
+        empty); with none waiting, the next `get` takes it before the channel's jobs."""
+        if self._receive.statistics().tasks_waiting_receive:
+            self._enqueue(job)
+            return
+        job.queued = True
+        self._pending += 1
+        self._front.append(job)
 
     def close(self) -> None:
         self._closed = True
@@ -100,7 +119,8 @@ class LocalQueue(JobQueue):
         return []  # every job is in the channel or with a worker of this pool
 
     def take_unclaimed(self) -> list[Job]:
-        jobs: list[Job] = []
+        jobs = [job for job in self._front if self.claim(job)]
+        self._front.clear()
         while True:
             try:
                 job = self._receive.receive_nowait()

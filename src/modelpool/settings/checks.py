@@ -34,6 +34,8 @@ NODE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 # separator), no space, no quote or other character a shell or a list would split on.
 DEVICE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+@-]{0,127}")
 VARIABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+# A host name as --allowed-hosts takes it (in lower case): labels of letters, digits, - and _
+HOST_NAME = re.compile(r"(?=.{1,253}$)[a-z0-9_]([a-z0-9_-]{0,62})(\.[a-z0-9_][a-z0-9_-]{0,62})*")
 
 Check = Callable[[str, Any], Any]  # (field name, value) -> the value kept; or ConfigError
 
@@ -283,6 +285,39 @@ def an_api_key(name: str, key: Any) -> Any:
             name, "must not start or end with a space: a client's header cannot carry one"
         )
     return key
+
+
+def host_names(name: str, value: Any) -> tuple[str, ...] | None:
+    """--allowed-hosts as a tuple of host names (or addresses), lower case, without a
+    trailing dot or an IPv6 address's brackets; a string is split at its commas; `*` is
+    any name; None (or nothing) is none."""
+    if isinstance(value, str):
+        value = [word for word in value.split(",") if word.strip()]
+    if value is None or (is_words(value) and not value):
+        return None
+    if not is_words(value):
+        raise ConfigError(name, f"must be host names separated by commas, got {value!r}")
+    kept = []
+    for given in value:
+        host = given.strip().lower().removesuffix(".")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if host != "*" and not HOST_NAME.fullmatch(host) and not _is_address(host):
+            problem = (
+                "must be host names or addresses separated by commas, without a port "
+                f"(modelpool.example, 10.0.0.5, ::1), or * for any; {given!r} is not one"
+            )
+            raise ConfigError(name, problem)
+        kept.append(host)
+    return tuple(kept)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def is_loopback(host: str) -> bool:

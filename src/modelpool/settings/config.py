@@ -75,6 +75,7 @@ class PoolConfig:
     max_requests_jitter: int = setting("max_requests_jitter")
     model_max_rss: float | None = setting("model_max_rss")  # MiB, a model with its descendants
     preload: bool = setting("preload")  # fork every model from one loaded template (Python only)
+    model_threads: int | None = setting("model_threads")  # C threads per model; None auto, 0 off
     queue: str | None = setting("queue")  # redis://host:port/db: a stream shared by many nodes
     reclaim_after: float = setting("reclaim_after")  # seconds before a silent node's jobs return
     node_name: str | None = setting("node_name")  # this node's name in a cluster
@@ -133,15 +134,19 @@ class ServerConfig:
     """The HTTP front: where it listens, whom it serves and what it accepts."""
 
     pool: PoolConfig = field(default_factory=PoolConfig)
+    """The pool behind it: its models, its queue and what it accepts from them."""
     host: str = setting("host")
     port: int = setting("port")
     max_body: int = setting("max_body")
     body_timeout: float = setting("body_timeout")
     keep_alive_timeout: float = setting("keep_alive_timeout")
     max_connections: int = setting("max_connections")
+    min_body_rate: float = setting("min_body_rate")  # bytes/s, at the limit; 0 off
+    min_body_rate_grace: float = setting("min_body_rate_grace")  # seconds before it applies
     access_log: bool = setting("access_log")
     api_key: str | None = setting("api_key")
     allow_unauthenticated: bool = setting("allow_unauthenticated")
+    allowed_hosts: tuple[str, ...] | None = setting("allowed_hosts")  # Host names, keyless
     expose_model_stderr: bool = setting("expose_model_stderr")
 
     def __post_init__(self) -> None:

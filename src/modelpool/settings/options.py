@@ -14,6 +14,7 @@ from modelpool.settings.checks import (
     Range,
     a_log_level,
     an_api_key,
+    host_names,
     not_blank,
 )
 from modelpool.settings.option import COMMAND, HTTP, LOGGING, POOL, SERVER, TOPICS, Option
@@ -86,11 +87,33 @@ HTTP_OPTIONS = [
         "max_connections",
         integer,
         1000,
-        "open client connections at most; at the limit the longest-idle one is closed for a "
-        "newcomer, and only when every one has a request in progress do newcomers wait",
+        "open client connections at most; at the limit one whose body comes below "
+        "--min-body-rate (408), else the longest-idle one, is closed for a newcomer, and "
+        "only when every one has a request in progress do newcomers wait",
         SERVER,
         topic=HTTP,
         check=Range(1, integer=True),
+    ),
+    Option(
+        "min_body_rate",
+        number,
+        240.0,
+        "bytes a second a request body must average, once --min-body-rate-grace has passed, "
+        "to keep its connection at --max-connections: below it, the connection is the first "
+        "closed for a newcomer, its request answered 408 (as Kestrel's minimum request body "
+        "data rate); 0 turns it off. --body-timeout bounds slow bodies otherwise",
+        SERVER,
+        topic=HTTP,
+        check=Range(0),
+    ),
+    Option(
+        "min_body_rate_grace",
+        number,
+        5.0,
+        "seconds a request body is given, from its headers on, before --min-body-rate applies",
+        SERVER,
+        topic=HTTP,
+        check=Range(0),
     ),
     Option(
         "api_key",
@@ -110,6 +133,19 @@ HTTP_OPTIONS = [
         "listen on a non-loopback address without --api-key",
         SERVER,
         topic=HTTP,
+    ),
+    Option(
+        "allowed_hosts",
+        text_value,  # split and checked by ServerConfig, as a config file's list is
+        None,
+        "host names or addresses separated by commas that requests may name in their Host "
+        "header besides loopback names and the listening address, when no API key is set "
+        "(others get 403: a page whose name was re-pointed at this machine must not reach "
+        "the service); * for any; with an API key any name is answered",
+        SERVER,
+        topic=HTTP,
+        check=host_names,
+        lists=tuple,
     ),
     Option(
         "expose_model_stderr",

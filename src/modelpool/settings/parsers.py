@@ -51,6 +51,16 @@ def count_or_none(text: str) -> int | None:
     return None if value == 0 else value
 
 
+def count_or_auto(text: str) -> int | None:
+    """A whole number, or "auto" (None: the default, worked out when it is used)."""
+    if text.strip().lower() == "auto":
+        return None
+    value = integer(text)
+    if value < 0:
+        raise BadValue(f"must be auto or a whole number, got {text!r}")
+    return value
+
+
 def mib_or_none(text: str) -> float | None:
     """A size in MiB, where 0 means no limit."""
     value = number(text)

@@ -37,6 +37,7 @@ from modelpool.settings.option import (
 )
 from modelpool.settings.parsers import (
     command,
+    count_or_auto,
     count_or_none,
     device_list,
     integer,
@@ -159,6 +160,19 @@ MODEL_OPTIONS = [
         "at that point) falls back to plain starts with a warning",
         POOL,
         topic=MODELS,
+    ),
+    Option(
+        "model_threads",
+        count_or_auto,
+        None,
+        "threads each model's C libraries may start (OpenMP, MKL, OpenBLAS, ...: "
+        "OMP_NUM_THREADS and its kin in its environment, except those the service's "
+        "environment sets), so that models do not oversubscribe the cores; default auto: "
+        "the cores this service may use divided by --workers, at least 1; 0 leaves the "
+        "environment alone",
+        POOL,
+        topic=MODELS,
+        check=OrNone(Range(0, maximum=1024, integer=True)),
     ),
     Option(
         "devices",
