@@ -2,7 +2,8 @@
 `nox -s bench` (side by side with baselines), `nox -s bench-real` (the real ML stack, run by
 hand), `nox -s chaos` (load under killed, timed-out, crashing and escaping models),
 `nox -s load` (drive any instance with a request mix; live view, report and plots),
-`nox -s docs` (the documentation site, built strictly)."""
+`nox -s docs` (the documentation site, built strictly), `nox -s lowest` (the HTTP tests and
+mypy with the lowest versions of the dependencies that pyproject.toml allows)."""
 
 import nox
 
@@ -14,7 +15,11 @@ nox.options.error_on_missing_interpreters = True
 def tests(session: nox.Session) -> None:
     """The whole suite, against real model processes and a real server on loopback."""
     session.install(".[test]")
-    session.run("pytest", *session.posargs)
+    # In parallel: each test owns its ports and processes, and the check for leftover
+    # processes looks at the children of its own worker. The tests mostly wait on real
+    # processes, so 4 workers on 2 cores is about 2.5 times faster than one; worksteal
+    # keeps the long chaos and cluster runs from ending the run alone.
+    session.run("pytest", "-n", "4", "--dist", "worksteal", *session.posargs)
 
 
 @nox.session
@@ -27,6 +32,38 @@ def lint(session: nox.Session) -> None:
     session.run("ruff", "format", "--check", ".")
     session.run("mypy")
     session.run("lint-imports")
+
+
+# The HTTP tests (run on both /predict paths by `lowest`), and the checks of the seams
+HTTP_TESTS = [
+    "tests/test_http.py",
+    "tests/test_http_edges.py",
+    "tests/test_http_slots.py",
+    "tests/test_h2.py",
+    "tests/test_clients.py",
+    "tests/test_origins.py",
+    "tests/test_keepalive_race.py",
+    "tests/test_systemd.py",
+]
+
+
+@nox.session
+def lowest(session: nox.Session) -> None:
+    """The HTTP tests, on both /predict paths, and mypy, with the lowest version that
+    pyproject.toml allows of each package it names (uv's lowest-direct resolution): the
+    floors there are versions that work. The seams' checks run too (tests/test_seams.py)."""
+    session.install("uv")
+    uv_pip = ["uv", "pip", "install", "--python", f"{session.bin}/python"]
+    session.run(*uv_pip, "--resolution", "lowest-direct", "-e", ".[test]", silent=True)
+    # the checker itself as lint has it: what is checked is our code against these versions
+    session.run(*uv_pip, "mypy>=1.13", "types-jsonschema>=4.18", silent=True)
+    session.run("uv", "pip", "list", "--python", f"{session.bin}/python")  # the versions
+    session.run("mypy")
+    # test_fastpath.py sends both paths the same requests; test_seams.py has no path
+    both = ["tests/test_fastpath.py", "tests/test_seams.py"]
+    session.run("pytest", *both, *HTTP_TESTS, *session.posargs)
+    quart = {"MODELPOOL_FAST_PREDICT": "0"}  # the same tests through quart's /predict
+    session.run("pytest", *HTTP_TESTS, *session.posargs, env=quart)
 
 
 @nox.session

@@ -1,4 +1,5 @@
-"""What the benchmark sessions share: a free loopback port, a process's resident memory."""
+"""What the benchmark sessions share: a free loopback port, a process's memory, and the
+CPython 3.12+ interpreters installed beside this one."""
 
 from __future__ import annotations
 
@@ -19,3 +20,51 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def pss_mib(pid: int) -> float:
+    """A process's proportional set size (each page it shares counted as its share), in
+    MiB; 0 if it is gone. The sum over processes is what they hold together."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except OSError:
+        return 0.0
+    for line in text.splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (its children, theirs, ...), as /proc shows them now."""
+    found: list[int] = []
+    frontier = [pid]
+    while frontier:
+        children = []
+        for parent in frontier:
+            try:
+                tasks = list(Path(f"/proc/{parent}/task").iterdir())
+            except OSError:
+                continue
+            for task in tasks:
+                try:
+                    children += [int(c) for c in (task / "children").read_text().split()]
+                except OSError:
+                    continue
+        found += children
+        frontier = children
+    return found
+
+
+def newer_pythons() -> list[str]:
+    """CPython 3.12 or newer (GIL builds) that pyenv installed on this machine, oldest first."""
+    root = Path.home() / ".pyenv" / "versions"
+    found = []
+    for version in root.glob("3.*"):
+        parts = version.name.split(".")
+        if len(parts) < 2 or not parts[1].isdigit() or version.name.endswith("t"):
+            continue
+        python = version / "bin" / "python3"
+        if int(parts[1]) >= 12 and python.exists():
+            found.append((int(parts[1]), version.name, str(python)))
+    return [python for _, _, python in sorted(found)]

@@ -19,14 +19,26 @@ import pytest
 import trio
 
 from modelpool import PoolConfig, PoolError, ServerConfig
-from modelpool.http.server import Service
 from modelpool.pool.pool import Pool
+from modelpool.service.server import Service
+from modelpool.settings.options import option
+from modelpool.settings.sources import from_environ
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL3 = [sys.executable, "-u", str(ROOT / "model3.py")]
 SCRIPTED = [sys.executable, "-u", str(Path(__file__).parent / "models" / "scripted.py")]
 FAST_MODEL3 = {"MODEL3_STEP_SECONDS": "0.05"}  # model3 ready in about 0.25 s
 MODELS = Path(__file__).parent / "models"
+# Which /predict path the HTTP tests run against (--fast-predict): the service's own
+# variable, so that `MODELPOOL_FAST_PREDICT=0 pytest ...` runs them against quart's.
+FAST_PREDICT_VARIABLE = option("fast_predict").env
+
+
+def fast_predict() -> bool:
+    """ServerConfig.fast_predict as MODELPOOL_FAST_PREDICT sets it, read as the service
+    reads it (a test may set the variable, then start a service)."""
+    switch, raw = option("fast_predict"), os.environ.get(FAST_PREDICT_VARIABLE)
+    return bool(switch.default if raw is None else from_environ(switch, raw)[0])
 
 
 def hostile(name: str) -> list[str]:
@@ -191,7 +203,7 @@ async def shut_down_mid_requests(
 @asynccontextmanager
 async def running_server(pool: PoolConfig, **server: object) -> AsyncIterator[RunningServer]:
     """The real service (pool + hypercorn) on a free loopback port, stopped on exit."""
-    options = {"host": "127.0.0.1", "port": 0, **server}
+    options = {"host": "127.0.0.1", "port": 0, "fast_predict": fast_predict(), **server}
     config = ServerConfig(pool=pool, **options)  # type: ignore[arg-type]
     service = Service(config)
     async with trio.open_nursery() as nursery:

@@ -8,15 +8,14 @@ import re
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import httpx
 import trio
 
-from conftest import children_of, group_members, process_alive
-from modelpool.http.fastpath import FAST_PREDICT_VARIABLE
+from conftest import FAST_PREDICT_VARIABLE, children_of, group_members, process_alive
 
 LISTENING = re.compile(r"listening on (http://[^\s\"]+)")
 STARTED = re.compile(r"\[pid (\d+)\] started")
@@ -85,11 +84,29 @@ async def server_process(
 
 
 async def wait_listening(server: ServerProcess, within: float = 20) -> httpx.AsyncClient:
-    with trio.move_on_after(within):
-        await server.listening.wait()
+    """A client of the server once it listens; fails at once if it exits first."""
+
+    async def exited() -> None:
+        await server.proc.wait()
+        await trio.sleep(0.2)  # what it printed last reaches its log
+
+    async with trio.open_nursery() as nursery:
+
+        async def first(wait: Callable[[], Awaitable[object]]) -> None:
+            await wait()
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(first, server.listening.wait)
+        nursery.start_soon(first, exited)
+        nursery.cancel_scope.deadline = trio.current_time() + within
     if not server.listening.is_set():
         log = "\n".join(server.log[-30:])
-        raise AssertionError(f"not listening after {within} s; its log ends:\n{log}")
+        why = (
+            f"exited with {server.proc.returncode}"
+            if server.proc.returncode is not None
+            else (f"not listening after {within} s")
+        )
+        raise AssertionError(f"{why}; its log ends:\n{log}")
     return httpx.AsyncClient(base_url=server.url, timeout=60)
 
 

@@ -10,23 +10,21 @@ MODELPOOL_REQUIRE_BROWSER=1. What the browser received is read from its own netw
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
 import trio
 from selenium import webdriver
-from selenium.webdriver.chrome.service import Service as DriverService
-from test_status_page import CHROMEDRIVER, CHROMIUM, HAVE_BROWSER
 
+from browser import chromium, skip_without_browser
 from conftest import running_server, scripted_config
 
 pytestmark = pytest.mark.timeout(120)
+skip_without_browser()
 
 REBOUND = "rebound.example"  # a name the browser is told is 127.0.0.1, as a rebinding DNS would
 
@@ -49,36 +47,9 @@ Promise.all([
 </script>"""
 
 
-@contextmanager
-def browser() -> Iterator[webdriver.Chrome]:
-    """Headless chromium with a fresh profile and its network log kept; REBOUND resolves
-    to 127.0.0.1 in it. Quit (with its driver) on exit."""
-    assert HAVE_BROWSER, f"MODELPOOL_REQUIRE_BROWSER=1 but {CHROMIUM} or {CHROMEDRIVER} is missing"
-    profile = tempfile.mkdtemp(prefix="modelpool-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",  # CI runs as root
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        f"--host-resolver-rules=MAP {REBOUND} 127.0.0.1",
-        f"--user-data-dir={profile}",
-    ):
-        options.add_argument(flag)
-    options.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    driver = webdriver.Chrome(options=options, service=DriverService(CHROMEDRIVER))
-    try:
-        driver.set_page_load_timeout(30)
-        driver.set_script_timeout(30)
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
+def browser() -> AbstractContextManager[webdriver.Chrome]:
+    """Headless chromium with its network log kept; REBOUND resolves to 127.0.0.1 in it."""
+    return chromium(f"--host-resolver-rules=MAP {REBOUND} 127.0.0.1", network_log=True)
 
 
 @contextmanager

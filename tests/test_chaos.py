@@ -11,6 +11,9 @@ import trio
 
 from conftest import ROOT
 
+# 40 s of chaos each: `-m "not slow"` skips them locally; CI runs them
+pytestmark = pytest.mark.slow
+
 DURATION = 40  # seconds of chaos; the whole run takes about 20 s more
 
 

@@ -213,7 +213,8 @@ async def test_queue_without_the_redis_client_names_the_extra_before_any_model_s
     assert not started.exists(), "a model was started"
     # Without --queue nothing imports it: a service (or worker) without a shared queue runs.
     unused = (
-        "import sys, modelpool.cli.main, modelpool.http.server; assert 'coredis' not in sys.modules"
+        "import sys, modelpool.cli.main, modelpool.service.server; "
+        "assert 'coredis' not in sys.modules"
     )
     code, stderr, _ = await run(code=unused)
     assert code == 0, stderr

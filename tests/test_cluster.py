@@ -32,6 +32,9 @@ from modelpool import ModelFailed, QueueFull, QueueTimeout, QueueUnavailable, op
 from modelpool.queues.redis.wire import STREAM
 from serverproc import ServerProcess, server_process, wait_listening, wait_ready
 
+# real clusters on real Valkey servers: `-m "not slow"` skips them locally; CI runs them
+pytestmark = pytest.mark.slow
+
 MODEL = ["--model-cmd", " ".join(SCRIPTED)]
 
 

@@ -27,6 +27,9 @@ from conftest import error_body
 from modelpool.queues.redis.wire import NODES, STREAM
 from serverproc import server_process, wait_listening, wait_ready
 
+# real clusters on real Valkey servers: `-m "not slow"` skips them locally; CI runs them
+pytestmark = pytest.mark.slow
+
 HEARTBEAT = 1.0  # queues.redis.wire.BEAT_SECONDS
 
 

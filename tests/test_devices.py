@@ -23,9 +23,9 @@ from modelpool import PoolConfig, open_pool
 from modelpool.cli.parser import parse
 from modelpool.pool.pool import Pool
 from modelpool.process.devices import ROOM_VAR, to_retire
+from modelpool.process.launch import LAUNCHER_PATH
 from modelpool.process.reaper import TOKEN_VAR, token_of
 from modelpool.settings.config import ConfigError
-from modelpool.settings.pycommand import LAUNCHER
 from serverproc import server_process, wait_listening, wait_ready
 
 MODEL = hostile("device_env.py")
@@ -379,7 +379,7 @@ def test_devices_from_every_source(tmp_path: Path) -> None:
 
 def test_the_launcher_refuses_environment_changes_it_cannot_make() -> None:
     """The launcher runs by path, without modelpool: it keeps its own copies of the names."""
-    spec = importlib.util.spec_from_file_location("launcher", LAUNCHER)
+    spec = importlib.util.spec_from_file_location("launcher", LAUNCHER_PATH)
     assert spec is not None and spec.loader is not None
     launcher = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(launcher)

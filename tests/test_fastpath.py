@@ -4,7 +4,7 @@ the same requests, byte for byte, and must answer them byte for byte alike (but 
 Date header and the request ids each service makes up).
 
 The rest of the HTTP suite runs against whichever path the environment picks (run it
-once more with MODELPOOL_FAST_PREDICT=0 for the quart path).
+once more with MODELPOOL_FAST_PREDICT=0 for the quart path: conftest.fast_predict).
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import pytest
 import trio
 
-from conftest import RunningServer, running_server, scripted_config
-from modelpool.http.fastpath import FAST_PREDICT_VARIABLE, Predictions, fast_predict_enabled
+from conftest import FAST_PREDICT_VARIABLE, RunningServer, running_server, scripted_config
+from modelpool.cli.parser import parse
+from modelpool.http.fastpath import Predictions
 
 KEY = "a-key-for-the-tests-of-the-fast-path"
 MAX_BODY = 1000
@@ -258,11 +259,19 @@ async def test_both_paths_cancel_a_request_whose_client_hangs_up(
                     await trio.sleep(0.02)
 
 
-def test_the_switch_reads_one_variable() -> None:
-    assert fast_predict_enabled({})
-    assert fast_predict_enabled({FAST_PREDICT_VARIABLE: "1"})
-    assert not fast_predict_enabled({FAST_PREDICT_VARIABLE: "0"})
-    assert not fast_predict_enabled({FAST_PREDICT_VARIABLE: " 0 "})
+def test_the_switch_is_an_option_on_by_default(tmp_path) -> None:
+    def fast(argv: list[str], environ: dict[str, str]) -> bool:
+        return parse(["serve", *argv], environ)[1].config.fast_predict
+
+    config = tmp_path / "modelpool.toml"
+    config.write_text("fast-predict = false\n")
+    assert FAST_PREDICT_VARIABLE == "MODELPOOL_FAST_PREDICT"
+    assert fast([], {}) and fast([], {FAST_PREDICT_VARIABLE: "1"})
+    assert not fast([], {FAST_PREDICT_VARIABLE: "0"})
+    assert not fast([], {FAST_PREDICT_VARIABLE: " off "})
+    assert not fast(["--no-fast-predict"], {})
+    assert not fast(["--config", str(config)], {})
+    assert fast(["--config", str(config)], {FAST_PREDICT_VARIABLE: "yes"})  # the variable first
 
 
 class _tagged:

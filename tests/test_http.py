@@ -15,6 +15,7 @@ import trio
 from conftest import (
     ROOT,
     error_body,
+    fast_predict,
     hostile,
     model3_config,
     running_server,
@@ -24,7 +25,7 @@ from conftest import (
     wait_until,
 )
 from modelpool import PoolConfig, ServerConfig
-from modelpool.http.server import Service
+from modelpool.service.server import Service
 
 
 async def post_many(client: httpx.AsyncClient, bodies: list[object]) -> list[httpx.Response]:
@@ -301,7 +302,8 @@ async def test_each_request_gives_a_keep_alive_connection_the_whole_timeout_agai
 @pytest.mark.parametrize("path", ["/healthz", "/predict"])
 async def test_shutdown_is_not_held_up_by_idle_keep_alive_connections(path: str) -> None:
     # The drain deadline is 61 s, and hypercorn would wait for open connections that long.
-    service = Service(ServerConfig(pool=scripted_config(timeout=60), port=0))
+    config = ServerConfig(pool=scripted_config(timeout=60), port=0, fast_predict=fast_predict())
+    service = Service(config)
     returned = trio.Event()
 
     async def run(task_status: trio.TaskStatus[str]) -> None:

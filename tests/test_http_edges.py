@@ -16,8 +16,14 @@ import httpx
 import pytest
 import trio
 
-from conftest import SCRIPTED, error_body, running_server, scripted_config, wait_until
-from modelpool.http.fastpath import FAST_PREDICT_VARIABLE
+from conftest import (
+    FAST_PREDICT_VARIABLE,
+    SCRIPTED,
+    error_body,
+    running_server,
+    scripted_config,
+    wait_until,
+)
 from modelpool.http.listener import LINGER
 from serverproc import server_process, wait_listening, wait_ready
 

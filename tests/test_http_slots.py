@@ -11,8 +11,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import running_server, scripted_config, wait_until
-from modelpool.http.fastpath import FAST_PREDICT_VARIABLE
+from conftest import FAST_PREDICT_VARIABLE, running_server, scripted_config, wait_until
 
 SLOTS = 4
 BODY = b'{"pad": "' + b"x" * 990 + b'"}'  # 1000 bytes, of which a trickler sends a few

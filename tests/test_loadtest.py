@@ -7,9 +7,13 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 from conftest import ROOT, model3_config, running_server
+
+# a minute of load each: `-m "not slow"` skips them locally; CI runs them
+pytestmark = pytest.mark.slow
 
 LOADTEST = ROOT / "benchmarks" / "loadtest.py"
 PLOTS = ("load.png", "latency.png", "workers.png", "queue.png")

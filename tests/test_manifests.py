@@ -30,8 +30,8 @@ from redisserver import redis_server
 from conftest import MODEL3, ROOT
 from modelpool import PoolConfig, open_pool
 from modelpool.cli.parser import parse
-from modelpool.http.server import RESPONSE_SLACK
 from modelpool.queues.redis.wire import GROUP, STREAM
+from modelpool.service.server import RESPONSE_SLACK
 from modelpool.settings.config import ServerConfig
 
 KUBERNETES = ROOT / "deploy" / "kubernetes"

@@ -299,12 +299,12 @@ async def test_shrinking_retires_idle_workers_first_and_busy_ones_finish_their_r
 
 async def test_max_requests_jitter_gives_each_model_a_limit_from_n_to_n_plus_j() -> None:
     async with open_pool(scripted_config(max_requests=5, max_requests_jitter=3)) as pool:
-        limits = {pool.request_limit() for _ in range(400)}
+        limits = {pool._request_limit() for _ in range(400)}
         assert limits == {5, 6, 7, 8}, limits
     async with open_pool(scripted_config(max_requests=5)) as pool:
-        assert {pool.request_limit() for _ in range(50)} == {5}
+        assert {pool._request_limit() for _ in range(50)} == {5}
     async with open_pool(scripted_config()) as pool:
-        assert pool.request_limit() is None
+        assert pool._request_limit() is None
 
 
 async def test_max_requests_recycles_models_by_surge_without_failing_a_request() -> None:

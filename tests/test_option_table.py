@@ -105,7 +105,7 @@ def test_the_reference_lists_every_option_with_the_default_the_library_gives() -
         assert shown == option.help.replace("%%", "%"), option.flag
         value = library_default(option)
         if option.convert is None:
-            assert (default, value) == ("off", False), option.flag
+            assert (default, value) == ("on" if value else "off", option.default), option.flag
         elif option.default is None:
             assert default == "unset", option.flag  # the help text says what it does then
         elif isinstance(value, int | float):

@@ -16,10 +16,16 @@ import httpx
 import pytest
 from test_systemd import MODELPOOL, activated, held_socket, running
 
-from conftest import FAST_MODEL3, RunningServer, error_body, running_server, scripted_config
+from conftest import (
+    FAST_MODEL3,
+    FAST_PREDICT_VARIABLE,
+    RunningServer,
+    error_body,
+    running_server,
+    scripted_config,
+)
 from modelpool import ServerConfig
 from modelpool.cli.parser import parse
-from modelpool.http.fastpath import FAST_PREDICT_VARIABLE
 from modelpool.http.origins import Authority, Origins, parse_authority
 from modelpool.settings.config import ConfigError
 from serverproc import clean_env, wait_listening

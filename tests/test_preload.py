@@ -42,9 +42,10 @@ from modelpool.cli.parser import parse
 from modelpool.core.errors import ModelCommandError
 from modelpool.pool.operations import OperationFailed
 from modelpool.pool.pool import Pool
+from modelpool.process.launch import LAUNCHER_PATH, launcher_command
 from modelpool.process.model import open_model
 from modelpool.process.reaper import token_of
-from modelpool.settings.pycommand import LAUNCHER, NotPythonCommand, parse_python_command
+from modelpool.settings.pycommand import NotPythonCommand, parse_python_command
 from serverproc import server_process, wait_listening, wait_ready
 
 BIG_MIB = 200
@@ -167,7 +168,11 @@ async def test_four_children_of_a_big_model_take_little_more_memory_than_one() -
 
 async def test_the_memory_limit_counts_a_childs_own_pages_only() -> None:
     config = preload_config(
-        "big_memory.py", workers=1, env={"BIG_MODEL_MIB": str(BIG_MIB)}, model_max_rss=BIG_MIB / 2
+        "big_memory.py",
+        workers=1,
+        env={"BIG_MODEL_MIB": str(BIG_MIB)},
+        model_max_rss=BIG_MIB / 2,
+        preload_max_private=0,  # the memory limit's doing, not a refresh's
     )
     async with open_pool(config) as pool:
         await pool.wait_ready()
@@ -316,9 +321,9 @@ def test_a_python_command_is_read_as_the_interpreter_reads_it(
 ) -> None:
     parsed = parse_python_command(command)
     assert (parsed.flags, parsed.kind, parsed.target, parsed.args) == (flags, kind, target, args)
-    launched = parsed.launched(7)
+    launched = launcher_command(parsed, 7)
     assert launched[: 1 + len(flags)] == [command[0], *flags]
-    assert launched[1 + len(flags) :] == [str(LAUNCHER), "7", kind, target, *args]
+    assert launched[1 + len(flags) :] == [str(LAUNCHER_PATH), "7", kind, target, *args]
 
 
 @pytest.mark.parametrize(
@@ -388,7 +393,7 @@ async def test_a_start_asked_of_a_template_that_just_died_waits_for_the_next_one
     async with open_pool(model3_config(workers=1, preload=True)) as pool:
         await pool.wait_ready()
         old_template = template_pid(pool)
-        starter = pool.starter_for(pool.workers[0])
+        starter = pool._starter_for(pool.workers[0])
         os.kill(old_template, signal.SIGKILL)
         deadline = time.monotonic() + 5
         while process_alive(old_template) and time.monotonic() < deadline:

@@ -11,6 +11,7 @@ before it imports the HTTP stack, and an embedder of the pool never pays for it.
 from __future__ import annotations
 
 import importlib.resources
+import inspect
 import json
 import re
 import subprocess
@@ -44,6 +45,26 @@ DOCUMENTED = {
     "ShuttingDown",
     "Timing",
     "open_pool",
+}
+
+# What an embedder calls on a Pool: its public methods and properties, each rendered in
+# docs/embedding.md from its docstring. Everything else of it is private by name.
+POOL_SURFACE = {
+    "predict",
+    "wait_ready",
+    "wait_changed",
+    "status",
+    "health",
+    "shutdown",
+    "kill",
+    "ready_count",
+    "queue_length",
+    "local_ready",
+    "generation",
+    "model_config",
+    "node_status",
+    "serves_http",
+    "mark_serving_http",
 }
 
 # Serving HTTP, and the libraries only some embedders use (a request schema, JSON logs).
@@ -99,6 +120,24 @@ def test_every_exported_name_is_in_the_embedding_guide() -> None:
     )
 
 
+def test_a_pools_public_members_are_its_documented_surface() -> None:
+    """A method the pool's own modules need is private by name: it is not published, and an
+    embedder does not come to depend on it. docs/embedding.md renders `Pool` with its
+    public members, so each needs a docstring, and no list there may hide one."""
+    from modelpool.pool.pool import Pool
+
+    public = {name for name in vars(Pool) if not name.startswith("_")}
+    assert public == POOL_SURFACE, (
+        f"published but not meant to be: {sorted(public - POOL_SURFACE)}; "
+        f"meant to be but missing: {sorted(POOL_SURFACE - public)}"
+    )
+    undocumented = [name for name in public if not inspect.getdoc(getattr(Pool, name))]
+    assert not undocumented, f"docs/embedding.md would not show {undocumented}"
+    page = EMBEDDING.read_text(encoding="utf-8")
+    block = page.split("::: modelpool.Pool\n", 1)[1].split(":::", 1)[0]
+    assert "members:" not in block, "docs/embedding.md picks Pool's members by hand"
+
+
 def test_importing_the_package_imports_only_the_standard_library() -> None:
     """What it costs today, pinned: the package's own `__init__` and a few stdlib modules;
     no other modelpool module, no trio, no HTTP stack."""
@@ -118,7 +157,8 @@ def test_an_embedder_of_the_pool_does_not_import_the_http_stack() -> None:
     tops = {name.split(".")[0] for name in imported}
     assert not tops & HTTP_STACK, sorted(tops & HTTP_STACK)
     assert not tops & ON_DEMAND, sorted(tops & ON_DEMAND)
-    ours = [name for name in imported if name.startswith(("modelpool.http", "modelpool.cli"))]
+    above_the_pool = ("modelpool.http", "modelpool.service", "modelpool.cli")
+    ours = [name for name in imported if name.startswith(above_the_pool)]
     assert not ours, ours
 
 

@@ -28,7 +28,8 @@ ROUNDS = 8
 
 def _big_config(start: str) -> PoolConfig:
     env = {"BIG_MODEL_MIB": str(BIG_MIB)}
-    return hostile_config("big_memory.py", workers=4, env=env, preload=start == "fork")
+    fork = start == "fork"  # children made big on purpose: not refreshed
+    return hostile_config("big_memory.py", workers=4, env=env, preload=fork, preload_max_private=0)
 
 
 @pytest.mark.parametrize("start", ["spawn", "fork"])

@@ -9,64 +9,29 @@ saves a screenshot under artifacts/ (or $MODELPOOL_ARTIFACTS).
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
 import pytest
 import trio
+from selenium import webdriver
+from selenium.webdriver.common.by import By
 
+from browser import chromium, skip_without_browser
 from conftest import ROOT, running_server, scripted_config
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 ARTIFACTS = Path(os.environ.get("MODELPOOL_ARTIFACTS", ROOT / "artifacts"))
 NOTHING = "\u2013"  # what the page shows where there is no value
-HAVE_BROWSER = os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)
 
-if not HAVE_BROWSER and os.environ.get("MODELPOOL_REQUIRE_BROWSER") != "1":
-    pytest.skip(
-        "needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
-        allow_module_level=True,
-    )
-
-from selenium import webdriver  # noqa: E402  (only once we know there is a browser)
-from selenium.webdriver.chrome.service import Service as DriverService  # noqa: E402
-from selenium.webdriver.common.by import By  # noqa: E402
+skip_without_browser()
 
 pytestmark = pytest.mark.timeout(120)
 
 
-@contextmanager
-def browser() -> Iterator[webdriver.Chrome]:
+def browser() -> AbstractContextManager[webdriver.Chrome]:
     """Headless chromium with a fresh profile, quit (with its driver) on exit."""
-    assert HAVE_BROWSER, f"MODELPOOL_REQUIRE_BROWSER=1 but {CHROMIUM} or {CHROMEDRIVER} is missing"
-    profile = tempfile.mkdtemp(prefix="modelpool-chromium-")
-    options = webdriver.ChromeOptions()
-    options.binary_location = CHROMIUM
-    for flag in (
-        "--headless=new",
-        "--no-sandbox",  # CI runs as root
-        "--disable-gpu",
-        "--disable-dev-shm-usage",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--window-size=1100,800",
-        f"--user-data-dir={profile}",
-    ):
-        options.add_argument(flag)
-    driver = webdriver.Chrome(options=options, service=DriverService(CHROMEDRIVER))
-    try:
-        driver.set_page_load_timeout(30)
-        yield driver
-    finally:
-        driver.quit()
-        shutil.rmtree(profile, ignore_errors=True)
+    return chromium("--window-size=1100,800")
 
 
 def worker_table(driver: webdriver.Chrome) -> list[list[str]]:

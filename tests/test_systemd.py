@@ -34,7 +34,7 @@ import trio
 from redisserver import free_port, redis_server
 
 from conftest import FAST_MODEL3, MODELS, children_of
-from modelpool.http.sdnotify import EXTEND_EVERY
+from modelpool.service.sdnotify import EXTEND_EVERY
 from serverproc import ServerProcess, clean_env, server_process, wait_listening, wait_ready
 
 SOCKET_ACTIVATE = shutil.which("systemd-socket-activate")
@@ -362,6 +362,7 @@ async def test_a_restart_on_a_held_socket_refuses_no_connection() -> None:
                 for _ in range(3):
                     clients.start_soon(keep_sending, port, outcomes)
                 await trio.sleep(1.0)
+                stopping = time.monotonic()
                 first.proc.send_signal(signal.SIGTERM)
                 assert await first.exit_code(within=20) == 0
             gone = time.monotonic()
@@ -377,8 +378,14 @@ async def test_a_restart_on_a_held_socket_refuses_no_connection() -> None:
                 second.proc.send_signal(signal.SIGTERM)
                 assert await second.exit_code(within=20) == 0
     done = [o for o in outcomes if o.status is not None or o.error is not None]
-    failed = [o for o in done if o.status != 200]
+    # A connection the first service accepted just before its stop, whose request it
+    # read after, is answered 503 "shutting down" (the documented graceful stop: the
+    # listener closes, requests on connections already open get 503). That race is
+    # the only failure allowed: no connection refused, no error, nothing else.
+    raced = [o for o in done if o.status == 503 and o.answered >= stopping and o.sent <= gone]
+    failed = [o for o in done if o.status != 200 and o not in raced]
     assert not failed, f"{len(failed)} of {len(done)} not answered 200: {failed[:5]}"
+    assert len(raced) <= 3, f"{len(raced)} requests raced the stop: {raced}"
     in_the_gap = [o for o in done if gone <= o.sent <= back]
     assert in_the_gap, "no request was sent while no modelpool ran"
     across = [o for o in done if o.sent < gone and o.answered > back]

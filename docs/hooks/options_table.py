@@ -53,7 +53,7 @@ def table(chosen: list[Any]) -> str:
 
 def default(option: Any) -> str:
     if option.convert is None:
-        return "off"
+        return "on" if option.default else "off"
     if option.default is None:
         return "unset"
     if isinstance(option.default, float) and option.default.is_integer():

@@ -1,7 +1,7 @@
 """modelpool: a pool of warm, long-lived model processes behind POST /predict.
 
 The names below are imported when first used, not with the package: `modelpool serve`
-starts its models before it imports the rest of what it needs (see server.py), and an
+starts its models before it imports the rest of what it needs (see service/server.py), and an
 embedder who needs only the pool does not pay for the HTTP stack.
 """
 
@@ -25,8 +25,9 @@ if TYPE_CHECKING:
     )
     from modelpool.core.job import Timing
     from modelpool.pool.metrics import PoolMetrics
-    from modelpool.pool.pool import Pool, open_pool
+    from modelpool.pool.pool import Pool
     from modelpool.pool.report import Health
+    from modelpool.pool.running import open_pool
     from modelpool.process.reaper import Reaper
     from modelpool.settings.config import ConfigError, PoolConfig, ServerConfig
 
@@ -48,7 +49,7 @@ _WHERE = {
     "PoolMetrics": "pool.metrics",
     "Health": "pool.report",
     "Pool": "pool.pool",
-    "open_pool": "pool.pool",
+    "open_pool": "pool.running",
     "Reaper": "process.reaper",
 }
 __all__ = [
@@ -77,4 +78,8 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     if name not in _WHERE:
         raise AttributeError(f"module 'modelpool' has no attribute {name!r}")
+    if _WHERE[name].startswith("settings."):
+        # The queue backends register their URL schemes, which PoolConfig checks at once
+        # (see settings/queueurl.py); their checks import no queue, no client library.
+        import_module(".queues.backends", __name__)
     return getattr(import_module(f".{_WHERE[name]}", __name__), name)

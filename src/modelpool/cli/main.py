@@ -19,11 +19,12 @@ import trio
 from modelpool.cli.parser import parse
 from modelpool.core import logs
 from modelpool.core.errors import FirstStartFailed, ModelCommandError
-from modelpool.http.binding import CannotListen
-from modelpool.http.sdnotify import Notifier
-from modelpool.http.server import Service
-from modelpool.pool.pool import Pool, open_pool
+from modelpool.pool.pool import Pool
+from modelpool.pool.running import open_pool
 from modelpool.process.reaper import Reaper
+from modelpool.service.binding import CannotListen
+from modelpool.service.sdnotify import Notifier
+from modelpool.service.server import Service
 from modelpool.settings.config import PoolConfig, ServerConfig
 
 log = logging.getLogger("modelpool")

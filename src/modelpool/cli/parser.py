@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from importlib import metadata
 from typing import Any, NoReturn
 
+from modelpool.queues import backends  # noqa: F401  (registers the --queue URL schemes it checks)
 from modelpool.settings.config import ConfigError, ServerConfig, from_options
 from modelpool.settings.option import Option
 from modelpool.settings.options import OPTIONS, TOPICS, option
@@ -134,7 +135,10 @@ def _add_options(group: argparse._ArgumentGroup, options: list[Option]) -> None:
         default_text = "" if each.default is None else f"; default {each.default}"
         help_text = f"{each.help} (env {each.env}{default_text})"
         if each.convert is None:
-            group.add_argument(each.flag, action="store_true", default=UNSET, help=help_text)
+            switch = "store_false" if each.default else "store_true"  # --no-...: off
+            group.add_argument(
+                each.flag, dest=each.name, action=switch, default=UNSET, help=help_text
+            )
         else:
             read = _type(each.convert)
             group.add_argument(each.flag, type=read, default=UNSET, help=help_text)

@@ -15,7 +15,8 @@ does), so a stream that always has data cannot keep the loop to itself; a writer
 wrote everything at once returns, since its caller waits for something next anyway.
 
 The descriptor is looked up at each call (`fileno()`), as trio's streams do: a stream
-closed meanwhile gives -1, and ClosedResourceError, never a read of a reused number.
+closed meanwhile gives `CLOSED` (core/_trio.py), and ClosedResourceError, never a read of
+a reused number.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import os
 from collections.abc import Callable
 
 import trio
+
+from modelpool.core._trio import CLOSED
 
 
 def _error(exc: OSError) -> trio.ClosedResourceError | trio.BrokenResourceError:
@@ -38,7 +41,7 @@ def write_now(fileno: int, data: bytes | memoryview) -> int:
 
     ClosedResourceError if it is closed, BrokenResourceError if its reader is gone.
     """
-    if fileno < 0:
+    if fileno == CLOSED:
         raise trio.ClosedResourceError("file was already closed")
     try:
         return os.write(fileno, data)
@@ -50,7 +53,7 @@ def write_now(fileno: int, data: bytes | memoryview) -> int:
 
 class EagerReader:
     """`receive_some` on a non-blocking descriptor (a pipe, a socket), trying the read
-    before it waits; `fileno` gives the descriptor, -1 once it is closed."""
+    before it waits; `fileno` gives the descriptor, `CLOSED` once it is closed."""
 
     def __init__(self, fileno: Callable[[], int], max_bytes: int) -> None:
         self._fileno = fileno
@@ -65,7 +68,7 @@ class EagerReader:
         size = self._max_bytes if max_bytes is None else max_bytes
         while True:
             fileno = self._fileno()
-            if fileno < 0:
+            if fileno == CLOSED:
                 raise trio.ClosedResourceError("file was already closed")
             try:
                 return os.read(fileno, size)

@@ -1,7 +1,11 @@
 """What can go wrong with one prediction, as exceptions that carry a JSON-ready payload.
 
 Each error knows the id of the request it answers (`request_id`), so every error body a
-client sees names the request, and the log lines about it can be found.
+client sees names the request, and the log lines about it can be found. Each class
+carries what it maps to, as class attributes: its HTTP `status`, its `outcome` (the
+metrics label, and its name on a shared queue's wire) and whether the client should
+retry later (`retry_later`: a `Retry-After` header). The HTTP layer and the wire read
+them from the error, never from a table of classes, so a subclass inherits its parent's.
 """
 
 from __future__ import annotations
@@ -16,7 +20,9 @@ class PoolError(Exception):
     """Base of every error `Pool.predict` raises; `payload()` is what a client is shown."""
 
     message = "prediction failed"
+    status: int = 500  # the HTTP status that answers it
     outcome: Outcome = Outcome.ERROR  # its label in modelpool_requests_total{outcome}
+    retry_later: bool = False  # a passing condition: the answer says when to retry
     request_id: str | None = None
 
     def payload(self) -> dict[str, Any]:
@@ -43,6 +49,7 @@ class BadRequest(DetailedError):
     """The request cannot be sent to a model: not JSON, too deep, or refused by the schema."""
 
     message = "bad request"
+    status = 400
     outcome = Outcome.BAD_REQUEST
 
 
@@ -50,27 +57,34 @@ class QueueFull(PoolError):
     """Too many requests are already waiting; the caller should retry later."""
 
     message = "queue full"
+    status = 503
     outcome = Outcome.QUEUE_FULL
+    retry_later = True
 
 
 class QueueTimeout(PoolError):
     """No model became free within the queue timeout."""
 
     message = "no model available"
+    status = 503
     outcome = Outcome.QUEUE_TIMEOUT
+    retry_later = True
 
 
 class QueueUnavailable(DetailedError):
     """The shared queue (Redis) cannot be reached, or lost the request."""
 
     message = "queue unavailable"
+    status = 503
     outcome = Outcome.QUEUE_UNAVAILABLE
+    retry_later = True
 
 
 class ShuttingDown(PoolError):
     """The pool is stopping and takes no new work, or gave up on this job while stopping."""
 
     message = "shutting down"
+    status = 503
     outcome = Outcome.SHUTTING_DOWN
 
 
@@ -82,6 +96,7 @@ class ModelTimeout(DetailedError):
     """
 
     message = "model timeout"
+    status = 504
     outcome = Outcome.TIMEOUT
 
 
@@ -94,6 +109,7 @@ class ModelFailed(PoolError):
     """
 
     message = "model failed"
+    status = 502
     outcome = Outcome.MODEL_FAILED
 
     def __init__(

@@ -44,6 +44,8 @@ class RestartReason(enum.StrEnum):
     START_FAILED = "start_failed"
     RECYCLED = "recycled"
     MEMORY = "memory"
+    REFRESH = "refresh"  # a forked model's private memory passed --preload-max-private
+    IMMORTAL = "immortal"  # forked before its template's objects were made immortal
     RELOAD = "reload"
 
 

@@ -1,2 +1,2 @@
-"""The HTTP face: the app, admin routes, the API key, connection accounting, the listener,
-socket binding, the service."""
+"""The HTTP face: the app, the /predict fast path, admin routes, the API key, connection
+accounting, the listener."""

@@ -18,24 +18,15 @@ from importlib import resources
 from typing import Any
 
 from quart import Response, g, request
-from quart.globals import request_ctx
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from modelpool.core import logs
 from modelpool.core.codec import parse_request
-from modelpool.core.errors import (
-    BadRequest,
-    ModelFailed,
-    ModelTimeout,
-    PoolError,
-    QueueFull,
-    QueueTimeout,
-    QueueUnavailable,
-    ShuttingDown,
-)
+from modelpool.core.errors import BadRequest, ModelFailed, PoolError
 from modelpool.core.job import Timing
 from modelpool.core.requestid import REQUEST_ID_HEADER, request_id_from
+from modelpool.http._quart import allowed_methods
 from modelpool.http.admin import add_admin_routes
 from modelpool.http.auth import ApiKey
 from modelpool.http.connections import Connections
@@ -48,15 +39,6 @@ access_log = logging.getLogger("modelpool.access")
 STATUS_PAGE = resources.files("modelpool.http").joinpath("status.html").read_bytes()
 
 RETRY_AFTER_SECONDS = "1"
-STATUS_OF: dict[type[PoolError], int] = {
-    BadRequest: 400,
-    QueueFull: 503,
-    QueueTimeout: 503,
-    QueueUnavailable: 503,
-    ShuttingDown: 503,
-    ModelTimeout: 504,
-    ModelFailed: 502,
-}
 
 
 def json_body(body: dict[str, Any]) -> bytes:
@@ -76,9 +58,7 @@ class ModelpoolApp(QuartTrio):
 
     async def make_default_options_response(self) -> Response:
         """The methods the path allows, in `Allow` and in the body."""
-        adapter = request_ctx.url_adapter
-        assert adapter is not None  # an OPTIONS request is answered once it has been routed
-        methods = sorted(adapter.allowed_methods())
+        methods = allowed_methods()
         return json_response(200, {"allow": methods}, Allow=", ".join(methods))
 
 
@@ -266,10 +246,10 @@ def pool_error_response(exc: PoolError, expose_stderr: bool = False) -> Response
 def pool_error_answer(
     exc: PoolError, expose_stderr: bool = False
 ) -> tuple[int, dict[str, Any], dict[str, str]]:
-    """What answers a PoolError: status, body, and extra headers (as json_response takes them)."""
-    status = STATUS_OF.get(type(exc), 500)
-    if isinstance(exc, ModelFailed):
-        return status, exc.payload(expose_stderr), {}
-    if isinstance(exc, QueueFull | QueueTimeout | QueueUnavailable):
-        return status, exc.payload(), {"Retry_After": RETRY_AFTER_SECONDS}
-    return status, exc.payload(), {}
+    """What answers a PoolError: status, body, and extra headers (as json_response takes them).
+
+    The status and the retry come from the error's class (core/errors.py), so a subclass
+    is answered as its parent is."""
+    body = exc.payload(expose_stderr) if isinstance(exc, ModelFailed) else exc.payload()
+    headers = {"Retry_After": RETRY_AFTER_SECONDS} if exc.retry_later else {}
+    return exc.status, body, headers

@@ -39,7 +39,7 @@ import trio
 from modelpool.http.bodyrate import BodyArrival, MinBodyRate
 
 if TYPE_CHECKING:
-    from hypercorn.typing import (
+    from modelpool.http._hypercorn import (
         ASGIFramework,
         ASGIReceiveCallable,
         ASGISendCallable,

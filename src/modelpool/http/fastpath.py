@@ -32,20 +32,16 @@ closed, as after quart's 408.
 As with quart-trio, a client that hangs up while its request waits or computes cancels
 it (the pool counts it as `client_gone`), and nothing is sent or logged for it.
 
-`MODELPOOL_FAST_PREDICT=0` in the service's environment turns this off (every request
-then goes through quart, as before): read once, by `fast_predict_enabled`, so the test
-suite can be run against both paths.
+`--no-fast-predict` (ServerConfig.fast_predict, MODELPOOL_FAST_PREDICT=0) turns this off:
+every request then goes through quart, and the HTTP tests run against both paths.
 """
 
 from __future__ import annotations
 
-import os
 import time
-from collections.abc import Mapping
 from typing import TYPE_CHECKING, Protocol
 
 import trio
-from hypercorn.protocol.events import Body, EndBody, StreamClosed
 from werkzeug.exceptions import HTTPException, RequestTimeout
 
 from modelpool.core import logs
@@ -53,6 +49,7 @@ from modelpool.core.codec import parse_request
 from modelpool.core.errors import BadRequest, PoolError
 from modelpool.core.job import Timing
 from modelpool.core.requestid import REQUEST_ID_HEADER, request_id_from
+from modelpool.http._hypercorn import Body, EndBody, StreamClosed
 from modelpool.http.app import (
     http_error_body,
     internal_error_body,
@@ -67,11 +64,10 @@ from modelpool.settings.config import ServerConfig
 
 if TYPE_CHECKING:
     import h11
-    from hypercorn.protocol.events import Event as StreamEvent
 
+    from modelpool.http._hypercorn import StreamEvent
     from modelpool.http.connections import Connection
 
-FAST_PREDICT_VARIABLE = "MODELPOOL_FAST_PREDICT"
 PATH = "/predict"
 TARGET = PATH.encode()
 REQUEST_ID = REQUEST_ID_HEADER.lower().encode()
@@ -79,11 +75,6 @@ CONTENT_TYPE = (b"content-type", b"application/json")
 CLOSE = (b"connection", b"close")
 
 Headers = list[tuple[bytes, bytes]]
-
-
-def fast_predict_enabled(environ: Mapping[str, str] = os.environ) -> bool:
-    """Whether POST /predict takes this path: unless MODELPOOL_FAST_PREDICT is 0."""
-    return environ.get(FAST_PREDICT_VARIABLE, "1").strip() != "0"
 
 
 class Responder(Protocol):

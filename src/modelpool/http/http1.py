@@ -27,7 +27,7 @@ request after a response saying `Connection: close` and closed the connection un
 
 A request that h11 cannot parse (`Content-Length: +7`, a NUL in a header, headers over
 the limit) is answered in JSON with a request id, as every other error is, where hypercorn
-sends a bare 400 (or 431) with an empty body (`_handle_events`).
+sends a bare 400 (or 431) with an empty body (`handle_events`).
 
 Once a request that closes the connection (`Connection: close`, HTTP/1.0) has been read,
 what the client sends after it is not read as a request: it is dropped, and the request
@@ -55,12 +55,20 @@ import h2.connection
 import h2.errors
 import h11
 import trio
-from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.protocol.events import Body, EndBody, StreamClosed
-from hypercorn.protocol.events import Data as PassThrough
-from hypercorn.protocol.h11 import STREAM_ID, H11Protocol
 
 from modelpool.core.requestid import REQUEST_ID_HEADER, request_id_from
+from modelpool.http._hypercorn import (
+    STREAM_ID,
+    Body,
+    Closed,
+    EndBody,
+    Event,
+    H11Protocol,
+    PassThrough,
+    RawData,
+    StreamClosed,
+    Updated,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -115,20 +123,16 @@ class HTTP11Protocol(H11Protocol):
         self._connection = connection
         self._client_id: str | None = None  # the X-Request-ID of the request being read
 
-    async def _create_stream(self, request: h11.Request) -> None:
+    async def create_stream(self, request: h11.Request) -> None:
         predictions, connection, config = self._predictions, self._connection, self.config
         stream = None
         # a root path or server names: hypercorn's own checks, in its ASGI stream
         if predictions and connection and not config.root_path and not config.server_names:
             stream = predictions.stream_for(request, self, connection, self.client)
         if stream is None:
-            await super()._create_stream(request)
-            return
-        # hypercorn's streams have the same `handle`; its attribute's type names only them
-        self.stream = stream  # type: ignore[assignment]
-        self.task_group.spawn(stream.run)
-        self.keep_alive_requests += 1
-        await self.context.mark_request()
+            await super().create_stream(request)
+        else:
+            await self.adopt_stream(stream, stream.run)
 
     async def respond(self, status: int, headers: Headers, body: bytes, keep_alive: bool) -> None:
         """A whole response in one write, as hypercorn would frame it (with its Date and
@@ -154,7 +158,7 @@ class HTTP11Protocol(H11Protocol):
         ):
             head = b"".join([b"%s: %s\r\n" % header for header in headers])
             await self.send(RawData(data=b"HTTP/1.1 %d \r\n%s\r\n%s" % (status, head, body)))
-            await self._next_cycle()
+            await self.next_cycle()
             return
         try:
             data = connection.send(h11.Response(status_code=status, headers=headers))
@@ -167,36 +171,21 @@ class HTTP11Protocol(H11Protocol):
             await self.send(RawData(data=data))
         await self.stream_send(StreamClosed(stream_id=STREAM_ID))
 
-    async def _next_cycle(self) -> None:
-        """What hypercorn's recycling does after a response h11 framed, for one framed
-        here: a fresh h11 connection, given what the client sent after this request."""
-        trailing, closed = self.connection.trailing_data
-        limit = self.config.h11_max_incomplete_size
-        fresh = h11.Connection(h11.SERVER, max_incomplete_event_size=limit)
-        if trailing:
-            fresh.receive_data(trailing)
-        if closed:
-            fresh.receive_data(b"")
-        self.connection = fresh
-        self.stream = None
-        await self.can_read.set()
-        await self.send(Updated(idle=True))
-
     async def handle(self, event: Event) -> None:
         if isinstance(event, RawData) and self.connection.their_state is h11.MUST_CLOSE:
             return  # after a request that closes the connection: dropped, see the docstring
         with contextlib.suppress(RequestRefused):
             await super().handle(event)
 
-    async def _handle_events(self) -> None:
-        """hypercorn's H11Protocol._handle_events, but: nothing is read after a request
+    async def handle_events(self) -> None:
+        """hypercorn's H11Protocol.handle_events, but: nothing is read after a request
         that closes the connection; a request h11 cannot parse is answered in JSON
         (`_malformed`); and the arrival of each request's body is kept on its connection."""
         body = None if self._connection is None else self._connection.body
         while True:
             connection = self.connection
             if connection.they_are_waiting_for_100_continue:
-                await self._send_h11_event(
+                await self.send_h11_event(
                     h11.InformationalResponse(
                         status_code=100, headers=self.config.response_headers("h11")
                     )
@@ -215,8 +204,8 @@ class HTTP11Protocol(H11Protocol):
                 if body is not None:
                     body.began(_now())
                 await self.send(Updated(idle=False))
-                await self._check_protocol(event)
-                await self._create_stream(event)
+                await self.check_protocol(event)
+                await self.create_stream(event)
             elif event is h11.PAUSED:
                 await self.can_read.clear()
                 await self.can_read.wait()
@@ -278,11 +267,11 @@ class HTTP11Protocol(H11Protocol):
             request_id,
             _client(self.client),
         )
-        await self._close_stream()
+        await self.close_stream()
         detail = SLOW_BODY % bytes_per_second
         await self._refuse(408, "request timeout", detail, request_id)
 
-    async def _check_protocol(self, event: h11.Request) -> None:
+    async def check_protocol(self, event: h11.Request) -> None:
         # hypercorn's check switches to HTTP/2 here; `Upgrade: h2c` is simply not looked at.
         if event.method == b"PRI" and event.target == b"*" and event.http_version == b"2.0":
             await self.send(RawData(data=HTTP_1_1_REQUIRED))
@@ -315,9 +304,9 @@ class HTTP11Protocol(H11Protocol):
             (REQUEST_ID, request_id.encode()),
             *self.config.response_headers("h11"),
         ]
-        await self._send_h11_event(h11.Response(status_code=status, headers=headers))
-        await self._send_h11_event(h11.Data(data=data))
-        await self._send_h11_event(h11.EndOfMessage())
+        await self.send_h11_event(h11.Response(status_code=status, headers=headers))
+        await self.send_h11_event(h11.Data(data=data))
+        await self.send_h11_event(h11.EndOfMessage())
 
 
 def _client_id(headers: Sequence[tuple[bytes, bytes]]) -> str | None:

@@ -23,8 +23,10 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from modelpool.core._trio import CLOSED
+
 if TYPE_CHECKING:
-    from hypercorn.typing import Event as EventLike
+    from modelpool.http._hypercorn import WorkerEvent
 
 UNREAD_GRACE = 0.05  # seconds the reading task gets to take what came at the deadline
 
@@ -40,11 +42,11 @@ class KeepAliveTimer:
     """
 
     def __init__(
-        self, timeout: float, terminated: EventLike, fileno: Callable[[], int] | None = None
+        self, timeout: float, terminated: WorkerEvent, fileno: Callable[[], int] | None = None
     ) -> None:
         self._timeout = timeout
         self._terminated = terminated
-        self._fileno = fileno  # the connection's socket (-1 once closed): see `_unread`
+        self._fileno = fileno  # the connection's socket (CLOSED once closed): see `_unread`
         self._idle = False
         self._deadline = inf
         self._waiting: trio.CancelScope | None = None
@@ -101,8 +103,8 @@ class KeepAliveTimer:
 
     def _unread(self) -> bool:
         """Whether the client has sent what has not been read yet (a request, or its end)."""
-        fileno = -1 if self._fileno is None else self._fileno()
-        if fileno < 0:
+        fileno = CLOSED if self._fileno is None else self._fileno()
+        if fileno == CLOSED:
             return False
         poller = select.poll()
         poller.register(fileno, select.POLLIN)

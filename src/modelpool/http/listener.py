@@ -4,7 +4,7 @@ hypercorn's `serve()` binds, accepts and shuts down in one call. The service nee
 than it offers, so this module runs hypercorn's own trio `TCPServer` per connection the
 way `hypercorn.trio.run.worker_serve` does, with these differences:
 
-- The socket is bound first (binding.py), before any model starts, so a port in use
+- The socket is bound first (service/binding.py), before any model starts, so a port in use
   is an error at once and not after the models have loaded.
 - HTTP/1.1 only: hypercorn's switches to cleartext HTTP/2 are off (see http1.py), and
   the predictions fastpath.py answers are given to it on the connection (`predictions`).
@@ -35,17 +35,28 @@ from typing import TYPE_CHECKING
 
 import h11
 import trio
-from hypercorn.config import Config as HypercornConfig
-from hypercorn.config import Sockets
-from hypercorn.events import Closed, Event, RawData, Updated
-from hypercorn.trio.lifespan import Lifespan
-from hypercorn.trio.task_group import TaskGroup
-from hypercorn.trio.tcp_server import MAX_RECV, TCPServer
-from hypercorn.trio.worker_context import WorkerContext
-from hypercorn.typing import AppWrapper, ASGIFramework, ConnectionState, LifespanState
-from hypercorn.utils import parse_socket_addr, repr_socket_addr, wrap_app
 
 from modelpool.core.eagerio import EagerReader, write_now
+from modelpool.http._hypercorn import (
+    MAX_RECV,
+    AppWrapper,
+    ASGIFramework,
+    Closed,
+    ConnectionState,
+    Event,
+    Lifespan,
+    LifespanState,
+    RawData,
+    Sockets,
+    TaskGroup,
+    TCPServer,
+    Updated,
+    WorkerContext,
+    parse_socket_addr,
+    repr_socket_addr,
+    wrap_app,
+)
+from modelpool.http._hypercorn import Config as HypercornConfig
 from modelpool.http.connections import Connection, Connections
 from modelpool.http.http1 import HTTP11Protocol
 from modelpool.http.keepalive import KeepAliveTimer
@@ -59,7 +70,7 @@ LINGER_BYTES = 2**20  # and bytes it reads (and drops) at most meanwhile
 
 
 def sockets(sock: socket.socket) -> Sockets:
-    """hypercorn's view of the socket binding.py bound."""
+    """hypercorn's view of the socket service/binding.py bound."""
     return Sockets(secure_sockets=[], insecure_sockets=[sock], quic_sockets=[])
 
 
@@ -83,31 +94,25 @@ class PromptTCPServer(TCPServer):
         connection: Connection,
         predictions: Predictions | None = None,
     ) -> None:
-        # hypercorn declares an SSLStream, but reads a plain one as well (its own
-        # worker_serve passes either): its type does not say so.
-        super().__init__(app, config, context, state, stream)  # type: ignore[arg-type]
+        super().__init__(app, config, context, state, stream)
         self.connection = connection
         self.predictions = predictions
         self.keep_alive = KeepAliveTimer(
             config.keep_alive_timeout, context.terminated, stream.socket.fileno
         )
         self.http1: HTTP11Protocol  # self.protocol, as its own type (set by `run`)
-        self._reading = False  # while the reading task reads (`_read_data`)
-        self._linger_until: float | None = None  # when a lingering close ends (`_close`)
+        self._reading = False  # while the reading task reads (`read_data`)
+        self._linger_until: float | None = None  # when a lingering close ends (`close_socket`)
         self._reads = trio.CancelScope()  # the reading task's; its deadline: `_linger_until`
 
     async def run(self) -> None:
         """hypercorn's TCPServer.run for a plain TCP stream, with HTTP11Protocol."""
-        sock = self.stream.socket
+        sock = self.socket_stream.socket
         try:
             client = parse_socket_addr(sock.family, sock.getpeername())
             server = parse_socket_addr(sock.family, sock.getsockname())
             async with TaskGroup() as task_group:
-                self._task_group = task_group
-                # in place of hypercorn's ProtocolWrapper, which would switch to HTTP/2;
-                # TCPServer declares the wrapper's type for the attribute, and calls on
-                # it only what HTTP11Protocol has too (initiate, handle)
-                self.protocol = self.http1 = HTTP11Protocol(  # type: ignore[assignment]
+                self.http1 = HTTP11Protocol(
                     self.app,
                     self.config,
                     self.context,
@@ -120,16 +125,18 @@ class PromptTCPServer(TCPServer):
                     predictions=self.predictions,
                     connection=self.connection,
                 )
-                await self.protocol.initiate()
+                # in place of hypercorn's ProtocolWrapper, which would switch to HTTP/2
+                self.use_protocol(self.http1, task_group)
+                await self.http1.initiate()
                 self.keep_alive.idle()
-                task_group.spawn(self.keep_alive.run, self._initiate_server_close)
+                task_group.spawn(self.keep_alive.run, self.initiate_server_close)
                 self.connection.on_slow_body = partial(task_group.spawn, self.http1.time_out_body)
-                await self._read_data()
+                await self.read_data()
         except OSError:
             pass
         finally:
             self.connection.on_slow_body = None  # its tasks are over: it is simply closed
-            await self._close()
+            await self.close_socket()
 
     async def protocol_send(self, event: Event) -> None:
         if isinstance(event, Updated):
@@ -153,7 +160,7 @@ class PromptTCPServer(TCPServer):
         try:
             sent = 0
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                sent = write_now(self.stream.socket.fileno(), data) if data else 0
+                sent = write_now(self.socket_stream.socket.fileno(), data) if data else 0
             if sent < len(data):  # the waiting way finds any error, and says so
                 await self._send_waiting(data[sent:])
         finally:
@@ -165,22 +172,23 @@ class PromptTCPServer(TCPServer):
         try:
             with self.connection.sending():
                 while True:  # at least once, as hypercorn: even b"" lets others run
-                    await self.stream.send_all(data[:SEND_CHUNK])
+                    await self.socket_stream.send_all(data[:SEND_CHUNK])
                     self.connection.progressed()
                     data = data[SEND_CHUNK:]
                     if not data:
                         break
         except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
             # Busy: hypercorn is closing the connection (send_eof) from its reading task
-            await self.protocol.handle(Closed())
+            await self.http1.handle(Closed())
 
-    async def _read_data(self) -> None:
-        """hypercorn's TCPServer._read_data, reading eagerly (core/eagerio.py), and
-        lingering when the connection is closed before its request was read (`_close`).
+    async def read_data(self) -> None:
+        """hypercorn's TCPServer.read_data, reading eagerly (core/eagerio.py), and
+        lingering when the connection is closed before its request was read
+        (`close_socket`).
 
         Every read is in `_reads`, whose deadline the lingering close sets: a read that
         waits on a client that sends nothing ends then too, not only one that returns."""
-        socket = self.stream.socket
+        socket = self.socket_stream.socket
         reader = EagerReader(socket.fileno, MAX_RECV)
         read_timeout = self.config.read_timeout
         self._reading = True
@@ -194,7 +202,7 @@ class PromptTCPServer(TCPServer):
                             data = await reader.receive_some()
                 except (trio.ClosedResourceError, trio.BrokenResourceError, trio.TooSlowError):
                     break
-                await self.protocol.handle(RawData(data))
+                await self.http1.handle(RawData(data))
                 if data == b"":
                     break
             else:
@@ -203,10 +211,10 @@ class PromptTCPServer(TCPServer):
                     while dropped < LINGER_BYTES and (data := await reader.receive_some()):
                         dropped += len(data)  # dropped: the connection is closing
         self._reading = False
-        await self.protocol.handle(Closed())
+        await self.http1.handle(Closed())
         self.keep_alive.end()
 
-    async def _close(self) -> None:
+    async def close_socket(self) -> None:
         """hypercorn's close (the end of our sending, then the socket), lingering first if
         the client's request was not read to its end (a refusal before its body: 413, 408,
         an ambiguous framing; or of its headers: 431, 400), or the client may still be
@@ -223,7 +231,7 @@ class PromptTCPServer(TCPServer):
         with contextlib.suppress(
             trio.BrokenResourceError, trio.BusyResourceError, trio.ClosedResourceError
         ):
-            await self.stream.send_eof()
+            await self.socket_stream.send_eof()
         if self._linger_until is None and self._reading:
             their_state = self.http1.connection.their_state
             if their_state in (h11.SEND_BODY, h11.ERROR, h11.MUST_CLOSE):
@@ -231,7 +239,7 @@ class PromptTCPServer(TCPServer):
                 self._reads.deadline = self._linger_until
                 self.keep_alive.closing()
                 return
-        await self.stream.aclose()
+        await self.socket_stream.aclose()
 
 
 class LimitedListener(trio.abc.Listener[trio.SocketStream]):

@@ -29,13 +29,14 @@ log = logging.getLogger("modelpool.pool")
 
 
 class IntakePool(Protocol):
-    """What the intake needs of the pool (pool.py's Pool is one)."""
+    """What the intake needs of the pool (pool.py's Pool is one); `_stop_idle_starts` is
+    the pool's, for its own modules (not the library's surface)."""
 
     @property
     def closing(self) -> bool: ...
     @property
     def queue(self) -> JobQueue: ...
-    def stop_idle_starts(self) -> None: ...
+    def _stop_idle_starts(self) -> None: ...
 
 
 class Intake:
@@ -110,9 +111,9 @@ class Intake:
         finally:
             if not job.done.is_set():
                 queue.abandon(job)
-                self._pool.stop_idle_starts()
+                self._pool._stop_idle_starts()
         if isinstance(job.error, QueueTimeout):
             timeout = self._config.queue_timeout
             log.warning("request %s: no model free within %g s", job.request_id, timeout)
-            self._pool.stop_idle_starts()  # it left the queue: maybe the last one, while draining
+            self._pool._stop_idle_starts()  # it left the queue: maybe the last one, while draining
         return job.result()

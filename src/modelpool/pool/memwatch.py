@@ -36,9 +36,10 @@ class WatchedPool(Protocol):
     def stopped(self) -> trio.Event: ...
     @property
     def workers(self) -> Sequence[Worker]: ...
-    def recycle(
+    def _recycle(
         self, worker: Worker, why: str, reason: RestartReason = RestartReason.RECYCLED
-    ) -> None: ...
+    ) -> None:
+        """Replace `worker` by surge: the pool's, for its own modules."""
 
 
 async def watch_memory(pool: WatchedPool) -> None:
@@ -67,7 +68,7 @@ async def watch_memory(pool: WatchedPool) -> None:
             if worker.state is WorkerState.BUSY and used > limit * MEMORY_MARGIN:
                 worker.kill_for_memory(what)
             elif worker.ask_recycle():
-                pool.recycle(worker, what, RestartReason.MEMORY)
+                pool._recycle(worker, what, RestartReason.MEMORY)
         with trio.move_on_after(MEMORY_CHECK_INTERVAL):
             await pool.stopped.wait()
 

@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
+from prometheus_client.registry import Collector
 
 from modelpool.core.kinds import Outcome, RestartReason, StartMethod, WorkerState
 from modelpool.process.template import TemplateState
 
 if TYPE_CHECKING:
+    from modelpool.pool.modelmemory import MemorySeen
     from modelpool.process.preload import Preloader
     from modelpool.queues.base import JobQueue
     from modelpool.settings.config import PoolConfig
@@ -59,6 +61,10 @@ class MeteredWorker(Protocol):
     @property
     def config(self) -> PoolConfig: ...
     def busy_seconds(self) -> float: ...
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def memory_seen(self) -> MemorySeen: ...
 
 
 class MeteredPool(Protocol):
@@ -145,6 +151,19 @@ class PoolMetrics:
         self.request_time.observe(seconds)
         self.recent.add(outcome, seconds)
 
+    def count_restart(self, reason: RestartReason) -> None:
+        """A model was replaced (a worker's or an operation's restart)."""
+        self.restarts.labels(reason=reason).inc()
+
+    def count_model_start(self, method: StartMethod, seconds: float) -> None:
+        self.model_start.labels(method=method).observe(seconds)
+
+    def count_stale_result(self) -> None:
+        self.stale_results.inc()
+
+    def count_compute(self, seconds: float) -> None:
+        self.compute.observe(seconds)
+
     def value(self, name: str, **labels: str) -> float | None:
         """One sample's value, by its exposition name: `modelpool_requests_total`, ..."""
         return self.registry.get_sample_value(name, labels)
@@ -159,7 +178,7 @@ class PoolMetrics:
         return encode(self.registry), content_type
 
 
-class _PoolGauges:
+class _PoolGauges(Collector):
     """Queue length, workers by state and busy time, read from the pool when scraped."""
 
     def __init__(self, pool: MeteredPool) -> None:
@@ -197,6 +216,17 @@ class _PoolGauges:
             labels = [str(w.index), str(w.generation), " ".join(w.config.model_cmd)]
             info.add_metric([*labels, w.device or ""] if with_device else labels, 1)
         yield info
+        private = GaugeMetricFamily(
+            "modelpool_model_private_bytes",
+            "Memory each worker's model holds of its own, with the processes below it: the "
+            "pages it shares with no other process (with --preload, measured every second)",
+            labels=["worker"],
+        )
+        for w in pool.workers:
+            memory = w.memory_seen.of(w.pid)  # measured in a thread, see refresh.py
+            if memory is not None:
+                private.add_metric([str(w.index)], memory[1] * 1024)
+        yield private
         if pool.preloader is not None:
             template = pool.preloader.current()
             template_state = GaugeMetricFamily(

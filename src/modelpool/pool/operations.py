@@ -41,8 +41,15 @@ RECYCLE_RETRY = 5.0  # seconds before a failed recycle is tried again
 NOT_SERVING = "reload asked for while the pool is not serving; ignored"
 
 
+class RestartCounter(Protocol):
+    """Where a surge replacement is counted (metrics.py's PoolMetrics is one)."""
+
+    def count_restart(self, reason: RestartReason) -> None: ...
+
+
 class OperatedPool(Protocol):
-    """What the operations need of the pool (pool.py's Pool is one)."""
+    """What the operations need of the pool (pool.py's Pool is one); the pool's members
+    for its operations are private by name (not the library's surface)."""
 
     @property
     def closing(self) -> bool: ...
@@ -56,16 +63,17 @@ class OperatedPool(Protocol):
     def generation(self) -> int: ...
     @property
     def preloader(self) -> Preloader | None: ...
-    def add_worker(
+    @property
+    def metrics(self) -> RestartCounter: ...
+    def _add_worker(
         self,
         config: PoolConfig | None = None,
         generation: int | None = None,
         trial: bool = False,
         device: str | None = None,
     ) -> Worker: ...
-    def start_task(self, fn: Callable[[], Awaitable[None]]) -> None: ...
-    def count_restart(self, reason: RestartReason) -> None: ...
-    def switch_model(self, config: PoolConfig, generation: int) -> None:
+    def _start_task(self, fn: Callable[[], Awaitable[None]]) -> None: ...
+    def _switch_model(self, config: PoolConfig, generation: int) -> None:
         """What new workers run from now on: a reload's command and generation."""
         ...
 
@@ -127,7 +135,7 @@ class Operations:
             finally:
                 done.set()
 
-        self._pool.start_task(run)
+        self._pool._start_task(run)
         await done.wait()
         kind, value = outcome[0]
         if kind == "error":
@@ -182,7 +190,7 @@ class Operations:
                     log.error("reload stopped: %s; the other workers keep serving", detail)
                     report["seconds"] = round(time.monotonic() - started, 3)
                     raise OperationFailed(detail, report)
-            pool.switch_model(config, generation)
+            pool._switch_model(config, generation)
             if pool.preloader is not None:
                 pool.preloader.retire_others(generation)
             report["seconds"] = round(time.monotonic() - started, 3)
@@ -244,7 +252,9 @@ class Operations:
             report = {"workers": workers, "before": before, "added": added, "retired": retired}
             log.info("resize from %d to %d worker(s)", before, workers)
             if workers > before:
-                trials = await start_in_waves(lambda: pool.add_worker(trial=True), workers - before)
+                trials = await start_in_waves(
+                    lambda: pool._add_worker(trial=True), workers - before
+                )
                 failed = []
                 for worker in trials:
                     if worker.became_ready.is_set():
@@ -299,7 +309,7 @@ class Operations:
         async with self._surge:
             if old.retiring is not None or pool.closing:
                 return {"replaced": old.index, "skipped": "already retiring or shutting down"}
-            new = pool.add_worker(config, generation, trial=True, device=old.device)
+            new = pool._add_worker(config, generation, trial=True, device=old.device)
             await first_model(new)
             if not new.became_ready.is_set():
                 failure = new.start_failure or "stopped before it was ready (shutting down)"
@@ -313,8 +323,12 @@ class Operations:
             }
             if new.device is not None:
                 step["device"] = new.device
-            pool.count_restart(reason)
+            pool.metrics.count_restart(reason)
             old.retire(reason)
+            if reason in (RestartReason.REFRESH, RestartReason.IMMORTAL):
+                # A fresh fork shares its template's pages, so it costs next to no memory:
+                # the next child over its limit need not wait for this one's request.
+                return step
             await old.ended.wait()  # its request finishes; then one extra model at most
             return step
 

@@ -11,7 +11,14 @@ pool does not care which: it puts jobs in, its workers take them out.
 
 The pool owns the workers, the queue and the stopping; the rest is done beside it, by
 modules that see only a Protocol of it: the callers' side (intake.py), its reports
-(report.py), the workers (worker.py), the live operations (operations.py).
+(report.py), the workers (worker.py), the live operations (operations.py), and its run
+(running.py: `open_pool`, and the tasks beside the workers).
+
+`Pool`'s public members are the library's surface, what an embedder calls (documented
+in docs/embedding.md); the members the pool's own modules use (its workers' jobs and
+starts, the operations' changes to the set of workers) are private by name, as in trio,
+and are named only by those modules' Protocols. What it counts, they count on its
+`metrics`.
 """
 
 from __future__ import annotations
@@ -22,23 +29,20 @@ import os
 import random
 import secrets
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from modelpool.core.errors import ModelCommandError, ModelFailed, ShuttingDown
+from modelpool.core.errors import ModelFailed, ShuttingDown
 from modelpool.core.job import MAX_ATTEMPTS, Job, Timing
-from modelpool.core.kinds import RestartReason, StartMethod, WorkerState
+from modelpool.core.kinds import RestartReason, WorkerState
 from modelpool.pool import report
-from modelpool.pool.background import first_error, run_queue_until_stopped, sweep_until_stopped
 from modelpool.pool.intake import Intake
-from modelpool.pool.memwatch import watch_memory
 from modelpool.pool.metrics import PoolMetrics
 from modelpool.pool.operations import Operations
 from modelpool.pool.worker import Worker
-from modelpool.process import devices, threads
+from modelpool.process import devices
 from modelpool.process.reaper import Reaper
 from modelpool.process.starter import ModelStarter, Spawner
 from modelpool.queues.base import JobQueue
@@ -52,7 +56,12 @@ log = logging.getLogger("modelpool.pool")
 
 
 class Pool:
-    """Hands each request to the first free model; built and run by `open_pool`."""
+    """Hands each request to the first free model; built and run by `open_pool`.
+
+    `config` is what it was opened with, `metrics` every number it counts, `operations`
+    the live operations (reload, scale), `workers` its workers, `stopped` set once it has
+    stopped; `closing` once it takes no new requests.
+    """
 
     def __init__(self, config: PoolConfig, nursery: trio.Nursery, reaper: Reaper) -> None:
         self.config = config
@@ -94,7 +103,7 @@ class Pool:
                 idle,
             )
         for _ in range(config.workers):
-            self.add_worker()
+            self._add_worker()
 
     # -- what callers use -------------------------------------------------------------
 
@@ -120,6 +129,7 @@ class Pool:
 
     @property
     def local_ready(self) -> int:
+        """This node's models that are ready (`ready_count` without other nodes')."""
         return self._ready_models
 
     @property
@@ -134,10 +144,12 @@ class Pool:
 
     @property
     def serves_http(self) -> bool:
+        """Whether this node serves HTTP (`mark_serving_http`), as the cluster sees it."""
         return self._serves_http
 
     def mark_serving_http(self) -> None:
-        """The HTTP service serves this pool: its heartbeat tells the cluster so."""
+        """An HTTP service serves this pool (`modelpool serve` says so): its heartbeat tells
+        the cluster, whose /status then shows this node as a front."""
         self._serves_http = True
 
     async def wait_ready(self, count: int | None = None) -> None:
@@ -177,8 +189,8 @@ class Pool:
             self.config.effective_drain_timeout,
         )
         self._nursery.start_soon(self._drain)
-        self.stop_idle_starts()
-        self.worker_changed()  # a pool with no workers of its own has stopped them all
+        self._stop_idle_starts()
+        self._worker_changed()  # a pool with no workers of its own has stopped them all
 
     def kill(self) -> None:
         """Hard stop: SIGKILL every model now; every waiting request gets ShuttingDown."""
@@ -191,7 +203,7 @@ class Pool:
 
     # -- changing the set of workers (operations.py decides when) ----------------------
 
-    def add_worker(
+    def _add_worker(
         self,
         config: PoolConfig | None = None,
         generation: int | None = None,
@@ -225,63 +237,58 @@ class Pool:
             if not self.closing and worker in self.workers:
                 self.workers.remove(worker)  # while stopping, /status shows every worker
                 self.retired_busy_seconds += worker.busy_seconds()
-                self.worker_changed()
+                self._worker_changed()
 
-    def starter_for(self, worker: Worker) -> ModelStarter:
+    def _starter_for(self, worker: Worker) -> ModelStarter:
         """How the worker's next model comes to be: spawned, or forked from its template."""
         if self.preloader is None:
             return self._spawner
         return self.preloader.starter(worker.generation, worker.config)
 
-    def start_task(self, fn: Callable[[], Awaitable[None]]) -> None:
+    def _start_task(self, fn: Callable[[], Awaitable[None]]) -> None:
         """Run a task beside the workers (operations that must outlive their caller)."""
         self._nursery.start_soon(fn)
 
-    def request_limit(self) -> int | None:
+    def _request_limit(self) -> int | None:
         """How many answers a new model may give (--max-requests plus jitter), or None."""
         if self.config.max_requests is None:
             return None
         return self.config.max_requests + self._random.randint(0, self.config.max_requests_jitter)
 
-    def recycle(
+    def _recycle(
         self, worker: Worker, why: str, reason: RestartReason = RestartReason.RECYCLED
     ) -> None:
         """Replace a worker by surge (its replacement is ready before it retires)."""
         if not self.closing:
             self._nursery.start_soon(self.operations.recycle, worker, why, reason)
 
-    def switch_model(self, config: PoolConfig, generation: int) -> None:
+    def _replace_models(self, pids: set[int], why: str, reason: RestartReason) -> None:
+        """Replace by surge each worker whose model is one of `pids` (once per model): a
+        template's children forked before its objects were immortal (process/immortal.py)."""
+        for worker in self.workers:
+            if worker.pid in pids and worker.retiring is None and worker.ask_recycle():
+                self._recycle(worker, why, reason)
+
+    def _switch_model(self, config: PoolConfig, generation: int) -> None:
         """A reload succeeded: new workers run `config`, of `generation`, from now on."""
         self._model_config, self._generation = config, generation
 
-    def count_restart(self, reason: RestartReason) -> None:
-        self.metrics.restarts.labels(reason=reason).inc()
-
     # -- what workers use -------------------------------------------------------------
 
-    async def next_job(self) -> Job:
+    async def _next_job(self) -> Job:
         """The oldest job, for an idle worker; EndOfChannel once there are no more."""
         return await self.queue.get()
 
-    def count_model_start(self, method: StartMethod, seconds: float) -> None:
-        self.metrics.model_start.labels(method=method).observe(seconds)
-
-    def count_stale_result(self) -> None:
-        self.metrics.stale_results.inc()
-
-    def count_compute(self, seconds: float) -> None:
-        self.metrics.compute.observe(seconds)
-
-    def take(self, job: Job) -> bool:
+    def _take(self, job: Job) -> bool:
         """Claim a job a worker got from the queue; False if it must be skipped."""
         if not self.queue.claim(job):
             return False
         job.attempts += 1
         job.taken.set()
-        self.stop_idle_starts()
+        self._stop_idle_starts()
         return True
 
-    def retry(self, job: Job, reason: str) -> None:
+    def _retry(self, job: Job, reason: str) -> None:
         """Queue a job again whose model died before it could have read it."""
         closed = self.closing and not self.queue.requeue_while_closing
         if job.abandoned or closed or job.attempts >= MAX_ATTEMPTS:
@@ -290,11 +297,11 @@ class Pool:
         log.warning("request %s: %s; queued again", job.request_id, reason)
         self.queue.requeue(job)
 
-    def wants_models(self) -> bool:
+    def _wants_models(self) -> bool:
         """False once shutting down with nothing left for this node's workers."""
         return self.queue.has_work()
 
-    def first_start_failed(self, worker: Worker) -> bool:
+    def _first_start_failed(self, worker: Worker) -> bool:
         """Note that `worker`'s model failed before its ready line; True: give up on the pool.
 
         Given up on while no model was ever ready, once every worker has seen a model
@@ -308,7 +315,7 @@ class Pool:
         worker.failed_first_start = True
         return all(w.failed_first_start for w in self.workers)
 
-    def worker_changed(self, ready: bool | None = None) -> None:
+    def _worker_changed(self, ready: bool | None = None) -> None:
         """A worker changed state, joined or left; `ready`: its model became ready, or
         stopped being (counted here, so that no change needs a scan of every worker)."""
         if ready is not None:
@@ -334,9 +341,9 @@ class Pool:
 
     # -- inside -----------------------------------------------------------------------
 
-    def stop_idle_starts(self) -> None:
+    def _stop_idle_starts(self) -> None:
         """While draining with an empty queue, a model still starting has nothing to do."""
-        if self.wants_models():
+        if self._wants_models():
             return
         for worker in self.workers:
             if worker.state in (WorkerState.STARTING, WorkerState.RESTARTING):
@@ -362,41 +369,3 @@ class Pool:
             self.queue.abandon(job)
         for worker in self.workers:
             worker.scope.cancel()
-
-
-@asynccontextmanager
-async def open_pool(
-    config: PoolConfig | None = None, reaper: Reaper | None = None
-) -> AsyncIterator[Pool]:
-    """Run a pool for the duration of the block; on exit, drain it and stop every model.
-
-    `reaper` decides how far the pool goes to kill what its models leave behind; the
-    default kills each model's group, tree and token carriers (see reaper.py). Raises
-    ModelCommandError at once if the model command cannot even be executed, and
-    FirstStartFailed (a ModelCommandError) once every model's first start failed,
-    unless `config.keep_trying`.
-    """
-    config = config or PoolConfig()
-    reaper = reaper or Reaper()
-    try:
-        async with trio.open_nursery() as nursery:
-            pool = Pool(config, nursery, reaper)
-            log.info("starting %d model(s): %s", config.workers, " ".join(config.model_cmd))
-            if config.workers:
-                log.info("thread budget: %s", threads.plan(config).describe())
-            await nursery.start(run_queue_until_stopped, pool.queue, pool.stopped)
-            nursery.start_soon(sweep_until_stopped, reaper, pool.stopped)
-            if config.model_max_rss is not None:
-                nursery.start_soon(watch_memory, pool)
-            try:
-                yield pool
-            finally:
-                pool.shutdown()
-    except BaseExceptionGroup as group:
-        fatal = group.subgroup(ModelCommandError)
-        if fatal is None:
-            raise
-        raise first_error(fatal) from None
-    finally:
-        with trio.CancelScope(shield=True):
-            await reaper.final_sweep()

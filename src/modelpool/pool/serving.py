@@ -33,17 +33,26 @@ if TYPE_CHECKING:
 log = logging.getLogger("modelpool.worker")
 
 
-class JobSource(Protocol):
-    """What a session needs of the pool: its jobs, and the numbers it counts."""
+class ServingMetrics(Protocol):
+    """What a session counts (metrics.py's PoolMetrics is one)."""
 
-    async def next_job(self) -> Job:
+    def count_compute(self, seconds: float) -> None: ...
+    def count_stale_result(self) -> None: ...
+
+
+class JobSource(Protocol):
+    """What a session needs of the pool: its jobs (the pool's members for its workers,
+    private by name: not the library's surface), and where it counts."""
+
+    @property
+    def metrics(self) -> ServingMetrics: ...
+
+    async def _next_job(self) -> Job:
         """The oldest job; EndOfChannel once the pool has no more for this node."""
         ...
 
-    def take(self, job: Job) -> bool: ...
-    def retry(self, job: Job, reason: str) -> None: ...
-    def count_compute(self, seconds: float) -> None: ...
-    def count_stale_result(self) -> None: ...
+    def _take(self, job: Job) -> bool: ...
+    def _retry(self, job: Job, reason: str) -> None: ...
 
 
 class SessionOwner(Protocol):
@@ -104,7 +113,7 @@ class ModelSession:
     async def serve(self) -> bool:
         """Feed jobs to the ready model; True when the pool has no more jobs to give."""
         model = self._model
-        model.on_stale = self._pool.count_stale_result
+        model.on_stale = self._pool.metrics.count_stale_result
         while True:
             if self._owner.retiring is not None:
                 return True
@@ -113,7 +122,7 @@ class ModelSession:
             # One scope for both reasons to stop waiting: the model's trouble, or retire().
             with model.cancel_on_trouble() as self._idle_scope:
                 try:
-                    job = await self._pool.next_job()
+                    job = await self._pool._next_job()
                 except trio.EndOfChannel:
                     return True
             self._idle_scope = None
@@ -122,7 +131,7 @@ class ModelSession:
                     await self._replace_unprompted()
                     return False
                 return True  # retired while idle
-            if not self._pool.take(job):
+            if not self._pool._take(job):
                 continue
             if not await self._run(job):
                 return False
@@ -148,7 +157,7 @@ class ModelSession:
         try:
             if model.stdout_ended.is_set() or model.out_of_step:
                 owned = False
-                self._pool.retry(job, "model failed before it received the request")
+                self._pool._retry(job, "model failed before it received the request")
                 await self._replace_unprompted()
                 return False
             payload: bytes | None = None
@@ -159,7 +168,7 @@ class ModelSession:
                     await model.send(job.line)
                 except trio.BrokenResourceError:
                     owned = False
-                    self._pool.retry(job, "model stopped reading before the request")
+                    self._pool._retry(job, "model stopped reading before the request")
                     await self._replace_unprompted()
                     return False
                 try:
@@ -170,11 +179,11 @@ class ModelSession:
                     unread = model.unread_input() >= len(job.line)
             if unread:
                 owned = False
-                self._pool.retry(job, "model died before it read the request")
+                self._pool._retry(job, "model died before it read the request")
                 await self._replace_unprompted()
                 return False
             job.timing.compute = trio.current_time() - started
-            self._pool.count_compute(job.timing.compute)
+            self._pool.metrics.count_compute(job.timing.compute)
             if deadline.cancelled_caught:
                 late = f"no result after {self._config.timeout:g} s"
                 error = ModelTimeout(late + model.missing_result(quote=True))

@@ -8,13 +8,12 @@ model: its counts, its last failure, how many models failed in a row (the back-o
 At first start, while no model of the pool was ever ready, a model that fails before
 its ready line is no reason to back off and retry but a mistake in the command: once
 every worker's model failed so, the pool gives up (FirstStartFailed), unless it was
-told to keep trying (see Pool.first_start_failed).
+told to keep trying (see Pool._first_start_failed).
 """
 
 from __future__ import annotations
 
 import logging
-import shlex
 import time
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,7 +22,9 @@ import trio
 from modelpool.core import logs
 from modelpool.core.errors import FirstStartFailed, ModelCommandError
 from modelpool.core.kinds import RestartReason, StartMethod, WorkerState
-from modelpool.pool.serving import JobSource, ModelSession
+from modelpool.pool.modelmemory import MemorySeen
+from modelpool.pool.serving import JobSource, ModelSession, ServingMetrics
+from modelpool.process.failures import first_start_verdict
 from modelpool.process.model import CommandNotRunnable, ModelProcess, StartFailed, open_model
 
 if TYPE_CHECKING:
@@ -34,24 +35,31 @@ if TYPE_CHECKING:
 log = logging.getLogger("modelpool.worker")
 
 HEALTHY_UPTIME = 5.0  # seconds a model must stay up to count as healthy
-QUOTED_STDERR_CHARS = 500  # of each stderr line the first-start verdict quotes
+
+
+class WorkerMetrics(ServingMetrics, Protocol):
+    """What a worker counts (metrics.py's PoolMetrics is one)."""
+
+    def count_restart(self, reason: RestartReason) -> None: ...
+    def count_model_start(self, method: StartMethod, seconds: float) -> None: ...
 
 
 class WorkerPool(JobSource, Protocol):
-    """What a worker needs of its pool (pool.py's Pool is one), besides its jobs."""
+    """What a worker needs of its pool (pool.py's Pool is one), besides its jobs: the
+    pool's members for its workers, private by name (not the library's surface)."""
 
     @property
     def ever_ready(self) -> bool: ...
     @property
     def reaper(self) -> Reaper: ...
-    def wants_models(self) -> bool: ...
-    def starter_for(self, worker: Worker) -> ModelStarter: ...
-    def request_limit(self) -> int | None: ...
-    def first_start_failed(self, worker: Worker) -> bool: ...
-    def recycle(self, worker: Worker, why: str) -> None: ...
-    def count_restart(self, reason: RestartReason) -> None: ...
-    def count_model_start(self, method: StartMethod, seconds: float) -> None: ...
-    def worker_changed(self, ready: bool | None = None) -> None: ...
+    @property
+    def metrics(self) -> WorkerMetrics: ...
+    def _wants_models(self) -> bool: ...
+    def _starter_for(self, worker: Worker) -> ModelStarter: ...
+    def _request_limit(self) -> int | None: ...
+    def _first_start_failed(self, worker: Worker) -> bool: ...
+    def _recycle(self, worker: Worker, why: str) -> None: ...
+    def _worker_changed(self, ready: bool | None = None) -> None: ...
 
 
 class Worker:
@@ -104,6 +112,7 @@ class Worker:
         self._model: ModelProcess | None = None
         self._restart_reason = RestartReason.CRASHED  # why the current model will be replaced
         self._busy_total = 0.0  # seconds spent computing, for modelpool_model_busy_seconds
+        self.memory_seen = MemorySeen()  # filled in by the memory watch (refresh.py)
         self._state_since = time.monotonic()
 
     @property
@@ -143,6 +152,12 @@ class Worker:
         model = self._model
         return None if model is None else model.proc.memory_mib()
 
+    @property
+    def forked(self) -> bool:
+        """Whether its current model was forked from a --preload template."""
+        model = self._model
+        return model is not None and model.method is StartMethod.FORK
+
     def busy_seconds(self) -> float:
         """Seconds this worker's models have spent computing, the current request included."""
         if self.state is WorkerState.BUSY:
@@ -167,6 +182,7 @@ class Worker:
                 None if job is None else round(time.monotonic() - self._state_since, 3)
             ),
             "busy_seconds": round(self.busy_seconds(), 6),
+            "memory": self.memory_seen.for_status(self.pid),
             "served": self.served,
             "failed": self.failed,
             "restarts": self.restarts,
@@ -206,16 +222,16 @@ class Worker:
             self._state_since = now
         self.state = state
         if was_ready != self.ready:
-            self._pool.worker_changed(ready=self.ready)
+            self._pool._worker_changed(ready=self.ready)
         elif not was_ready:  # idle <-> busy, twice a request, is no news to the pool
-            self._pool.worker_changed()
+            self._pool._worker_changed()
 
     async def _loop(self) -> None:
-        while self._pool.wants_models() and self.retiring is None:
-            delay = self._pool.starter_for(self).backoff(self._config, self._failures_in_a_row)
+        while self._pool._wants_models() and self.retiring is None:
+            delay = self._pool._starter_for(self).backoff(self._config, self._failures_in_a_row)
             if self._starts:
                 self.restarts += 1
-                self._pool.count_restart(self._restart_reason)
+                self._pool.metrics.count_restart(self._restart_reason)
                 log.info(
                     "%s: restart %d in %.1f s (%d failure(s) on its own in a row)",
                     self.name,
@@ -234,7 +250,7 @@ class Worker:
     async def _one_model(self) -> bool:
         """Start a model and serve with it; True when the pool has no more jobs to give."""
         try:
-            starter = self._pool.starter_for(self)
+            starter = self._pool._starter_for(self)
             opened = open_model(
                 self._config, self.name, self._pool.reaper, starter, device=self.device
             )
@@ -244,16 +260,21 @@ class Worker:
                 self._ready_at = trio.current_time()
                 took = self._ready_at - model.started_at
                 self._start = {"method": model.method, "seconds": round(took, 4)}
-                self._pool.count_model_start(model.method, took)
+                self._pool.metrics.count_model_start(model.method, took)
                 log.info("%s ready after %.1f s (%s)", model.name, took, model.method)
-                limit = self._pool.request_limit()
+                limit = self._pool._request_limit()
                 self._recycle_asked = False
                 self._memory_kill = None
                 self._session = ModelSession(
                     self, self._pool, model, self._config, limit, self._ready_at
                 )
                 self.became_ready.set()
-                return await self._session.serve()
+                no_more_jobs = await self._session.serve()
+                if self.retiring == RestartReason.REFRESH:
+                    # It answered; a graceful exit would free (and so first copy) every
+                    # template object it holds: the memory and time a refresh saves.
+                    model.kill_group()
+                return no_more_jobs
         except* StartFailed as group:  # raised inside open_model's nursery: grouped
             for exc in group.exceptions:
                 # Fatal only for the service's own command, before it ever served: a
@@ -271,8 +292,10 @@ class Worker:
                 self.failed_on_its_own(
                     RestartReason.START_FAILED, str(exc), started, summary, stderr
                 )
-                if not self.trial and self._pool.first_start_failed(self):
-                    raise FirstStartFailed(*self._first_start_verdict(exc, started)) from exc
+                if not self.trial and self._pool._first_start_failed(self):
+                    tail = started.stderr_tail if started is not None else stderr
+                    verdict = first_start_verdict(exc, self._config.model_cmd, tail)
+                    raise FirstStartFailed(*verdict) from exc
                 log.error("%s%s", exc, "" if started is None else started.stderr_note())
                 if self.trial:
                     self.start_failure = str(exc)
@@ -280,30 +303,6 @@ class Worker:
             self._model = self._session = None
             logs.set_field("pid", None)
         return self.start_failure is not None  # a trial gives up: its starter decides
-
-    def _first_start_verdict(
-        self, exc: Exception, model: ModelProcess | None
-    ) -> tuple[str, list[str]]:
-        """Why the service gives up at first start: the failure, the command, its stderr.
-
-        Elsewhere a model's stderr stays out of ERROR lines (it may hold users' data,
-        see ModelProcess.stderr_note). Here it belongs in: no request ever reached
-        the model, and a user whose service stops at once must see why without
-        knowing where to look (the typo's "can't open file", the ImportError).
-        """
-        command = shlex.join(self._config.model_cmd)
-        verdict = (
-            f"{exc}; every model failed to start and none was ever ready "
-            f"(--keep-trying keeps restarting them); command: {command}"
-        )
-        tail = model.stderr_tail if model is not None else getattr(exc, "stderr", [])
-        if not tail:
-            return verdict, []
-        lines = [
-            line if len(line) <= QUOTED_STDERR_CHARS else line[:QUOTED_STDERR_CHARS] + "..."
-            for line in tail
-        ]
-        return verdict, lines
 
     def kill_model(self) -> None:
         """Hard stop: SIGKILL the current model and its tree without waiting."""
@@ -315,7 +314,7 @@ class Worker:
     def worn_out(self, why: str) -> None:
         """Past its --max-requests: ask the pool for a replacement (once per model)."""
         if self.ask_recycle():
-            self._pool.recycle(self, why)
+            self._pool._recycle(self, why)
 
     def ask_recycle(self) -> bool:
         """True the first time a replacement is asked for this model."""

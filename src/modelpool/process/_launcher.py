@@ -1,7 +1,7 @@
 """modelpool's launcher for --preload: runs a Python model unmodified, and turns it into a
 template at its first read of stdin, from which the pool forks one child per worker.
 
-Usage (the pool builds it, see pycommand.py)::
+Usage (the pool builds it, see launch.py)::
 
     python [the model's interpreter flags] _launcher.py CONTROL_FD script PATH [ARGS...]
     python [the model's interpreter flags] _launcher.py CONTROL_FD module NAME [ARGS...]
@@ -23,10 +23,22 @@ request carries three file descriptors (the child's stdin, stdout and stderr) an
 child's containment token. The child starts a session of its own (first thing after
 the fork, and the template waits for it before it tells the pool of the child: until
 then the child is in the template's process group, which the pool kills when the
-template ends), takes the three descriptors as 0, 1 and 2, and returns from that
-same first read, which now reads its own stdin: for the model, nothing happened. The
-template reaps its children and tells the pool how each one ended; the pool gets a
-pidfd for each child, so it sees the exit itself too.
+template ends), takes the three descriptors wherever the template had its own stdin,
+stdout and stderr pipes (0, 1 and 2, and any other descriptor of those pipes: a model
+that writes its results through os.dup(1), or opened /dev/stdout, writes to its own,
+see _Template.take_stdio), and returns from that same first read, which now reads its
+own stdin: for the model, nothing happened. The template reaps its children and tells
+the pool how each one ended; the pool gets a pidfd for each child, so it sees the exit
+itself too.
+
+Immortal objects (CPython 3.12 and 3.13): once the pool asks ("immortalize"), the
+template marks every object of the model's immortal, so that its children's reads no
+longer write the shared pages (_immortal.py, loaded by its path, says how and what it
+costs). The walk takes seconds for millions of objects: it runs in slices of
+WALK_SLICE, and a fork request is served between two, from the template as it is then.
+Each "forked" says whether the child came after the walk; once it is done the template
+says "immortal", and the pool replaces the children forked before by new ones. An
+interpreter on which it is not safe is refused, with the reason ("not_immortal").
 
 The containment token is the MODELPOOL_MODEL variable, which the pool's reaper reads
 from /proc/PID/environ: the environment a process started with, which a change to
@@ -39,11 +51,14 @@ the environment see as empty entries (C's environ still points at the token itse
 Messages on the control socket (SOCK_SEQPACKET, one JSON object each):
   to the pool    {"event": "fork_point", "pid": P}
                  {"event": "unsafe", "reason": "..."}
-                 {"event": "forked", "id": N, "pid": P}              + the child's pidfd
+                 {"event": "forked", "id": N, "pid": P, "immortal": B} + the child's pidfd
                  {"event": "fork_failed", "id": N, "error": "...", "unsafe": B}
                  {"event": "exited", "pid": P, "status": S}          (S as subprocess's)
+                 {"event": "immortal", "objects": N, "seconds": T}
+                 {"event": "not_immortal", "reason": "..."}
   from the pool  {"op": "fork", "id": N, "token": "...", "env": {...}}
                                                             + stdin, stdout, stderr
+                 {"op": "immortalize"}
 
 A fork request's "env" is how the child's environment differs from the template's
 (with --devices, its device: {"MODELPOOL_DEVICE": "1", "CUDA_VISIBLE_DEVICES": "1"};
@@ -81,12 +96,18 @@ import sys
 import time
 import types
 
+TYPE_CHECKING = False  # not typing's: no import the model has not made
+if TYPE_CHECKING:
+    from typing import Any
+
 TOKEN_VAR = "MODELPOOL_MODEL"
 ROOM_VAR = "MODELPOOL_ENV_ROOM"  # room for a child's variables, see _EnvTail
 MAX_MESSAGE = 64 * 1024
 ENV_START_FIELD = 50  # /proc/PID/stat fields (1-based): where the initial environment is
 HARMLESS_DEVICE_MAJOR = 1  # /dev/null, /dev/zero, /dev/urandom and friends
 SESSION_WAIT = 2.0  # seconds a new child gets to be in its own session (the pool waits 5)
+WALK_SLICE = 0.01  # seconds of the immortal walk between two looks at the control socket
+WALK_QUIET = 0.05  # seconds without a fork request before the walk goes on (a burst first)
 
 
 def _initial_environment() -> list[tuple[int, bytes]]:
@@ -189,6 +210,11 @@ class _Template:
         self._watching = _thread.allocate_lock()  # held while the load is watched
         self.early: str | None = None  # why it cannot be forked, found while it loaded
         self._watcher = 0  # the watch's thread id
+        self.stdio = _pipe_identities()  # its stdin, stdout and stderr pipes, as it started
+        self.walk: Any = None  # while its objects are made immortal: _immortal.Walk
+        self.immortal = False  # they are, all: children forked from now on share them
+        self._walk_started = 0.0
+        self._walk_after = 0.0  # the walk waits for a burst of fork requests to be served
 
     # -- entering ----------------------------------------------------------------------
 
@@ -263,7 +289,7 @@ class _Template:
                 f"it runs {len(threads)} threads, and a fork copies only one: {_describe_threads()}"
             )
         ours = {self.control.fileno(), self._wakeup_read, self._wakeup_write, *(received or [])}
-        for fd, what in _open_descriptors(ours):
+        for fd, what in _open_descriptors(ours, self.stdio):
             return f"it holds {what} open (fd {fd}), which every child would share"
         return None
 
@@ -279,7 +305,11 @@ class _Template:
         poller.register(self._wakeup_read, select.POLLIN)
         poller.register(0, 0)  # only its hang-up: the pool closed the template's stdin
         while True:
-            for fd, events in poller.poll():
+            wait = None if self.walk is None else max(0.0, self._walk_after - time.monotonic())
+            ready = poller.poll(None if wait is None else wait * 1000)
+            if not ready and self.walk is not None and time.monotonic() >= self._walk_after:
+                self._walk_some()
+            for fd, events in ready:
                 if fd == self._wakeup_read:
                     os.read(self._wakeup_read, 4096)
                     self._reap()
@@ -302,6 +332,11 @@ class _Template:
             self._leave()
             return True
         request = json.loads(message)
+        if request.get("op") == "immortalize":
+            for fd in fds:
+                os.close(fd)
+            self._immortalize()
+            return False
         ident = request.get("id")
         token = str(request.get("token", "")).encode()
         env = request.get("env") or {}
@@ -347,9 +382,12 @@ class _Template:
             self.send({"event": "fork_failed", "id": ident, "error": error})
             return False
         self.children.add(pid)
+        self._walk_after = time.monotonic() + WALK_QUIET
         pidfd = os.pidfd_open(pid)
         try:
-            self.send({"event": "forked", "id": ident, "pid": pid}, [pidfd])
+            self.send(
+                {"event": "forked", "id": ident, "pid": pid, "immortal": self.immortal}, [pidfd]
+            )
         finally:
             os.close(pidfd)
         return False
@@ -379,10 +417,8 @@ class _Template:
         self.control.close()
         for fd in (self._wakeup_read, self._wakeup_write):
             os.close(fd)
-        for target, fd in enumerate(fds):
-            os.dup2(fd, target)
-        for fd in fds:
-            os.close(fd)
+        self.walk = None  # the template's to finish
+        self.take_stdio(fds)
         os.environ[TOKEN_VAR] = token  # the initial environment has it already (see above)
         for key, value in env.items():  # setenv() copies: nothing points into the tail then
             if value is None:
@@ -392,6 +428,74 @@ class _Template:
         self.tail.rewrite(env)
         self.children.clear()
         _take_thread_budget(env)
+
+    def take_stdio(self, fds: list[int]) -> None:
+        """In a child: its own stdin, stdout and stderr (`fds`) wherever the template had
+        its own pipes, so no child reads or writes its siblings' (the pool hears nothing
+        of a child that writes its results to the template's stdout).
+
+        A model may have kept a pipe of its stdio under another descriptor: os.dup(1)
+        before os.dup2(2, 1) (library prints kept out of its results), or
+        open("/dev/stdout"), which on Linux opens the same pipe again. Every descriptor
+        of one of those three pipes (a pipe cannot be opened but through one of its own
+        descriptors) gets the child's, as a plain start would have it: fd 1 is the
+        child's stderr if the template's fd 1 was its stderr pipe.
+        """
+        targets: dict[int, int] = {}
+        for name in os.listdir("/proc/self/fd"):
+            fd = int(name)
+            if fd in fds:
+                continue
+            try:
+                mode = os.fstat(fd)
+            except OSError:
+                continue  # the listing's own descriptor, closed by now
+            identity = (mode.st_dev, mode.st_ino)
+            if stat.S_ISFIFO(mode.st_mode) and identity in self.stdio:
+                targets[fd] = fds[self.stdio.index(identity)]
+        for fd, own in targets.items():
+            os.dup2(own, fd, inheritable=fd <= 2 or os.get_inheritable(fd))
+        for fd in fds:
+            os.close(fd)
+
+    def _immortalize(self) -> None:
+        """The pool asks for the model's objects to be made immortal: start the walk (it
+        runs between requests, see _serve), or say why not."""
+        if self.walk is not None or self.immortal:
+            return
+        try:
+            immortal = _load_immortal()
+            reason = immortal.problem()
+            if reason is None:
+                own = {_Template.enter.__code__.co_filename, immortal.__file__}
+                self.walk = immortal.Walk(immortal.model_frames(own), {id(self)})
+                self._walk_started = time.monotonic()
+                self._walk_after = self._walk_started + WALK_QUIET  # the first forks first
+        except Exception as exc:  # a file of modelpool's gone missing, say
+            reason = f"it could not start: {exc!r}"
+        if reason is not None:
+            self.send({"event": "not_immortal", "reason": reason})
+
+    def _walk_some(self) -> None:
+        """One slice of the walk, with the collector off (no finalizer of the model's may
+        run, and change what is walked); once done, "immortal"."""
+        walk = self.walk
+        enabled = gc.isenabled()
+        gc.disable()
+        try:
+            done = walk.step(WALK_SLICE)
+        except Exception as exc:  # what was marked stays so; the rest stays mortal
+            self.walk = None
+            self.send({"event": "not_immortal", "reason": f"the walk failed: {exc!r}"})
+            return
+        finally:
+            if enabled:
+                gc.enable()
+        if done:
+            self.walk = None
+            self.immortal = True
+            seconds = round(time.monotonic() - self._walk_started, 3)
+            self.send({"event": "immortal", "objects": walk.objects, "seconds": seconds})
 
     def _reap(self) -> None:
         while True:
@@ -648,10 +752,11 @@ def _count(value: str | None) -> int | None:
     return int(value)
 
 
-def _open_descriptors(ours: set[int]) -> list[tuple[int, str]]:
+def _open_descriptors(ours: set[int], stdio: list[tuple[int, int] | None]) -> list[tuple[int, str]]:
     """File descriptors a child must not share with its siblings: sockets, devices, epolls,
     and the reading ends of pipes (a helper's answers: each child would take its
-    siblings'). `ours`: the launcher's own, left out."""
+    siblings'). `ours`: the launcher's own, left out; and so are the template's stdio
+    pipes (`stdio`), which each child gets its own of (see _Template.take_stdio)."""
     found = []
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -662,6 +767,8 @@ def _open_descriptors(ours: set[int]) -> list[tuple[int, str]]:
             target = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue  # the listing's own descriptor, closed by now
+        if stat.S_ISFIFO(mode.st_mode) and (mode.st_dev, mode.st_ino) in stdio:
+            continue
         if stat.S_ISSOCK(mode.st_mode):
             found.append((fd, "a socket"))
         elif stat.S_ISCHR(mode.st_mode) and os.major(mode.st_rdev) != HARMLESS_DEVICE_MAJOR:
@@ -671,6 +778,32 @@ def _open_descriptors(ours: set[int]) -> list[tuple[int, str]]:
         elif stat.S_ISFIFO(mode.st_mode) and _read_only(fd):
             found.append((fd, "the reading end of a pipe"))
     return found
+
+
+def _pipe_identities() -> list[tuple[int, int] | None]:
+    """This process's stdin, stdout and stderr (fds 0, 1 and 2) as it started: each
+    one's (device, inode) if it is a pipe (as the pool starts a template), else None."""
+    identities: list[tuple[int, int] | None] = []
+    for fd in (0, 1, 2):
+        try:
+            mode = os.fstat(fd)
+        except OSError:
+            identities.append(None)
+            continue
+        pipe = stat.S_ISFIFO(mode.st_mode)
+        identities.append((mode.st_dev, mode.st_ino) if pipe else None)
+    return identities
+
+
+def _load_immortal() -> types.ModuleType:
+    """_immortal.py, beside this file, by its path: neither in sys.modules nor on sys.path."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_immortal.py")
+    spec = importlib.util.spec_from_file_location("_modelpool_immortal", path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"no module at {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def _read_only(fd: int) -> bool:

@@ -149,6 +149,12 @@ async def send_fork(
     await sock.sendmsg([request], ancillary)
 
 
+async def send_immortalize(sock: trio.socket.SocketType) -> None:
+    """Ask the template to make its objects immortal (see immortal.py). OSError if it
+    is gone."""
+    await sock.send(json.dumps({"op": "immortalize"}).encode())
+
+
 def _message_problem(data: bytes, flags: int) -> str | None:
     """Why `data` is not one whole JSON object, or None."""
     if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):

@@ -3,10 +3,13 @@ once it runs (`failure_of`: the `ModelFailed` its worker reports)."""
 
 from __future__ import annotations
 
+import shlex
 import signal
 
 from modelpool.core.errors import ModelFailed
 from modelpool.core.kinds import FailureKind
+
+QUOTED_STDERR_CHARS = 500  # of each stderr line the first-start verdict quotes
 
 
 class StartFailed(Exception):
@@ -61,3 +64,24 @@ def _signal_name(number: int) -> str:
         return signal.Signals(number).name
     except ValueError:
         return str(number)
+
+
+def first_start_verdict(
+    exc: Exception, command: list[str], stderr: list[str]
+) -> tuple[str, list[str]]:
+    """Why the service gives up at first start: the failure, the command, its stderr.
+
+    Elsewhere a model's stderr stays out of ERROR lines (it may hold users' data, see
+    ModelProcess.stderr_note). Here it belongs in: no request ever reached the model,
+    and a user whose service stops at once must see why without knowing where to look
+    (the typo's "can't open file", the ImportError).
+    """
+    verdict = (
+        f"{exc}; every model failed to start and none was ever ready "
+        f"(--keep-trying keeps restarting them); command: {shlex.join(command)}"
+    )
+    lines = [
+        line if len(line) <= QUOTED_STDERR_CHARS else line[:QUOTED_STDERR_CHARS] + "..."
+        for line in stderr
+    ]
+    return verdict, lines

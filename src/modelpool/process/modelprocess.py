@@ -1,18 +1,15 @@
 """`ModelProcess`: one running model, its pumps, and what is known of it (see model.py).
 
-Its parts are modules of their own: what it prints is read within a budget and logged
-at a bounded rate (output.py), its result lines are routed or dropped as stale
-(results.py), and when it may get its next request is pacing.py's business.
+Its parts are modules of their own: the wait for its ready line and the notices of a
+slow load (loading.py); what it prints, read within a budget and logged at a bounded
+rate (output.py); its stderr, read by a pump that keeps its last lines (stderr.py); its
+result lines, routed or dropped as stale (results.py); what the kernel tells of it
+between requests (probes.py); and when it may get its next request (pacing.py).
 """
 
 from __future__ import annotations
 
-import array
-import fcntl
 import logging
-import os
-import termios
-from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -20,30 +17,27 @@ import trio
 
 from modelpool.core.eagerio import write_now
 from modelpool.core.errors import ModelFailed
-from modelpool.process import procfs
-from modelpool.process.failures import StartFailed, failure_of
+from modelpool.process.failures import failure_of
 from modelpool.process.lines import LineReader, LineTooLong
+from modelpool.process.loading import Loading
 from modelpool.process.output import (
-    QUOTED_CHARS,
     RESULT_PREFIX,
     OutputBudget,
     OutputLog,
     PlainLines,
     StampedStream,
-    last_state,
     text,
 )
 from modelpool.process.pacing import Pacer
+from modelpool.process.probes import Probes
 from modelpool.process.reaper import Reaper
 from modelpool.process.results import Results
 from modelpool.process.starter import ModelHandle
+from modelpool.process.stderr import StderrPump
 from modelpool.settings.config import PoolConfig
 
-MAX_STDERR_LINE = 64 * 1024
 EXIT_WAIT = 2.0  # how long a model whose output ended gets to exit before it is killed
 PUMP_DRAIN = 1.0  # how long the pumps get to read what a dead model left in its pipes
-LOADING_NOTICE = 5.0  # seconds into a start before the log says the model is still loading
-LOADING_NOTICE_MAX = 60.0  # the longest gap between two such notices (they double up to it)
 
 log = logging.getLogger("modelpool.model")
 
@@ -69,7 +63,6 @@ class ModelProcess:
         self.hung: str | None = None  # why, once it did not get back to reading after an answer
         self.request_id: str | None = None  # the request it computes, for its output's log
         self.stdout_ended = trio.Event()
-        self.stderr_ended = trio.Event()
         self.init_done = trio.Event()  # its ready line came, or its stdout ended first
         self.exited = False
         self.env: dict[str, str] = {}  # the environment it was started with
@@ -82,16 +75,17 @@ class ModelProcess:
         self._pacer = Pacer(self, proc.stdin, config)
         self._budget_waiters = trio.lowlevel.ParkingLot()
         self._reader: LineReader | None = None
-        self._stat = procfs.open_stat(proc.pid)  # read before each request (see send)
-        self._last_line: tuple[str, str] | None = None  # its stream, and what it said there
+        self._probes = Probes(proc)  # asked before each request (see send)
         self._trouble_scopes: set[trio.CancelScope] = set()
-        self._stderr_tail: deque[str] = deque(maxlen=config.stderr_tail)
         self._plain = PlainLines()  # stdout lines that were no result, for failure messages
+        self._loading = Loading(config, self._plain)
         self._output_log = OutputLog(
             name=self.name,
             levels={"stdout": config.model_stdout_level, "stderr": config.model_log_level},
             rate=config.model_log_rate,
         )
+        self._stderr = StderrPump(self.name, config.stderr_tail, self._log_output)
+        self.stderr_ended = self._stderr.ended
         if self.ready:
             self.init_done.set()
 
@@ -115,58 +109,9 @@ class ModelProcess:
     # -- talking to the model -------------------------------------------------------
 
     async def wait_ready(self) -> None:
-        """Return once the model printed its ready line; raise StartFailed otherwise."""
-        timeout = self._config.init_timeout
-        with trio.move_on_after(timeout):
-            await self._wait_init_done()
-        if self.ready:
-            return
-        if not self.init_done.is_set():
-            summary = f"{self.name} failed to start: no ready line within {timeout:g} s"
-            hint = self._plain.ready_hint(self._config.ready_line)
-            raise StartFailed(f"{summary}; {hint}", summary=summary)
-        # No stderr in the message: it ends up in /healthz, which anyone may read. The
-        # tail is in last_failure.stderr (/status) and, at --model-log-level, the log.
-        failure = await self.describe_failure()
-        summary = f"{self.name} failed to start: {failure.detail}"
-        if not self._plain.count:
-            raise StartFailed(summary)
-        # What it printed on stdout is often why (a model that reports its errors there),
-        # and is logged only at --model-stdout-level, DEBUG by default. No request was
-        # sent to it yet, so it holds no user's data: the log's line quotes it (the
-        # summary, for /healthz, does not).
-        raise StartFailed(f"{summary}; it printed {self._plain.describe()}", summary=summary)
-
-    async def _wait_init_done(self) -> None:
-        """Wait for its ready line (or the end of its stdout), and say now and then that
-        it is still loading: LOADING_NOTICE seconds into its start, then at gaps that
-        double up to LOADING_NOTICE_MAX, with the last line it printed.
-
-        What it prints while loading is logged only at --model-stdout-level (DEBUG by
-        default) and --model-log-level: without these notices, a model that never
-        prints its ready line would be a silence of --init-timeout.
-        """
-        gap = LOADING_NOTICE
-        while True:
-            with trio.move_on_after(gap):
-                await self.init_done.wait()
-                return
-            last = "it printed nothing yet"
-            if self._last_line is not None:
-                stream, said = self._last_line
-                if len(said) > QUOTED_CHARS:
-                    said = said[:QUOTED_CHARS] + "..."
-                last = f"its last line, on {stream}: {said}"
-            log.info(
-                "%s still loading after %.0f s of its --init-timeout %g s: no line "
-                "starting with %r yet; %s",
-                self.name,
-                trio.current_time() - self.started_at,
-                self._config.init_timeout,
-                self._config.ready_line,
-                last,
-            )
-            gap = min(2 * gap, LOADING_NOTICE_MAX)
+        """Return once the model printed its ready line; raise StartFailed otherwise
+        (see loading.py, which also tells the log of a slow load)."""
+        await self._loading.wait_ready(self)
 
     def missing_result(self, quote: bool) -> str:
         """For a request with no result: what the model printed on stdout instead, if
@@ -218,21 +163,19 @@ class ModelProcess:
         The first waits (LEARN_SETTLE, at most LEARN_MAX) to learn what the model looks
         like between requests, see `Pacer.learn`.
 
-        A model killed while it waits in a read of its stdin is woken to die, but until
-        it runs, the read is not over: a request written then is read, by the kernel,
-        into a process that will never see it, and only its pending SIGKILL tells. So it
-        is looked for first (a few microseconds); once the model runs its exit, what it
-        left unread tells (`unread_input`).
+        A model being killed must not get it: a SIGKILL it has not run yet is looked
+        for first (a few microseconds, see probes.py); once the model runs its exit,
+        what it left unread tells (`unread_input`).
         """
         await self._pacer.before_first_request()
-        if self._stat is not None and procfs.kill_pending(self._stat):
+        if self._probes.kill_pending():
             raise trio.BrokenResourceError("model is being killed")
         stdin = self.proc.stdin
         try:
             # at once, when the pipe has room (core/eagerio.py); else the rest, waiting
             sent = write_now(stdin.fileno(), line)
             if sent < len(line):
-                await stdin.send_all(memoryview(line)[sent:])
+                await stdin.send_all(line[sent:])  # a copy, when the model is behind
         except trio.ClosedResourceError as exc:
             raise trio.BrokenResourceError("model stdin is closed") from exc
 
@@ -254,36 +197,16 @@ class ModelProcess:
             self.hung = hung
 
     def pending_output(self) -> int:
-        """Whether what it printed is not all routed: a whole line buffered (1), or the
-        bytes in its stdout pipe (FIONREAD)."""
-        if self._reader is not None and self._reader.has_line():
-            return 1
-        pending = array.array("i", [0])
-        try:
-            fcntl.ioctl(self.proc.stdout.fileno(), termios.FIONREAD, pending)
-        except (OSError, trio.ClosedResourceError):
-            return 0
-        return pending[0]
+        """Whether what it printed is not all routed (see `Probes.pending_output`)."""
+        return self._probes.pending_output(self._reader)
 
     def unread_input(self) -> int:
-        """Bytes written to its stdin that it has not read: FIONREAD on our end of the
-        pipe, which Linux answers also once the model is dead (the pipe lives while we
-        hold that end). What a model left unread, not when it died, tells whether it got
-        a request: a big process takes milliseconds to die after SIGKILL (its memory is
-        freed before its files are closed), so a request written meanwhile goes in, and
-        only the read of its answer sees the model gone."""
-        pending = array.array("i", [0])
-        try:
-            fcntl.ioctl(self.proc.stdin.fileno(), termios.FIONREAD, pending)
-        except (OSError, trio.ClosedResourceError):
-            return 0
-        return pending[0]
+        """Bytes written to its stdin that it has not read (see `Probes.unread_input`)."""
+        return self._probes.unread_input()
 
     def close(self) -> None:
         """It is reaped: let go of what was kept open to look at it."""
-        if self._stat is not None:
-            os.close(self._stat)
-            self._stat = None
+        self._probes.close()
 
     @contextmanager
     def cancel_on_trouble(self) -> Iterator[trio.CancelScope]:
@@ -310,26 +233,19 @@ class ModelProcess:
         if self.proc.returncode is not None:
             with trio.move_on_after(PUMP_DRAIN):
                 await self.stderr_ended.wait()
-        proc, tail = self.proc, list(self._stderr_tail)
+        proc, tail = self.proc, self._stderr.tail()
         return failure_of(
             proc.returncode, proc.running, self.overflowed, self._config.max_line, tail
         )
 
     @property
     def stderr_tail(self) -> list[str]:
-        return list(self._stderr_tail)
+        """Its last stderr lines (--stderr-tail), oldest first."""
+        return self._stderr.tail()
 
     def stderr_note(self) -> str:
-        """For a failure's ERROR line: where the model's last stderr lines are.
-
-        They may carry users' data, so they are not part of that line, and they are not
-        logged again either: the stderr pump logged each of them once already, at
-        --model-log-level (within the model's budget). /status keeps the last ones
-        (last_failure.stderr). "" if the model printed nothing to stderr.
-        """
-        if not self._stderr_tail:
-            return ""
-        return "; its stderr is in /status"
+        """For a failure's ERROR line: where its last stderr lines are (see stderr.py)."""
+        return self._stderr.note()
 
     # -- ending it ------------------------------------------------------------------
 
@@ -421,7 +337,7 @@ class ModelProcess:
     def _log_output(self, stream: str, line: str) -> None:
         """A line the model printed: the model's business, logged at its stream's level
         (--model-stdout-level, --model-log-level) within the model's budget (see OutputLog)."""
-        self._last_line = (stream, line)  # for the notices of a slow start (wait_ready)
+        self._loading.saw(stream, line)  # for the notices of a slow start (loading.py)
         if self._output_log.admits(stream):
             self._output_log.write(stream, line, self.request_id)
 
@@ -430,28 +346,7 @@ class ModelProcess:
             scope.cancel()
 
     async def _pump_stderr(self) -> None:
-        stream = StampedStream(self.proc.stderr, self._within_budget, self._charge)
-        reader = LineReader(stream, MAX_STDERR_LINE)
-        try:
-            while True:
-                try:
-                    line = await reader.readline()
-                except LineTooLong:
-                    said = f"<a stderr line over {MAX_STDERR_LINE} bytes was dropped>"
-                    self._stderr_tail.append(said)
-                    log.warning("%s stderr: %s", self.name, said)
-                    if not await reader.skip_line():
-                        return
-                    continue
-                if line is None:
-                    return
-                said = text(last_state(line))  # a progress bar: its last state
-                self._stderr_tail.append(said)
-                self._log_output("stderr", said)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-        finally:
-            self.stderr_ended.set()
+        await self._stderr.run(StampedStream(self.proc.stderr, self._within_budget, self._charge))
 
     async def _within_budget(self) -> None:
         """Before a pump reads more: hold off while the model is over its output budget.

@@ -48,6 +48,7 @@ from typing import Any, Protocol
 
 import trio
 
+from modelpool.core.kinds import RestartReason
 from modelpool.process.failures import StartFailed
 from modelpool.process.reaper import Reaper
 from modelpool.process.starter import ModelHandle, ModelStarter, Spawner
@@ -73,8 +74,12 @@ class PreloadingPool(Protocol):
     def generation(self) -> int:
         """The model version new workers run; a reload raises it."""
 
-    def start_task(self, fn: Callable[[], Awaitable[None]]) -> None:
-        """Run a task beside the workers, for as long as the pool runs."""
+    def _start_task(self, fn: Callable[[], Awaitable[None]]) -> None:
+        """Run a task beside the workers, for as long as the pool runs (the pool's, for
+        its own modules: not the library's surface)."""
+
+    def _replace_models(self, pids: set[int], why: str, reason: RestartReason) -> None:
+        """Replace by surge each worker whose model is one of `pids` (once per model)."""
 
 
 class Forker:
@@ -133,10 +138,19 @@ class Preloader:
         template = Template(config, generation, self._pool.reaper)
         self.templates[generation] = template
 
+        def replace(pids: set[int]) -> None:  # the children forked before (immortal.py)
+            why = f"forked before {template.name}'s objects were made immortal"
+            self._pool._replace_models(pids, why, RestartReason.IMMORTAL)
+
+        async def replace_mortal() -> None:
+            await template.immortality.replace_mortal(replace)
+
+        template.immortality.when_immortal(lambda: self._pool._start_task(replace_mortal))
+
         async def run() -> None:
             await template.run(self._pool.stopped)
 
-        self._pool.start_task(run)
+        self._pool._start_task(run)
         return template
 
     def starter(self, generation: int, config: PoolConfig) -> ModelStarter:

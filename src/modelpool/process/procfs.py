@@ -242,9 +242,9 @@ def tree_rss_mib(pid: int) -> float:
     return sum(rss_kib(member) or 0 for member in [pid, *descendants(pid)]) / 1024
 
 
-def smaps_mib(pid: int) -> dict[str, float]:
-    """A process's resident memory split into pages it shares and pages of its own, in MiB;
-    {} if it is gone.
+def smaps_kib(pid: int) -> dict[str, int]:
+    """A process's resident memory split into pages it shares and pages of its own, in KiB
+    ({"shared": ..., "private": ...}); {} if it is gone.
 
     /proc/PID/smaps_rollup sums every mapping's pages: Shared_* are pages other
     processes map too (a forked child's, those it still shares with its template),
@@ -262,10 +262,53 @@ def smaps_mib(pid: int) -> dict[str, float]:
             shared += int(rest.split()[0])
         elif key in (b"Private_Clean", b"Private_Dirty"):
             private += int(rest.split()[0])
-    return {"shared": round(shared / 1024, 1), "private": round(private / 1024, 1)}
+    return {"shared": shared, "private": private}
+
+
+def smaps_mib(pid: int) -> dict[str, float]:
+    """smaps_kib in MiB, to a tenth: what /status shows."""
+    return {key: round(kib / 1024, 1) for key, kib in smaps_kib(pid).items()}
+
+
+def tree_smaps_kib(pid: int) -> dict[str, int]:
+    """smaps_kib summed over a model and every process below it; {} if the model is gone.
+
+    A page a model shares with its own helper counts once for each of them in "shared",
+    as in the figures of each process."""
+    own = smaps_kib(pid)
+    if not own:
+        return {}
+    for member in descendants(pid):
+        figures = smaps_kib(member)
+        own["shared"] += figures.get("shared", 0)
+        own["private"] += figures.get("private", 0)
+    return own
 
 
 def tree_private_mib(pid: int) -> float:
     """Private memory of a model and every process below it, in MiB: what it holds of its
     own, leaving out the pages it still shares with its template."""
-    return sum(smaps_mib(member).get("private", 0.0) for member in [pid, *descendants(pid)])
+    return tree_smaps_kib(pid).get("private", 0) / 1024
+
+
+def minor_faults(pid: int) -> int | None:
+    """How many minor page faults the process has taken since it started (field 10 of
+    /proc/PID/stat, "minflt"); None if it is gone.
+
+    A page a forked child writes that it still shared with its template becomes its own
+    in a minor fault (copy-on-write), so the count bounds how many pages it can have
+    made its own since it was last measured: a read of a few microseconds that tells
+    when smaps_rollup's walk of its page tables is worth making. The bound is loose
+    the other way (a fault may map a page that stays shared, or a fresh page that is
+    freed again), and a transparent huge page is 512 pages in one fault: a caller uses
+    it to look sooner, never to look less.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            fields = stat.read().rsplit(b")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    try:
+        return int(fields[7])  # fields[0] is field 3, the state
+    except (IndexError, ValueError):
+        return None

@@ -23,6 +23,8 @@ from modelpool.process import control, threads
 from modelpool.process.control import BadMessage, Message, Requests
 from modelpool.process.devices import ROOM_VAR
 from modelpool.process.forked import ForkedProcess
+from modelpool.process.immortal import Immortality
+from modelpool.process.launch import launcher_command
 from modelpool.process.model import ModelProcess, StartFailed, open_model
 from modelpool.process.procfs import smaps_mib
 from modelpool.process.reaper import TOKEN_VAR, Reaper
@@ -83,6 +85,7 @@ class Template:
         self._requests = Requests()
         self._last_stderr: list[str] = []  # the last load's last stderr lines, for its failure
         self._env: dict[str, str] = {}  # the environment the ready template started with
+        self.immortality = Immortality(self.name, config.preload_immortal)  # see immortal.py
 
     # -- its life -----------------------------------------------------------------------
 
@@ -146,7 +149,8 @@ class Template:
         self._last_stderr = []
         loaded: ModelProcess | None = None
         try:
-            command = parse_python_command(self.config.model_cmd).launched(theirs.fileno())
+            python = parse_python_command(self.config.model_cmd)
+            command = launcher_command(python, theirs.fileno())
             env = {**(self.config.env or {}), **threads.template_variables(self.config)}
             config = replace(self.config, model_cmd=command, env=env)  # one thread each
             starter = Spawner(self._reaper, pass_fds=[theirs.fileno()])
@@ -168,12 +172,14 @@ class Template:
                 self.loads += 1
                 self.failure = None
                 self._sock = sock
+                self.immortality.reset(ready=True)
                 self._set(TemplateState.READY)
                 log.info(
                     "%s ready after %.1f s: models are forked from it",
                     model.name,
                     self.load_seconds,
                 )
+                await self.immortality.ask(sock, self._sending)
                 await self._serve(sock)
         finally:
             if loaded is not None:
@@ -192,6 +198,7 @@ class Template:
         restarting meanwhile sent its fork request to a closed socket and failed its start.
         """
         self._sock = None
+        self.immortality.reset(ready=False)
         if self.state is TemplateState.READY:
             self._set(TemplateState.LOADING)
         self._requests.template_gone()
@@ -268,6 +275,7 @@ class Template:
                 if message is None:
                     self._gone()  # now, not once its process is reaped: no fork waits on it
                     return
+                self.immortality.on_message(message)  # a walk's news, or a child's
                 unsafe = self._requests.on_message(message, fds)
                 if unsafe is not None:  # it became unsafe to fork since its fork point
                     self._fall_back(unsafe)
@@ -382,6 +390,7 @@ class Template:
             "private_mib": memory.get("private"),
             "fallback_reason": self.fallback_reason,
             "last_failure": None if self.failure is None else str(self.failure),
+            **self.immortality.snapshot(self.state is TemplateState.FALLBACK),
         }
 
     def _set(self, state: TemplateState) -> None:

@@ -163,10 +163,10 @@ def a_node_name(name: str, value: Any) -> Any:
 
 
 def a_queue_url(name: str, value: Any) -> Any:
-    """A queue URL modelpool can use, with the Redis client it needs installed."""
+    """A queue URL modelpool can use, with the client library its backend needs installed."""
     if (problem := queue_url_problem(value)) is not None:
         raise ConfigError(name, f"{problem}; got {redact_url(value)!r}")
-    if (problem := queue_client_problem()) is not None:
+    if (problem := queue_client_problem(value)) is not None:
         raise ConfigError(name, problem)
     return value
 

@@ -75,6 +75,8 @@ class PoolConfig:
     max_requests_jitter: int = setting("max_requests_jitter")
     model_max_rss: float | None = setting("model_max_rss")  # MiB, a model with its descendants
     preload: bool = setting("preload")  # fork every model from one loaded template (Python only)
+    preload_immortal: bool = setting("preload_immortal")  # its objects immortal (3.12, 3.13)
+    preload_max_private: float = setting("preload_max_private")  # % of the template's; 0 off
     model_threads: int | None = setting("model_threads")  # C threads per model; None auto, 0 off
     queue: str | None = setting("queue")  # redis://host:port/db: a stream shared by many nodes
     reclaim_after: float = setting("reclaim_after")  # seconds before a silent node's jobs return
@@ -148,6 +150,7 @@ class ServerConfig:
     allow_unauthenticated: bool = setting("allow_unauthenticated")
     allowed_hosts: tuple[str, ...] | None = setting("allowed_hosts")  # Host names, keyless
     expose_model_stderr: bool = setting("expose_model_stderr")
+    fast_predict: bool = setting("fast_predict")  # POST /predict without quart (fastpath.py)
 
     def __post_init__(self) -> None:
         check_fields(self, lambda option: option.check)

@@ -61,7 +61,9 @@ class Option:
 
     @property
     def flag(self) -> str:
-        return "--" + self.name.replace("_", "-")
+        """`--max-queue`; a switch that is on unless turned off: `--no-fast-predict`."""
+        off = "no-" if self.convert is None and self.default else ""
+        return "--" + off + self.name.replace("_", "-")
 
     @property
     def env(self) -> str:

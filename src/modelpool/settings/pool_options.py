@@ -162,6 +162,32 @@ MODEL_OPTIONS = [
         topic=MODELS,
     ),
     Option(
+        "preload_immortal",
+        None,
+        True,
+        "with --preload on CPython 3.12 or 3.13 (the GIL build): once the template is "
+        "ready, make its Python objects immortal, so that a model forked from it does not "
+        "copy the pages of the objects it reads (their reference counts are no longer "
+        "written); the first models are forked at once and replaced once it is done. "
+        "Template objects are then never freed in a model: their finalizers and weak "
+        "reference callbacks never run there",
+        POOL,
+        topic=MODELS,
+    ),
+    Option(
+        "preload_max_private",
+        number,
+        25.0,
+        "with --preload: a model forked from the template whose private memory (the pages "
+        "it no longer shares with the template) passes this percentage of the template's "
+        "resident memory, checked every second, is replaced by a fresh fork after it "
+        "answers, its replacement first (copy-on-write brings a Python model's data back "
+        "into every child as it reads it); 0 never",
+        POOL,
+        topic=MODELS,
+        check=Range(0),
+    ),
+    Option(
         "model_threads",
         count_or_auto,
         None,

@@ -1,10 +1,10 @@
 """Python model commands, read the way the interpreter reads them, for --preload.
 
-A preloaded model runs under modelpool's launcher (`_launcher.py`), in the model's own
-interpreter with the model's own interpreter flags: `python3 -u model.py --x` becomes
-`python3 -u <launcher> <control fd> script model.py --x`. Only a command that names a
-Python interpreter and then a script or `-m module` can be run that way; anything else
-is refused here, with the reason, before a model starts.
+A preloaded model runs under modelpool's launcher, in the model's own interpreter with
+the model's own interpreter flags (`process/launch.py` builds that command from what is
+read here). Only a command that names a Python interpreter and then a script or
+`-m module` can be run that way; anything else is refused here, with the reason, when
+the configuration is checked, before a model starts.
 """
 
 from __future__ import annotations
@@ -13,9 +13,7 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
-LAUNCHER = Path(__file__).parents[1] / "process" / "_launcher.py"
 PYTHON_NAME = re.compile(r"python(3(\.\d+)?)?")
 FLAGS_WITH_VALUE = "WX"  # -W arg, -X opt: the value is the rest of the word, or the next word
 LONG_FLAGS_WITH_VALUE = ("--check-hash-based-pycs",)
@@ -32,11 +30,6 @@ class PythonCommand:
     kind: str  # "script" or "module"
     target: str  # the script's path or the module's name
     args: list[str]  # what the model's sys.argv[1:] holds
-
-    def launched(self, control_fd: int) -> list[str]:
-        """The command that runs this model under the launcher."""
-        launcher = [str(LAUNCHER), str(control_fd), self.kind, self.target]
-        return [self.interpreter, *self.flags, *launcher, *self.args]
 
 
 def is_python(program: str) -> bool:

@@ -1,39 +1,40 @@
-"""Queue URLs (--queue): what is wrong with one, in words for its user, and how to show one
-without its password.
+"""Queue URLs (--queue): which queue backend a URL names, what is wrong with one, in words
+for its user, and how to show one without its password.
 
-Checked before any model starts, so a mistake stops the command at once with its flag's
-name rather than after the models started; no message or log line holds the password.
+Only what is true of every queue URL is here. Each queue backend registers its URL
+schemes with the check of what such a URL may say, and of what it needs installed
+(`register_queue_scheme`, called by queues/backends.py: settings sits below the queues
+and imports none of them). `modelpool.PoolConfig`, the command line and the pool
+import that registry before they check a configuration, so a mistake stops the command
+at once, with its flag's name, before any model starts; the pool checks the URL again
+when it opens its queue (see queues/open.py). No message or log line holds the password.
 """
 
 from __future__ import annotations
 
-import math
-import os
-import re
-from urllib.parse import parse_qs, urlsplit
+from collections.abc import Callable
+from dataclasses import dataclass
 
-QUEUE_SCHEMES = ("redis://", "rediss://", "redis+sentinel://")
-SENTINEL_URL = re.compile(
-    r"redis\+sentinel://(?:[^@/]*@)?(?P<hosts>[^:,/]+:\d+(?:,[^:,/]+:\d+)*)/[^/?#]+(?:/\d+)?"
-)
-DB_PATH = re.compile(r"/?(\d+)?")
-HOST_PORT = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[^:\[\]]+)(?::(?P<port>.*))?")
-TRUTH_WORDS = frozenset({"0", "1", "t", "f", "true", "false", "y", "n", "yes", "no"})
-# The query options of a redis:// or rediss:// URL that modelpool passes on to coredis,
-# and what each must be; the rest (stream_timeout, max_connections, noreply, ...) are
-# modelpool's to set, or would break it.
-QUEUE_OPTIONS: dict[str, str] = {
-    "db": "a database number",
-    "client_name": "a name",
-    "connect_timeout": "a number of seconds",
-}
-TLS_OPTIONS: dict[str, str] = {
-    "ssl_cert_reqs": "one of none, optional, required",
-    "ssl_check_hostname": "one of true/false, yes/no, 1/0",
-    "ssl_ca_certs": "a CA file or directory",
-    "ssl_certfile": "a certificate file",
-    "ssl_keyfile": "a key file",
-}
+
+@dataclass(frozen=True)
+class QueueScheme:
+    """What settings knows of a queue backend's URLs: the checks its backend registered."""
+
+    url_problem: Callable[[str], str | None]  # what is wrong with a URL; None if nothing
+    client_problem: Callable[[], str | None]  # what is missing to use it; None if nothing
+
+
+_SCHEMES: dict[str, QueueScheme] = {}
+
+
+def register_queue_scheme(scheme: str, checks: QueueScheme) -> None:
+    """Let `scheme://` URLs name a queue, checked by `checks` (queues/backends.py)."""
+    _SCHEMES[scheme] = checks
+
+
+def queue_schemes() -> list[str]:
+    """The URL schemes a queue may have, in the order their backends registered them."""
+    return list(_SCHEMES)
 
 
 def redact_url(url: str) -> str:
@@ -58,79 +59,25 @@ def redact_url(url: str) -> str:
 def queue_url_problem(url: str) -> str | None:
     """What is wrong with a queue URL, in words for its user; None if nothing is.
 
-    Checked here so a mistake stops the command at once, with its flag's name, rather
-    than after the models started; no message holds the URL's password.
+    A URL must be `SCHEME://...` with a registered scheme; the rest is its backend's to
+    check. No message holds the URL's password.
     """
-    if not url.startswith(QUEUE_SCHEMES):
-        return "must be a redis://, rediss:// or redis+sentinel:// URL"
-    if url.startswith("redis+sentinel://"):
-        match = SENTINEL_URL.fullmatch(url)
-        if match is None:
-            return "must be redis+sentinel://HOST:PORT[,HOST:PORT...]/SERVICE[/DB]"
-        for host in match["hosts"].split(","):
-            if not 1 <= int(host.rpartition(":")[2]) <= 65535:
-                return f"has a port out of 1..65535 in {host!r}"
-        return None
-    parts = urlsplit(url)
-    where = HOST_PORT.fullmatch(parts.netloc.rpartition("@")[2])
-    if where is None:
-        return "must name a host: redis://HOST:PORT/DB"
-    port = where["port"]
-    if port is not None and not (port.isdigit() and 1 <= int(port) <= 65535):
-        return f"must have a port from 1 to 65535, not {port!r}"
-    if parts.fragment:
-        return "must have no #fragment"
-    if DB_PATH.fullmatch(parts.path) is None:
-        return f"must end in /DB, a database number, not {parts.path!r}"
-    tls = url.startswith("rediss://")
-    try:
-        query = parse_qs(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-    except ValueError:
-        return f"has a query that is not NAME=VALUE&...: {parts.query!r}"
-    known = {**QUEUE_OPTIONS, **TLS_OPTIONS} if tls else QUEUE_OPTIONS
-    for name, values in query.items():
-        if name not in known:
-            hint = " (it needs rediss://)" if name in TLS_OPTIONS else ""
-            return f"has an unknown option {name!r}{hint}; known: {', '.join(sorted(known))}"
-        value = values[-1]
-        if not _option_valid(name, value):
-            return f"option {name} must be {known[name]}, not {value!r}"
-    if ("ssl_certfile" in query) != ("ssl_keyfile" in query):
-        return "options ssl_certfile and ssl_keyfile go together"
-    return None
+    if not _SCHEMES:
+        return None  # no backend registered in this process: the pool checks it when it opens
+    scheme, separator, _ = url.partition("://")
+    checks = _SCHEMES.get(scheme) if separator else None
+    if checks is None:
+        return f"must be a {_either([f'{name}://' for name in _SCHEMES])} URL"
+    return checks.url_problem(url)
 
 
-def queue_client_problem() -> str | None:
-    """What is missing to use a queue, in words for its user; None if nothing is.
-
-    The Redis client is an extra (`modelpool[redis]`), so a pool without a shared queue
-    installs nothing it does not use. It is imported here, as the queue would import it,
-    so that a missing or broken client stops the command before any model starts.
-    """
-    try:
-        import coredis  # noqa: F401
-    except ImportError as exc:
-        return (
-            f"needs the Redis client, which is not installed ({exc}): "
-            "pip install 'modelpool[redis]'"
-        )
-    return None
+def queue_client_problem(url: str) -> str | None:
+    """What is missing to use the queue `url` names (its backend's client library, an
+    extra), in words for its user; None if nothing is, or if the URL names no queue."""
+    checks = _SCHEMES.get(url.partition("://")[0])
+    return None if checks is None else checks.client_problem()
 
 
-def _option_valid(name: str, value: str) -> bool:
-    if name == "db":
-        return value.isdigit()
-    if name == "client_name":
-        return bool(value) and not any(c.isspace() for c in value)
-    if name == "connect_timeout":
-        try:
-            return math.isfinite(float(value)) and float(value) > 0
-        except ValueError:
-            return False
-    if name == "ssl_cert_reqs":
-        return value in ("none", "optional", "required")
-    if name == "ssl_check_hostname":
-        return value.lower() in TRUTH_WORDS
-    if name == "ssl_ca_certs":
-        return os.path.exists(value)
-    return os.path.isfile(value)  # ssl_certfile, ssl_keyfile
+def _either(words: list[str]) -> str:
+    """`a`, `a or b`, `a, b or c`."""
+    return f"{', '.join(words[:-1])} or {words[-1]}" if len(words) > 1 else "".join(words)

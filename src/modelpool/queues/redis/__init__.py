@@ -26,6 +26,8 @@ answers, acknowledgements) go through one outbox task, batched into pipelines, s
 worker never waits on the network to settle a job.
 
 The modules, by role (each imports only those above it in this list):
+  url.py         what a Redis queue URL may say; whether the client is installed
+                 (the standard library only: see queues/backends.py)
   wire.py        keys, fields and their encoding: everything nodes share, checked
   scripts.py     the Lua scripts: what must happen at once on the server
   server.py      the client, the server's health (up/down), mending a lost group
@@ -36,5 +38,6 @@ The modules, by role (each imports only those above it in this list):
   membership.py  heartbeats, lost entries, reclaims, the cluster's status
   queue.py       RedisQueue: the parts behind the JobQueue interface
 
-Importing it imports coredis: only `open_queue` does, and only for a redis:// queue.
+Its modules but url.py import coredis: only `open_queue` imports them, and only for a
+redis:// queue.
 """

@@ -21,18 +21,18 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from modelpool.http.binding import CannotListen, bind, inherited_socket
 from modelpool.http.origins import guard_for
-from modelpool.http.sdnotify import Notifier
 from modelpool.pool.operations import NOT_SERVING
-from modelpool.pool.pool import Pool, open_pool
+from modelpool.pool.pool import Pool
+from modelpool.pool.running import open_pool
 from modelpool.process.reaper import Reaper
+from modelpool.service.binding import CannotListen, bind, inherited_socket
+from modelpool.service.sdnotify import Notifier
 from modelpool.settings.config import ServerConfig, is_loopback
 
 if TYPE_CHECKING:
-    from hypercorn.config import Config as HypercornConfig
-    from hypercorn.typing import ASGIFramework
-
+    from modelpool.http._hypercorn import ASGIFramework
+    from modelpool.http._hypercorn import Config as HypercornConfig
     from modelpool.http.connections import Connections
 
 log = logging.getLogger("modelpool.server")
@@ -43,9 +43,9 @@ HARD_STOP_SLACK = 0.5  # ... once a hard stop has come (time to write its 503s),
 
 def import_http_stack() -> None:
     """Import what serving HTTP needs (quart, hypercorn): run in a thread, see Service.run."""
-    import_module(".app", __package__)
-    import_module(".fastpath", __package__)
-    import_module(".listener", __package__)
+    import_module("modelpool.http.app")
+    import_module("modelpool.http.fastpath")
+    import_module("modelpool.http.listener")
 
 
 class Service:
@@ -118,12 +118,11 @@ class Service:
                 app: ASGIFramework = create_app(
                     pool, self.config, self.connections, origins=origins
                 )
-                from modelpool.http.fastpath import Predictions, fast_predict_enabled
+                from modelpool.http.fastpath import Predictions
 
                 # POST /predict answered on the connection, without ASGI: see fastpath.py
-                predictions = (
-                    Predictions(pool, self.config, origins) if fast_predict_enabled() else None
-                )
+                fast = self.config.fast_predict
+                predictions = Predictions(pool, self.config, origins) if fast else None
                 hypercorn_config = self._hypercorn_config()
                 async with trio.open_nursery() as nursery:
                     binds = await nursery.start(
@@ -170,7 +169,7 @@ class Service:
         return sock, [host]
 
     def _hypercorn_config(self) -> HypercornConfig:
-        from hypercorn.config import Config as HypercornConfig
+        from modelpool.http._hypercorn import Config as HypercornConfig
 
         config = HypercornConfig()
         host = self.config.host

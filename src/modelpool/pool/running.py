@@ -1,0 +1,103 @@
+"""`open_pool`: a pool's run, for the duration of a block, and the tasks that run beside
+its workers until it has stopped.
+
+The pool (pool.py) is built in a nursery of its own, with the tasks that run for as long
+as it does: the queue's own tasks and the reaper's sweep (a shared queue must still send
+what the workers left it to send), the memory watch (--max-memory-mib) and the preloaded
+models' refresh (--preload). Neither of the first two ends by itself, so each runs in a
+nursery of its own that is cancelled once the pool's `stopped` is set, and the pool's
+nursery then has nothing left to wait for. An error that means the pool cannot run at
+all (a model command that cannot be run, a queue no backend can open) comes out of
+`open_pool` as itself, not inside an exception group.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+import trio
+
+from modelpool.core.errors import ModelCommandError
+from modelpool.pool.memwatch import watch_memory
+from modelpool.pool.pool import Pool
+from modelpool.pool.refresh import watch_preloaded
+from modelpool.process import threads
+from modelpool.process.reaper import Reaper
+from modelpool.settings.config import ConfigError, PoolConfig
+
+if TYPE_CHECKING:
+    from modelpool.queues.base import JobQueue
+
+log = logging.getLogger("modelpool.pool")
+
+
+@asynccontextmanager
+async def open_pool(
+    config: PoolConfig | None = None, reaper: Reaper | None = None
+) -> AsyncIterator[Pool]:
+    """Run a pool for the duration of the block; on exit, drain it and stop every model.
+
+    `reaper` decides how far the pool goes to kill what its models leave behind; the
+    default kills each model's group, tree and token carriers (see reaper.py). Raises
+    ModelCommandError at once if the model command cannot even be executed, and
+    FirstStartFailed (a ModelCommandError) once every model's first start failed,
+    unless `config.keep_trying`; ConfigError before any model starts if no queue
+    backend can open `config.queue` (see queues/backends.py).
+    """
+    config = config or PoolConfig()
+    reaper = reaper or Reaper()
+    try:
+        async with trio.open_nursery() as nursery:
+            pool = Pool(config, nursery, reaper)
+            log.info("starting %d model(s): %s", config.workers, " ".join(config.model_cmd))
+            if config.workers:
+                log.info("thread budget: %s", threads.plan(config).describe())
+            await nursery.start(run_queue_until_stopped, pool.queue, pool.stopped)
+            nursery.start_soon(sweep_until_stopped, reaper, pool.stopped)
+            if config.model_max_rss is not None:
+                nursery.start_soon(watch_memory, pool)
+            if config.preload:
+                nursery.start_soon(watch_preloaded, pool)
+            try:
+                yield pool
+            finally:
+                pool.shutdown()
+    except BaseExceptionGroup as group:
+        fatal = group.subgroup((ModelCommandError, ConfigError))
+        if fatal is None:
+            raise
+        raise first_error(fatal) from None
+    finally:
+        with trio.CancelScope(shield=True):
+            await reaper.final_sweep()
+
+
+async def run_queue_until_stopped(
+    queue: JobQueue,
+    stopped: trio.Event,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """The queue's own tasks (a shared queue's connection, replies, heartbeat) run until
+    the pool has stopped and the queue has sent what its workers left it to send."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(queue.run)
+        task_status.started()
+        await stopped.wait()
+        await queue.flush()
+        nursery.cancel_scope.cancel()
+
+
+async def sweep_until_stopped(reaper: Reaper, stopped: trio.Event) -> None:
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reaper.run)
+        await stopped.wait()
+        nursery.cancel_scope.cancel()
+
+
+def first_error(group: BaseExceptionGroup) -> BaseException:
+    """The first exception of a group, however deeply nested."""
+    error = group.exceptions[0]
+    return first_error(error) if isinstance(error, BaseExceptionGroup) else error

@@ -1,0 +1,120 @@
+"""Immortal template objects, as the pool sees them: one template process's walk, and the
+replacement of the children forked before it ended.
+
+A template's children share its pages until they write them, and reading a Python
+object writes its reference count: with --preload-immortal (on by default), the
+launcher marks the template's objects immortal once it is ready (_immortal.py says how,
+and where it is refused: Python 3.11 and older, free-threaded and debug builds). The
+walk takes seconds for millions of objects, so it does not hold up the first models:
+they are forked from the template as it is, while the walk runs. Once it is done
+(`immortal`), each child forked before is replaced by surge (`replace_mortal`), by a
+fork of the immortal template, under the restart reason `immortal`.
+
+`Immortality` is one template process's: a template loaded again walks again.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from modelpool.process import control
+from modelpool.process.control import Message
+
+log = logging.getLogger("modelpool.preload")
+
+REPLACE_EVERY = 1.0  # seconds between two asks to replace the children forked before
+Replace = Callable[[set[int]], None]  # the pool's: replace the models of these pids by surge
+
+
+class Immortality:
+    """Whether one template's objects are immortal (its process's: reset when it loads
+    again), and which of its children were forked before they were."""
+
+    def __init__(self, name: str, wanted: bool) -> None:
+        """`wanted`: --preload-immortal."""
+        self.name = name
+        self._wanted = wanted
+        self._on_immortal: Callable[[], None] | None = None
+        self._process = 0  # how many template processes it has seen, for replace_mortal
+        self.reset(ready=False)
+
+    def when_immortal(self, callback: Callable[[], None]) -> None:
+        """Call `callback` each time a template process's objects have become immortal:
+        the pool's, which starts `replace_mortal`."""
+        self._on_immortal = callback
+
+    def reset(self, ready: bool) -> None:
+        """A template process reached its fork point (`ready`: it is asked to walk its
+        objects), or the last one ended (a new one loads)."""
+        self._process += 1
+        self.immortal = False
+        self.objects: int | None = None
+        self.seconds: float | None = None
+        self.why_not: str | None = "turned off (--no-preload-immortal)"
+        if self._wanted:
+            self.why_not = "being made immortal" if ready else "the template is not ready"
+        self.walking = self._wanted and ready
+        self.mortal: set[int] = set()  # its live children forked before the walk ended
+
+    async def ask(self, sock: trio.socket.SocketType, sending: trio.Lock) -> None:
+        """With --preload-immortal, ask the template (now ready) to walk its objects;
+        the first forks do not wait for it."""
+        if not self.walking:
+            return
+        try:
+            async with sending:
+                await control.send_immortalize(sock)
+        except OSError:
+            pass  # it is gone: the template's socket is seen to close
+
+    def on_message(self, message: Message) -> None:
+        """Take note of one message of the template's (see `when_immortal`). KeyError,
+        TypeError or ValueError if the message makes no sense."""
+        event = message.get("event")
+        if event == "forked":  # its pid is checked by Requests
+            pid = message.get("pid")
+            if self.walking and not message.get("immortal") and isinstance(pid, int):
+                self.mortal.add(pid)
+        elif event == "exited":
+            self.mortal.discard(int(message["pid"]))
+        elif event == "immortal" and self.walking:
+            self.walking, self.immortal, self.why_not = False, True, None
+            self.objects = int(message["objects"])
+            self.seconds = float(message["seconds"])
+            log.info(
+                "%s: %d objects made immortal in %.1f s; %d model(s) forked before it are replaced",
+                self.name,
+                self.objects,
+                self.seconds,
+                len(self.mortal),
+            )
+            if self._on_immortal is not None:
+                self._on_immortal()
+        elif event == "not_immortal" and self.walking:
+            self.walking, self.mortal = False, set()
+            self.why_not = str(message["reason"])
+            log.info("%s: its objects are not made immortal: %s", self.name, self.why_not)
+
+    async def replace_mortal(self, replace: Replace) -> None:
+        """Until none is left: ask, every REPLACE_EVERY seconds, for the children forked
+        before the walk ended to be replaced (`replace` is the pool's, and asks once per
+        model; a model whose worker is just taking it is found the next time). It ends
+        within REPLACE_EVERY once the template ends (`reset`)."""
+        process = self._process
+        while self.mortal and self._process == process:
+            replace(set(self.mortal))
+            await trio.sleep(REPLACE_EVERY)
+
+    def snapshot(self, fallen_back: bool) -> dict[str, Any]:
+        """For /status: whether its objects are immortal, and why not."""
+        why_not = "its models start plainly (see fallback_reason)" if fallen_back else self.why_not
+        return {
+            "immortal": self.immortal,
+            "why_not_immortal": why_not,
+            "immortal_objects": self.objects,
+            "immortal_seconds": self.seconds,
+        }
