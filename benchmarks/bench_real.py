@@ -59,7 +59,7 @@ from typing import Any
 import httpx
 import trio
 
-from benchtools import free_port, pss_mib
+from benchtools import free_port, model_pids, pss_mib
 
 ROOT = Path(__file__).resolve().parent
 MODEL = ROOT / "minilm_model.py"
@@ -159,11 +159,7 @@ class Modelpool(Server):
         return httpx.get(f"{self.url}/status", timeout=10).json()
 
     def model_pids(self) -> list[int]:
-        status = self.status()
-        pids = [w["pid"] for w in status["workers"] if w["pid"]]
-        if status.get("template") and status["template"].get("pid"):
-            pids.append(status["template"]["pid"])
-        return pids
+        return model_pids(self.status())
 
     def worker_states(self) -> list[dict[str, Any]]:
         return [w for w in self.status()["workers"] if w["pid"]]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Any
 
 
 def free_port() -> int:
@@ -33,6 +34,14 @@ def pss_mib(pid: int) -> float:
         if line.startswith("Pss:"):
             return int(line.split()[1]) / 1024
     return 0.0
+
+
+def model_pids(status: dict[str, Any]) -> list[int]:
+    """The model processes a modelpool's /status names: its workers' and the template's."""
+    pids = [w["pid"] for w in status["workers"] if w["pid"]]
+    if status.get("template") and status["template"].get("pid"):
+        pids.append(status["template"]["pid"])
+    return pids
 
 
 def descendants(pid: int) -> list[int]:

@@ -69,7 +69,7 @@ from typing import Any
 import httpx
 import trio
 
-from benchtools import descendants, free_port, newer_pythons, pss_mib, rss_mib
+from benchtools import descendants, free_port, model_pids, newer_pythons, pss_mib, rss_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "tests" / "models" / "big_memory.py"
@@ -180,11 +180,7 @@ class Service:
         return httpx.get(f"{self.url}/status", timeout=10).json()
 
     def model_pids(self) -> list[int]:
-        status = self.status()
-        pids = [w["pid"] for w in status["workers"] if w["pid"]]
-        if status.get("template") and status["template"].get("pid"):
-            pids.append(status["template"]["pid"])
-        return pids
+        return model_pids(self.status())
 
     def total_pss(self) -> float:
         """PSS of every process below the service: its models, the template, and any

@@ -44,34 +44,24 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from modelpool.core.kinds import RestartReason
-from modelpool.pool.memwatch import MEMORY_CHECK_INTERVAL
+from modelpool.pool.memwatch import MEMORY_CHECK_INTERVAL, WatchedPool
 from modelpool.process import procfs
 
 if TYPE_CHECKING:
     from modelpool.pool.worker import Worker
     from modelpool.process.preload import Preloader
-    from modelpool.settings.config import PoolConfig
 
 GLANCE_INTERVAL = 0.1  # seconds between two glances at the forked children's page faults
 MEASURE_SHARE = 0.02  # of the time, a glance may spend measuring any one child, at most
 PAGE_KIB = os.sysconf("SC_PAGE_SIZE") // 1024
 
 
-class RefreshedPool(Protocol):
-    """What the watch needs of the pool (pool.py's Pool is one)."""
+class RefreshedPool(WatchedPool, Protocol):
+    """What the watch needs of the pool (pool.py's Pool is one): what the memory limit's
+    watch needs, and the preloader, whose template a child's memory is held against."""
 
     @property
-    def config(self) -> PoolConfig: ...
-    @property
-    def stopped(self) -> trio.Event: ...
-    @property
-    def workers(self) -> Sequence[Worker]: ...
-    @property
     def preloader(self) -> Preloader | None: ...
-    def _recycle(
-        self, worker: Worker, why: str, reason: RestartReason = RestartReason.RECYCLED
-    ) -> None:
-        """Replace `worker` by surge: the pool's, for its own modules."""
 
 
 @dataclass(frozen=True)
