@@ -118,8 +118,15 @@ async def wait_ready(client: httpx.AsyncClient, count: int, within: float) -> No
 
 def clean_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """This environment without settings of ours or of the models, plus `extra`; the switch
-    of the fast path is kept, so that the suite runs against the path it was started with."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MODELPOOL_", "MODEL3_"))}
+    of the fast path is kept, so that the suite runs against the path it was started with.
+    pytest's PYTEST_CURRENT_TEST goes too: it names the test that happens to run, and a
+    parametrized test's name can pass the kernel's limit for one variable (128 KiB),
+    which would fail the start of any process it is passed to."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("MODELPOOL_", "MODEL3_")) and k != "PYTEST_CURRENT_TEST"
+    }
     if FAST_PREDICT_VARIABLE in os.environ:
         env[FAST_PREDICT_VARIABLE] = os.environ[FAST_PREDICT_VARIABLE]
     return {**env, **(extra or {})}
