@@ -56,13 +56,13 @@ async def test_four_requests_run_in_parallel_and_eight_in_two_rounds() -> None:
         responses = await post_many(server.client, [{"data": 2}] * 4)
         four = trio.current_time() - started
         assert [r.status_code for r in responses] == [200] * 4
-        assert 2.1 < four < 3.6
+        assert 2.1 < four < 4.3  # in parallel: two rounds take 4.38 s
 
         started = trio.current_time()
         responses = await post_many(server.client, [{"data": 2}] * 8)
         eight = trio.current_time() - started
         assert [r.json() for r in responses] == [{"ice_found": True}] * 8
-        assert 4.3 < eight < 6.5
+        assert 4.3 < eight < 6.5  # in two rounds: three take 6.57 s
         assert [w.served for w in server.pool.workers] == [3, 3, 3, 3]
 
 
