@@ -180,6 +180,22 @@ async def test_a_slow_start_is_said_at_info_with_the_last_line_the_model_printed
     assert "no ready line within 6.5 s" in str(raised.value)  # the failure, as before
 
 
+async def test_the_notices_of_a_slow_start_come_at_gaps_that_double(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """5 s into a start, then 10 s later (gaps double, up to a minute): not every
+    second, and not only once."""
+    caplog.set_level(logging.INFO, "modelpool")
+    config = hostile_config("slow_loader.py", init_timeout=17)
+    with trio.fail_after(40), pytest.raises(FirstStartFailed):
+        async with open_pool(config) as pool:
+            await pool.wait_ready()
+    notices = [r.getMessage() for r in caplog.records if "still loading after" in r.getMessage()]
+    assert len(notices) == 2, notices
+    assert "still loading after 5 s" in notices[0], notices
+    assert "still loading after 15 s" in notices[1], notices
+
+
 async def test_keep_trying_restarts_models_that_never_started() -> None:
     config = PoolConfig(
         model_cmd=python_model("import sys; sys.exit(4)"),
