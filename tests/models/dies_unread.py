@@ -19,10 +19,11 @@ try:
     marker = os.open(os.environ["DIES_UNREAD_MARKER"], os.O_CREAT | os.O_EXCL | os.O_WRONLY)
 except FileExistsError:
     marker = None
-print("ready: Model-initialized", flush=True)
-if marker is not None:
+if marker is not None:  # its pid is there before it is ready: a test reads it then
     os.write(marker, str(os.getpid()).encode())
     os.close(marker)
+print("ready: Model-initialized", flush=True)
+if marker is not None:
     select.select([0], [], [])
     time.sleep(float(os.environ.get("DIES_UNREAD_DELAY", "0")))
     os._exit(3)
