@@ -66,7 +66,7 @@ from typing import Any
 import httpx
 import trio
 
-from benchtools import free_port, rss_mib
+from benchtools import free_port, rss_mib, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = Path(__file__).resolve().parent / "baselines"
@@ -169,17 +169,9 @@ class Server:
         """SIGTERM to its group (a graceful stop), then SIGKILL to whatever is left in it."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                print(f"  {self.name} did not stop within 30 s of SIGTERM: killed; its log:")
-                print(self.log_tail())
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        if not stop_group(self.proc, 30):
+            print(f"  {self.name} did not stop within 30 s of SIGTERM: killed; its log:")
+            print(self.log_tail())
 
 
 def hypercorn_app(name: str, app: str) -> Server:

@@ -59,7 +59,7 @@ from typing import Any
 import httpx
 import trio
 
-from benchtools import free_port, model_pids, pss_mib
+from benchtools import free_port, model_pids, pss_mib, stop_group
 
 ROOT = Path(__file__).resolve().parent
 MODEL = ROOT / "minilm_model.py"
@@ -120,16 +120,8 @@ class Server:
         )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                print(f"  {self.name} did not stop within 60 s of SIGTERM: killed")
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        if not stop_group(self.proc, 60):
+            print(f"  {self.name} did not stop within 60 s of SIGTERM: killed")
         self.log.close()
 
     def check_alive(self) -> None:

@@ -1,9 +1,14 @@
-"""What the benchmark sessions share: a free loopback port, a process's memory, and the
-CPython 3.12+ interpreters installed beside this one."""
+"""What the benchmark sessions share: a free loopback port, a process's memory, the stop
+of a server's process group, and the CPython 3.12+ interpreters installed beside this
+one."""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +18,23 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def stop_group(proc: subprocess.Popen[bytes], within: float) -> bool:
+    """SIGTERM to the process group `proc` leads (a graceful stop), then, after `within`
+    seconds at most, SIGKILL to whatever is left in it; whether it stopped in time."""
+    stopped = True
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=within)
+        except subprocess.TimeoutExpired:
+            stopped = False
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return stopped
 
 
 def rss_mib(pid: int, field: str = "VmRSS") -> float:

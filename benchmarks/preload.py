@@ -69,7 +69,15 @@ from typing import Any
 import httpx
 import trio
 
-from benchtools import descendants, free_port, model_pids, newer_pythons, pss_mib, rss_mib
+from benchtools import (
+    descendants,
+    free_port,
+    model_pids,
+    newer_pythons,
+    pss_mib,
+    rss_mib,
+    stop_group,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "tests" / "models" / "big_memory.py"
@@ -151,16 +159,8 @@ class Service:
         )
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                print("  the service did not stop within 60 s of SIGTERM: killed")
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait()
+        if not stop_group(self.proc, 60):
+            print("  the service did not stop within 60 s of SIGTERM: killed")
         self.log.close()
 
     def wait_ready(self, within: float) -> float:
