@@ -261,7 +261,7 @@ async def test_a_model_unsafe_to_fork_falls_back_to_plain_starts_with_a_warning(
 async def test_a_model_that_reads_fd_0_directly_falls_back_to_plain_starts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("modelpool.process.template.FORK_POINT_WAIT", 1.0)
+    monkeypatch.setattr("modelpool.process.forkpoint.FORK_POINT_WAIT", 1.0)
     script = tmp_path / "raw_reader.py"
     script.write_text(
         "import os\n"

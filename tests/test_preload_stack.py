@@ -11,6 +11,8 @@ their last state.
 from __future__ import annotations
 
 import logging
+import os
+from pathlib import Path
 
 import pytest
 import trio
@@ -59,37 +61,84 @@ async def test_a_thread_that_cannot_be_stopped_is_named_with_its_fix() -> None:
     assert "'loader', the model's own: end (join) it before the first read of sys.stdin" in reason
 
 
-async def plain_or_preloaded(preload: bool) -> tuple[float, dict]:
-    """Seconds from the pool's start to 3/3 models of c_thread_pool.py ready, and /status."""
+async def plain_or_preloaded(preload: bool, starts: Path) -> tuple[float, dict, set[int]]:
+    """Seconds from the pool's start to 3/3 models of c_thread_pool.py ready, /status,
+    and the pids of the models that answered."""
     config = PoolConfig(
         model_cmd=hostile("c_thread_pool.py"),
         workers=3,
         preload=preload,
-        env={"LOAD_SECONDS": str(LOAD_SECONDS)},
+        env={"LOAD_SECONDS": str(LOAD_SECONDS), "STARTS_FILE": str(starts)},
     )
     started = trio.current_time()
     async with open_pool(config) as pool:
         await pool.wait_ready()
         took = trio.current_time() - started
-        return took, pool.status()
+        answered = {(await pool.predict({}))["pid"] for _ in range(12)}
+        return took, pool.status(), answered
+
+
+def started_pids(starts: Path) -> list[int]:
+    return [int(line) for line in starts.read_text().split()]
 
 
 async def test_a_fallback_reaches_every_model_ready_no_later_than_plain_starts(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     """A thread pool started in C as the model loads is found while it loads: the
-    template is given up at once and the models start plainly, not after a whole load
-    that is thrown away (which took twice a plain start)."""
+    models start plainly at once, not after a whole load that is thrown away (which
+    took twice a plain start), and the template, which loads on as a plain model, is
+    one of them: three models, three loads."""
     caplog.set_level(logging.INFO)
-    plain, _ = await plain_or_preloaded(preload=False)
-    preloaded, status = await plain_or_preloaded(preload=True)
+    plain, _, _ = await plain_or_preloaded(preload=False, starts=tmp_path / "plain")
+    preloaded, status, answered = await plain_or_preloaded(True, tmp_path / "preload")
     assert status["template"]["state"] == "fallback"
     assert preloaded < plain + EARLY_MARGIN, (plain, preloaded)
     reason = status["template"]["fallback_reason"]
     assert "as it loaded" in reason and "--model-threads" in reason, reason
     assert [w["start"]["method"] for w in status["workers"]] == ["spawn"] * 3
+    assert status["template"]["adopted_by"] in {f"worker {w['id']}" for w in status["workers"]}
+    loads = started_pids(tmp_path / "preload")
+    assert len(loads) == 3 and set(loads) == answered, (loads, answered)
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "--preload" in r.msg]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
+    for pid in loads:  # every one stopped with the pool, the adopted template too
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+async def test_a_template_unsafe_at_its_fork_point_serves_as_a_plain_model(
+    tmp_path: Path,
+) -> None:
+    """A model that keeps a thread running once loaded cannot be forked: its template,
+    loaded already, becomes the worker's model with a plain model's thread budget, not
+    the template's one thread; it is loaded once, and stops with its worker, in a
+    reload as at the end."""
+    starts = tmp_path / "starts"
+    config = PoolConfig(
+        model_cmd=hostile("unsafe_at_fork.py"),
+        workers=1,
+        preload=True,
+        model_threads=2,
+        env={"UNSAFE": "thread", "STARTS_FILE": str(starts)},
+    )
+    async with open_pool(config) as pool:
+        await pool.wait_ready()
+        status = pool.status()
+        assert status["template"]["state"] == "fallback", status["template"]
+        assert status["template"]["adopted_by"] == f"worker {status['workers'][0]['id']}"
+        answer = await pool.predict({})
+        assert started_pids(starts) == [answer["pid"]]  # one load, not two
+        assert answer["omp"] == "2"  # the template loaded with 1
+        first = answer["pid"]
+        await pool.operations.reload()
+        answer = await pool.predict({})
+        assert answer["pid"] != first and answer["omp"] == "2"
+        with pytest.raises(ProcessLookupError):
+            os.kill(first, 0)
+        assert len(started_pids(starts)) == 2  # the new generation's template, adopted
+    with pytest.raises(ProcessLookupError):
+        os.kill(answer["pid"], 0)
 
 
 async def test_a_progress_bar_is_logged_once_as_its_last_state(

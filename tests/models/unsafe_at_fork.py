@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A model that is not safe to fork once loaded: UNSAFE=thread starts a thread while it
 loads (the thread keeps running), UNSAFE=socket keeps a socket open. It answers with its
-pid and its parent's."""
+pid, its parent's and its thread variable; with STARTS_FILE, it writes its pid there as
+it starts."""
 
 import json
 import os
@@ -10,6 +11,9 @@ import sys
 import threading
 import time
 
+if os.environ.get("STARTS_FILE"):
+    with open(os.environ["STARTS_FILE"], "a") as starts:
+        starts.write(f"{os.getpid()}\n")
 kept = []
 if os.environ.get("UNSAFE", "thread") == "thread":
     threading.Thread(target=time.sleep, args=(3600,), name="loader", daemon=True).start()
@@ -18,4 +22,5 @@ else:
 print("ready: Model-initialized")
 for line in sys.stdin:
     json.loads(line)
-    print("result: " + json.dumps({"pid": os.getpid(), "ppid": os.getppid()}))
+    omp = os.environ.get("OMP_NUM_THREADS")
+    print("result: " + json.dumps({"pid": os.getpid(), "ppid": os.getppid(), "omp": omp}))

@@ -102,6 +102,7 @@ if TYPE_CHECKING:
 
 TOKEN_VAR = "MODELPOOL_MODEL"
 ROOM_VAR = "MODELPOOL_ENV_ROOM"  # room for a child's variables, see _EnvTail
+PLAIN_VAR = "MODELPOOL_PLAIN_ENV"  # JSON: what a plain model's environment says instead
 MAX_MESSAGE = 64 * 1024
 ENV_START_FIELD = 50  # /proc/PID/stat fields (1-based): where the initial environment is
 HARMLESS_DEVICE_MAJOR = 1  # /dev/null, /dev/zero, /dev/urandom and friends
@@ -195,8 +196,9 @@ class _EnvTail:
 class _Template:
     """Template mode: entered once, at the model's first read of stdin."""
 
-    def __init__(self, control: socket.socket) -> None:
+    def __init__(self, control: socket.socket, plain_env: dict[str, str | None]) -> None:
         self.control = control
+        self.plain_env = plain_env  # its thread budget as a plain model (see _become_plain)
         self.entered = False
         self.closed = False  # template mode ended: reads return end-of-file
         self.env = _EnvSlot()
@@ -262,19 +264,32 @@ class _Template:
         with self._watching:  # the watch has ended, and said its last
             pass
         if self.early is not None:  # the pool was told: it starts the models plainly
-            self.control.close()
+            self._become_plain()
             return
         _wait_for_threads(0, gone=self._watcher)  # it leaves /proc/self/task just after
         _stop_idle_helpers()
         problem = self.unsafe()
         if problem is not None:
             self.send({"event": "unsafe", "reason": problem})
-            self.control.close()
+            self._become_plain()
             return  # a plain model from now on: the pool starts the others plainly
         _flush()
         gc.freeze()
         self.send({"event": "fork_point", "pid": os.getpid()})
         self._serve()
+
+    def _become_plain(self) -> None:
+        """Template mode is over before it began: this process is a plain model from now
+        on, which the pool gives a worker rather than throw its load away. It takes the
+        thread budget a plain start would have had, in place of the template's one
+        thread each (see threads.py), as a forked child does."""
+        self.control.close()
+        for key, value in self.plain_env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        _take_thread_budget(self.plain_env)
 
     def unsafe(self, received: list[int] | None = None) -> str | None:
         """Why a fork now would not be safe, or None. `received`: the descriptors a fork
@@ -869,9 +884,10 @@ def _model_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
 def main() -> None:
     control_fd, kind, target, *args = sys.argv[1:]
     os.environ.pop(ROOM_VAR, None)  # the model sees none of it; /proc/PID/environ keeps it
+    plain_env = json.loads(os.environ.pop(PLAIN_VAR, "") or "{}")
     control = socket.socket(fileno=int(control_fd))
     control.set_inheritable(False)
-    template = _Template(control)
+    template = _Template(control, plain_env)
     os.register_at_fork(after_in_child=template.after_fork_in_child)  # before the model's
     _install_stdin(template)
     template.watch_load()

@@ -81,8 +81,16 @@ async def open_model(
     `takes_requests` False (a preload template): how it waits between requests is not
     learned, since it gets none.
     `device`: its worker's, with --devices."""
-    token = token or reaper.new_token()
     starter = starter or Spawner(reaper)
+    adopted = await starter.adopt(config, name)
+    if adopted is not None:  # a model already loaded, stopped by its owner
+        async with adopted as model:
+            assert isinstance(model, ModelProcess)
+            logs.set_field("pid", model.pid)
+            log.info("%s takes over its loaded template as a plain model", model.name)
+            yield model
+        return
+    token = token or reaper.new_token()
     env = model_environment(config, token, device)
     proc = await starter.start(config, name, token, env)
     logs.set_field("pid", proc.pid)  # for this task's log lines and those of the pumps

@@ -77,6 +77,7 @@ class ModelProcess:
         self._reader: LineReader | None = None
         self._probes = Probes(proc)  # asked before each request (see send)
         self._trouble_scopes: set[trio.CancelScope] = set()
+        self._nursery: trio.Nursery | None = None  # where its tasks run (start_tasks)
         self._plain = PlainLines()  # stdout lines that were no result, for failure messages
         self._loading = Loading(config, self._plain)
         self._output_log = OutputLog(
@@ -92,11 +93,21 @@ class ModelProcess:
     def start_tasks(self, nursery: trio.Nursery, takes_requests: bool) -> None:
         """Start its pumps and the watch for its exit; with `takes_requests`, learn how
         it waits between requests (see pacing.py)."""
+        self._nursery = nursery
         nursery.start_soon(self._pump_stdout)
         nursery.start_soon(self._pump_stderr)
         nursery.start_soon(self._watch_exit)
         if takes_requests:
             nursery.start_soon(self._pacer.learn)
+
+    def adopt(self, name: str) -> None:
+        """A --preload template that cannot be forked becomes a worker's model (see
+        template.py): it goes by the worker's `name` from now on, and takes requests."""
+        self.name = f"{name} [pid {self.pid}]"
+        for part in (self._results, self._output_log, self._stderr):
+            part.rename(self.name)
+        if self._nursery is not None:
+            self._nursery.start_soon(self._pacer.learn)
 
     async def drain(self) -> None:
         """Once it is dead: give the pumps PUMP_DRAIN to read what it left in its pipes,

@@ -196,6 +196,10 @@ class OutputLog:
         self._dropped_since = 0.0  # when the first of them was
         self._dropped_level = logging.DEBUG  # the highest level of a line left out
 
+    def rename(self, name: str) -> None:
+        """Its model goes by another name (a --preload template adopted by a worker)."""
+        self._name = name
+
     def admits(self, stream: str) -> bool:
         """Whether the next line on `stream` is to be logged; one that is not is counted.
 

@@ -44,12 +44,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any, Protocol
 
 import trio
 
 from modelpool.core.kinds import RestartReason
 from modelpool.process.failures import StartFailed
+from modelpool.process.modelprocess import ModelProcess
 from modelpool.process.reaper import Reaper
 from modelpool.process.starter import ModelHandle, ModelStarter, Spawner
 from modelpool.process.template import TEMPLATE_STATES, Template, TemplateGone, TemplateState
@@ -90,6 +92,13 @@ class Forker:
         self._template = template
         self._spawner = spawner
         self._reaper = reaper
+
+    async def adopt(
+        self, config: PoolConfig, name: str
+    ) -> AbstractAsyncContextManager[ModelProcess] | None:
+        """The template itself, once it fell back, for the first worker (lending.py)."""
+        await self._template.settled(config.init_timeout, name)
+        return self._template.lend(name)
 
     async def start(
         self, config: PoolConfig, name: str, token: str, env: dict[str, str]

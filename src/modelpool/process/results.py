@@ -54,6 +54,10 @@ class Results:
         self._expected_at = 0.0  # when the awaited result was expected
         self._last_wait = float("inf")  # how long the last awaited result took to come
 
+    def rename(self, name: str) -> None:
+        """Its model goes by another name (a --preload template adopted by a worker)."""
+        self._name = name
+
     def expect(self, wire_id: str | None) -> None:
         """The next result answers the request about to be sent, sent with `wire_id`."""
         self.awaiting = True

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Protocol
 
 import trio
@@ -64,6 +65,14 @@ class ModelHandle(Protocol):
 
 
 class ModelStarter(Protocol):
+    async def adopt(
+        self, config: PoolConfig, name: str
+    ) -> AbstractAsyncContextManager[object] | None:
+        """A model already running (a `ModelProcess`; not named here, which it imports)
+        that the worker `name` may take as its own instead of starting one: a --preload
+        template that cannot be forked (see lending.py), for as long as the context
+        lasts. None: start one."""
+
     async def start(
         self, config: PoolConfig, name: str, token: str, env: dict[str, str]
     ) -> ModelHandle:
@@ -116,6 +125,11 @@ class Spawner:
     def __init__(self, reaper: Reaper, pass_fds: Sequence[int] = ()) -> None:
         self._reaper = reaper
         self._pass_fds = tuple(pass_fds)
+
+    async def adopt(
+        self, config: PoolConfig, name: str
+    ) -> AbstractAsyncContextManager[object] | None:
+        return None
 
     async def start(
         self, config: PoolConfig, name: str, token: str, env: dict[str, str]

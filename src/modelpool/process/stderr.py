@@ -32,6 +32,10 @@ class StderrPump:
         self._tail: deque[str] = deque(maxlen=tail)
         self._log_output = log_output
 
+    def rename(self, name: str) -> None:
+        """Its model goes by another name (a --preload template adopted by a worker)."""
+        self._name = name
+
     def tail(self) -> list[str]:
         """Its last lines, oldest first."""
         return list(self._tail)

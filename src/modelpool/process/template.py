@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import logging
 import os
 import signal
@@ -19,13 +20,15 @@ from typing import Any
 
 import trio
 
-from modelpool.process import control, threads
-from modelpool.process.control import BadMessage, Message, Requests
+from modelpool.process import control, forkpoint, threads
+from modelpool.process.control import BadMessage, Requests
 from modelpool.process.devices import ROOM_VAR
 from modelpool.process.forked import ForkedProcess
+from modelpool.process.forkpoint import first_word
 from modelpool.process.immortal import Immortality
 from modelpool.process.launch import launcher_command
-from modelpool.process.model import ModelProcess, StartFailed, open_model
+from modelpool.process.lending import Lending
+from modelpool.process.model import ModelProcess, StartFailed, model_environment, open_model
 from modelpool.process.procfs import smaps_mib
 from modelpool.process.reaper import TOKEN_VAR, Reaper
 from modelpool.process.starter import Spawner
@@ -34,10 +37,10 @@ from modelpool.settings.pycommand import parse_python_command
 
 log = logging.getLogger("modelpool.preload")
 
-FORK_POINT_WAIT = 10.0  # seconds from the ready line to the model's first read of stdin
 FORK_TIMEOUT = 5.0  # seconds a template gets to answer a fork request
 HEALTHY_UPTIME = 30.0  # a template that served this long ends a run of failures
-OWN_VARIABLES = (TOKEN_VAR, ROOM_VAR)  # the launcher's business, in no fork request
+PLAIN_VAR = "MODELPOOL_PLAIN_ENV"  # as _launcher.py's: its environment as a plain model
+OWN_VARIABLES = (TOKEN_VAR, ROOM_VAR, PLAIN_VAR)  # the launcher's business, in no fork request
 TEMPLATE_TOKEN_LENGTH = 64
 """Characters of a template's containment token: room for any child's token.
 
@@ -85,6 +88,8 @@ class Template:
         self._requests = Requests()
         self._last_stderr: list[str] = []  # the last load's last stderr lines, for its failure
         self._env: dict[str, str] = {}  # the environment the ready template started with
+        self._lending: Lending | None = None  # unsafe to fork: lent as a plain model
+        self.adopted_by: str | None = None  # the worker that took it so (lending.py)
         self.immortality = Immortality(self.name, config.preload_immortal)  # see immortal.py
 
     # -- its life -----------------------------------------------------------------------
@@ -104,7 +109,10 @@ class Template:
         self._set(TemplateState.STOPPED)
 
     def stop(self) -> None:
-        """Stop the template gracefully (its stdin closes); its children serve on."""
+        """Stop the template gracefully (its stdin closes); its children serve on, and so
+        does a worker that took it as its model (lending.py), until that worker ends it."""
+        if self._lending is not None:
+            self._lending.withdraw()
         self._scope.cancel()
 
     def kill(self) -> None:
@@ -151,7 +159,7 @@ class Template:
         try:
             python = parse_python_command(self.config.model_cmd)
             command = launcher_command(python, theirs.fileno())
-            env = {**(self.config.env or {}), **threads.template_variables(self.config)}
+            env = {**(self.config.env or {}), **self._template_variables()}
             config = replace(self.config, model_cmd=command, env=env)  # one thread each
             starter = Spawner(self._reaper, pass_fds=[theirs.fileno()])
             token = self._reaper.new_token().ljust(TEMPLATE_TOKEN_LENGTH, ".")
@@ -161,11 +169,15 @@ class Template:
             async with model_cm as model:
                 loaded = model
                 theirs.close()
-                first = await self._first_word(sock, model)
+                first = await first_word(sock, model, self.name)
                 if first.get("event") != "fork_point":
+                    # The launcher made it a plain model: the first worker to start takes it.
+                    lend = first.get("event") == "unsafe" and not self.config.devices
+                    if lend:
+                        self._lending = Lending(model)  # before the workers hear of it
                     self._fall_back(str(first.get("reason", first)))
-                    if first.get("early"):  # still loading: of no more use, and costly
-                        model.kill_group()
+                    if self._lending is not None:
+                        await self._lending.lend()
                     return
                 self.pid, self._model, self._env = model.pid, model, model.env
                 self.load_seconds = trio.current_time() - model.started_at
@@ -182,6 +194,9 @@ class Template:
                 await self.immortality.ask(sock, self._sending)
                 await self._serve(sock)
         finally:
+            if self._lending is not None:  # its model has stopped
+                self._lending.closed()
+                self._lending = None
             if loaded is not None:
                 self._last_stderr = loaded.stderr_tail
             self._model = None
@@ -202,57 +217,6 @@ class Template:
         if self.state is TemplateState.READY:
             self._set(TemplateState.LOADING)
         self._requests.template_gone()
-
-    async def _first_word(self, sock: trio.socket.SocketType, model: ModelProcess) -> Message:
-        """The launcher's first word: it reached the fork point (after its ready line), or
-        it is not safe to fork, which it may say while the model still loads (a thread
-        pool started in C, see _launcher.py): then the models start plainly at once,
-        without waiting for a load that would be thrown away."""
-        heard: list[Message | None] = []
-        failures: list[StartFailed] = []  # raised after the nursery: not in a group
-        got = trio.Event()
-        async with trio.open_nursery() as nursery:
-
-            async def listen() -> None:
-                try:
-                    message, fds = await control.receive(sock)
-                except BadMessage as exc:
-                    problem = f"a message on its control socket makes no sense: {exc}"
-                    failures.append(StartFailed(f"{self.name} failed to start: {problem}"))
-                    nursery.cancel_scope.cancel()
-                    return
-                for fd in fds:
-                    os.close(fd)
-                heard.append(message)
-                got.set()
-                if message is not None and message.get("event") != "fork_point":
-                    nursery.cancel_scope.cancel()  # unsafe: its ready line is not needed
-
-            nursery.start_soon(listen)
-            try:
-                await model.wait_ready()
-            except StartFailed as exc:
-                failures.append(exc)
-            else:
-                with trio.move_on_after(FORK_POINT_WAIT):
-                    await got.wait()
-            nursery.cancel_scope.cancel()
-        first = heard[0] if heard else None
-        if first is not None and first.get("event") != "fork_point":
-            return first  # unsafe, whatever else went wrong
-        if failures:
-            raise failures[0]
-        if heard:
-            if first is None:
-                failure = await model.describe_failure()
-                raise StartFailed(f"{self.name} ended before its fork point: {failure.detail}")
-            return first
-        return {
-            "event": "unsafe",
-            "reason": f"it printed its ready line but did not read sys.stdin within "
-            f"{FORK_POINT_WAIT:g} s (a model that reads fd 0 directly, or waits with "
-            "select(), never reaches the fork point)",
-        }
 
     def _fall_back(self, reason: str) -> None:
         self.fallback_reason = reason
@@ -291,7 +255,7 @@ class Template:
     async def settled(self, init_timeout: float, name: str) -> None:
         """Wait while it is loading; StartFailed if it does not become ready or fall back
         within `init_timeout` (its model's --init-timeout) and FORK_POINT_WAIT."""
-        within = init_timeout + FORK_POINT_WAIT
+        within = init_timeout + forkpoint.FORK_POINT_WAIT
         with trio.move_on_after(within):
             while self.state is TemplateState.LOADING:
                 await self._changed.wait()
@@ -303,6 +267,26 @@ class Template:
             failure = self.failure
             raise type(failure)(f"{name} failed to start: {failure}", stderr=failure.stderr)
         raise StartFailed(f"{name} failed to start: {self.name} is {self.state}")
+
+    def lend(self, name: str) -> contextlib.AbstractAsyncContextManager[ModelProcess] | None:
+        """Its process, as the model of the worker `name`, if it fell back as a plain
+        model that no worker took yet (see lending.py); else None."""
+        lending = self._lending
+        taken = None if lending is None else lending.take(name)
+        if taken is not None:
+            self.adopted_by = name
+            log.info("%s: %s takes it as its model, its load not thrown away", self.name, name)
+        return taken
+
+    def _template_variables(self) -> dict[str, str]:
+        """Its thread variables while it loads (threads.py), and, for the launcher, what
+        a plain model's environment says instead: the process becomes one if it cannot
+        be forked (lending.py), with a plain model's budget."""
+        ones = threads.template_variables(self.config)
+        if not ones:
+            return {}
+        plain = model_environment(self.config, "")
+        return {**ones, PLAIN_VAR: json.dumps({key: plain.get(key) for key in ones})}
 
     @property
     def fallen_back(self) -> bool:
@@ -389,6 +373,7 @@ class Template:
             "shared_mib": memory.get("shared"),
             "private_mib": memory.get("private"),
             "fallback_reason": self.fallback_reason,
+            "adopted_by": self.adopted_by,
             "last_failure": None if self.failure is None else str(self.failure),
             **self.immortality.snapshot(self.state is TemplateState.FALLBACK),
         }
