@@ -10,6 +10,10 @@ The model is benchmarks/minilm_model.py, written as its users write it (the
                servers run side by side, idle but for the one driven, and are driven
                in turn for ROUNDS rounds; the median round counts, so a spell of
                load on this shared machine hits every server alike
+  CPU          per request, in the median round: the server's own process (modelpool's
+               front: HTTP, the pipes, the answer's JSON; gunicorn's arbiter, which
+               only watches) and the model processes (gunicorn's workers parse HTTP
+               too)
   memory       total PSS of the model processes (the template included; gunicorn's
                workers, which hold the model in process)
   replacement  with --preload: seconds from SIGKILLing an idle model to its
@@ -299,16 +303,35 @@ def drive_rounds(
     for server in servers.values():
         trio.run(drive, server.url, texts[:CLIENTS], CLIENTS)  # every model warm
     rates: dict[str, list[float]] = {key: [] for key in servers}
+    cpu: dict[str, list[tuple[float, float]]] = {key: [] for key in servers}
     for round_ in range(ROUNDS):
         for key, server in servers.items():
             print(f"  round {round_ + 1}: {server.name}, {REQUESTS} requests", flush=True)
             server.check_alive()
+            models = server.model_pids()
+            front, inside = cpu_seconds([server.proc.pid]), cpu_seconds(models)
             wall, answers = trio.run(drive, server.url, texts, CLIENTS)
+            front = cpu_seconds([server.proc.pid]) - front
+            inside = cpu_seconds(models) - inside
             rates[key].append(round(len(texts) / wall, 1))
+            cpu[key].append((front * 1000 / len(texts), inside * 1000 / len(texts)))
             results[key]["answers"] = answers
     for key, each in rates.items():
         results[key]["req_s"] = statistics.median(each)
         results[key]["req_s_each"] = each
+        results[key]["front_cpu_ms"] = round(statistics.median(f for f, _ in cpu[key]), 2)
+        results[key]["models_cpu_ms"] = round(statistics.median(m for _, m in cpu[key]), 2)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User and system CPU seconds the processes `pids` have used so far (their own, not
+    their children's): per request, where a server's CPU goes."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def ready_only(server: Modelpool) -> dict[str, Any]:
@@ -363,7 +386,16 @@ def report(results: dict[str, Any]) -> tuple[str, dict[str, bool]]:
         "--preload: answers bit-identical to an in-process encode": results["identical"]["preload"],
         "a fallback is ready no later than plain starts": fb["ready_s"] <= fb_plain["ready_s"],
     }
-    rows = [("", "4/4 ready", "req/s (x reference)", "total PSS of the models", "replacement")]
+    rows = [
+        (
+            "",
+            "4/4 ready",
+            "req/s (x reference)",
+            "CPU ms per request: front + models",
+            "total PSS of the models",
+            "replacement",
+        )
+    ]
     for key, label in (
         ("reference", "plain, variables set by hand, progress bars off (reference)"),
         ("plain", "plain, defaults"),
@@ -379,6 +411,7 @@ def report(results: dict[str, Any]) -> tuple[str, dict[str, bool]]:
                 f"{run['req_s']:.0f} ({run['req_s'] / ref['req_s']:.2f}; rounds "
                 + "/".join(f"{r:.0f}" for r in run["req_s_each"])
                 + ")",
+                f"{run['front_cpu_ms']:.1f} + {run['models_cpu_ms']:.1f}",
                 f"{run['pss_mib']:,} MiB{extra}",
                 f"ready {run['ready_again_median_s'] * 1000:.0f} ms, first answer "
                 f"{run['replacement_median_s'] * 1000:.0f} ms (3 others busy)"
@@ -397,12 +430,14 @@ def report(results: dict[str, Any]) -> tuple[str, dict[str, bool]]:
             "",
             "",
             "",
+            "",
         )
     )
     rows.append(
         (
             "--preload, --model-threads 0 (start-up only)",
             f"{fb['ready_s']:.1f} s ({each['fallback']})",
+            "",
             "",
             f"{fb['template']}",
             "",

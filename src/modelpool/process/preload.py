@@ -15,9 +15,10 @@ What can go wrong, and what happens then:
   epoll, a pipe it reads a helper's answers from; or it never reads sys.stdin): the
   template says why, the pool logs it in one WARNING line and shows it in /status,
   and this generation's models start plainly
-  (`TemplateState.FALLBACK`). A process is never forked in an unsafe state. A thread
-  pool started in C is seen as it starts, while the model loads: the template is
-  killed and the models start plainly at once, not after a load thrown away.
+  (`TemplateState.FALLBACK`). A process is never forked in an unsafe state. The
+  template itself is not thrown away: it becomes the first worker's model, a plain one
+  (lending.py). A thread pool started in C is seen as it starts, while the model loads:
+  the other models start plainly at once, beside it.
 - The template fails to load: it is loaded again after the usual back-off, and model
   starts meanwhile fail as a plain start that failed would (the worker backs off).
 - The template dies while its children serve: they serve on. It is loaded again in the
