@@ -102,7 +102,6 @@ if TYPE_CHECKING:
 
 TOKEN_VAR = "MODELPOOL_MODEL"
 ROOM_VAR = "MODELPOOL_ENV_ROOM"  # room for a child's variables, see _EnvTail
-PLAIN_VAR = "MODELPOOL_PLAIN_ENV"  # JSON: what a plain model's environment says instead
 MAX_MESSAGE = 64 * 1024
 ENV_START_FIELD = 50  # /proc/PID/stat fields (1-based): where the initial environment is
 HARMLESS_DEVICE_MAJOR = 1  # /dev/null, /dev/zero, /dev/urandom and friends
@@ -882,9 +881,9 @@ def _model_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
 
 
 def main() -> None:
-    control_fd, kind, target, *args = sys.argv[1:]
+    control_fd, plain, kind, target, *args = sys.argv[1:]
     os.environ.pop(ROOM_VAR, None)  # the model sees none of it; /proc/PID/environ keeps it
-    plain_env = json.loads(os.environ.pop(PLAIN_VAR, "") or "{}")
+    plain_env = json.loads(plain)  # its environment as a plain model (_become_plain)
     control = socket.socket(fileno=int(control_fd))
     control.set_inheritable(False)
     template = _Template(control, plain_env)

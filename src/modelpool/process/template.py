@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import json
 import logging
 import os
 import signal
@@ -39,8 +38,7 @@ log = logging.getLogger("modelpool.preload")
 
 FORK_TIMEOUT = 5.0  # seconds a template gets to answer a fork request
 HEALTHY_UPTIME = 30.0  # a template that served this long ends a run of failures
-PLAIN_VAR = "MODELPOOL_PLAIN_ENV"  # as _launcher.py's: its environment as a plain model
-OWN_VARIABLES = (TOKEN_VAR, ROOM_VAR, PLAIN_VAR)  # the launcher's business, in no fork request
+OWN_VARIABLES = (TOKEN_VAR, ROOM_VAR)  # the launcher's business, in no fork request
 TEMPLATE_TOKEN_LENGTH = 64
 """Characters of a template's containment token: room for any child's token.
 
@@ -158,8 +156,9 @@ class Template:
         loaded: ModelProcess | None = None
         try:
             python = parse_python_command(self.config.model_cmd)
-            command = launcher_command(python, theirs.fileno())
-            env = {**(self.config.env or {}), **self._template_variables()}
+            ones = threads.template_variables(self.config)  # one thread each: see threads.py
+            command = launcher_command(python, theirs.fileno(), self._plain_variables(ones))
+            env = {**(self.config.env or {}), **ones}
             config = replace(self.config, model_cmd=command, env=env)  # one thread each
             starter = Spawner(self._reaper, pass_fds=[theirs.fileno()])
             token = self._reaper.new_token().ljust(TEMPLATE_TOKEN_LENGTH, ".")
@@ -278,15 +277,12 @@ class Template:
             log.info("%s: %s takes it as its model, its load not thrown away", self.name, name)
         return taken
 
-    def _template_variables(self) -> dict[str, str]:
-        """Its thread variables while it loads (threads.py), and, for the launcher, what
-        a plain model's environment says instead: the process becomes one if it cannot
-        be forked (lending.py), with a plain model's budget."""
-        ones = threads.template_variables(self.config)
-        if not ones:
-            return {}
+    def _plain_variables(self, ones: dict[str, str]) -> dict[str, str | None]:
+        """For the launcher: what a plain model's environment says instead of the
+        template's `ones`, should the process become one (lending.py): it then has a
+        plain model's thread budget."""
         plain = model_environment(self.config, "")
-        return {**ones, PLAIN_VAR: json.dumps({key: plain.get(key) for key in ones})}
+        return {key: plain.get(key) for key in ones}
 
     @property
     def fallen_back(self) -> bool:
