@@ -3,7 +3,8 @@
 hand), `nox -s chaos` (load under killed, timed-out, crashing and escaping models),
 `nox -s load` (drive any instance with a request mix; live view, report and plots),
 `nox -s docs` (the documentation site, built strictly), `nox -s lowest` (the HTTP tests and
-mypy with the lowest versions of the dependencies that pyproject.toml allows)."""
+mypy with the lowest versions of the dependencies that pyproject.toml allows), `nox -s image`
+(the container image, built with podman and smoke-tested)."""
 
 import nox
 
@@ -104,6 +105,14 @@ def bench_real(session: nox.Session) -> None:
     session.install(".", "httpx", "gunicorn>=27,<28", *model)
     offline = {"HF_HUB_OFFLINE": "1"}
     session.run("python", "benchmarks/bench_real.py", *session.posargs, env=offline)
+
+
+@nox.session
+def image(session: nox.Session) -> None:
+    """The container image (Containerfile), built with podman, offline if need be, and
+    smoke-tested: tools/image.py. Needs root, podman and, where no registry can be
+    reached for the base, debootstrap (Debian's packages)."""
+    session.run("python", "tools/image.py", *session.posargs)
 
 
 @nox.session

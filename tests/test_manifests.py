@@ -15,6 +15,7 @@ being computed.
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -155,6 +156,20 @@ def test_the_scaled_object_matches_kedas_crd() -> None:
     model = ScaledObject.model_validate(resource)
     read_back = model.model_dump(by_alias=True, exclude_unset=True, mode="json")
     assert read_back == resource, f"{path.name} has fields KEDA's ScaledObject does not know"
+
+
+def test_every_container_runs_the_image_that_nox_s_image_builds() -> None:
+    """tools/image.py tags localhost/modelpool:VERSION; the pods run as its user."""
+    with open(ROOT / "pyproject.toml", "rb") as file:
+        version = tomllib.load(file)["project"]["version"]
+    containerfile = (ROOT / "Containerfile").read_text()
+    (user,) = re.findall(r"^USER (\d+)", containerfile, re.MULTILINE)
+    deployments = resources("Deployment")
+    assert len(deployments) == 3
+    for path, deployment in deployments:
+        assert container(deployment)["image"] == f"localhost/modelpool:{version}", path.name
+        security = deployment["spec"]["template"]["spec"]["containers"][0]["securityContext"]
+        assert security["runAsUser"] == int(user) and security["runAsNonRoot"], path.name
 
 
 def test_every_container_runs_modelpool_with_options_it_accepts() -> None:
