@@ -10,6 +10,7 @@ once more with MODELPOOL_FAST_PREDICT=0 for the quart path: conftest.fast_predic
 from __future__ import annotations
 
 import gc
+import json
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -18,7 +19,13 @@ from contextlib import AsyncExitStack, asynccontextmanager
 import pytest
 import trio
 
-from conftest import FAST_PREDICT_VARIABLE, RunningServer, running_server, scripted_config
+from conftest import (
+    FAST_PREDICT_VARIABLE,
+    RunningServer,
+    hostile_config,
+    running_server,
+    scripted_config,
+)
 from modelpool.cli.parser import parse
 from modelpool.http.fastpath import Predictions
 
@@ -159,6 +166,37 @@ async def test_both_paths_answer_alike_on_the_wire_in_metrics_and_in_the_access_
         assert counts[1]["ok"] and counts[1]["bad_request"] and counts[1]["model_failed"]
         assert access_lines(caplog, "quart") == access_lines(caplog, "fast")
         assert len(access_lines(caplog, "fast")) >= len(sent) - 2
+
+
+async def test_a_result_in_standard_json_is_sent_as_the_model_wrote_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Not written again: its values are the same either way, and writing a vector of
+    floats again was the service's dearest work for a request. A result line that is
+    not standard JSON as it stands (a raw control character in a string, which the
+    parser lets through) is written again; so is one whose id field is taken out."""
+    as_written = '{"v": [1.5, 2.25e-07, 12345678901234567890],  "s": "\u00e9 é"}'
+    with_a_tab = '{"t": "a\tb", "n": 1}'
+    async with both_paths(monkeypatch) as servers:
+        for server in servers:
+            for line, body in (
+                (as_written, as_written.encode() + b"\n"),
+                (with_a_tab, b'{"t": "a\\tb", "n": 1}\n'),
+            ):
+                request = json.dumps({"raw": "result: " + line}).encode()
+                answer = await exchange(server.url, post(request))
+                head, _, got = answer.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 200"), answer
+                assert got == body, (got, body)
+                assert b"content-length: %d" % len(body) in head.lower(), head
+                value = await server.pool.predict({"raw": "result: " + line})
+                assert type(value) is not dict and value == json.loads(line, strict=False)
+    config = hostile_config("echo.py", id_field="rid", env={"ECHO_ID_FIELD": "rid"})
+    async with running_server(config) as server:
+        await server.pool.wait_ready()
+        answer = await exchange(server.url, post(b'{"x": 1}'))
+        got = answer.partition(b"\r\n\r\n")[2]
+        assert got == b'{"echo": {"x": 1}}\n', got  # written again, without its id
 
 
 def kept_open(request: bytes, *headers: bytes) -> bytes:

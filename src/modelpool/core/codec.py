@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 from modelpool.core.errors import BadRequest
@@ -28,6 +29,20 @@ CONTAINERS = (dict, list)
 
 class ResultError(ValueError):
     """A result line that cannot be accepted; the model broke the protocol."""
+
+
+class Answer(dict[str, Any]):
+    """A model's result, as parsed, and the JSON line it came as (`raw`, or None): where
+    that line is standard JSON as it stands, an HTTP answer sends it as it is, rather
+    than writing again what was just read (for a vector of floats, the most costly of
+    the service's own work for a request). The values are the same: a JSON reader
+    reads the same values from either. A library caller gets the dict."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, value: dict[str, Any], raw: bytes | None) -> None:
+        super().__init__(value)
+        self.raw = raw
 
 
 def parse_request(body: bytes) -> Any:
@@ -69,7 +84,7 @@ def encode_request(value: Any, id_field: str | None = None, id_value: str | None
 
 def parse_result(
     payload: bytes, id_field: str | None = None, id_value: str | None = None
-) -> dict[str, Any]:
+) -> Answer:
     """The JSON object a model printed after `result: `; ResultError if it is unusable.
 
     With an id field, the result must carry the id the request was sent with; the field
@@ -94,7 +109,12 @@ def parse_result(
             raise ResultError(
                 f"it carries the id {_short(got)} in {id_field!r}, not this request's {id_value}"
             )
-    return value
+        return Answer(value, None)  # the id field is taken out: written again
+    # Sent as it came unless a byte in it is not standard JSON as it stands: a BOM, or a
+    # control character (raw in a string, which the parser lets through; or whitespace,
+    # which is harmless, but rare enough not to tell apart).
+    standard = not payload.startswith(BOM) and _CONTROL.search(payload) is None
+    return Answer(value, payload.strip() + b"\n" if standard else None)
 
 
 def result_id(payload: bytes, id_field: str) -> Any:
@@ -133,6 +153,8 @@ def _reject_constant(name: str) -> Any:
 # call, which cost more than parsing or writing a small request. (orjson was tried: it
 # reads integers past 64 bits as floats, and writes NaN as null.)
 _DECODER = json.JSONDecoder(strict=False, parse_constant=_reject_constant)
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+BOM = b"\xef\xbb\xbf"
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 
 

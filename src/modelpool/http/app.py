@@ -22,7 +22,7 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from modelpool.core import logs
-from modelpool.core.codec import parse_request
+from modelpool.core.codec import Answer, parse_request
 from modelpool.core.errors import BadRequest, ModelFailed, PoolError
 from modelpool.core.job import Timing
 from modelpool.core.requestid import REQUEST_ID_HEADER, request_id_from
@@ -42,7 +42,10 @@ RETRY_AFTER_SECONDS = "1"
 
 
 def json_body(body: dict[str, Any]) -> bytes:
-    """An answer's body: one JSON object and a newline (what fastpath.py sends too)."""
+    """An answer's body: one JSON object and a newline (what fastpath.py sends too); a
+    model's result as its model wrote it, where that is standard JSON (codec.Answer)."""
+    if type(body) is Answer and body.raw is not None:
+        return body.raw
     return (json.dumps(body) + "\n").encode()
 
 
