@@ -174,14 +174,17 @@ async def test_a_result_in_standard_json_is_sent_as_the_model_wrote_it(
     """Not written again: its values are the same either way, and writing a vector of
     floats again was the service's dearest work for a request. A result line that is
     not standard JSON as it stands (a raw control character in a string, which the
-    parser lets through) is written again; so is one whose id field is taken out."""
+    parser lets through; a key twice in an object) is written again; so is one whose id
+    field is taken out."""
     as_written = '{"v": [1.5, 2.25e-07, 12345678901234567890],  "s": "\u00e9 é"}'
     with_a_tab = '{"t": "a\tb", "n": 1}'
+    twice = '{"k": 1, "k": 2}'  # readers differ: the last one, as before
     async with both_paths(monkeypatch) as servers:
         for server in servers:
             for line, body in (
                 (as_written, as_written.encode() + b"\n"),
                 (with_a_tab, b'{"t": "a\\tb", "n": 1}\n'),
+                (twice, b'{"k": 2}\n'),
             ):
                 request = json.dumps({"raw": "result: " + line}).encode()
                 answer = await exchange(server.url, post(request))

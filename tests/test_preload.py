@@ -325,7 +325,7 @@ def test_a_python_command_is_read_as_the_interpreter_reads_it(
     assert (parsed.flags, parsed.kind, parsed.target, parsed.args) == (flags, kind, target, args)
     launched = launcher_command(parsed, 7)
     assert launched[: 1 + len(flags)] == [command[0], *flags]
-    assert launched[1 + len(flags) :] == [str(LAUNCHER_PATH), "7", "{}", kind, target, *args]
+    assert launched[1 + len(flags) :] == [str(LAUNCHER_PATH), "7", kind, target, *args]
 
 
 @pytest.mark.parametrize(

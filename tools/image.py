@@ -72,7 +72,7 @@ DROPPED = (  # what a server image needs none of: apt's downloads and lists, doc
 )
 READY_WITHIN = 120.0  # seconds for the image's service to have a model ready
 STOP_WITHIN = 30.0  # seconds for it to stop after SIGTERM
-CANNOT_RUN = ("setrlimit", "OCI permission denied", "OCI runtime error", "cgroup")
+CANNOT_RUN = ("setrlimit", "OCI permission denied", "OCI runtime error")
 
 
 class ImageError(Exception):
@@ -94,6 +94,14 @@ def run(command: list[str], timeout: float, **kwargs: Any) -> subprocess.Complet
     return done
 
 
+def quietly(command: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run a check whose exit code is the answer; ImageError if it hangs."""
+    try:
+        return subprocess.run(command, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired as exc:
+        raise ImageError(f"{' '.join(command[:3])} ... took more than {timeout:g} s") from exc
+
+
 def version() -> str:
     with open(ROOT / "pyproject.toml", "rb") as file:
         return str(tomllib.load(file)["project"]["version"])
@@ -104,7 +112,7 @@ def version() -> str:
 
 def base_image(wanted: str) -> str:
     """`wanted` if podman has it or can pull it, else the base made here (once)."""
-    if subprocess.run(["podman", "image", "exists", wanted], check=False).returncode == 0:
+    if quietly(["podman", "image", "exists", wanted], timeout=60).returncode == 0:
         return wanted
     try:
         run(["podman", "pull", "--quiet", wanted], timeout=300)
@@ -113,7 +121,7 @@ def base_image(wanted: str) -> str:
         print(f"  cannot pull {wanted} ({str(exc).splitlines()[-1][:160]}): making a base")
     if wanted != DEFAULT_BASE:
         raise ImageError(f"the base {wanted} cannot be had; leave --base out to make one")
-    if subprocess.run(["podman", "image", "exists", MADE_BASE], check=False).returncode != 0:
+    if quietly(["podman", "image", "exists", MADE_BASE], timeout=60).returncode != 0:
         make_base()
     return MADE_BASE
 
@@ -146,6 +154,8 @@ def make_base() -> None:
             assert tar.stdout is not None
             tar.stdout.close()
             tar.wait()
+        if tar.returncode != 0:
+            raise ImageError(f"tar of the base's filesystem failed ({tar.returncode})")
         print(f"  made {MADE_BASE} in {time.monotonic() - started:.0f} s", flush=True)
 
 
@@ -200,6 +210,7 @@ class Running:
 
     def __init__(self, tag: str, image: dict[str, Any], key: str, port: int) -> None:
         self.tag, self.config, self.key, self.port = tag, image["Config"], key, port
+        self.name = f"modelpool-smoke-{port}"  # the container's, if one runs
         # HEALTHCHECK's ["CMD", ...], without "CMD" (kept by --format docker)
         self.health = list((image.get("Healthcheck") or {}).get("Test") or [])[1:]
         self.how = ""
@@ -209,7 +220,7 @@ class Running:
 
     def start(self) -> None:
         container = [
-            "podman", "run", "--rm", "--name", f"modelpool-smoke-{self.port}",
+            "podman", "run", "--rm", "--name", self.name,
             "--network", "host", "--cgroup-manager", "cgroupfs",
             "-e", f"MODELPOOL_API_KEY={self.key}", "-e", f"MODELPOOL_PORT={self.port}",
             self.tag,
@@ -241,35 +252,34 @@ class Running:
     def _chroot_argv(self, env: list[str], command: list[str]) -> list[str]:
         """`command` as the image runs it: its user, `env` alone, its working directory."""
         assert self.mount is not None
-        mount, user = self.mount, self.config.get("User") or "0:0"
+        user = self.config.get("User") or "0:0"
         workdir = self.config.get("WorkingDir") or "/"
-        script = (
-            f'mount --rbind /dev "{mount}/dev" && mount -t proc proc "{mount}/proc" && '
-            f'exec chroot --userspec="{user}" "{mount}" /usr/bin/env -i "$@"'
+        script = (  # $0: the image's root, $1: its user; then env -i's variables, command
+            'root=$0 user=$1; shift; mount --rbind /dev "$root/dev" && '
+            'mount -t proc proc "$root/proc" && '
+            'exec chroot --userspec="$user" "$root" /usr/bin/env -i "$@"'
         )
         in_workdir = ["/bin/sh", "-c", 'cd "$0" && exec "$@"', workdir, *command]
-        return ["unshare", "--mount", "sh", "-c", script, "sh", *env, *in_workdir]
+        return ["unshare", "--mount", "sh", "-c", script, self.mount, user, *env, *in_workdir]
 
     def run_in_image(self, command: list[str]) -> int:
         """`command` beside the service, as the image runs its own (the HEALTHCHECK's)."""
         if self.mount is None:
-            name = f"modelpool-smoke-{self.port}"
-            done = subprocess.run(["podman", "exec", name, *command], check=False, timeout=30)
-            return done.returncode
+            return quietly(["podman", "exec", self.name, *command], timeout=30).returncode
         env = [*self.config.get("Env", []), f"MODELPOOL_PORT={self.port}"]
-        argv = self._chroot_argv(env, command)
-        return subprocess.run(argv, check=False, timeout=30, capture_output=True).returncode
+        return quietly(self._chroot_argv(env, command), timeout=30).returncode
 
     def without_key(self) -> tuple[int, str]:
         """The entry point run without MODELPOOL_API_KEY, to its end: its exit code and
         what it said."""
         port = f"MODELPOOL_PORT={free_port()}"
         if self.mount is None:
-            argv = ["podman", "run", "--rm", "--network", "host", "-e", port, self.tag]
+            argv = ["podman", "run", "--rm", "--network", "host", "--cgroup-manager", "cgroupfs"]
+            argv += ["-e", port, self.tag]
         else:
             command = [*self.config.get("Entrypoint", []), *self.config.get("Cmd", [])]
             argv = self._chroot_argv([*self.config.get("Env", []), port], command)
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        done = quietly(argv, timeout=60)
         return done.returncode, done.stdout + done.stderr
 
     def user_id(self) -> int | None:
@@ -313,12 +323,14 @@ class Running:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        if self.proc is not None and self.mount is None:  # the container, not its client
+            quietly(["podman", "rm", "--force", "--time", "0", self.name], timeout=60)
         for pid in self.left_behind():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         if self.mount is not None:
             unmount = ["podman", "image", "unmount", self.tag]
-            subprocess.run(unmount, check=False, timeout=60, capture_output=True)
+            quietly(unmount, timeout=60)
         self.log.close()
 
 
@@ -437,9 +449,11 @@ def main() -> int:
         how = smoke_test(tag, image)
         derived = f"{tag.rsplit(':', 1)[0]}-with-a-model:test"
         print(f"a user's image, FROM {tag} with a model of theirs: {derived}", flush=True)
-        build_derived(tag, derived)
-        smoke_test(derived, inspect(derived), answer_has="mine")
-        run(["podman", "image", "rm", derived], timeout=60)
+        try:
+            build_derived(tag, derived)
+            smoke_test(derived, inspect(derived), answer_has="mine")
+        finally:
+            quietly(["podman", "image", "rm", "--force", derived], timeout=60)
     except ImageError as exc:
         print(f"image failed: {exc}")
         return 1

@@ -35,8 +35,10 @@ class Answer(dict[str, Any]):
     """A model's result, as parsed, and the JSON line it came as (`raw`, or None): where
     that line is standard JSON as it stands, an HTTP answer sends it as it is, rather
     than writing again what was just read (for a vector of floats, the most costly of
-    the service's own work for a request). The values are the same: a JSON reader
-    reads the same values from either. A library caller gets the dict."""
+    the service's own work for a request). A JSON reader reads the same values from
+    either, but for numbers written with more digits than a double holds, which reach
+    it as the model wrote them rather than rounded. Non-ASCII text goes out as the
+    model's UTF-8, not as escapes. A library caller gets the dict."""
 
     __slots__ = ("raw",)
 
@@ -90,8 +92,12 @@ def parse_result(
     With an id field, the result must carry the id the request was sent with; the field
     is removed before the result goes back to the caller.
     """
+    unique = True  # no object in it names a key twice (see Answer)
     try:
-        value = _loads(payload)
+        try:
+            value = _loads(payload, _RESULT_DECODER)
+        except _DuplicateKey:
+            unique, value = False, _loads(payload)
     except RecursionError:
         raise ResultError(f"JSON nested deeper than {MAX_RESULT_DEPTH}") from None
     except ValueError as exc:
@@ -112,8 +118,9 @@ def parse_result(
         return Answer(value, None)  # the id field is taken out: written again
     # Sent as it came unless a byte in it is not standard JSON as it stands: a BOM, or a
     # control character (raw in a string, which the parser lets through; or whitespace,
-    # which is harmless, but rare enough not to tell apart).
-    standard = not payload.startswith(BOM) and _CONTROL.search(payload) is None
+    # which is harmless, but rare enough not to tell apart); or an object names a key
+    # twice, which readers take differently (the first, the last, or an error).
+    standard = unique and not payload.startswith(BOM) and _CONTROL.search(payload) is None
     return Answer(value, payload.strip() + b"\n" if standard else None)
 
 
@@ -130,7 +137,7 @@ def result_id(payload: bytes, id_field: str) -> Any:
     return value.get(id_field) if isinstance(value, dict) else None
 
 
-def _loads(data: bytes) -> Any:
+def _loads(data: bytes, decoder: json.JSONDecoder | None = None) -> Any:
     """Parse UTF-8 JSON (a leading BOM is allowed, as RFC 8259 permits).
 
     Decoding here, rather than handing bytes to json.loads, keeps it from guessing
@@ -142,7 +149,7 @@ def _loads(data: bytes) -> Any:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise ValueError(f"not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    return _DECODER.decode(text)
+    return (decoder or _DECODER).decode(text)
 
 
 def _reject_constant(name: str) -> Any:
@@ -154,6 +161,23 @@ def _reject_constant(name: str) -> Any:
 # reads integers past 64 bits as floats, and writes NaN as null.)
 _DECODER = json.JSONDecoder(strict=False, parse_constant=_reject_constant)
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+
+
+class _DuplicateKey(Exception):
+    """An object names a key twice: the result is read again as before, the last one
+    taken, and written again (see Answer)."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise _DuplicateKey
+    return value
+
+
+_RESULT_DECODER = json.JSONDecoder(
+    strict=False, parse_constant=_reject_constant, object_pairs_hook=_unique_keys
+)
 BOM = b"\xef\xbb\xbf"
 _ENCODER = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True, allow_nan=False)
 

@@ -197,7 +197,7 @@ def _act(pool: RefreshedPool, worker: Worker, pid: int, seen: Seen) -> None:
     worker.memory_seen.note(pid, seen.shared_kib, seen.private_kib)
     if not seen.over or worker.retiring is not None or not worker.ready:
         return
-    if _replaced_once_immortal(pool, worker, pid):
+    if _replaced_once_immortal(pool, worker, pid, seen):
         return
     if worker.ask_recycle():
         assert seen.limit_kib is not None
@@ -209,13 +209,18 @@ def _act(pool: RefreshedPool, worker: Worker, pid: int, seen: Seen) -> None:
         pool._recycle(worker, why, RestartReason.REFRESH)
 
 
-def _replaced_once_immortal(pool: RefreshedPool, worker: Worker, pid: int) -> bool:
+def _replaced_once_immortal(pool: RefreshedPool, worker: Worker, pid: int, seen: Seen) -> bool:
     """Whether `pid` was forked before its template's objects were made immortal (while
-    the walk runs, or since it ended and before its replacement): it is replaced once
-    they are (immortal.py), so a refresh would only fork another child that copies what
-    it reads as this one did, and pause the walk with its fork. If the walk fails, none
-    is waited for (`mortal` empties) and the refresh is back."""
-    if pool.preloader is None:
+    the walk runs, or since it ended and before its replacement), and holds no more than
+    a copy of its template: it is replaced once they are (immortal.py), so a refresh
+    would only fork another child that copies what it reads as this one did, and pause
+    the walk with its fork. What copying can cost is bounded by the template's size; a
+    child that holds more is refreshed as any other. If the walk fails, none is waited
+    for (`mortal` empties) and the refresh is back."""
+    if pool.preloader is None or seen.limit_kib is None:
         return False
     template = pool.preloader.templates.get(worker.generation)
-    return template is not None and pid in template.immortality.mortal
+    if template is None or pid not in template.immortality.mortal:
+        return False
+    whole_template = seen.limit_kib * 100 / pool.config.preload_max_private
+    return seen.private_kib <= whole_template

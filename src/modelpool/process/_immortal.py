@@ -147,14 +147,18 @@ class Walk:
         """
         words, skip, stack = self._words, self._skip, self._stack
         deadline = time.monotonic() + seconds
-        marked = 0
+        marked = passed = 0
         budget = CHECK_EVERY
         atoms, flat, frame = ATOMS, FLAT, types.FrameType
         while stack:
             for obj in stack[-1]:
                 index = id(obj) >> 3
-                if words[index] & IMMORTAL_BIT:
-                    continue  # seen, or the interpreter's own
+                if words[index] & IMMORTAL_BIT:  # seen, or the interpreter's own
+                    passed += 1
+                    if passed >= CHECK_EVERY:  # a long run of them: a look at the clock
+                        passed, budget = 0, marked
+                        break
+                    continue
                 kind = type(obj)
                 if kind in atoms:
                     words[index] = IMMORTAL_REFCNT

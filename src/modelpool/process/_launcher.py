@@ -102,6 +102,7 @@ if TYPE_CHECKING:
 
 TOKEN_VAR = "MODELPOOL_MODEL"
 ROOM_VAR = "MODELPOOL_ENV_ROOM"  # room for a child's variables, see _EnvTail
+PLAIN_VAR = "MODELPOOL_PLAIN_ENV"  # JSON: a plain model's thread variables (_become_plain)
 MAX_MESSAGE = 64 * 1024
 ENV_START_FIELD = 50  # /proc/PID/stat fields (1-based): where the initial environment is
 HARMLESS_DEVICE_MAJOR = 1  # /dev/null, /dev/zero, /dev/urandom and friends
@@ -124,6 +125,15 @@ def _initial_environment() -> list[tuple[int, bytes]]:
         entries.append((start + offset, entry))
         offset += len(entry) + 1
     return entries
+
+
+def _blank_initial(name: str) -> None:
+    """Write NUL bytes over the variable `name` in this process's initial environment
+    (empty entries to readers of /proc/PID/environ), which its children copy."""
+    key = name.encode() + b"="
+    for address, entry in _initial_environment():
+        if entry.startswith(key):
+            ctypes.memmove(address, b"\0" * len(entry), len(entry))
 
 
 class _EnvSlot:
@@ -881,9 +891,10 @@ def _model_frames(tb: types.TracebackType | None) -> types.TracebackType | None:
 
 
 def main() -> None:
-    control_fd, plain, kind, target, *args = sys.argv[1:]
+    control_fd, kind, target, *args = sys.argv[1:]
     os.environ.pop(ROOM_VAR, None)  # the model sees none of it; /proc/PID/environ keeps it
-    plain_env = json.loads(plain)  # its environment as a plain model (_become_plain)
+    plain_env = json.loads(os.environ.pop(PLAIN_VAR, "") or "{}")
+    _blank_initial(PLAIN_VAR)  # nor its children, in /proc/PID/environ
     control = socket.socket(fileno=int(control_fd))
     control.set_inheritable(False)
     template = _Template(control, plain_env)

@@ -4,14 +4,11 @@ The launcher (`_launcher.py`) is a file of this package that the model's own int
 runs by path, so its path is known here, beside it, and nowhere else: settings reads a
 model's command the way the interpreter reads it (`settings/pycommand.py`) and refuses
 one that cannot be preloaded, but does not know where, or what, the launcher is.
-`python3 -u model.py --x` becomes
-`python3 -u <launcher> <control fd> <plain env> script model.py --x`.
+`python3 -u model.py --x` becomes `python3 -u <launcher> <control fd> script model.py --x`.
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Mapping
 from pathlib import Path
 
 from modelpool.settings.pycommand import PythonCommand
@@ -19,14 +16,8 @@ from modelpool.settings.pycommand import PythonCommand
 LAUNCHER_PATH = Path(__file__).with_name("_launcher.py")
 
 
-def launcher_command(
-    command: PythonCommand, control_fd: int, plain_env: Mapping[str, str | None] | None = None
-) -> list[str]:
+def launcher_command(command: PythonCommand, control_fd: int) -> list[str]:
     """The command that runs this model under the launcher, with the model's own
-    interpreter and interpreter flags; the launcher speaks to the pool on `control_fd`.
-    `plain_env`: the variables (None: unset) that make it a plain model's environment
-    if it cannot be forked (see lending.py), on its command line, not in the environment
-    its children would show in /proc/PID/environ."""
-    plain = json.dumps(dict(plain_env or {}), separators=(",", ":"))
-    launcher = [str(LAUNCHER_PATH), str(control_fd), plain, command.kind, command.target]
+    interpreter and interpreter flags; the launcher speaks to the pool on `control_fd`."""
+    launcher = [str(LAUNCHER_PATH), str(control_fd), command.kind, command.target]
     return [command.interpreter, *command.flags, *launcher, *command.args]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import logging
 import os
 import signal
@@ -38,7 +39,8 @@ log = logging.getLogger("modelpool.preload")
 
 FORK_TIMEOUT = 5.0  # seconds a template gets to answer a fork request
 HEALTHY_UPTIME = 30.0  # a template that served this long ends a run of failures
-OWN_VARIABLES = (TOKEN_VAR, ROOM_VAR)  # the launcher's business, in no fork request
+PLAIN_VAR = "MODELPOOL_PLAIN_ENV"  # as _launcher.py's: a plain model's thread variables
+OWN_VARIABLES = (TOKEN_VAR, ROOM_VAR, PLAIN_VAR)  # the launcher's business, in no fork request
 TEMPLATE_TOKEN_LENGTH = 64
 """Characters of a template's containment token: room for any child's token.
 
@@ -117,6 +119,9 @@ class Template:
         """Hard stop: SIGKILL the template and what it started (not its children) now."""
         if self._model is not None:
             self._model.kill_group()
+        lending = self._lending
+        if lending is not None and lending.borrower is None:  # no worker's: ours to kill
+            lending.model.kill_group()
         self.stop()
 
     async def _keep_loaded(self) -> None:
@@ -157,8 +162,10 @@ class Template:
         try:
             python = parse_python_command(self.config.model_cmd)
             ones = threads.template_variables(self.config)  # one thread each: see threads.py
-            command = launcher_command(python, theirs.fileno(), self._plain_variables(ones))
+            command = launcher_command(python, theirs.fileno())
             env = {**(self.config.env or {}), **ones}
+            if ones:  # for the launcher, if it becomes a plain model (lending.py)
+                env[PLAIN_VAR] = json.dumps(self._plain_variables(ones))
             config = replace(self.config, model_cmd=command, env=env)  # one thread each
             starter = Spawner(self._reaper, pass_fds=[theirs.fileno()])
             token = self._reaper.new_token().ljust(TEMPLATE_TOKEN_LENGTH, ".")
