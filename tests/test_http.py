@@ -72,10 +72,23 @@ async def test_requests_sent_before_the_models_are_ready_wait_for_them() -> None
         ready = await server.client.get("/readyz")
         assert ready.status_code == 503
         assert ready.json()["ready"] == 0
-        started = trio.current_time()
-        responses = await post_many(server.client, [{"data": 0}] * 3)
+        responses: list[httpx.Response] = []
+        seen_waiting: list[dict] = []
+
+        async def send() -> None:
+            responses.extend(await post_many(server.client, [{"data": 0}] * 3))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            while not responses:  # the three wait in the queue while no model is ready
+                status = (await server.client.get("/status")).json()
+                if status["queue"] == 3:
+                    seen_waiting.append(status)
+                    break
+                await trio.sleep(0.02)
+        assert seen_waiting, "the requests were never seen waiting"
+        assert {worker["state"] for worker in seen_waiting[0]["workers"]} == {"starting"}
         assert [r.json() for r in responses] == [{"ice_found": True}] * 3
-        assert trio.current_time() - started > 1.2
         assert (await server.client.get("/readyz")).status_code == 200
 
 
