@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from pathlib import Path
 
 import pytest
 import trio
 
-from conftest import hostile
+from conftest import hostile, wait_until
 from modelpool import PoolConfig, open_pool
 from modelpool.process.threads import VARIABLES
 
@@ -139,6 +140,60 @@ async def test_a_template_unsafe_at_its_fork_point_serves_as_a_plain_model(
         assert len(started_pids(starts)) == 2  # the new generation's template, adopted
     with pytest.raises(ProcessLookupError):
         os.kill(answer["pid"], 0)
+
+
+async def test_a_lent_template_that_is_killed_is_replaced_by_a_plain_start(
+    tmp_path: Path,
+) -> None:
+    """The worker owns the model it took: killed, it is replaced as a plain model is
+    (a load of its own: the template is not lent twice), and nothing is left behind."""
+    starts = tmp_path / "starts"
+    config = PoolConfig(
+        model_cmd=hostile("unsafe_at_fork.py"),
+        workers=1,
+        preload=True,
+        backoff_initial=0.05,
+        env={"UNSAFE": "thread", "STARTS_FILE": str(starts)},
+    )
+    async with open_pool(config) as pool:
+        await pool.wait_ready()
+        lent = (await pool.predict({}))["pid"]
+        assert pool.status()["template"]["adopted_by"] == "worker 0"
+        os.kill(lent, signal.SIGKILL)
+        worker = pool.workers[0]
+        await wait_until(lambda: worker.ready and worker.pid != lent, 20, "a new model")
+        answer = await pool.predict({})
+        assert answer["pid"] != lent and started_pids(starts) == [lent, answer["pid"]]
+        assert pool.status()["workers"][0]["start"]["method"] == "spawn"
+    with pytest.raises(ProcessLookupError):
+        os.kill(answer["pid"], 0)
+
+
+async def test_a_pool_stopped_while_its_lent_template_still_loads_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    """Found unsafe while it loads, lent, and the pool stopped before it is ready: the
+    template is stopped with the other models, at once, not after its load."""
+    starts = tmp_path / "starts"
+    config = PoolConfig(
+        model_cmd=hostile("c_thread_pool.py"),
+        workers=2,
+        preload=True,
+        env={"LOAD_SECONDS": "60", "STARTS_FILE": str(starts)},
+    )
+    started = trio.current_time()
+    async with open_pool(config) as pool:
+
+        def lent() -> bool:
+            template = pool.status()["template"]
+            return template is not None and template["adopted_by"] is not None
+
+        await wait_until(lent, 20, "the template lent while it loads")
+        await wait_until(lambda: len(started_pids(starts)) == 2, 20, "both models loading")
+    assert trio.current_time() - started < 30  # not its 60 s load
+    for pid in started_pids(starts):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 async def test_a_progress_bar_is_logged_once_as_its_last_state(
