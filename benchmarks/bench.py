@@ -66,7 +66,7 @@ from typing import Any
 import httpx
 import trio
 
-from benchtools import free_port, rss_mib, stop_group
+from benchtools import cpu_of, free_port, rss_mib, stat_fields, stop_group
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = Path(__file__).resolve().parent / "baselines"
@@ -262,19 +262,18 @@ def group_cpu_seconds(pgid: int) -> float:
     model3 processes left out: what the HTTP side costs, on a machine too busy for
     req/s alone to tell. (A server under test is its own group; modelpool's models are
     in sessions of their own anyway.)"""
-    ticks = 0
+    total = 0.0
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
-            fields = stat[stat.rindex(")") + 2 :].split()  # from the state on: man 5 proc
+            fields = stat_fields(entry.name)
             if int(fields[2]) != pgid or b"model3" in (entry / "cmdline").read_bytes():
                 continue
-            ticks += int(fields[11]) + int(fields[12])
+            total += cpu_of(fields)
         except (OSError, ValueError):
             continue  # it exited meanwhile
-    return ticks / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def overhead(

@@ -63,7 +63,7 @@ from typing import Any
 import httpx
 import trio
 
-from benchtools import free_port, model_pids, pss_mib, stop_group
+from benchtools import cpu_seconds, free_port, model_pids, pss_mib, stop_group
 
 ROOT = Path(__file__).resolve().parent
 MODEL = ROOT / "minilm_model.py"
@@ -321,17 +321,6 @@ def drive_rounds(
         results[key]["req_s_each"] = each
         results[key]["front_cpu_ms"] = round(statistics.median(f for f, _ in cpu[key]), 2)
         results[key]["models_cpu_ms"] = round(statistics.median(m for _, m in cpu[key]), 2)
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    """User and system CPU seconds the processes `pids` have used so far (their own, not
-    their children's): per request, where a server's CPU goes."""
-    ticks = 0
-    for pid in pids:
-        with contextlib.suppress(OSError):
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            ticks += int(fields[11]) + int(fields[12])
-    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def ready_only(server: Modelpool) -> dict[str, Any]:

@@ -1,6 +1,6 @@
-"""What the benchmark sessions share: a free loopback port, a process's memory, the stop
-of a server's process group, and the CPython 3.12+ interpreters installed beside this
-one."""
+"""What the benchmark sessions share: a free loopback port, a process's memory and CPU
+time, the stop of a server's process group, and the CPython 3.12+ interpreters installed
+beside this one."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,28 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def stat_fields(pid: int | str) -> list[str]:
+    """A process's /proc/PID/stat from its state on (man 5 proc: field N is [N - 3]);
+    OSError if it is gone."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2 :].split()
+
+
+def cpu_of(fields: list[str]) -> float:
+    """User and system CPU seconds a process has used so far (its own, not its
+    children's), from its `stat_fields`."""
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """`cpu_of` the processes `pids`, summed; one that is gone counts nothing."""
+    total = 0.0
+    for pid in pids:
+        with contextlib.suppress(OSError, ValueError):
+            total += cpu_of(stat_fields(pid))
+    return total
 
 
 def pss_mib(pid: int) -> float:
