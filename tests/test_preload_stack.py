@@ -108,6 +108,18 @@ async def test_a_fallback_reaches_every_model_ready_no_later_than_plain_starts(
             os.kill(pid, 0)
 
 
+def kept_thread(starts: Path, **overrides: object) -> PoolConfig:
+    """One worker, preloaded, of a model that keeps a thread running once loaded (never
+    safe to fork) and writes its pid to `starts` as it starts."""
+    options: dict = {
+        "model_cmd": hostile("unsafe_at_fork.py"),
+        "workers": 1,
+        "preload": True,
+        "env": {"UNSAFE": "thread", "STARTS_FILE": str(starts)},
+    }
+    return PoolConfig(**(options | overrides))
+
+
 async def test_a_template_unsafe_at_its_fork_point_serves_as_a_plain_model(
     tmp_path: Path,
 ) -> None:
@@ -116,13 +128,7 @@ async def test_a_template_unsafe_at_its_fork_point_serves_as_a_plain_model(
     the template's one thread; it is loaded once, and stops with its worker, in a
     reload as at the end."""
     starts = tmp_path / "starts"
-    config = PoolConfig(
-        model_cmd=hostile("unsafe_at_fork.py"),
-        workers=1,
-        preload=True,
-        model_threads=2,
-        env={"UNSAFE": "thread", "STARTS_FILE": str(starts)},
-    )
+    config = kept_thread(starts, model_threads=2)
     async with open_pool(config) as pool:
         await pool.wait_ready()
         status = pool.status()
@@ -148,13 +154,7 @@ async def test_a_lent_template_that_is_killed_is_replaced_by_a_plain_start(
     """The worker owns the model it took: killed, it is replaced as a plain model is
     (a load of its own: the template is not lent twice), and nothing is left behind."""
     starts = tmp_path / "starts"
-    config = PoolConfig(
-        model_cmd=hostile("unsafe_at_fork.py"),
-        workers=1,
-        preload=True,
-        backoff_initial=0.05,
-        env={"UNSAFE": "thread", "STARTS_FILE": str(starts)},
-    )
+    config = kept_thread(starts, backoff_initial=0.05)
     async with open_pool(config) as pool:
         await pool.wait_ready()
         lent = (await pool.predict({}))["pid"]
