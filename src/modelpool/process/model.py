@@ -84,10 +84,9 @@ async def open_model(
     starter = starter or Spawner(reaper)
     adopted = await starter.adopt(config, name)
     if adopted is not None:  # a model already loaded, stopped by its owner
-        async with adopted as model:
+        async with adopted as model:  # the template's log says so (template.lend)
             assert isinstance(model, ModelProcess)
             logs.set_field("pid", model.pid)
-            log.info("%s takes over its loaded template as a plain model", model.name)
             yield model
         return
     token = token or reaper.new_token()
