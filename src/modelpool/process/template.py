@@ -177,10 +177,10 @@ class Template:
                 theirs.close()
                 first = await first_word(sock, model, self.name)
                 if first.get("event") != "fork_point":
-                    # The launcher made it a plain model: the first worker to start takes it.
-                    lend = first.get("event") == "unsafe" and not self.config.devices
-                    if lend:
-                        self._lending = Lending(model)  # before the workers hear of it
+                    # The launcher made it a plain model: the first worker to start takes it
+                    # (lent before the workers hear of the fallback).
+                    if first.get("event") == "unsafe" and not self.config.devices:
+                        self._lending = Lending(model)
                     self._fall_back(str(first.get("reason", first)))
                     if self._lending is not None:
                         await self._lending.lend()
