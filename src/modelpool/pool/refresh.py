@@ -49,7 +49,7 @@ from modelpool.process import procfs
 
 if TYPE_CHECKING:
     from modelpool.pool.worker import Worker
-    from modelpool.process.preload import Preloader
+    from modelpool.process.preload import Preloader, Template
 
 GLANCE_INTERVAL = 0.1  # seconds between two glances at the forked children's page faults
 MEASURE_SHARE = 0.02  # of the time, a glance may spend measuring any one child, at most
@@ -183,12 +183,16 @@ async def watch_preloaded(pool: RefreshedPool) -> None:
             await pool.stopped.wait()
 
 
-def _template_pid(pool: RefreshedPool, worker: Worker) -> int | None:
-    """The pid of the template `worker`'s model was forked from (of its generation: the
-    one loaded now, if its first died since); None if it was not forked."""
+def _template_of(pool: RefreshedPool, worker: Worker) -> Template | None:
+    """The template `worker`'s model was forked from (of its generation: the one loaded
+    now, if its first died since); None if it was not forked."""
     if not worker.forked or pool.preloader is None:
         return None
-    template = pool.preloader.templates.get(worker.generation)
+    return pool.preloader.templates.get(worker.generation)
+
+
+def _template_pid(pool: RefreshedPool, worker: Worker) -> int | None:
+    template = _template_of(pool, worker)
     return None if template is None else template.pid
 
 
@@ -217,10 +221,8 @@ def _replaced_once_immortal(pool: RefreshedPool, worker: Worker, pid: int, seen:
     the walk with its fork. What copying can cost is bounded by the template's size; a
     child that holds more is refreshed as any other. If the walk fails, none is waited
     for (`mortal` empties) and the refresh is back."""
-    if pool.preloader is None or seen.limit_kib is None:
-        return False
-    template = pool.preloader.templates.get(worker.generation)
-    if template is None or pid not in template.immortality.mortal:
+    template = _template_of(pool, worker)
+    if template is None or seen.limit_kib is None or pid not in template.immortality.mortal:
         return False
     whole_template = seen.limit_kib * 100 / pool.config.preload_max_private
     return seen.private_kib <= whole_template
