@@ -7,6 +7,7 @@ asserts that not one of them failed while the operation ran.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import sys
@@ -21,6 +22,7 @@ import trio
 
 from conftest import SCRIPTED, hostile, hostile_config, running_server, scripted_config, wait_until
 from modelpool import PoolConfig, open_pool
+from modelpool.core.kinds import RestartReason
 from serverproc import server_process, wait_listening, wait_ready
 
 SLOW_START = {"SCRIPTED_INIT_SECONDS": "0.5"}  # a new model takes a while, as real ones do
@@ -403,3 +405,20 @@ def test_pool_config_checks_the_new_limits() -> None:
     for bad in ({"max_requests": 0}, {"max_requests_jitter": -1}, {"model_max_rss": -5.0}):
         with pytest.raises(ConfigError):
             PoolConfig(**bad)
+
+
+async def test_a_recycle_asked_for_a_model_that_died_since_is_dropped() -> None:
+    async with open_pool(scripted_config()) as pool:
+        await pool.wait_ready()
+        worker = pool.workers[0]
+        asked_for = worker.pid
+        assert asked_for is not None
+        os.kill(asked_for, signal.SIGKILL)  # dies idle: the worker starts a fresh model
+        await wait_until(lambda: worker.ready and worker.pid not in (asked_for, None), 10, "fresh")
+        await pool.operations.recycle(worker, "test", RestartReason.RECYCLED, asked_for)
+        assert pool.workers == [worker] and worker.retiring is None
+        assert pool.metrics.value("modelpool_model_restarts_total", reason="recycled") == 0
+        # the model it runs now is recycled as asked
+        await pool.operations.recycle(worker, "test", RestartReason.RECYCLED, worker.pid)
+        await wait_until(lambda: pool.workers != [worker], 10, "its replacement")
+        assert worker.retiring is not None

@@ -282,17 +282,26 @@ class Operations:
     # -- recycling --------------------------------------------------------------------
 
     async def recycle(
-        self, worker: Worker, reason: str, metric_reason: RestartReason = RestartReason.RECYCLED
+        self,
+        worker: Worker,
+        reason: str,
+        metric_reason: RestartReason = RestartReason.RECYCLED,
+        pid: int | None = None,
     ) -> None:
         """Replace one worker by surge, with the same command and generation.
 
-        If its replacement fails to start, the worker keeps serving and the recycle is
-        asked for again after RECYCLE_RETRY seconds (the next request may ask sooner).
+        `pid` is the model the recycle was asked for (past --max-requests, a memory
+        limit): if the worker has another by the time the surge starts (that one died
+        and was replaced), the new one is fresh and the recycle is dropped. If its
+        replacement fails to start, the worker keeps serving and the recycle is asked
+        for again after RECYCLE_RETRY seconds (the next request may ask sooner).
         """
         if worker.retiring is not None:
             return
         log.info("%s: %s; starting its replacement", worker.name, reason)
-        step = await self._surge_replace(worker, worker.config, worker.generation, metric_reason)
+        step = await self._surge_replace(
+            worker, worker.config, worker.generation, metric_reason, pid
+        )
         if "failed" in step and worker.retiring is None:
             log.error("%s: its replacement failed to start (%s)", worker.name, step["failed"])
             with trio.move_on_after(RECYCLE_RETRY):
@@ -302,13 +311,22 @@ class Operations:
     # -- the surge ----------------------------------------------------------------------
 
     async def _surge_replace(
-        self, old: Worker, config: PoolConfig, generation: int, reason: RestartReason
+        self,
+        old: Worker,
+        config: PoolConfig,
+        generation: int,
+        reason: RestartReason,
+        pid: int | None = None,
     ) -> dict[str, Any]:
-        """Start a worker beside `old`; once its model is ready, retire `old`."""
+        """Start a worker beside `old`; once its model is ready, retire `old`. With `pid`,
+        only while `old` still runs that model."""
         pool = self._pool
         async with self._surge:
             if old.retiring is not None or pool.closing:
                 return {"replaced": old.index, "skipped": "already retiring or shutting down"}
+            if pid is not None and old.pid != pid:
+                log.info("%s: the model to replace [pid %d] is gone; not replaced", old.name, pid)
+                return {"replaced": old.index, "skipped": "its model was replaced already"}
             new = pool._add_worker(config, generation, trial=True, device=old.device)
             await first_model(new)
             if not new.became_ready.is_set():

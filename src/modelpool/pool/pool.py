@@ -258,9 +258,10 @@ class Pool:
     def _recycle(
         self, worker: Worker, why: str, reason: RestartReason = RestartReason.RECYCLED
     ) -> None:
-        """Replace a worker by surge (its replacement is ready before it retires)."""
+        """Replace a worker by surge (its replacement is ready before it retires), for
+        what its model now is: the one asked about (see Operations.recycle)."""
         if not self.closing:
-            self._nursery.start_soon(self.operations.recycle, worker, why, reason)
+            self._nursery.start_soon(self.operations.recycle, worker, why, reason, worker.pid)
 
     def _replace_models(self, pids: set[int], why: str, reason: RestartReason) -> None:
         """Replace by surge each worker whose model is one of `pids` (once per model): a
