@@ -22,8 +22,10 @@ if TYPE_CHECKING:
         QueueTimeout,
         QueueUnavailable,
         ShuttingDown,
+        UnknownModel,
     )
     from modelpool.core.job import Timing
+    from modelpool.pool.fleet import Fleet, open_fleet
     from modelpool.pool.metrics import PoolMetrics
     from modelpool.pool.pool import Pool
     from modelpool.pool.report import Health
@@ -45,6 +47,9 @@ _WHERE = {
     "QueueTimeout": "core.errors",
     "QueueUnavailable": "core.errors",
     "ShuttingDown": "core.errors",
+    "UnknownModel": "core.errors",
+    "Fleet": "pool.fleet",
+    "open_fleet": "pool.fleet",
     "Timing": "core.job",
     "PoolMetrics": "pool.metrics",
     "Health": "pool.report",
@@ -56,6 +61,7 @@ __all__ = [
     "BadRequest",
     "ConfigError",
     "FirstStartFailed",
+    "Fleet",
     "Health",
     "ModelCommandError",
     "ModelFailed",
@@ -71,6 +77,8 @@ __all__ = [
     "ServerConfig",
     "ShuttingDown",
     "Timing",
+    "UnknownModel",
+    "open_fleet",
     "open_pool",
 ]
 

@@ -19,8 +19,8 @@ import trio
 from modelpool.cli.parser import parse
 from modelpool.core import logs
 from modelpool.core.errors import FirstStartFailed, ModelCommandError
+from modelpool.pool.fleet import open_fleet
 from modelpool.pool.pool import Pool
-from modelpool.pool.running import open_pool
 from modelpool.process.reaper import Reaper
 from modelpool.service.binding import CannotListen
 from modelpool.service.sdnotify import Notifier
@@ -58,11 +58,12 @@ async def run_worker(config: PoolConfig) -> None:
     """
     notifier = Notifier.from_environment()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-        async with open_pool(config, Reaper(adopt_orphans=True)) as pool:
+        async with open_fleet(config, Reaper(adopt_orphans=True)) as fleet:
+            pool = fleet.default  # a node of a cluster runs one model (PoolConfig checks)
             log.info("worker node %s: %d model(s) taking jobs", pool.node, len(pool.workers))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(notifier.watchdog)
-                nursery.start_soon(notifier.follow, pool)
+                nursery.start_soon(notifier.follow, fleet)
                 nursery.start_soon(_on_signals, signals, PoolNode(pool), nursery, notifier)
                 await pool.stopped.wait()
                 nursery.cancel_scope.cancel()

@@ -139,9 +139,25 @@ def _add_options(group: argparse._ArgumentGroup, options: list[Option]) -> None:
             group.add_argument(
                 each.flag, dest=each.name, action=switch, default=UNSET, help=help_text
             )
+        elif each.repeated:
+            read = _type(each.convert)
+            group.add_argument(
+                each.flag, dest=each.name, type=read, action=Merge, default=UNSET, help=help_text
+            )
         else:
             read = _type(each.convert)
             group.add_argument(each.flag, type=read, default=UNSET, help=help_text)
+
+
+class Merge(argparse.Action):
+    """A flag given many times (`--model a=... --model b=...`): each value is a mapping,
+    and the option's value is their union, the later one winning a name given twice."""
+
+    def __call__(
+        self, parser: Any, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        earlier = getattr(namespace, self.dest, UNSET)
+        setattr(namespace, self.dest, values if earlier is UNSET else {**earlier, **values})
 
 
 def _type(convert: Callable[[str], Any]) -> Callable[[str], Any]:

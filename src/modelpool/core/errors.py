@@ -53,6 +53,21 @@ class BadRequest(DetailedError):
     outcome = Outcome.BAD_REQUEST
 
 
+class UnknownModel(DetailedError):
+    """The request names a model the service does not serve; `models` are those it does."""
+
+    message = "unknown model"
+    status = 404
+    outcome = Outcome.BAD_REQUEST
+
+    def __init__(self, name: str, models: Sequence[str]) -> None:
+        super().__init__(f"no model is named {name!r}; the models are: {', '.join(models)}")
+        self.models = list(models)
+
+    def payload(self) -> dict[str, Any]:
+        return {**super().payload(), "models": self.models}
+
+
 class QueueFull(PoolError):
     """Too many requests are already waiting; the caller should retry later."""
 

@@ -25,8 +25,9 @@ from typing import Any
 from quart import Response, g, request
 from quart_trio import QuartTrio
 
+from modelpool.core.errors import UnknownModel
+from modelpool.pool.fleet import Fleet
 from modelpool.pool.operations import Busy, OperationFailed
-from modelpool.pool.pool import Pool
 from modelpool.settings.checks import ConfigError, is_loopback
 from modelpool.settings.options import option
 from modelpool.settings.pool_options import WORKERS
@@ -42,8 +43,11 @@ class AdminRequestError(ValueError):
 
 
 def add_admin_routes(
-    app: QuartTrio, pool: Pool, api_key_set: bool, json_response: Callable[..., Response]
+    app: QuartTrio, fleet: Fleet, api_key_set: bool, json_response: Callable[..., Response]
 ) -> None:
+    """Each route's body may name a `"model"` (the default one's otherwise); with several
+    models, a scale is of the slots (Fleet.scale_slots)."""
+
     def answer(status: int, body: dict[str, Any]) -> Response:
         return json_response(status, {**body, "request_id": g.get("request_id")})
 
@@ -78,7 +82,7 @@ def add_admin_routes(
     def route(
         what: str,
         read: Callable[[dict[str, Any]], Any],
-        operation: Any,
+        operation_of: Callable[[str | None], Any],
         key_only: Callable[[dict[str, Any]], str | None] = lambda options: None,
     ) -> None:
         """POST /admin/<what>: check who asks, read the body, run the operation, report.
@@ -93,9 +97,13 @@ def add_admin_routes(
                 return answer(415, {"error": "unsupported media type", "detail": NEEDS_JSON})
             try:
                 options = await body()
+                model = _model(options)
+                pool = fleet.pool(model)
                 argument = read(options)
             except AdminRequestError as exc:
                 return answer(400, {"error": "bad request", "detail": str(exc)})
+            except UnknownModel as exc:
+                return answer(404, exc.payload())
             if not api_key_set and (reason := key_only(options)) is not None:
                 return forbidden(reason)
             who = request.remote_addr or "-"
@@ -103,7 +111,13 @@ def add_admin_routes(
             if pool.closing:
                 return answer(503, {"error": "shutting down"})
             try:
-                report = await pool.operations.detached(operation, argument)
+                operation = operation_of(model)
+                if fleet.slots is not None and what == "scale":
+                    report = await operation(argument)
+                else:
+                    report = await pool.operations.detached(operation, argument)
+            except ValueError as exc:
+                return answer(409, {"error": "not possible", "detail": str(exc)})
             except Busy as exc:
                 log.warning("admin: %s asked by %s refused: %s", what, who, exc)
                 return answer(409, {"error": "busy", "detail": str(exc)})
@@ -115,8 +129,21 @@ def add_admin_routes(
 
         app.add_url_rule(f"/admin/{what}", f"admin_{what}", handle, methods=["POST"])
 
-    route("reload", _model_cmd, pool.operations.reload, _changes_command)
-    route("scale", _workers, pool.operations.scale)
+    def scale_of(model: str | None) -> Any:
+        if fleet.slots is None:
+            return fleet.pool(model).operations.scale
+        return lambda workers: fleet.scale_slots(workers, model)
+
+    route("reload", _model_cmd, lambda model: fleet.pool(model).operations.reload, _changes_command)
+    route("scale", _workers, scale_of)
+
+
+def _model(options: dict[str, Any]) -> str | None:
+    """The model a body names (taken out of it), or None: the default one."""
+    model = options.pop("model", None)
+    if model is not None and not isinstance(model, str):
+        raise AdminRequestError("model must be a model's name")
+    return model
 
 
 def _changes_command(options: dict[str, Any]) -> str | None:

@@ -23,7 +23,7 @@ from werkzeug.exceptions import HTTPException
 
 from modelpool.core import logs
 from modelpool.core.codec import Answer, parse_request
-from modelpool.core.errors import BadRequest, ModelFailed, PoolError
+from modelpool.core.errors import BadRequest, ModelFailed, PoolError, UnknownModel
 from modelpool.core.job import Timing
 from modelpool.core.requestid import REQUEST_ID_HEADER, request_id_from
 from modelpool.http._quart import allowed_methods
@@ -31,6 +31,7 @@ from modelpool.http.admin import add_admin_routes
 from modelpool.http.auth import ApiKey
 from modelpool.http.connections import Connections
 from modelpool.http.origins import Origins
+from modelpool.pool.fleet import Fleet
 from modelpool.pool.pool import Pool
 from modelpool.settings.config import ServerConfig
 
@@ -66,14 +67,16 @@ class ModelpoolApp(QuartTrio):
 
 
 def create_app(
-    pool: Pool,
+    fleet: Fleet,
     config: ServerConfig,
     connections: Connections | None = None,
     *,
     origins: Origins | None,
 ) -> QuartTrio:
-    """The app; `origins` judges each request's Host and Origin (origins.guard_for: None
-    when an API key is set)."""
+    """The app for the models of `fleet` (one, or several by name: POST /predict asks
+    the default one); `origins` judges each request's Host and Origin
+    (origins.guard_for: None when an API key is set)."""
+    pool = fleet.default
     app = ModelpoolApp("modelpool")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body
     app.config["BODY_TIMEOUT"] = config.body_timeout
@@ -114,19 +117,43 @@ def create_app(
 
     @app.post("/predict")
     async def predict() -> Response:
+        return await predict_with(pool)
+
+    @app.post("/models/<name>/predict")
+    async def predict_model(name: str) -> Response:
+        try:
+            model = fleet.pool(name)
+        except UnknownModel as exc:
+            exc.request_id = g.request_id
+            return pool_error_response(exc)
+        return await predict_with(model)
+
+    async def predict_with(model: Pool) -> Response:
         try:
             try:
                 body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
                 value = parse_request(body)
             except BadRequest:
-                pool.metrics.request_done(BadRequest.outcome, time.perf_counter() - g.started)
+                model.metrics.request_done(BadRequest.outcome, time.perf_counter() - g.started)
                 raise
             g.timing = Timing()
-            result = await pool.predict(value, g.request_id, g.timing)
+            result = await model.predict(value, g.request_id, g.timing)
         except PoolError as exc:
             exc.request_id = g.request_id
             return pool_error_response(exc, config.expose_model_stderr)
         return json_response(200, result)
+
+    @app.get("/models")
+    async def models() -> Response:
+        return json_response(200, {"default": fleet.default_name, "models": fleet.models()})
+
+    @app.get("/models/<name>")
+    async def model(name: str) -> Response:
+        try:
+            return json_response(200, fleet.describe(name))
+        except UnknownModel as exc:
+            exc.request_id = g.request_id
+            return pool_error_response(exc)
 
     @app.get("/")
     async def status_page() -> Response:
@@ -134,17 +161,17 @@ def create_app(
 
     @app.get("/metrics")
     async def metrics() -> Response:
-        body, content_type = pool.metrics.exposition(request.headers.get("Accept", ""))
+        body, content_type = fleet.exposition(request.headers.get("Accept", ""))
         return Response(body, content_type=content_type)
 
     @app.get("/healthz")
     async def healthz() -> Response:
-        health = pool.health()
+        health = fleet.health()
         return json_response(health.http_status, health.body())
 
     @app.get("/readyz")
     async def readyz() -> Response:
-        status = pool.status()
+        status = fleet.status()
         ready = status["ready"] > 0 and not status["shutting_down"]
         body = {key: status[key] for key in ("ready", "size", "queue", "shutting_down")}
         if (unavailable := pool.queue.unavailable) is not None:
@@ -153,7 +180,7 @@ def create_app(
 
     @app.get("/status")
     async def status() -> Response:
-        body = pool.status()
+        body = fleet.status()
         if connections is not None:
             body["connections"] = {
                 "open": connections.open,
@@ -162,13 +189,13 @@ def create_app(
             }
         return json_response(200, body)
 
-    add_admin_routes(app, pool, api_key is not None, json_response)
+    add_admin_routes(app, fleet, api_key is not None, json_response)
 
     @app.errorhandler(HTTPException)
     async def http_error(exc: HTTPException) -> Response:
         code = exc.code or 500
         body = http_error_body(exc, config.max_body)
-        if request.path == "/predict" and code in (408, 413):
+        if request.path == "/predict" and code in (408, 413):  # a model's counts its own
             pool.metrics.request_done(BadRequest.outcome, time.perf_counter() - g.started)
         body["request_id"] = g.get("request_id")
         response = json_response(code, body)

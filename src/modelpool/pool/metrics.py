@@ -263,6 +263,19 @@ class Recent:
         outcomes[outcome] += 1
         latencies.append(seconds)
 
+    @staticmethod
+    def merged(recents: Sequence[Recent]) -> dict[str, Any]:
+        """The summary of several pools' last minute together (several models)."""
+        together = Recent()
+        by_second: dict[int, tuple[collections.Counter[str], list[float]]] = {}
+        for recent in recents:
+            for second, outcomes, latencies in recent._seconds:
+                counts, times = by_second.setdefault(second, (collections.Counter(), []))
+                counts.update(outcomes)
+                times.extend(latencies)
+        together._seconds.extend((second, *by_second[second]) for second in sorted(by_second))
+        return together.summary()
+
     def summary(self) -> dict[str, Any]:
         """Outcomes over the window, and one point per second: time, answers, p50, p99."""
         now = int(time.time())

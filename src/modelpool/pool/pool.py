@@ -63,8 +63,15 @@ class Pool:
     stopped; `closing` once it takes no new requests.
     """
 
-    def __init__(self, config: PoolConfig, nursery: trio.Nursery, reaper: Reaper) -> None:
+    def __init__(
+        self,
+        config: PoolConfig,
+        nursery: trio.Nursery,
+        reaper: Reaper,
+        model_name: str | None = None,
+    ) -> None:
         self.config = config
+        self.model_name = model_name  # with several models (fleet.py): this one's name
         self.reaper = reaper
         self.closing = False
         self.ever_ready = False  # every model was ready at once, at least once
@@ -131,6 +138,12 @@ class Pool:
     def local_ready(self) -> int:
         """This node's models that are ready (`ready_count` without other nodes')."""
         return self._ready_models
+
+    def mean_compute_seconds(self) -> float | None:
+        """Mean time its models took to compute a request (None before the first)."""
+        count = self.metrics.value("modelpool_compute_seconds_count")
+        total = self.metrics.value("modelpool_compute_seconds_sum")
+        return None if not count or total is None else total / count
 
     @property
     def generation(self) -> int:

@@ -36,7 +36,7 @@ log = logging.getLogger("modelpool.pool")
 
 @asynccontextmanager
 async def open_pool(
-    config: PoolConfig | None = None, reaper: Reaper | None = None
+    config: PoolConfig | None = None, reaper: Reaper | None = None, model_name: str | None = None
 ) -> AsyncIterator[Pool]:
     """Run a pool for the duration of the block; on exit, drain it and stop every model.
 
@@ -44,15 +44,20 @@ async def open_pool(
     default kills each model's group, tree and token carriers (see reaper.py). Raises
     ModelCommandError at once if the model command cannot even be executed, and
     FirstStartFailed (a ModelCommandError) once every model's first start failed,
-    unless `config.keep_trying`; ConfigError before any model starts if no queue
+    unless `config.keep_trying`; `model_name` names it in logs and /status, one of
+    several models (fleet.py); ConfigError before any model starts if no queue
     backend can open `config.queue` (see queues/backends.py).
     """
     config = config or PoolConfig()
+    if config.models:
+        raise ConfigError("models", "declares several models: open_fleet runs them, not open_pool")
     reaper = reaper or Reaper()
     try:
         async with trio.open_nursery() as nursery:
-            pool = Pool(config, nursery, reaper)
-            log.info("starting %d model(s): %s", config.workers, " ".join(config.model_cmd))
+            pool = Pool(config, nursery, reaper, model_name)
+            model = "" if model_name is None else f" of model {model_name}"
+            command = " ".join(config.model_cmd)
+            log.info("starting %d model(s)%s: %s", config.workers, model, command)
             if config.workers:
                 log.info("thread budget: %s", threads.plan(config).describe())
             await nursery.start(run_queue_until_stopped, pool.queue, pool.stopped)

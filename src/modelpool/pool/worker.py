@@ -51,6 +51,8 @@ class WorkerPool(JobSource, Protocol):
     @property
     def ever_ready(self) -> bool: ...
     @property
+    def model_name(self) -> str | None: ...
+    @property
     def reaper(self) -> Reaper: ...
     @property
     def metrics(self) -> WorkerMetrics: ...
@@ -83,7 +85,8 @@ class Worker:
         device: str | None = None,
     ) -> None:
         self.index = index
-        self.name = f"worker {index}"
+        model = pool.model_name
+        self.name = f"worker {index}" if model is None else f"model {model} worker {index}"
         self.device = device
         self.generation = generation
         self.trial = trial
@@ -198,6 +201,11 @@ class Worker:
         finally:
             self.set_state(WorkerState.STOPPED)
             self.ended.set()
+
+    @property
+    def start_seconds(self) -> float | None:
+        """How long its last model took to start (None before its first was ready)."""
+        return None if self._start is None else float(self._start["seconds"])
 
     def retire(self, reason: str) -> None:
         """Stop taking jobs: at once if idle or starting, after its current job if busy.

@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 import trio
 
 if TYPE_CHECKING:
-    from modelpool.pool.pool import Pool
+    from modelpool.pool.fleet import Fleet
 
 log = logging.getLogger("modelpool.systemd")
 
@@ -138,14 +138,14 @@ class Notifier:
             self.send("WATCHDOG=1")
             await trio.sleep(interval)
 
-    async def follow(self, pool: Pool) -> None:
+    async def follow(self, pool: Fleet) -> None:
         """Tell the pool's state until it has stopped: READY=1, STATUS=, extensions."""
         if self.address is None:
             return
         async with trio.open_nursery() as nursery:
 
             async def until_stopped() -> None:
-                await pool.stopped.wait()
+                await pool.wait_stopped()
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(until_stopped)
@@ -155,7 +155,7 @@ class Notifier:
                 with trio.move_on_after(STATUS_POLL):
                     await pool.wait_changed()
 
-    def _tell(self, pool: Pool) -> None:
+    def _tell(self, pool: Fleet) -> None:
         now = time.monotonic()
         lines = []
         if self.phase == "starting" and _ready(pool):
@@ -171,13 +171,13 @@ class Notifier:
         if lines:
             self.send(*lines)
 
-    def _extend_due(self, now: float, pool: Pool) -> bool:
+    def _extend_due(self, now: float, pool: Fleet) -> bool:
         """Time for another extension, and the pool is not failing as a whole."""
         due = self._extended_at is None or now - self._extended_at >= EXTEND_EVERY
         return due and pool.health()[0]
 
 
-def _ready(pool: Pool) -> bool:
+def _ready(pool: Fleet) -> bool:
     """Every model ready; or one, once some model has failed on its own."""
     ready = pool.local_ready
     if ready == len(pool.workers):
@@ -185,7 +185,7 @@ def _ready(pool: Pool) -> bool:
     return ready > 0 and any(w.failing_since is not None for w in pool.workers)
 
 
-def _status_text(pool: Pool, phase: str) -> str:
+def _status_text(pool: Fleet, phase: str) -> str:
     text = f"{pool.local_ready}/{len(pool.workers)} models ready, {pool.queue_length} queued"
     if (others := pool.ready_count - pool.local_ready) > 0:
         text += f", {others} ready on other nodes"

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING
 import trio
 
 from modelpool.http.origins import guard_for
+from modelpool.pool.fleet import Fleet, open_fleet
 from modelpool.pool.operations import NOT_SERVING
 from modelpool.pool.pool import Pool
-from modelpool.pool.running import open_pool
 from modelpool.process.reaper import Reaper
 from modelpool.service.binding import CannotListen, bind, inherited_socket
 from modelpool.service.sdnotify import Notifier
@@ -61,30 +61,38 @@ class Service:
         self._reaper = reaper
         self._stop = trio.Event()
         self._killed = trio.Event()
-        self._pool: Pool | None = None
+        self._fleet: Fleet | None = None
+
+    @property
+    def fleet(self) -> Fleet | None:
+        """The running models, once `run()` has started them."""
+        return self._fleet
 
     @property
     def pool(self) -> Pool | None:
-        """The running pool, once `run()` has started it."""
-        return self._pool
+        """The default model's pool (the only one, unless several are declared)."""
+        return None if self._fleet is None else self._fleet.default
 
     def shutdown(self) -> None:
         self._stop.set()
-        if self._pool is not None:
-            self._pool.shutdown()
+        if self._fleet is not None:
+            self._fleet.shutdown()
 
     def kill(self) -> None:
         self._stop.set()
         self._killed.set()
-        if self._pool is not None:
-            self._pool.kill()
+        if self._fleet is not None:
+            self._fleet.kill()
 
     async def reload(self) -> None:
-        """A rolling reload with the same command (SIGHUP); its outcome goes to the log."""
-        if self._pool is None:
+        """A rolling reload of every model with the same command (SIGHUP); its outcome
+        goes to the log."""
+        if self._fleet is None:
             log.warning(NOT_SERVING)
             return
-        await self._pool.operations.signalled_reload()
+        async with trio.open_nursery() as nursery:
+            for pool in self._fleet.pools.values():
+                nursery.start_soon(pool.operations.signalled_reload)
 
     async def run(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
         """Serve until `shutdown()`; reports the URL it listens on through task_status.
@@ -95,7 +103,7 @@ class Service:
         sock, names = self._listening_socket()
         origins = guard_for(self.config, names)
         try:
-            async with open_pool(self.config.pool, self._reaper) as pool:
+            async with open_fleet(self.config.pool, self._reaper) as fleet:
                 # The models are starting (each takes seconds): the HTTP stack, a fifth
                 # of a second to import, is imported meanwhile rather than before, in a
                 # thread, so that this one goes on starting models.
@@ -105,18 +113,19 @@ class Service:
                 from modelpool.http.connections import Connections, connection_budget
                 from modelpool.http.listener import serve, sockets
 
-                self._pool = pool
-                pool.mark_serving_http()
+                self._fleet = fleet
+                pool = fleet.default
+                fleet.mark_serving_http()
                 if self._killed.is_set():
-                    pool.kill()
+                    fleet.kill()
                 elif self._stop.is_set():
-                    pool.shutdown()
+                    fleet.shutdown()
                 limit = connection_budget(self.config.max_connections, self.config.pool.workers)
                 # A client that reads nothing of its answer is given as long as an idle one.
                 rate = MinBodyRate(self.config.min_body_rate, self.config.min_body_rate_grace)
                 self.connections = Connections(limit, self.config.keep_alive_timeout, rate)
                 app: ASGIFramework = create_app(
-                    pool, self.config, self.connections, origins=origins
+                    fleet, self.config, self.connections, origins=origins
                 )
                 from modelpool.http.fastpath import Predictions
 
@@ -133,16 +142,16 @@ class Service:
                             sockets(sock),
                             self.connections,
                             stop_accepting=self._stop.wait,
-                            close_connections=pool.stopped.wait,
+                            close_connections=fleet.wait_stopped,
                             hard_stop=self._killed.wait,
                             hard_stop_slack=HARD_STOP_SLACK,
                             predictions=predictions,
                         )
                     )
                     url = binds[0]
-                    log.info("listening on %s with %d model(s)", url, len(pool.workers))
+                    log.info("listening on %s with %d model(s)", url, len(fleet.workers))
                     task_status.started(url)
-                    nursery.start_soon(self.notifier.follow, pool)
+                    nursery.start_soon(self.notifier.follow, fleet)
         finally:
             sock.close()
         log.info("stopped")

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from modelpool.settings import models
 from modelpool.settings.checks import (
     MAX_WORKERS,
     Check,
@@ -84,9 +85,14 @@ class PoolConfig:
     keep_trying: bool = setting("keep_trying")  # keep restarting models never once ready
     devices: tuple[str, ...] | None = setting("devices")  # one per worker, in turn (or "0,1")
     device_env: str | None = setting("device_env")  # also set to the device; None: only ours
+    models: Mapping[str, Mapping[str, Any]] = setting("models")  # name: its own options
+    default_model: str | None = setting("default_model")  # POST /predict's; None: the first
+    min_workers: int = setting("min_workers")  # with models: slots a model keeps
+    max_workers: int | None = setting("max_workers")  # ... and may take; None: `workers`
 
     def __post_init__(self) -> None:
         check_fields(self, self._related)
+        object.__setattr__(self, "_model_configs", models.configs_of(self))
         if self.preload:
             from modelpool.settings.pycommand import NotPythonCommand, parse_python_command
 
@@ -95,9 +101,22 @@ class PoolConfig:
             except NotPythonCommand as exc:
                 raise ConfigError("model_cmd", f"cannot be preloaded: {exc}") from None
 
+    @property
+    def model_configs(self) -> dict[str, PoolConfig]:
+        """Each model's own config, by name, in the order declared: its table's options
+        over these, and `workers` its first share of the slots. One model, named
+        `default`, when `models` declares none: this config."""
+        configs: dict[str, PoolConfig] = self._model_configs  # type: ignore[attr-defined]
+        return configs
+
+    @property
+    def default_model_name(self) -> str:
+        """The model POST /predict asks."""
+        return self.default_model or next(iter(self.model_configs))
+
     def _related(self, option: Option) -> Check | None:
         """The check of a field whose bounds are another field's."""
-        if option.name == "workers" and self.queue:
+        if option.name == "workers" and (self.queue or self.min_workers == 0):
             return dataclasses.replace(WORKERS, minimum=0)  # an HTTP front only, maybe
         if option.name == "backoff_max":
             return Range(self.backoff_initial)

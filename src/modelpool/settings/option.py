@@ -58,12 +58,15 @@ class Option:
     lists: Callable[[list[Any]], Any] | None = field(default=None, kw_only=True)  # a TOML list
     secret: bool = field(default=False, kw_only=True)  # never shown in a message
     shown: Callable[[str], str] = field(default=str, kw_only=True)  # its text in a message
+    per_model: bool = field(default=False, kw_only=True)  # may be set in a [models.NAME] table
+    flag_name: str | None = field(default=None, kw_only=True)  # its flag's, if not its name
+    repeated: bool = field(default=False, kw_only=True)  # its flag may be given many times
 
     @property
     def flag(self) -> str:
         """`--max-queue`; a switch that is on unless turned off: `--no-fast-predict`."""
         off = "no-" if self.convert is None and self.default else ""
-        return "--" + off + self.name.replace("_", "-")
+        return "--" + off + (self.flag_name or self.name).replace("_", "-")
 
     @property
     def env(self) -> str:

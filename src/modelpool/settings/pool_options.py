@@ -26,6 +26,7 @@ from modelpool.settings.checks import (
     not_blank,
     split_devices,
 )
+from modelpool.settings.models import MODEL_TABLE_OPTIONS
 from modelpool.settings.option import (
     CLUSTER,
     LIBRARY,
@@ -63,6 +64,7 @@ MODEL_OPTIONS = [
         topic=MODELS,
         check=WORKERS,
     ),
+    *MODEL_TABLE_OPTIONS,
     Option(
         "model_cmd",
         command,
@@ -71,6 +73,7 @@ MODEL_OPTIONS = [
         "default: the bundled model3.py, run unbuffered by this Python",
         POOL,
         topic=MODELS,
+        per_model=True,
         check=command_words,
         factory=default_model_cmd,
         lists=word_list,
@@ -82,6 +85,7 @@ MODEL_OPTIONS = [
         "a model is ready once it prints a line that starts with this",
         POOL,
         topic=MODELS,
+        per_model=True,
         check=not_blank("must not be empty"),
     ),
     Option(
@@ -91,6 +95,7 @@ MODEL_OPTIONS = [
         "seconds a model may take to print its ready line before it is killed and started again",
         POOL,
         topic=MODELS,
+        per_model=True,
         check=Range(0, above=True),
     ),
     Option(
@@ -100,6 +105,7 @@ MODEL_OPTIONS = [
         "longest line in bytes a model may print; a longer one is a model failure",
         POOL,
         topic=MODELS,
+        per_model=True,
         check=Range(MIN_MAX_LINE, integer=True),
     ),
     Option(
@@ -109,6 +115,7 @@ MODEL_OPTIONS = [
         "seconds before restarting a model that failed on its own; doubles each time",
         POOL,
         topic=MODELS,
+        per_model=True,
         check=Range(0, above=True),
     ),
     Option(
@@ -118,6 +125,7 @@ MODEL_OPTIONS = [
         "longest delay between such restarts",
         POOL,
         topic=MODELS,  # at least --backoff-initial: a relation, which PoolConfig checks
+        per_model=True,
     ),
     Option(
         "max_requests",
@@ -127,6 +135,7 @@ MODEL_OPTIONS = [
         "pool never runs short (as gunicorn's max_requests); 0 never",
         POOL,
         topic=MODELS,
+        per_model=True,
         check=OrNone(Range(1, integer=True)),
     ),
     Option(
@@ -136,6 +145,7 @@ MODEL_OPTIONS = [
         "add a random 0..N to each model's --max-requests, so models are not all retired at once",
         POOL,
         topic=MODELS,
+        per_model=True,
         check=Range(0, integer=True),
     ),
     Option(
@@ -147,6 +157,7 @@ MODEL_OPTIONS = [
         "one that passes it by more than 20 %% is killed and its request gets 502; 0 no limit",
         POOL,
         topic=MODELS,
+        per_model=True,
         check=OrNone(Range(0, above=True)),
     ),
     Option(
@@ -160,6 +171,7 @@ MODEL_OPTIONS = [
         "at that point) falls back to plain starts with a warning",
         POOL,
         topic=MODELS,
+        per_model=True,
     ),
     Option(
         "preload_immortal",
@@ -173,6 +185,7 @@ MODEL_OPTIONS = [
         "reference callbacks never run there",
         POOL,
         topic=MODELS,
+        per_model=True,
     ),
     Option(
         "preload_max_private",
@@ -185,6 +198,7 @@ MODEL_OPTIONS = [
         "into every child as it reads it); 0 never",
         POOL,
         topic=MODELS,
+        per_model=True,
         check=Range(0),
     ),
     Option(
@@ -198,6 +212,7 @@ MODEL_OPTIONS = [
         "environment alone",
         POOL,
         topic=MODELS,
+        per_model=True,
         check=OrNone(Range(0, maximum=1024, integer=True)),
     ),
     Option(
@@ -212,6 +227,7 @@ MODEL_OPTIONS = [
         "first request, not while it loads",
         POOL,
         topic=MODELS,
+        per_model=True,
         check=device_ids,
         lists=device_list,
     ),
@@ -223,6 +239,7 @@ MODEL_OPTIONS = [
         "(HIP_VISIBLE_DEVICES for ROCm, ...); empty: MODELPOOL_DEVICE only",
         POOL,
         topic=MODELS,
+        per_model=True,
         check=a_device_variable,
     ),
 ]
@@ -235,6 +252,7 @@ REQUEST_OPTIONS = [
         "replaced, and the request gets 504",
         POOL,
         topic=REQUESTS,
+        per_model=True,
         check=Range(0, above=True),
     ),
     Option(
@@ -244,6 +262,7 @@ REQUEST_OPTIONS = [
         "requests that may wait for a model; more get 503",
         POOL,
         topic=REQUESTS,
+        per_model=True,
         check=Range(1, integer=True),
     ),
     Option(
@@ -253,6 +272,7 @@ REQUEST_OPTIONS = [
         "seconds a request may wait for a free model before it gets 503; 0 waits forever",
         POOL,
         topic=REQUESTS,
+        per_model=True,
         check=OrNone(Range(0, above=True)),
     ),
     Option(
@@ -263,6 +283,7 @@ REQUEST_OPTIONS = [
         "and accept a result only if it carries the same id (off by default)",
         POOL,
         topic=REQUESTS,
+        per_model=True,
         check=OrNone(not_blank("must be a non-empty field name")),
     ),
     Option(
@@ -272,6 +293,7 @@ REQUEST_OPTIONS = [
         "JSON Schema file every request must match; others get 400 before a model sees them",
         POOL,
         topic=REQUESTS,
+        per_model=True,
         check=OrNone(a_schema),
     ),
 ]
@@ -285,6 +307,7 @@ OPERATION_OPTIONS = [
         "model's first start failed (exited, or no ready line within --init-timeout)",
         POOL,
         topic=OPERATIONS,
+        per_model=True,
         check=a_bool,
     ),
     Option(
@@ -360,7 +383,16 @@ LIBRARY_SETTINGS = [
         "a model's last stderr lines kept, for /status and for the errors that quote them",
         POOL,
         topic=LIBRARY,
+        per_model=True,
         check=Range(1, integer=True),
     ),
-    Option("env", None, None, "variables added to every model's environment", POOL, topic=LIBRARY),
+    Option(
+        "env",
+        None,
+        None,
+        "variables added to every model's environment",
+        POOL,
+        topic=LIBRARY,
+        per_model=True,
+    ),
 ]

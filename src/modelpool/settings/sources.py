@@ -115,9 +115,36 @@ def read_config_file(path: str) -> dict[str, Any]:
             hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
             raise ValueError(f"{key}: no such option{hint}")
         try:
-            values[name] = from_toml(option, raw)
+            if name == "models" and isinstance(raw, dict):
+                values[name] = {model: model_table(model, table) for model, table in raw.items()}
+            else:
+                values[name] = from_toml(option, raw)
         except BadValue as exc:
             raise OptionValueError(option, f"from {path}", str(exc)) from None
+    return values
+
+
+def model_table(model: str, table: Any) -> dict[str, Any]:
+    """The options of one `[models.NAME]` table, each read as at the top level; only the
+    options marked per model may be set in one."""
+    if not isinstance(table, dict):
+        raise BadValue(f"{model}: must be a table ([models.{model}]), got {table!r}")
+    per_model = {option.key: option for option in OPTIONS if option.per_model and option.commands}
+    values: dict[str, Any] = {}
+    for key, raw in table.items():
+        name = key.replace("-", "_")
+        option = per_model.get(name)
+        if option is None:
+            if name == "workers":
+                why = "--workers is the budget of every model: a model's share is its "
+                raise BadValue(f"{model}: {why}min-workers and max-workers")
+            close = difflib.get_close_matches(name, list(per_model), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0].replace('_', '-')}?)" if close else ""
+            raise BadValue(f"{model}: {key} is no option a model's table takes{hint}")
+        try:
+            values[name] = from_toml(option, raw)
+        except BadValue as exc:
+            raise BadValue(f"{model}: {key} {exc}") from None
     return values
 
 

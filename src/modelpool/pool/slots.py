@@ -1,0 +1,266 @@
+"""Slots follow demand: which model runs in each of --workers' slots, moment to moment.
+
+With several models (settings/models.py), `--workers` is a budget of model processes
+computing at once, whichever model they run, and each model has a pool of its own
+(pool.py). The arbiter looks at every pool every TICK seconds and:
+
+1. **Fills** a free slot (the budget grew, or a model gave one back): to the model
+   whose requests wait with no slot coming for them, else to the model with the
+   fewest slots, within each model's `max-workers`.
+2. **Moves** a slot when a model has requests waiting, no idle worker, no start under
+   way for them, and is under its `max-workers`, while another model has an idle
+   worker, nothing waiting, and more than its `min-workers`: that idle worker is
+   retired (it computes nothing; its model is stopped gracefully) and a worker of the
+   waiting model starts in its place, on its device. Under --preload, with the
+   waiting model's template ready, that start is a fork: a few milliseconds. Else it
+   is a whole load, so the move is made only when the wait it saves, the requests
+   waiting times the model's mean compute time over its workers, is longer than the
+   model's last start took.
+3. **Holds** a slot with the model it moved to for HOLD_MIN seconds at least, and at
+   least HOLD_STARTS times that model's last start: so no slot flaps between two
+   models faster than its moves pay off, and a steady mix settles with few moves.
+
+Moves are counted in `modelpool_slot_moves_total{from,to}`. A retired worker's model
+may take up to --exit-grace to exit after the slot has moved: for that long one more
+process than the budget exists, computing nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from modelpool.core.kinds import WorkerState
+from modelpool.process.template import TemplateState
+
+if TYPE_CHECKING:
+    from modelpool.pool.worker import Worker
+    from modelpool.process.preload import Preloader
+
+log = logging.getLogger("modelpool.slots")
+
+TICK = 0.01  # seconds between two looks at the pools
+HOLD_MIN = 1.0  # seconds a model keeps a slot moved to it, at least
+HOLD_STARTS = 5.0  # ... and at least this many of its starts
+
+
+class SlotPool(Protocol):
+    """What the arbiter needs of each model's pool (pool.py's Pool is one)."""
+
+    @property
+    def workers(self) -> Sequence[Worker]: ...
+    @property
+    def queue_length(self) -> int: ...
+    @property
+    def closing(self) -> bool: ...
+    @property
+    def preloader(self) -> Preloader | None: ...
+    def mean_compute_seconds(self) -> float | None: ...
+    def _add_worker(
+        self,
+        config: None = None,
+        generation: None = None,
+        trial: bool = False,
+        device: str | None = None,
+    ) -> Worker: ...
+
+
+class MoveCounter(Protocol):
+    def count_slot_move(self, source: str, target: str) -> None: ...
+
+
+@dataclass
+class Bounds:
+    """A model's share of the slots: at least `low`, at most `high` (None: the budget)."""
+
+    low: int
+    high: int | None
+
+
+@dataclass
+class _Seen:
+    """One model's pool as one look saw it."""
+
+    serving: list[Worker]
+    idle: list[Worker]
+    coming: int  # workers whose model is starting
+    queued: int
+
+    @property
+    def unserved(self) -> int:
+        """Requests waiting that no idle worker, nor one starting, will take soon."""
+        return self.queued - self.coming if not self.idle else 0
+
+
+class Slots:
+    """The arbiter of one fleet's slots."""
+
+    def __init__(
+        self,
+        budget: int,
+        pools: Mapping[str, SlotPool],
+        bounds: Mapping[str, Bounds],
+        metrics: MoveCounter,
+    ) -> None:
+        self.budget = budget
+        self._pools = pools
+        self.bounds = dict(bounds)
+        self._metrics = metrics
+        self._held_until = {name: 0.0 for name in pools}
+        self.moves = 0
+
+    def high(self, name: str) -> int:
+        """The most slots model `name` may have."""
+        high = self.bounds[name].high
+        return self.budget if high is None else min(high, self.budget)
+
+    def pin(self, name: str, workers: int) -> None:
+        """Model `name` keeps `workers` slots from now on (its min and max); ValueError
+        if the others' minimums leave it fewer."""
+        others = sum(b.low for n, b in self.bounds.items() if n != name)
+        if others + workers > self.budget:
+            room = self.budget - others
+            raise ValueError(
+                f"model {name} can have {room} slot(s) at most: the other models keep "
+                f"{others} (their min-workers) of the {self.budget}"
+            )
+        self.bounds[name] = Bounds(workers, workers)
+
+    def resize(self, budget: int) -> None:
+        """A new budget; ValueError if it is under the models' minimums together."""
+        floor = sum(b.low for b in self.bounds.values())
+        if budget < floor:
+            raise ValueError(f"the models keep {floor} slot(s) at least (their min-workers)")
+        self.budget = budget
+
+    def shares(self) -> dict[str, int]:
+        """The slots each model has now (its workers not retiring)."""
+        return {
+            name: sum(1 for w in pool.workers if w.retiring is None)
+            for name, pool in self._pools.items()
+        }
+
+    async def run(self) -> None:
+        """Look and act every TICK seconds until every pool is closing."""
+        while not all(pool.closing for pool in self._pools.values()):
+            self.step()
+            await trio.sleep(TICK)
+
+    def step(self) -> None:
+        """One look at every pool, and the fills and moves it calls for."""
+        seen = {name: _look(pool) for name, pool in self._pools.items() if not pool.closing}
+        self._keep_within(seen)
+        total = sum(len(each.serving) for each in seen.values())
+        while total < self.budget and (name := self._to_fill(seen)) is not None:
+            self._start(name, seen, None)
+            total += 1
+        if total > self.budget:
+            self._give_back(seen, total - self.budget)
+            return
+        now = trio.current_time()
+        for name in sorted(seen, key=lambda n: -seen[n].unserved):
+            target = seen[name]
+            below = len(target.serving) < self.bounds[name].low
+            if not below and (target.unserved <= 0 or len(target.serving) >= self.high(name)):
+                continue
+            if not below and not self._worth_a_start(name, target):
+                continue
+            donor = self._donor(seen, name, now, below)
+            if donor is not None:
+                self._move(seen, donor, name)
+
+    def _move(self, seen: Mapping[str, _Seen], donor: str, target: str) -> None:
+        worker = seen[donor].idle.pop()
+        seen[donor].serving.remove(worker)
+        worker.retire(f"its slot moves to model {target}")
+        self._start(target, seen, worker.device)
+        self._metrics.count_slot_move(donor, target)
+        self.moves += 1
+        log.info("slot moved from model %s to model %s", donor, target)
+
+    def _keep_within(self, seen: Mapping[str, _Seen]) -> None:
+        """Retire the workers of a model over its maximum (pinned lower): idle ones
+        first; a busy one after its request."""
+        for name, each in seen.items():
+            while len(each.serving) > self.high(name):
+                pick = each.idle.pop() if each.idle else each.serving[-1]
+                each.serving.remove(pick)
+                pick.retire(f"model {name} keeps {self.high(name)} slot(s)")
+
+    def _to_fill(self, seen: Mapping[str, _Seen]) -> str | None:
+        room = [n for n in seen if len(seen[n].serving) < self.high(n)]
+        if not room:
+            return None
+        waiting = [n for n in room if seen[n].unserved > 0]
+        if waiting:
+            return max(waiting, key=lambda n: seen[n].unserved)
+        return min(room, key=lambda n: len(seen[n].serving))
+
+    def _start(self, name: str, seen: Mapping[str, _Seen], device: str | None) -> None:
+        worker = self._pools[name]._add_worker(device=device)
+        seen[name].serving.append(worker)
+        seen[name].coming += 1
+        hold = max(HOLD_MIN, HOLD_STARTS * _start_seconds(self._pools[name]))
+        self._held_until[name] = trio.current_time() + hold
+
+    def _give_back(self, seen: Mapping[str, _Seen], extra: int) -> None:
+        """The budget shrank: retire idle workers above their model's minimum."""
+        for name, each in seen.items():
+            while extra and each.idle and len(each.serving) > self.bounds[name].low:
+                worker = each.idle.pop()
+                each.serving.remove(worker)
+                worker.retire("the slot budget shrank")
+                extra -= 1
+
+    def _donor(
+        self, seen: Mapping[str, _Seen], target: str, now: float, below: bool = False
+    ) -> str | None:
+        """The model that can best spare an idle worker for `target`, if any; for a
+        `target` below its minimum, any model above its own with an idle worker."""
+        able = [
+            name
+            for name, each in seen.items()
+            if name != target
+            and each.idle
+            and len(each.serving) > self.bounds[name].low
+            and (below or (each.queued == 0 and now >= self._held_until[name]))
+        ]
+        return max(able, key=lambda n: (len(seen[n].idle), len(seen[n].serving)), default=None)
+
+    def _worth_a_start(self, name: str, seen: _Seen) -> bool:
+        """Whether a start pays off: a fork always; a whole load only if the wait it
+        saves is longer than the load."""
+        pool = self._pools[name]
+        if _forks(pool):
+            return True
+        compute = pool.mean_compute_seconds()
+        if compute is None:
+            return True  # nothing known yet: a first request waits either way
+        saved = seen.unserved * compute / max(1, len(seen.serving))
+        return saved > _start_seconds(pool)
+
+
+def _look(pool: SlotPool) -> _Seen:
+    serving = [w for w in pool.workers if w.retiring is None]
+    idle = [w for w in serving if w.state is WorkerState.IDLE]
+    coming = sum(1 for w in serving if w.state in (WorkerState.STARTING, WorkerState.RESTARTING))
+    return _Seen(serving, idle, coming, pool.queue_length)
+
+
+def _forks(pool: SlotPool) -> bool:
+    """Whether a new worker of `pool` would fork from a ready template."""
+    preloader = pool.preloader
+    if preloader is None or not preloader.templates:
+        return False
+    newest = preloader.templates[max(preloader.templates)]
+    return newest.state is TemplateState.READY
+
+
+def _start_seconds(pool: SlotPool) -> float:
+    """How long the pool's last model start took (0 if none is known)."""
+    starts = [w.start_seconds for w in pool.workers if w.start_seconds is not None]
+    return max(starts, default=0.0)
