@@ -18,7 +18,7 @@ import httpx
 import pytest
 import trio
 
-from modelpool import PoolConfig, PoolError, ServerConfig
+from modelpool import Fleet, PoolConfig, PoolError, ServerConfig
 from modelpool.pool.pool import Pool
 from modelpool.service.server import Service
 from modelpool.settings.options import option
@@ -172,6 +172,11 @@ class RunningServer:
     def pool(self) -> Pool:
         assert self.service.pool is not None
         return self.service.pool
+
+    @property
+    def fleet(self) -> Fleet:
+        assert self.service.fleet is not None
+        return self.service.fleet
 
 
 async def shut_down_mid_requests(

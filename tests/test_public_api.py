@@ -29,6 +29,7 @@ DOCUMENTED = {
     "BadRequest",
     "ConfigError",
     "FirstStartFailed",
+    "Fleet",
     "Health",
     "ModelCommandError",
     "ModelFailed",
@@ -44,6 +45,8 @@ DOCUMENTED = {
     "ServerConfig",
     "ShuttingDown",
     "Timing",
+    "UnknownModel",
+    "open_fleet",
     "open_pool",
 }
 

@@ -14,12 +14,15 @@ from typing import Any
 from modelpool.settings import options
 
 MARKER = "<!-- options-table -->"
+PER_MODEL_MARKER = "<!-- per-model-options -->"
 
 
 def on_page_markdown(markdown: str, **_: Any) -> str:
-    if MARKER not in markdown:
-        return markdown
-    return markdown.replace(MARKER, render())
+    if MARKER in markdown:
+        markdown = markdown.replace(MARKER, render())
+    if PER_MODEL_MARKER in markdown:
+        markdown = markdown.replace(PER_MODEL_MARKER, per_model_list())
+    return markdown
 
 
 def render() -> str:
@@ -31,6 +34,8 @@ def render() -> str:
         chosen = [option for option in options.OPTIONS if option.topic == name]
         parts.append(f"### {name[0].upper()}{name[1:]}\n\n{about[0].upper()}{about[1:]}.\n")
         parts.append(table(chosen) + "\n")
+        if note := per_model_note(chosen):
+            parts.append(note + "\n")
     left = [option for option in options.OPTIONS if option.topic not in topics]
     if left:
         parts.append("### Other\n\n" + table(left) + "\n")
@@ -49,6 +54,24 @@ def table(chosen: list[Any]) -> str:
             f"| {commands} | {cell(option.help)} |"
         )
     return "\n".join(rows)
+
+
+def per_model(chosen: list[Any]) -> list[Any]:
+    """The options of `chosen` a `[models.NAME]` table may set."""
+    return [option for option in chosen if getattr(option, "per_model", False)]
+
+
+def per_model_note(chosen: list[Any]) -> str:
+    keys = ", ".join(f"`{option.key}`" for option in per_model(chosen))
+    if not keys:
+        return ""
+    return f"Per model, in a `[models.NAME]` table ([several models](models.md)): {keys}."
+
+
+def per_model_list() -> str:
+    """Every option a `[models.NAME]` table may set, as its config key and its flag."""
+    keys = [f"`{option.key}` (`{option.flag}`)" for option in per_model(options.OPTIONS)]
+    return ", ".join(keys) + "."
 
 
 def default(option: Any) -> str:

@@ -139,7 +139,7 @@ class Pool:
         """This node's models that are ready (`ready_count` without other nodes')."""
         return self._ready_models
 
-    def mean_compute_seconds(self) -> float | None:
+    def _mean_compute_seconds(self) -> float | None:
         """Mean time its models took to compute a request (None before the first)."""
         count = self.metrics.value("modelpool_compute_seconds_count")
         total = self.metrics.value("modelpool_compute_seconds_sum")

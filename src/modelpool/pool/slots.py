@@ -59,7 +59,7 @@ class SlotPool(Protocol):
     def closing(self) -> bool: ...
     @property
     def preloader(self) -> Preloader | None: ...
-    def mean_compute_seconds(self) -> float | None: ...
+    def _mean_compute_seconds(self) -> float | None: ...
     def _add_worker(
         self,
         config: None = None,
@@ -237,7 +237,7 @@ class Slots:
         pool = self._pools[name]
         if _forks(pool):
             return True
-        compute = pool.mean_compute_seconds()
+        compute = pool._mean_compute_seconds()
         if compute is None:
             return True  # nothing known yet: a first request waits either way
         saved = seen.unserved * compute / max(1, len(seen.serving))

@@ -50,8 +50,7 @@ class WorkerPool(JobSource, Protocol):
 
     @property
     def ever_ready(self) -> bool: ...
-    @property
-    def model_name(self) -> str | None: ...
+    model_name: str | None  # with several models (fleet.py), its model's name
     @property
     def reaper(self) -> Reaper: ...
     @property
@@ -85,8 +84,8 @@ class Worker:
         device: str | None = None,
     ) -> None:
         self.index = index
-        model = pool.model_name
-        self.name = f"worker {index}" if model is None else f"model {model} worker {index}"
+        model = "" if pool.model_name is None else f"model {pool.model_name} "
+        self.name = f"{model}worker {index}"
         self.device = device
         self.generation = generation
         self.trial = trial
@@ -112,6 +111,7 @@ class Worker:
         self._failures_in_a_row = 0  # models that failed with no request to blame
         self._ready_at = 0.0
         self._start: dict[str, Any] | None = None  # how its current model started, how fast
+        self.start_seconds: float | None = None  # how long its last start took (slots.py)
         self._model: ModelProcess | None = None
         self._restart_reason = RestartReason.CRASHED  # why the current model will be replaced
         self._busy_total = 0.0  # seconds spent computing, for modelpool_model_busy_seconds
@@ -202,11 +202,6 @@ class Worker:
             self.set_state(WorkerState.STOPPED)
             self.ended.set()
 
-    @property
-    def start_seconds(self) -> float | None:
-        """How long its last model took to start (None before its first was ready)."""
-        return None if self._start is None else float(self._start["seconds"])
-
     def retire(self, reason: str) -> None:
         """Stop taking jobs: at once if idle or starting, after its current job if busy.
 
@@ -268,6 +263,7 @@ class Worker:
                 self._ready_at = trio.current_time()
                 took = self._ready_at - model.started_at
                 self._start = {"method": model.method, "seconds": round(took, 4)}
+                self.start_seconds = took
                 self._pool.metrics.count_model_start(model.method, took)
                 log.info("%s ready after %.1f s (%s)", model.name, took, model.method)
                 limit = self._pool._request_limit()
