@@ -1,6 +1,7 @@
 """Sessions: `nox -s tests` (the suite), `nox -s lint` (ruff, mypy, import contracts),
 `nox -s bench` (side by side with baselines), `nox -s bench-real` (the real ML stack, run by
-hand), `nox -s chaos` (load under killed, timed-out, crashing and escaping models),
+hand), `nox -s bench-models` (several models sharing the slots), `nox -s chaos` (load
+under killed, timed-out, crashing and escaping models),
 `nox -s load` (drive any instance with a request mix; live view, report and plots),
 `nox -s docs` (the documentation site, built strictly), `nox -s lowest` (the HTTP tests and
 mypy with the lowest versions of the dependencies that pyproject.toml allows), `nox -s image`
@@ -105,6 +106,15 @@ def bench_real(session: nox.Session) -> None:
     session.install(".", "httpx", "gunicorn>=27,<28", *model)
     offline = {"HF_HUB_OFFLINE": "1"}
     session.run("python", "benchmarks/bench_real.py", *session.posargs, env=offline)
+
+
+@nox.session(name="bench-models")
+def bench_models(session: nox.Session) -> None:
+    """Several models on one slot budget (bench_models.py): a burst that moves from one
+    model to another, with --preload and plain, a steady 3:1 mix, and one model the old
+    way beside it. `-- --quick` for a short run."""
+    session.install(".", "httpx")
+    session.run("python", "benchmarks/bench_models.py", *session.posargs)
 
 
 @nox.session

@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import MODEL3, SCRIPTED, error_body, running_server, wait_until
+from conftest import SCRIPTED, error_body, running_server, wait_until
 from modelpool import ConfigError, PoolConfig, UnknownModel, open_fleet, open_pool
 from modelpool.cli.parser import parse
 from modelpool.settings.models import first_shares

@@ -9,10 +9,13 @@ halts when its workers cannot boot. That last ERROR line quotes the model's stde
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
+from functools import partial
 
 import trio
 
@@ -25,14 +28,14 @@ from modelpool.process.reaper import Reaper
 from modelpool.service.binding import CannotListen
 from modelpool.service.sdnotify import Notifier
 from modelpool.service.server import Service
-from modelpool.settings.config import PoolConfig, ServerConfig
+from modelpool.settings.config import ConfigError, PoolConfig, ServerConfig
 
 log = logging.getLogger("modelpool")
 EXIT_CANNOT_LISTEN = 1
 EXIT_MODEL_COMMAND = 3
 
 
-async def run_service(config: ServerConfig) -> None:
+async def run_service(config: ServerConfig, argv: Sequence[str] = ()) -> None:
     """Serve until SIGINT/SIGTERM; a second signal stops at once; SIGHUP reloads the models.
 
     The service owns this process, so it adopts orphans (see reaper.py): whatever a
@@ -40,7 +43,7 @@ async def run_service(config: ServerConfig) -> None:
     it is doing (see sdnotify.py).
     """
     notifier = Notifier.from_environment()
-    service = Service(config, Reaper(adopt_orphans=True), notifier)
+    service = Service(config, Reaper(adopt_orphans=True), notifier, partial(reread, argv))
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(notifier.watchdog)
@@ -93,7 +96,8 @@ async def _on_signals(
     nursery: trio.Nursery,
     notifier: Notifier,
 ) -> None:
-    """SIGHUP: a rolling reload. SIGTERM/SIGINT: a graceful stop; a second one: kill."""
+    """SIGHUP: a rolling reload (with several models, the config file read again).
+    SIGTERM/SIGINT: a graceful stop; a second one: kill."""
 
     async def reload() -> None:
         with notifier.reloading():
@@ -125,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if settings.command == "worker":
             trio.run(run_worker, settings.config.pool)
         else:
-            trio.run(run_service, settings.config)
+            trio.run(run_service, settings.config, argv)
     except* CannotListen as group:
         code = EXIT_CANNOT_LISTEN
         for error in _leaves(group.exceptions):
@@ -139,6 +143,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         for error in _leaves(group.exceptions):
             log.error("cannot serve: %s", error)
     return code
+
+
+def reread(argv: Sequence[str]) -> ServerConfig:
+    """The config as the command line, the environment and the config file say now (a
+    SIGHUP reads the file again); ConfigError saying what is wrong, if anything is."""
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said):
+            _, settings = parse(argv)
+    except SystemExit:
+        lines = [line for line in said.getvalue().splitlines() if "error:" in line]
+        raise ConfigError(
+            "config", lines[-1].split("error:", 1)[1].strip() if lines else ""
+        ) from None
+    return settings.config
 
 
 def _log_model_command_error(error: BaseException) -> None:

@@ -32,7 +32,6 @@ from modelpool.http.auth import ApiKey
 from modelpool.http.connections import Connections
 from modelpool.http.origins import Origins
 from modelpool.pool.fleet import Fleet
-from modelpool.pool.pool import Pool
 from modelpool.settings.config import ServerConfig
 
 log = logging.getLogger("modelpool.http")
@@ -76,7 +75,6 @@ def create_app(
     """The app for the models of `fleet` (one, or several by name: POST /predict asks
     the default one); `origins` judges each request's Host and Origin
     (origins.guard_for: None when an API key is set)."""
-    pool = fleet.default
     app = ModelpoolApp("modelpool")
     app.config["MAX_CONTENT_LENGTH"] = config.max_body
     app.config["BODY_TIMEOUT"] = config.body_timeout
@@ -107,7 +105,7 @@ def create_app(
     @app.after_request
     async def tag(response: Response) -> Response:
         response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
-        if pool.closing:
+        if fleet.closing_all:
             response.headers["Connection"] = "close"  # so clients stop sending on it
         if config.access_log:
             started = g.get("started", time.perf_counter())
@@ -117,25 +115,26 @@ def create_app(
 
     @app.post("/predict")
     async def predict() -> Response:
-        return await predict_with(pool)
+        return await predict_with(None)
 
     @app.post("/models/<name>/predict")
     async def predict_model(name: str) -> Response:
-        try:
-            model = fleet.pool(name)
-        except UnknownModel as exc:
-            exc.request_id = g.request_id
-            return pool_error_response(exc)
-        return await predict_with(model)
+        return await predict_with(name)
 
-    async def predict_with(model: Pool) -> Response:
+    async def predict_with(name: str | None) -> Response:
+        """The model's pool is looked up once the body is read: the one that serves the
+        model then (a change of its config swaps pools, see pool/changes.py)."""
         try:
             try:
                 body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
                 value = parse_request(body)
             except BadRequest:
-                model.metrics.request_done(BadRequest.outcome, time.perf_counter() - g.started)
+                if (counted := fleet.pools.get(name or fleet.default_name)) is not None:
+                    counted.metrics.request_done(
+                        BadRequest.outcome, time.perf_counter() - g.started
+                    )
                 raise
+            model = fleet.pool(name)
             g.timing = Timing()
             result = await model.predict(value, g.request_id, g.timing)
         except PoolError as exc:
@@ -174,7 +173,7 @@ def create_app(
         status = fleet.status()
         ready = status["ready"] > 0 and not status["shutting_down"]
         body = {key: status[key] for key in ("ready", "size", "queue", "shutting_down")}
-        if (unavailable := pool.queue.unavailable) is not None:
+        if (unavailable := fleet.default.queue.unavailable) is not None:
             ready, body["detail"] = False, unavailable  # a request would get 503
         return json_response(200 if ready else 503, body)
 
@@ -196,7 +195,7 @@ def create_app(
         code = exc.code or 500
         body = http_error_body(exc, config.max_body)
         if request.path == "/predict" and code in (408, 413):  # a model's counts its own
-            pool.metrics.request_done(BadRequest.outcome, time.perf_counter() - g.started)
+            fleet.default.metrics.request_done(BadRequest.outcome, time.perf_counter() - g.started)
         body["request_id"] = g.get("request_id")
         response = json_response(code, body)
         allow = dict(exc.get_headers()).get("Allow")

@@ -59,7 +59,7 @@ from modelpool.http.app import (
 )
 from modelpool.http.auth import ApiKey
 from modelpool.http.origins import Origins
-from modelpool.pool.pool import Pool
+from modelpool.pool.fleet import Fleet
 from modelpool.settings.config import ServerConfig
 
 if TYPE_CHECKING:
@@ -88,8 +88,8 @@ class Responder(Protocol):
 class Predictions:
     """The service's side of the fast path: which requests it takes, and their answers."""
 
-    def __init__(self, pool: Pool, config: ServerConfig, origins: Origins | None) -> None:
-        self._pool = pool
+    def __init__(self, fleet: Fleet, config: ServerConfig, origins: Origins | None) -> None:
+        self._fleet = fleet  # its default model's pool, looked up per request: it may change
         self._config = config
         self._api_key = None if config.api_key is None else ApiKey(config.api_key)
         self._origins = origins  # as the app's (origins.guard_for)
@@ -146,10 +146,11 @@ class Predictions:
             try:
                 value = parse_request(await stream.body(self._config.body_timeout))
             except (BadRequest, HTTPException):
-                self._pool.metrics.request_done(BadRequest.outcome, time.perf_counter() - started)
+                took = time.perf_counter() - started
+                self._fleet.default.metrics.request_done(BadRequest.outcome, took)
                 raise
             timing = Timing()
-            status, answer = 200, await self._pool.predict(value, request_id, timing)
+            status, answer = 200, await self._fleet.default.predict(value, request_id, timing)
         except PoolError as exc:
             exc.request_id = request_id
             status, answer, extra = pool_error_answer(exc, self._config.expose_model_stderr)
@@ -164,7 +165,7 @@ class Predictions:
             (name.replace("_", "-").lower().encode(), v.encode()) for name, v in extra.items()
         ]
         headers.append((REQUEST_ID, request_id.encode()))
-        if self._pool.closing:
+        if self._fleet.closing_all:
             headers.append(CLOSE)  # so clients stop sending on it
         if self._config.access_log:
             client = stream.client

@@ -18,24 +18,27 @@ Embed it as a pool::
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from typing import Any
 
 import trio
 
-from modelpool.core.errors import UnknownModel
+from modelpool.core.errors import ModelCommandError, UnknownModel
 from modelpool.core.job import Timing
 from modelpool.core.kinds import WorkerState
 from modelpool.pool.fleetmetrics import FleetMetrics
 from modelpool.pool.metrics import Recent
 from modelpool.pool.pool import Pool
 from modelpool.pool.report import Health
-from modelpool.pool.running import open_pool
+from modelpool.pool.running import first_error, open_pool
 from modelpool.pool.slots import Bounds, Slots
 from modelpool.pool.worker import Worker
 from modelpool.process.reaper import Reaper
-from modelpool.settings.config import PoolConfig
+from modelpool.settings.config import ConfigError, PoolConfig
+
+log = logging.getLogger("modelpool.fleet")
 
 SCALE_WAIT = 60.0  # seconds an admin scale waits for its models to be ready, at most
 
@@ -48,18 +51,20 @@ class Fleet:
     model); `stopped` is set once every pool has stopped.
     """
 
-    def __init__(self, config: PoolConfig, pools: dict[str, Pool]) -> None:
+    def __init__(
+        self, config: PoolConfig, pools: dict[str, Pool], runner: PoolRunner | None = None
+    ) -> None:
         self.config = config
-        self.pools = pools
+        self.pools = pools  # routed to; the slots and the metrics read this very dict
         self.several = bool(config.models)
         self.default_name = config.default_model_name
+        self.runner = runner  # starts a model's pool while the fleet runs (changes.py)
+        self._running: set[Pool] = set(pools.values())  # routed or not, until stopped
+        self._serving_http = False
         self.slots: Slots | None = None
         self.metrics: FleetMetrics | None = None
         if self.several:
-            bounds = {
-                name: Bounds(pool.config.min_workers, pool.config.max_workers)
-                for name, pool in pools.items()
-            }
+            bounds = {name: bounds_of(pool.config) for name, pool in pools.items()}
             self.metrics = FleetMetrics(pools, lambda: self.slots.shares() if self.slots else {})
             self.slots = Slots(config.workers, pools, bounds, self.metrics)
 
@@ -121,21 +126,53 @@ class Fleet:
             await pool.wait_ready()
 
     async def wait_stopped(self) -> None:
-        """Wait until every model's pool has stopped."""
-        for pool in self.pools.values():
+        """Wait until every model's pool has stopped (those a change retires too)."""
+        while self._running:
+            pool = next(iter(self._running))
             await pool.stopped.wait()
+            self._running.discard(pool)
 
     def shutdown(self) -> None:
-        for pool in self.pools.values():
+        for pool in list(self._running):
             pool.shutdown()
 
     def kill(self) -> None:
-        for pool in self.pools.values():
+        for pool in list(self._running):
             pool.kill()
 
     def mark_serving_http(self) -> None:
-        for pool in self.pools.values():
+        self._serving_http = True
+        for pool in self._running:
             pool.mark_serving_http()
+
+    # -- its models change (changes.py) --------------------------------------------------
+
+    def _started(self, pool: Pool) -> None:
+        """A pool now runs beside the others (not routed to yet)."""
+        self._running.add(pool)
+        if self._serving_http:
+            pool.mark_serving_http()
+        if self.closing_all:
+            pool.shutdown()
+
+    def _route(self, name: str, pool: Pool, config: PoolConfig) -> Pool | None:
+        """Requests for `name` go to `pool` from now on; the pool they went to before, if any."""
+        before = self.pools.get(name)
+        self.pools[name] = pool
+        if self.slots is not None:
+            self.slots.bounds[name] = bounds_of(config)
+        return before
+
+    def _unroute(self, name: str) -> Pool:
+        """No request goes to model `name` from now on; its pool."""
+        if self.slots is not None:
+            del self.slots.bounds[name]
+        return self.pools.pop(name)
+
+    @property
+    def closing_all(self) -> bool:
+        """Shut down (or killed): every pool is closing."""
+        return bool(self._running) and all(pool.closing for pool in self._running)
 
     async def scale_slots(self, workers: int, model: str | None) -> dict[str, Any]:
         """With several models: model `model` keeps `workers` slots from now on (its min
@@ -255,6 +292,50 @@ async def _then_cancel(wait: Callable[[], Awaitable[None]], scope: trio.CancelSc
     scope.cancel()
 
 
+def bounds_of(config: PoolConfig) -> Bounds:
+    """A model's share of the slots, from its own config."""
+    return Bounds(config.min_workers, config.max_workers)
+
+
+class PoolRunner:
+    """Runs each model's pool in the fleet's nursery, for as long as the pool runs."""
+
+    def __init__(self, nursery: trio.Nursery, reaper: Reaper | None) -> None:
+        self._nursery = nursery
+        self._reaper = reaper
+        self.fleet: Fleet | None = None  # told of a pool that could not start (not fatal)
+
+    async def start(self, name: str, config: PoolConfig, fatal: bool = True) -> Pool | None:
+        """A pool of model `name`, started. If not `fatal` (a model added or changed
+        while the fleet runs), its command's failing to start stops that pool only: it
+        is logged, and None returned (or, if it failed once started, it is no longer
+        routed to)."""
+        pool: Pool | None = await self._nursery.start(self._run, name, config, fatal)
+        return pool
+
+    async def _run(
+        self,
+        name: str,
+        config: PoolConfig,
+        fatal: bool,
+        task_status: trio.TaskStatus[Pool | None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        started: Pool | None = None
+        try:
+            async with open_pool(config, self._reaper, name) as pool:
+                started = pool
+                task_status.started(pool)
+                await pool.stopped.wait()
+        except ModelCommandError as exc:
+            if fatal:
+                raise
+            log.error("model %s cannot start, so it is not served: %s", name, exc)
+            if started is None:
+                task_status.started(None)
+            elif self.fleet is not None and self.fleet.pools.get(name) is started:
+                self.fleet._unroute(name)
+
+
 @asynccontextmanager
 async def open_fleet(
     config: PoolConfig | None = None, reaper: Reaper | None = None
@@ -267,18 +348,27 @@ async def open_fleet(
         async with open_pool(config, reaper) as pool:
             yield Fleet(config, {config.default_model_name: pool})
         return
-    async with AsyncExitStack() as stack:
-        pools: dict[str, Pool] = {}
-        for name, model in config.model_configs.items():
-            pools[name] = await stack.enter_async_context(open_pool(model, reaper, name))
-        fleet = Fleet(config, pools)
-        try:
-            async with trio.open_nursery() as nursery:
+    fleet: Fleet | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            runner = PoolRunner(nursery, reaper)
+            pools: dict[str, Pool] = {}
+            try:
+                for name, model in config.model_configs.items():
+                    started = await runner.start(name, model)
+                    assert started is not None  # fatal: it raises instead
+                    pools[name] = started
+                fleet = runner.fleet = Fleet(config, pools, runner)
                 assert fleet.slots is not None
                 nursery.start_soon(fleet.slots.run)
-                try:
-                    yield fleet
-                finally:
+                yield fleet
+            finally:
+                for pool in pools.values():
+                    pool.shutdown()
+                if fleet is not None:
                     fleet.shutdown()
-        finally:
-            fleet.shutdown()
+    except BaseExceptionGroup as group:
+        fatal = group.subgroup((ModelCommandError, ConfigError))
+        if fatal is None:
+            raise
+        raise first_error(fatal) from None

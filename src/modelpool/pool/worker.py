@@ -50,7 +50,9 @@ class WorkerPool(JobSource, Protocol):
 
     @property
     def ever_ready(self) -> bool: ...
+
     model_name: str | None  # with several models (fleet.py), its model's name
+
     @property
     def reaper(self) -> Reaper: ...
     @property

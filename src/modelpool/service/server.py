@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Callable
 from functools import partial
 from importlib import import_module
 from typing import TYPE_CHECKING
@@ -22,13 +23,14 @@ from typing import TYPE_CHECKING
 import trio
 
 from modelpool.http.origins import guard_for
+from modelpool.pool.changes import reconfigure
 from modelpool.pool.fleet import Fleet, open_fleet
 from modelpool.pool.operations import NOT_SERVING
 from modelpool.pool.pool import Pool
 from modelpool.process.reaper import Reaper
 from modelpool.service.binding import CannotListen, bind, inherited_socket
 from modelpool.service.sdnotify import Notifier
-from modelpool.settings.config import ServerConfig, is_loopback
+from modelpool.settings.config import ConfigError, ServerConfig, is_loopback
 
 if TYPE_CHECKING:
     from modelpool.http._hypercorn import ASGIFramework
@@ -53,9 +55,14 @@ class Service:
     systemd how it is doing (see sdnotify.py)."""
 
     def __init__(
-        self, config: ServerConfig, reaper: Reaper | None = None, notifier: Notifier | None = None
+        self,
+        config: ServerConfig,
+        reaper: Reaper | None = None,
+        notifier: Notifier | None = None,
+        reread: Callable[[], ServerConfig] | None = None,
     ) -> None:
         self.config = config
+        self._reread = reread  # the config as its sources say now (SIGHUP, several models)
         self.notifier = notifier or Notifier()
         self.connections: Connections | None = None
         self._reaper = reaper
@@ -85,10 +92,18 @@ class Service:
             self._fleet.kill()
 
     async def reload(self) -> None:
-        """A rolling reload of every model with the same command (SIGHUP); its outcome
-        goes to the log."""
+        """SIGHUP: with several models, the config is read again and the models changed
+        to match (pool/changes.py); else a rolling reload of the model with the same
+        command. Its outcome goes to the log."""
         if self._fleet is None:
             log.warning(NOT_SERVING)
+            return
+        if self._fleet.several and self._reread is not None:
+            try:
+                new = self._reread().pool
+                await reconfigure(self._fleet, new)
+            except (ConfigError, ValueError) as exc:
+                log.error("SIGHUP: the models are left as they were: %s", exc)
             return
         async with trio.open_nursery() as nursery:
             for pool in self._fleet.pools.values():
@@ -114,7 +129,6 @@ class Service:
                 from modelpool.http.listener import serve, sockets
 
                 self._fleet = fleet
-                pool = fleet.default
                 fleet.mark_serving_http()
                 if self._killed.is_set():
                     fleet.kill()
@@ -131,7 +145,7 @@ class Service:
 
                 # POST /predict answered on the connection, without ASGI: see fastpath.py
                 fast = self.config.fast_predict
-                predictions = Predictions(pool, self.config, origins) if fast else None
+                predictions = Predictions(fleet, self.config, origins) if fast else None
                 hypercorn_config = self._hypercorn_config()
                 async with trio.open_nursery() as nursery:
                     binds = await nursery.start(
