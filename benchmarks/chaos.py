@@ -44,10 +44,23 @@ sending their request. So:
   for half the service's timeout (`CLIENT_KEEP_ALIVE`), far longer than such a delay,
   and still well short of the service's timeout.
 
+With --models N (N > 1) the service runs N models, m0 .. m{N-1}, each the chaos model
+(declared `--model mI=COMMAND`, the command ending in the model's name: chaos_model.py
+ignores that argument, so the process of every answer, by the pid it echoes, tells which
+model computed it), on the same --workers slots. Each request goes to the route of a model
+picked at random, /models/mI/predict, with a skew that turns every PHASE seconds (one
+model 3 times as likely as each other), so that slots move between models by demand.
+Every chaos action works across models: kill picks any model's process, template kills a
+random model's template, and the requests of the others go to a random model's route.
+Beyond the checks above: every answer came from a process of the model whose route was
+asked (the ids name the model too, and each answer's id must be its own), and slots moved
+between models at least once (modelpool_slot_moves_total in /metrics at the end). The
+summary prints the figures per model.
+
 Exit code 0 when every check holds. Traffic goes to 127.0.0.1 only, and it stops by
 itself: --duration bounds the load and every request has a deadline.
 
-Run: nox -s chaos [-- --duration 300] [-- --preload]
+Run: nox -s chaos [-- --duration 300] [-- --preload] [-- --models 2]
 """
 
 from __future__ import annotations
@@ -59,6 +72,7 @@ import ctypes
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -80,6 +94,9 @@ CLIENT_DEADLINE = 30.0  # far past timeout + queue timeout: no answer by then is
 KEEP_ALIVE = CLIENT_DEADLINE  # the service's --keep-alive-timeout: see the module docstring
 CLIENT_KEEP_ALIVE = KEEP_ALIVE / 2  # how long the clients keep an idle connection
 QUIET = 2.5  # seconds after the clients closed their connections, before measuring
+PHASE = 6.0  # with --models: seconds between two turns of the skew (which model is hot)
+SKEW = 3  # ... the hot model is this many times as likely as each other one
+SLOT_MOVE = re.compile(r"^modelpool_slot_moves_total\{([^}]*)\}\s+(\S+)", re.MULTILINE)
 
 
 @dataclass
@@ -96,6 +113,19 @@ class Tally:
     wrong_examples: list = field(default_factory=list)
     missing_examples: list = field(default_factory=list)
     lost_examples: list = field(default_factory=list)
+    wrong_model_examples: list = field(default_factory=list)
+
+
+@dataclass
+class ModelTally:
+    """With --models: one model's share of the requests, and who answered them."""
+
+    sent: int = 0
+    ok: int = 0
+    wrong_model: int = 0  # answered by a process of another model
+    unverified: int = 0  # its process gone before it could be told which model it ran
+    errors: collections.Counter = field(default_factory=collections.Counter)
+    chaos: collections.Counter = field(default_factory=collections.Counter)
 
 
 class Session:
@@ -108,10 +138,49 @@ class Session:
         self.url = f"http://127.0.0.1:{self.port}"
         self._ids = 0
         self.proc: subprocess.Popen | None = None
+        self.names = [f"m{i}" for i in range(args.models)] if args.models > 1 else []
+        self.per_model = {name: ModelTally() for name in self.names}
+        self.pid_models: dict[int, str] = {}  # model processes seen in /status
+        self.started_at = 0.0  # trio time the chaos began: the skew's phases count from it
 
-    def new_id(self, kind: str) -> str:
+    @property
+    def several(self) -> bool:
+        return bool(self.names)
+
+    def new_id(self, kind: str, model: str | None = None) -> str:
         self._ids += 1
-        return f"{kind}-{self._ids}-{self.random.getrandbits(32):08x}"
+        prefix = f"{model}-" if model else ""
+        return f"{prefix}{kind}-{self._ids}-{self.random.getrandbits(32):08x}"
+
+    def pick_model(self, skewed: bool = True) -> str | None:
+        """A model for the next request (None with one model: the plain /predict). The
+        load is skewed: the hot model turns every PHASE seconds; chaos picks uniformly."""
+        if not self.several:
+            return None
+        if not skewed:
+            return self.random.choice(self.names)
+        phase = int(max(0.0, trio.current_time() - self.started_at) // PHASE)
+        hot = phase % len(self.names)
+        weights = [SKEW if i == hot else 1 for i in range(len(self.names))]
+        return self.random.choices(self.names, weights)[0]
+
+    @staticmethod
+    def route(model: str | None) -> str:
+        return f"/models/{model}/predict" if model else "/predict"
+
+    def model_of(self, pid: object) -> str | None:
+        """Which model a process runs: its command ends with the model's name (the
+        argument chaos_model.py ignores); else as /status last showed it; else None."""
+        if not isinstance(pid, int):
+            return None
+        try:
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            argv = []
+        argv = [a.decode(errors="replace") for a in argv if a]
+        if len(argv) >= 2 and Path(argv[-2]).name == MODEL.name and argv[-1] in self.per_model:
+            return argv[-1]
+        return self.pid_models.get(pid)
 
     # -- the service ----------------------------------------------------------------
 
@@ -121,7 +190,11 @@ class Session:
         command += ["--max-queue", str(self.args.max_queue), "--queue-timeout", "10"]
         command += ["--keep-alive-timeout", str(KEEP_ALIVE), "--backoff-initial", "0.05"]
         command += ["--backoff-max", "0.5", "--log-level", "WARNING"]
-        command += ["--model-cmd", f"{sys.executable} -u {MODEL}"]
+        if self.several:
+            for name in self.names:  # the name last: the chaos model ignores it, /proc shows it
+                command += ["--model", f"{name}={sys.executable} -u {MODEL} {name}"]
+        else:
+            command += ["--model-cmd", f"{sys.executable} -u {MODEL}"]
         if self.args.preload:
             command += ["--preload"]
         log = open(self.args.service_log, "w")  # noqa: SIM115
@@ -155,21 +228,56 @@ class Session:
             return (await client.get("/status")).json()["template"] or {}
         return {}
 
+    async def templates(self, client: httpx.AsyncClient) -> dict[str, dict]:
+        """With --models: each model's --preload template, from its own status in /status
+        (models[name]["status"]["template"]; {} if none, nothing if no answer)."""
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError, TypeError):
+            models = (await client.get("/status")).json()["models"]
+            return {name: models[name]["status"]["template"] or {} for name in self.names}
+        return {}
+
     async def model_pids(self, client: httpx.AsyncClient) -> list[int]:
         with contextlib.suppress(httpx.HTTPError, ValueError):
             workers = (await client.get("/status")).json()["workers"]
+            for w in workers:
+                if w["pid"] and w.get("model"):
+                    self.pid_models[w["pid"]] = w["model"]
             return [w["pid"] for w in workers if w["pid"]]
         return []
 
+    async def watch_workers(self, client: httpx.AsyncClient, until: float) -> None:
+        """With --models: which model each process runs, as /status shows it, for the
+        answers whose process is gone before /proc could tell."""
+        while trio.current_time() < until:
+            await self.model_pids(client)
+            await trio.sleep(0.5)
+
+    async def slot_moves(self, client: httpx.AsyncClient) -> dict[str, int]:
+        """modelpool_slot_moves_total from /metrics, by "from -> to"."""
+        moves: dict[str, int] = {}
+        with contextlib.suppress(httpx.HTTPError):
+            text = (await client.get("/metrics")).text
+            for labels, value in SLOT_MOVE.findall(text):
+                found = dict(re.findall(r'(\w+)="([^"]*)"', labels))
+                key = f"{found.get('from', '?')} -> {found.get('to', '?')}"
+                moves[key] = moves.get(key, 0) + int(float(value))
+        return moves
+
     # -- requests -------------------------------------------------------------------
 
-    async def ask(self, client: httpx.AsyncClient, kind: str, **extra: object) -> None:
-        """One request with a fresh id; its answer is checked and counted."""
-        request_id = self.new_id(kind)
+    async def ask(
+        self, client: httpx.AsyncClient, kind: str, model: str | None = None, **extra: object
+    ) -> None:
+        """One request with a fresh id, to `model`'s route (with one model, /predict); its
+        answer is checked and counted."""
+        request_id = self.new_id(kind, model)
         self.tally.sent += 1
+        mine = self.per_model[model] if model else None
+        if mine:
+            mine.sent += 1
         try:
             with trio.fail_after(CLIENT_DEADLINE):
-                response = await client.post("/predict", json={"id": request_id, **extra})
+                response = await client.post(self.route(model), json={"id": request_id, **extra})
         except (httpx.TimeoutException, trio.TooSlowError) as exc:
             self.tally.missing += 1
             self.tally.missing_examples.append(f"{request_id}: {type(exc).__name__} {exc}")
@@ -183,25 +291,46 @@ class Session:
             answer = response.json()
             if answer.get("id") == request_id:
                 self.tally.ok += 1
+                if mine:
+                    mine.ok += 1
+                    self.check_model(model, request_id, answer)
             else:
                 self.tally.wrong += 1
                 self.tally.wrong_examples.append(f"{request_id} got {answer}")
         else:
             error = response.json().get("error", "?")
             self.tally.errors[f"{response.status_code} {error}"] += 1
+            if mine:
+                mine.errors[f"{response.status_code} {error}"] += 1
+
+    def check_model(self, model: str, request_id: str, answer: dict) -> None:
+        """The answer to `model`'s route came from a process of `model`."""
+        mine = self.per_model[model]
+        ran = self.model_of(answer.get("pid"))
+        if ran is None:
+            mine.unverified += 1
+        elif ran != model:
+            mine.wrong_model += 1
+            self.tally.wrong_model_examples.append(
+                f"{request_id} (to {model}) answered by {ran}'s process: {answer}"
+            )
 
     async def client_loop(self, client: httpx.AsyncClient, until: float) -> None:
         while trio.current_time() < until:
             noise = self.random.choice([0, 0, 0, 3])
-            await self.ask(client, "load", sleep=self.random.uniform(0, 0.04), noise=noise)
+            sleep = self.random.uniform(0, 0.04)
+            await self.ask(client, "load", self.pick_model(), sleep=sleep, noise=noise)
 
-    async def hang_up(self, after: float, partial_body: bool) -> None:
+    async def hang_up(self, after: float, partial_body: bool, model: str | None = None) -> None:
         """A client that sends a request (or part of one) and goes away."""
         self.tally.sent += 1
         self.tally.hung_up += 1
-        body = json.dumps({"id": self.new_id("hangup"), "sleep": 0.2}).encode()
-        head = b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % len(
-            body
+        if model:
+            self.per_model[model].sent += 1
+        body = json.dumps({"id": self.new_id("hangup", model), "sleep": 0.2}).encode()
+        head = b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n\r\n" % (
+            self.route(model).encode(),
+            len(body),
         )
         with contextlib.suppress(OSError):
             stream = await trio.open_tcp_stream("127.0.0.1", self.port)
@@ -222,31 +351,39 @@ class Session:
                 await trio.sleep(self.random.uniform(0.1, 0.5))
                 action = self.random.choices(actions, weights)[0]
                 self.tally.chaos[action] += 1
-                if action == "kill":
+                model = self.pick_model(skewed=False)  # the model it aims at, if several
+                if action == "kill":  # any model's process
                     pids = await self.model_pids(client)
                     if pids:
+                        pid = self.random.choice(pids)
+                        model = self.pid_models.get(pid)
                         with contextlib.suppress(ProcessLookupError):
-                            os.kill(self.random.choice(pids), signal.SIGKILL)
+                            os.kill(pid, signal.SIGKILL)
                 elif action == "template":
-                    pid = (await self.template(client)).get("pid")
+                    if model:
+                        pid = (await self.templates(client)).get(model, {}).get("pid")
+                    else:
+                        pid = (await self.template(client)).get("pid")
                     if pid:
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(pid, signal.SIGKILL)
                 elif action == "timeout":
-                    nursery.start_soon(partial_ask(self, client, "timeout", sleep=5.0))
+                    nursery.start_soon(partial_ask(self, client, "timeout", model, sleep=5.0))
                 elif action == "crash":
-                    nursery.start_soon(partial_ask(self, client, "crash", crash=True))
+                    nursery.start_soon(partial_ask(self, client, "crash", model, crash=True))
                 elif action == "escape":
                     crash = self.random.random() < 0.5
                     extra = {"escape": str(self.escapes), "crash": crash}
-                    nursery.start_soon(partial_ask(self, client, "escape", **extra))
+                    nursery.start_soon(partial_ask(self, client, "escape", model, **extra))
                 elif action == "hangup":
-                    nursery.start_soon(self.hang_up, self.random.uniform(0, 0.3), False)
+                    nursery.start_soon(self.hang_up, self.random.uniform(0, 0.3), False, model)
                 elif action == "trickle":
-                    nursery.start_soon(self.hang_up, self.random.uniform(0, 0.3), True)
+                    nursery.start_soon(self.hang_up, self.random.uniform(0, 0.3), True, model)
                 elif action == "burst":
                     for _ in range(self.args.max_queue + 40):
-                        nursery.start_soon(partial_ask(self, client, "burst"))
+                        nursery.start_soon(partial_ask(self, client, "burst", model))
+                if model:
+                    self.per_model[model].chaos[action] += 1
 
     # -- leftovers ------------------------------------------------------------------
 
@@ -267,9 +404,15 @@ class Session:
         return [f"{pid} {command}" for pid, command in found.items()]
 
 
-def partial_ask(session: Session, client: httpx.AsyncClient, kind: str, **extra: object):
+def partial_ask(
+    session: Session,
+    client: httpx.AsyncClient,
+    kind: str,
+    model: str | None = None,
+    **extra: object,
+):
     async def run() -> None:
-        await session.ask(client, kind, **extra)
+        await session.ask(client, kind, model, **extra)
 
     return run
 
@@ -285,11 +428,13 @@ async def drive(session: Session) -> dict:
         await session.wait_ready(client)
         for _ in range(3):  # warm-up: every model answers, every code path is loaded
             async with trio.open_nursery() as nursery:
-                for _ in range(args.concurrency):
-                    nursery.start_soon(partial_ask(session, client, "warmup"))
+                for i in range(args.concurrency):
+                    model = session.names[i % len(session.names)] if session.several else None
+                    nursery.start_soon(partial_ask(session, client, "warmup", model))
     await trio.sleep(QUIET)  # the clients' connections have closed: a quiet point to measure
     rss_warm, fds_warm = session.resources()
     started = trio.current_time()
+    session.started_at = started
     until = started + args.duration
     async with httpx.AsyncClient(
         base_url=session.url, timeout=CLIENT_DEADLINE, limits=limits
@@ -299,12 +444,28 @@ async def drive(session: Session) -> dict:
                 nursery.start_soon(session.client_loop, client, until)
             nursery.start_soon(session.chaos_loop, client, until)
             nursery.start_soon(report_progress, session, until)
+            if session.several:
+                nursery.start_soon(session.watch_workers, client, until)
         await session.wait_ready(client)  # every model back before the last measurement
-        template = await session.template(client)
-        with trio.move_on_after(10):  # one killed at the very end loads again
-            while template and template.get("state") != "ready":
-                await trio.sleep(0.1)
-                template = await session.template(client)
+        several: dict = {}
+        if session.several:
+            templates = await session.templates(client)
+            with trio.move_on_after(10):  # one killed at the very end loads again
+                while any(t and t.get("state") != "ready" for t in templates.values()):
+                    await trio.sleep(0.1)
+                    templates = await session.templates(client)
+            template = combined(templates)
+            several["templates"] = templates
+            several["slot_moves_by"] = await session.slot_moves(client)
+            with contextlib.suppress(httpx.HTTPError, ValueError):
+                listed = (await client.get("/models")).json()["models"]
+                several["workers_at_end"] = {m["name"]: m["workers"] for m in listed}
+        else:
+            template = await session.template(client)
+            with trio.move_on_after(10):  # one killed at the very end loads again
+                while template and template.get("state") != "ready":
+                    await trio.sleep(0.1)
+                    template = await session.template(client)
     await trio.sleep(QUIET)
     rss_end, fds_end = session.resources()
     return {
@@ -314,6 +475,20 @@ async def drive(session: Session) -> dict:
         "fds_warm": fds_warm,
         "fds_end": fds_end,
         "template": template,
+        **several,
+    }
+
+
+def combined(templates: dict[str, dict]) -> dict:
+    """The models' --preload templates as one ({} if none): ready if every one is, the
+    forks of all of them."""
+    if not any(templates.values()):
+        return {}
+    ready = all(t.get("state") == "ready" for t in templates.values())
+    return {
+        "state": "ready" if ready else "not ready",
+        "forks": sum(t.get("forks", 0) for t in templates.values()),
+        "loads": sum(t.get("loads", 0) for t in templates.values()),
     }
 
 
@@ -342,17 +517,33 @@ def main() -> int:
         help="run the service with --preload, and kill its template too now and then",
     )
     parser.add_argument(
+        "--models",
+        type=int,
+        default=1,
+        help="models the service runs on the --workers slots (m0, m1, ...; default 1)",
+    )
+    parser.add_argument(
         "--service-log", type=Path, default=Path(os.devnull), help="where the service logs go"
     )
     args = parser.parse_args()
+    if args.models < 1:
+        parser.error("--models: must be at least 1")
     args.seed = args.seed if args.seed is not None else random.randrange(2**32)
     become_subreaper()
     session = Session(args)
-    print(
-        f"chaos: {args.duration:g} s, {args.workers} models, {args.concurrency} clients, "
-        f"seed {args.seed}, service on {session.url}",
-        flush=True,
-    )
+    if session.several:
+        print(
+            f"chaos: {args.duration:g} s, {args.workers} slots shared by {args.models} models "
+            f"({', '.join(session.names)}), {args.concurrency} clients, seed {args.seed}, "
+            f"service on {session.url}",
+            flush=True,
+        )
+    else:
+        print(
+            f"chaos: {args.duration:g} s, {args.workers} models, {args.concurrency} clients, "
+            f"seed {args.seed}, service on {session.url}",
+            flush=True,
+        )
     session.start()
     try:
         figures = trio.run(drive, session)
@@ -391,9 +582,33 @@ def main() -> int:
         template = figures["template"]
         checks["models were forked from the template"] = template.get("forks", 0) > args.workers
         checks["a template was ready at the end"] = template.get("state") == "ready"
+    if session.several:
+        per_model = session.per_model
+        moves = sum(figures.get("slot_moves_by", {}).values())
+        summary["wrong_model"] = sum(m.wrong_model for m in per_model.values())
+        summary["unverified_model"] = sum(m.unverified for m in per_model.values())
+        summary["slot_moves"] = moves
+        summary["models"] = {
+            name: {
+                "sent": m.sent,
+                "ok": m.ok,
+                "errors": dict(sorted(m.errors.items())),
+                "wrong_model": m.wrong_model,
+                "unverified_model": m.unverified,
+                "chaos": dict(sorted(m.chaos.items())),
+                "workers_at_end": figures.get("workers_at_end", {}).get(name),
+                "template": figures.get("templates", {}).get(name, {}),
+            }
+            for name, m in per_model.items()
+        }
+        checks["every answer came from the model asked"] = summary["wrong_model"] == 0
+        checks["most answers' model was verified"] = summary["unverified_model"] <= t.ok / 20
+        checks["every model answered"] = all(m.ok > 0 for m in per_model.values())
+        checks["slots moved between models"] = moves >= 1
     summary["checks"] = checks
     print_table(summary)
-    examples = t.wrong_examples[:5] + t.lost_examples[:5] + t.missing_examples[:5] + left[:10]
+    examples = t.wrong_examples[:5] + t.wrong_model_examples[:5]
+    examples += t.lost_examples[:5] + t.missing_examples[:5] + left[:10]
     for example in examples:
         print(f"  ! {example}")
     if args.json:
@@ -420,13 +635,48 @@ def print_table(s: dict) -> None:
         ("service open fds after warm-up / at the end", f"{s['fds_warm']} / {s['fds_end']}"),
         ("service exit code", s["service_exit_code"]),
     ]
+    if "models" in s:
+        rows += [
+            ("answers computed by another model", s["wrong_model"]),
+            ("answers whose model could not be told (gone)", s["unverified_model"]),
+            ("slot moves", s["slot_moves"]),
+            *[(f"  {move}", count) for move, count in sorted(s["slot_moves_by"].items())],
+        ]
     width = max(len(str(label)) for label, _ in rows)
     print()
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
+    if "models" in s:
+        print_models(s["models"])
     print()
     for check, held in s["checks"].items():
         print(f"{'PASS' if held else 'FAIL'}  {check}")
+
+
+def print_models(models: dict[str, dict]) -> None:
+    """With --models: one row per model."""
+    head = ("model", "sent", "ok", "errors", "other model", "unverified", "workers", "forks")
+    rows = [
+        (
+            name,
+            m["sent"],
+            m["ok"],
+            sum(m["errors"].values()),
+            m["wrong_model"],
+            m["unverified_model"],
+            "?" if m["workers_at_end"] is None else m["workers_at_end"],
+            m["template"].get("forks", "-"),
+        )
+        for name, m in models.items()
+    ]
+    widths = [max(len(str(row[i])) for row in [head, *rows]) for i in range(len(head))]
+    print()
+    for row in [head, *rows]:
+        print("  ".join(f"{v!s:>{w}}" for v, w in zip(row, widths, strict=True)))
+    for name, m in models.items():
+        errors = ", ".join(f"{kind} {count}" for kind, count in m["errors"].items()) or "none"
+        chaos = ", ".join(f"{kind} {count}" for kind, count in m["chaos"].items()) or "none"
+        print(f"{name}: errors: {errors}; chaos aimed at it: {chaos}")
 
 
 def become_subreaper() -> None:

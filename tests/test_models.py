@@ -10,7 +10,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import SCRIPTED, error_body, running_server, wait_until
+from conftest import SCRIPTED, error_body, hostile, running_server, wait_until
 from modelpool import ConfigError, PoolConfig, UnknownModel, open_fleet, open_pool
 from modelpool.cli.parser import parse
 from modelpool.settings.models import first_shares
@@ -240,3 +240,22 @@ async def test_the_minimums_are_held_whatever_the_demand() -> None:
                 await trio.sleep(0.05)
         assert fleet.slots.shares() == {"a": 3, "b": 1}
         assert await fleet.predict({"x": 1}, model="b")  # its kept slot serves at once
+
+
+async def test_a_slot_that_moves_keeps_its_device() -> None:
+    model = {"model_cmd": hostile("device_env.py"), "min_workers": 0}
+    config = PoolConfig(workers=2, devices=("0", "1"), models={"a": model, "b": dict(model)})
+    async with open_fleet(config) as fleet:
+        await fleet.wait_ready()
+        assert {w.device for w in fleet.workers} == {"0", "1"}
+        device_of_b = fleet.pools["b"].workers[0].device
+        async with trio.open_nursery() as nursery:
+            for i in range(6):
+                nursery.start_soon(fleet.predict, {"sleep": 0.3, "i": i}, None, None, "a")
+            await wait_until(lambda: fleet.slots.shares()["a"] == 2, 10, "b's slot moves to a")
+        moved = [w for w in fleet.pools["a"].workers if w.retiring is None][-1]
+        assert moved.device == device_of_b
+        assert {w.device for w in fleet.pools["a"].workers if w.retiring is None} == {"0", "1"}
+        answer = await fleet.predict({"sleep_on": [device_of_b], "sleep": 0.5}, model="a")
+        by_pid = {w.pid: w.device for w in fleet.pools["a"].workers}
+        assert answer["env"]["MODELPOOL_DEVICE"] == by_pid[answer["pid"]]

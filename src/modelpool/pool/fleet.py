@@ -304,6 +304,13 @@ class PoolRunner:
         self._nursery = nursery
         self._reaper = reaper
         self.fleet: Fleet | None = None  # told of a pool that could not start (not fatal)
+        self._pools: list[Pool] = []  # every pool it started, for the devices they use
+
+    def other_devices(self, asking: Pool) -> list[str | None]:
+        """The devices of every serving worker of the running pools but `asking`."""
+        self._pools = [pool for pool in self._pools if not pool.stopped.is_set()]
+        others = (pool for pool in self._pools if pool is not asking)
+        return [w.device for pool in others for w in pool.workers if w.retiring is None]
 
     async def start(self, name: str, config: PoolConfig, fatal: bool = True) -> Pool | None:
         """A pool of model `name`, started. If not `fatal` (a model added or changed
@@ -322,8 +329,9 @@ class PoolRunner:
     ) -> None:
         started: Pool | None = None
         try:
-            async with open_pool(config, self._reaper, name) as pool:
+            async with open_pool(config, self._reaper, name, self.other_devices) as pool:
                 started = pool
+                self._pools.append(pool)
                 task_status.started(pool)
                 await pool.stopped.wait()
         except ModelCommandError as exc:

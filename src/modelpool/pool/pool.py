@@ -29,7 +29,7 @@ import os
 import random
 import secrets
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -69,9 +69,13 @@ class Pool:
         nursery: trio.Nursery,
         reaper: Reaper,
         model_name: str | None = None,
+        other_devices: Callable[[Pool], Iterable[str | None]] | None = None,
     ) -> None:
         self.config = config
         self.model_name = model_name  # with several models (fleet.py): this one's name
+        # With several models, the devices the other models' workers use (fleet.py): a
+        # new worker takes the one the fewest use, whichever model they run.
+        self._other_devices = other_devices
         self.reaper = reaper
         self.closing = False
         self.ever_ready = False  # every model was ready at once, at least once
@@ -229,7 +233,9 @@ class Pool:
         else on the device the fewest serving workers have (see devices.py).
         """
         if device is None and self.config.devices:
-            serving = (w.device for w in self.workers if w.retiring is None)
+            serving = [w.device for w in self.workers if w.retiring is None]
+            if self._other_devices is not None:
+                serving += self._other_devices(self)
             device = devices.least_used(self.config.devices, serving)
         worker = Worker(
             next(self._indexes),

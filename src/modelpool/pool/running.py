@@ -14,7 +14,7 @@ all (a model command that cannot be run, a queue no backend can open) comes out 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -36,7 +36,10 @@ log = logging.getLogger("modelpool.pool")
 
 @asynccontextmanager
 async def open_pool(
-    config: PoolConfig | None = None, reaper: Reaper | None = None, model_name: str | None = None
+    config: PoolConfig | None = None,
+    reaper: Reaper | None = None,
+    model_name: str | None = None,
+    other_devices: Callable[[Pool], Iterable[str | None]] | None = None,
 ) -> AsyncIterator[Pool]:
     """Run a pool for the duration of the block; on exit, drain it and stop every model.
 
@@ -44,9 +47,10 @@ async def open_pool(
     default kills each model's group, tree and token carriers (see reaper.py). Raises
     ModelCommandError at once if the model command cannot even be executed, and
     FirstStartFailed (a ModelCommandError) once every model's first start failed,
-    unless `config.keep_trying`; `model_name` names it in logs and /status, one of
-    several models (fleet.py); ConfigError before any model starts if no queue
-    backend can open `config.queue` (see queues/backends.py).
+    unless `config.keep_trying`; ConfigError before any model starts if no queue
+    backend can open `config.queue` (see queues/backends.py). `model_name` names it in
+    logs and /status, one of several models (fleet.py), whose workers' devices
+    `other_devices` says (a new worker takes the least used).
     """
     config = config or PoolConfig()
     if config.models:
@@ -54,7 +58,7 @@ async def open_pool(
     reaper = reaper or Reaper()
     try:
         async with trio.open_nursery() as nursery:
-            pool = Pool(config, nursery, reaper, model_name)
+            pool = Pool(config, nursery, reaper, model_name, other_devices)
             model = "" if model_name is None else f" of model {model_name}"
             command = " ".join(config.model_cmd)
             log.info("starting %d model(s)%s: %s", config.workers, model, command)
