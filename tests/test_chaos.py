@@ -17,9 +17,18 @@ pytestmark = pytest.mark.slow
 DURATION = 40  # seconds of chaos; the whole run takes about 20 s more
 
 
-@pytest.mark.parametrize("preload", [False, True], ids=["plain", "preload"])
-async def test_a_short_chaos_session_keeps_every_promise(tmp_path: Path, preload: bool) -> None:
-    """With --preload too: every model forked from one template, which is killed as well."""
+@pytest.mark.parametrize(
+    ("preload", "models"),
+    [(False, 1), (True, 1), (True, 2)],
+    ids=["plain", "preload", "preload-2-models"],
+)
+async def test_a_short_chaos_session_keeps_every_promise(
+    tmp_path: Path, preload: bool, models: int
+) -> None:
+    """With --preload too: every model forked from one template, which is killed as well.
+    With two models on the same slots (--models 2, with --preload: each model its own
+    template, a slot moved by a fork): each request to one of them, every answer from a
+    process of the model asked, and slots moved between them."""
     summary_file = tmp_path / "chaos.json"
     done = await trio.run_process(
         [
@@ -30,6 +39,7 @@ async def test_a_short_chaos_session_keeps_every_promise(tmp_path: Path, preload
             "--json",
             str(summary_file),
             *(["--preload"] if preload else []),
+            *(["--models", str(models)] if models > 1 else []),
         ],
         capture_stdout=True,
         check=False,
@@ -54,3 +64,8 @@ async def test_a_short_chaos_session_keeps_every_promise(tmp_path: Path, preload
     assert summary["errors"].get("502 model failed", 0) >= 1
     assert summary["escaped_daemons_started"] >= 1
     assert summary["ok"] > 1000
+    if models > 1:
+        assert summary["wrong_model"] == 0
+        assert summary["slot_moves"] >= 1
+        assert set(summary["models"]) == {f"m{i}" for i in range(models)}
+        assert all(m["ok"] > 0 for m in summary["models"].values()), summary["models"]

@@ -1,14 +1,14 @@
 """A worker is one slot of the pool: it owns one model process at a time.
 
-Its loop: start a model (after a back-off delay if models keep failing on their own),
-wait for the ready line, then serve jobs with it (a `ModelSession`, serving.py) until
-the model must be replaced, and start the next. The worker keeps what outlives each
-model: its counts, its last failure, how many models failed in a row (the back-off).
+Its loop: start a model (after a back-off delay if models keep failing on their own), wait
+for the ready line, then serve jobs with it (a `ModelSession`, serving.py) until the model
+must be replaced, and start the next. The worker keeps what outlives each model: its counts,
+its last failure, how many models failed in a row (the back-off).
 
-At first start, while no model of the pool was ever ready, a model that fails before
-its ready line is no reason to back off and retry but a mistake in the command: once
-every worker's model failed so, the pool gives up (FirstStartFailed), unless it was
-told to keep trying (see Pool._first_start_failed).
+At first start, while no model of the pool was ever ready, a model that fails before its
+ready line is no reason to back off and retry but a mistake in the command: once every
+worker's model failed so, the pool gives up (FirstStartFailed), unless it was told to keep
+trying (see Pool._first_start_failed).
 """
 
 from __future__ import annotations
@@ -277,15 +277,13 @@ class Worker:
                 self.became_ready.set()
                 no_more_jobs = await self._session.serve()
                 if self.retiring == RestartReason.REFRESH:
-                    # It answered; a graceful exit would free (and so first copy) every
-                    # template object it holds: the memory and time a refresh saves.
+                    # It answered; a graceful exit would free, so first copy, its template's objects
                     model.kill_group()
                 return no_more_jobs
         except* StartFailed as group:  # raised inside open_model's nursery: grouped
             for exc in group.exceptions:
-                # Fatal only for the service's own command, before it ever served: a
-                # trial (a reload or a resize) that cannot run its command is a failed
-                # operation, whenever it comes, and the models already there serve on.
+                # Fatal only for the service's own command before it ever served: a trial
+                # (reload, resize) that cannot run its command fails; the others serve on.
                 if (
                     isinstance(exc, CommandNotRunnable)
                     and not self.trial
