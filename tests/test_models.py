@@ -89,6 +89,7 @@ def test_a_mistake_in_a_models_table_says_what_to_fix(
         ({"models": {"a": {"min_workers": 3, "max_workers": 2}}}, "over its max-workers"),
         ({"models": {"a": {}}, "queue": "redis://localhost"}, "one per service in a cluster"),
         ({"models": {"a": {"bogus": 1}}}, "no option a model's table takes"),
+        ({"workers": 0, "min_workers": 0}, "must be at least 1"),
     ],
 )
 def test_models_that_cannot_run_together_are_refused(options: dict, says: str) -> None:
@@ -104,10 +105,15 @@ def test_first_shares_give_each_its_minimum_then_deal_the_rest_in_order() -> Non
     assert first_shares(4, {"a": (0, 1), "b": (0, 1)}) == {"a": 1, "b": 1}
 
 
-async def test_open_pool_refuses_several_models_and_open_fleet_runs_one_the_old_way() -> None:
-    with pytest.raises(ConfigError, match="open_fleet"):
-        async with open_pool(two_models()):
-            pass
+async def test_open_pool_of_several_models_asks_any_by_name_and_open_fleet_runs_one() -> None:
+    async with open_pool(two_models()) as pool:
+        await pool.wait_ready()
+        assert pool.model_name == "a"  # the default model's pool
+        answer = await pool.predict({"to": "b"}, model="b")
+        assert answer["echo"] == {"to": "b"} and answer["pid"] not in {w.pid for w in pool.workers}
+        assert (await pool.predict({"to": "a"}, model="a"))["pid"] in {w.pid for w in pool.workers}
+        with pytest.raises(UnknownModel):
+            await pool.predict({}, model="c")
     async with open_fleet(PoolConfig(model_cmd=SCRIPTED, workers=1)) as fleet:
         await fleet.wait_ready()
         assert list(fleet.pools) == ["default"] and fleet.slots is None
@@ -173,9 +179,28 @@ async def test_admin_operations_name_their_model() -> None:
         await server.fleet.wait_ready()
         post = server.client.post
         json_type = {"Content-Type": "application/json"}
-        reload = await post("/admin/reload", json={"model": "b"})
+        shares: list[dict[str, int]] = []
+
+        async def watch_shares() -> None:
+            while True:
+                shares.append(server.fleet.slots.shares())
+                await trio.sleep(0.005)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch_shares)
+            reload = await post("/admin/reload", json={"model": "b"})
+            nursery.cancel_scope.cancel()
         assert reload.status_code == 200, reload.text
         assert server.fleet.pools["b"].generation == 2 and server.fleet.pools["a"].generation == 1
+        # its surge worker is no slot: nothing was given back or moved for it
+        assert all(seen == {"a": 2, "b": 2} for seen in shares), shares
+        assert server.fleet.slots.moves == 0
+        assert {w.generation for w in server.fleet.pools["b"].workers} == {2}
+        assert (
+            len(server.fleet.pools["a"].workers) == 2 and len(server.fleet.pools["b"].workers) == 2
+        )
+        unknown = await post("/admin/reload", json={"model": "c"})
+        assert unknown.status_code == 404 and unknown.json()["models"] == ["a", "b"]
         pinned = await post("/admin/scale", json={"model": "b", "workers": 3})
         assert pinned.status_code == 200, pinned.text
         assert pinned.json()["shares"] == {"a": 1, "b": 3} and pinned.json()["settled"]
@@ -259,3 +284,19 @@ async def test_a_slot_that_moves_keeps_its_device() -> None:
         answer = await fleet.predict({"sleep_on": [device_of_b], "sleep": 0.5}, model="a")
         by_pid = {w.pid: w.device for w in fleet.pools["a"].workers}
         assert answer["env"]["MODELPOOL_DEVICE"] == by_pid[answer["pid"]]
+
+
+async def test_a_page_of_another_origin_cannot_ask_a_model() -> None:
+    async with running_server(two_models()) as server:
+        await server.fleet.wait_ready()
+        port = server.url.rsplit(":", 1)[1]
+        host = {"Host": f"127.0.0.1:{port}"}
+        foreign = await server.client.post(
+            "/models/a/predict", json={"n": 1}, headers={**host, "Origin": "http://evil.example"}
+        )
+        error_body(foreign, 403, "forbidden")
+        rebound = await server.client.post(
+            "/models/a/predict", json={"n": 1}, headers={"Host": "evil.example"}
+        )
+        error_body(rebound, 403, "forbidden")
+        assert server.fleet.pools["a"].metrics.value("modelpool_requests_total", outcome="ok") == 0

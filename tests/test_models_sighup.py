@@ -9,7 +9,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from conftest import SCRIPTED, wait_until
+from conftest import SCRIPTED, process_alive, wait_until
 from serverproc import server_process, wait_listening
 
 COMMAND = " ".join(SCRIPTED)
@@ -19,7 +19,8 @@ def config_text(models: dict[str, str], workers: int = 4) -> str:
     """A config file declaring `models`, each a table's extra lines besides its command."""
     lines = [f"workers = {workers}"]
     for name, extra in models.items():
-        lines += [f"[models.{name}]", f"model-cmd = {COMMAND!r}", "min-workers = 1", extra]
+        minimum = "" if "min-workers" in extra else "min-workers = 1"
+        lines += [f"[models.{name}]", f"model-cmd = {COMMAND!r}", minimum, extra]
     return "\n".join(lines) + "\n"
 
 
@@ -96,3 +97,44 @@ async def wait_until_ready(client: httpx.AsyncClient, names: set[str], within: f
             await trio.sleep(0.1)
         return
     raise AssertionError(f"models {sorted(names)} not all ready: {await models_of(client)}")
+
+
+async def test_two_sighups_in_a_row_and_a_model_added_with_no_minimum(tmp_path: Path) -> None:
+    path = tmp_path / "models.toml"
+    path.write_text(config_text({"a": "", "b": ""}, workers=3))
+    async with server_process("--config", str(path)) as server:
+        async with await wait_listening(server) as client:
+            await wait_until_ready(client, {"a", "b"})
+            status = (await client.get("/status")).json()
+            b_pids = {w["pid"] for w in status["models"]["b"]["status"]["workers"]}
+            answers: list[int] = []
+
+            async def ask_a() -> None:
+                answer = await client.post("/models/a/predict", json={"sleep": 0.4})
+                answers.append(answer.status_code)
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(12):  # a has requests waiting while the changes come
+                    nursery.start_soon(ask_a)
+                await trio.sleep(0.2)
+                path.write_text(config_text({"a": "", "c": "min-workers = 0"}, workers=3))
+                server.proc.send_signal(signal.SIGHUP)
+                await wait_until(lambda: any("model c added" in x for x in server.log), 10, "c")
+                server.proc.send_signal(signal.SIGHUP)  # a second, while the first runs
+            assert answers == [200] * 12
+            await wait_until(
+                lambda: sum("models changed" in line for line in server.log) == 2, 30, "both"
+            )
+            assert set(await models_of(client)) == {"a", "c"}
+            # c may have no slot (min-workers 0, and a had requests waiting): asked, it gets one
+            assert (await client.post("/models/c/predict", json={"n": 1})).status_code == 200
+            await wait_until_ready(client, {"a", "c"})
+            status = (await client.get("/status")).json()
+            assert sum(status["slots"]["shares"].values()) == 3
+            # one pool of c, not two: the second change found c running, unchanged
+            assert status["models"]["c"]["workers"] == status["slots"]["shares"]["c"]
+            live = {w["pid"] for w in status["workers"]}
+            assert len(live) == 3, status["workers"]
+            await wait_until(lambda: not any(process_alive(p) for p in b_pids), 15, "b gone")
+        server.proc.send_signal(signal.SIGTERM)
+        assert await server.exit_code(within=20) == 0

@@ -25,11 +25,12 @@ if TYPE_CHECKING:
         UnknownModel,
     )
     from modelpool.core.job import Timing
-    from modelpool.pool.fleet import Fleet, open_fleet
+    from modelpool.pool.fleet import Fleet
+    from modelpool.pool.fleetrun import open_fleet
     from modelpool.pool.metrics import PoolMetrics
+    from modelpool.pool.opening import open_pool
     from modelpool.pool.pool import Pool
     from modelpool.pool.report import Health
-    from modelpool.pool.running import open_pool
     from modelpool.process.reaper import Reaper
     from modelpool.settings.config import ConfigError, PoolConfig, ServerConfig
 
@@ -49,12 +50,12 @@ _WHERE = {
     "ShuttingDown": "core.errors",
     "UnknownModel": "core.errors",
     "Fleet": "pool.fleet",
-    "open_fleet": "pool.fleet",
+    "open_fleet": "pool.fleetrun",
     "Timing": "core.job",
     "PoolMetrics": "pool.metrics",
     "Health": "pool.report",
     "Pool": "pool.pool",
-    "open_pool": "pool.running",
+    "open_pool": "pool.opening",
     "Reaper": "process.reaper",
 }
 __all__ = [

@@ -22,7 +22,7 @@ import trio
 from modelpool.cli.parser import parse
 from modelpool.core import logs
 from modelpool.core.errors import FirstStartFailed, ModelCommandError
-from modelpool.pool.fleet import open_fleet
+from modelpool.pool.fleetrun import open_fleet
 from modelpool.pool.pool import Pool
 from modelpool.process.reaper import Reaper
 from modelpool.service.binding import CannotListen

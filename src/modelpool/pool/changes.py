@@ -51,6 +51,11 @@ async def reconfigure(fleet: Fleet, new: PoolConfig) -> dict[str, Any]:
     ValueError if `new` cannot replace what runs (one model, where several run)."""
     if not new.models or not fleet.several:
         raise ValueError("switching between one model and several needs a restart")
+    async with fleet._changing:  # a second SIGHUP waits for the first's change
+        return await _reconfigure(fleet, new)
+
+
+async def _reconfigure(fleet: Fleet, new: PoolConfig) -> dict[str, Any]:
     assert fleet.slots is not None and fleet.runner is not None
     configs = new.model_configs
     report: dict[str, Any] = {"added": [], "removed": [], "changed": [], "kept": []}
@@ -71,8 +76,7 @@ async def reconfigure(fleet: Fleet, new: PoolConfig) -> dict[str, Any]:
                 fleet._route(name, running, config)
                 report["kept"].append(name)
     fleet.slots.resize(new.workers)
-    default = new.default_model_name
-    fleet.default_name = default if default in fleet.pools else next(iter(fleet.pools))
+    fleet.default_name = new.default_model_name  # if it failed to start: 404 until it runs
     fleet.config = new
     log.info("models changed: %s", report)
     return report

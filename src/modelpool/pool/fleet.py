@@ -19,28 +19,32 @@ Embed it as a pool::
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
 import trio
 
-from modelpool.core.errors import ModelCommandError, UnknownModel
+from modelpool.core.errors import UnknownModel
 from modelpool.core.job import Timing
 from modelpool.core.kinds import WorkerState
 from modelpool.pool.fleetmetrics import FleetMetrics
 from modelpool.pool.metrics import Recent
+from modelpool.pool.operations import Busy
 from modelpool.pool.pool import Pool
 from modelpool.pool.report import Health
-from modelpool.pool.running import first_error, open_pool
 from modelpool.pool.slots import Bounds, Slots
 from modelpool.pool.worker import Worker
-from modelpool.process.reaper import Reaper
-from modelpool.settings.config import ConfigError, PoolConfig
+from modelpool.settings.config import PoolConfig
 
 log = logging.getLogger("modelpool.fleet")
 
 SCALE_WAIT = 60.0  # seconds an admin scale waits for its models to be ready, at most
+
+
+class PoolStarter(Protocol):
+    """Starts a model's pool while the fleet runs (fleetrun.py's PoolRunner is one)."""
+
+    async def start(self, name: str, config: PoolConfig, fatal: bool = True) -> Pool | None: ...
 
 
 class Fleet:
@@ -52,7 +56,7 @@ class Fleet:
     """
 
     def __init__(
-        self, config: PoolConfig, pools: dict[str, Pool], runner: PoolRunner | None = None
+        self, config: PoolConfig, pools: dict[str, Pool], runner: PoolStarter | None = None
     ) -> None:
         self.config = config
         self.pools = pools  # routed to; the slots and the metrics read this very dict
@@ -61,24 +65,35 @@ class Fleet:
         self.runner = runner  # starts a model's pool while the fleet runs (changes.py)
         self._running: set[Pool] = set(pools.values())  # routed or not, until stopped
         self._serving_http = False
+        self._changing = trio.Lock()  # one change of its models at a time (changes.py)
+        self._scaling = trio.Lock()  # one admin scale at a time
         self.slots: Slots | None = None
         self.metrics: FleetMetrics | None = None
         if self.several:
             bounds = {name: bounds_of(pool.config) for name, pool in pools.items()}
             self.metrics = FleetMetrics(pools, lambda: self.slots.shares() if self.slots else {})
-            self.slots = Slots(config.workers, pools, bounds, self.metrics)
+            self.slots = Slots(
+                config.workers,
+                pools,
+                bounds,
+                self.metrics,
+                draining=self._draining_workers,
+                done=lambda: self.closing_all,
+            )
+            for pool in pools.values():
+                pool._siblings = self.pool
 
     @property
     def default(self) -> Pool:
-        return self.pools[self.default_name]
+        """The default model's pool; UnknownModel if it is not served (it failed to
+        start after a change of the config)."""
+        return self.pool(self.default_name)
 
     def pool(self, name: str | None = None) -> Pool:
         """The pool of model `name` (the default model's if None); UnknownModel if none."""
-        if name is None:
-            return self.default
-        pool = self.pools.get(name)
+        pool = self.pools.get(self.default_name if name is None else name)
         if pool is None:
-            raise UnknownModel(name, list(self.pools))
+            raise UnknownModel(self.default_name if name is None else name, list(self.pools))
         return pool
 
     async def predict(
@@ -159,6 +174,7 @@ class Fleet:
         """Requests for `name` go to `pool` from now on; the pool they went to before, if any."""
         before = self.pools.get(name)
         self.pools[name] = pool
+        pool._siblings = self.pool
         if self.slots is not None:
             self.slots.bounds[name] = bounds_of(config)
         return before
@@ -168,6 +184,18 @@ class Fleet:
         if self.slots is not None:
             del self.slots.bounds[name]
         return self.pools.pop(name)
+
+    def _draining_workers(self) -> int:
+        """Workers of running pools no request is routed to (draining, or a change's
+        new pool not yet swapped in), not yet stopped: the budget counts them."""
+        routed = set(self.pools.values())
+        return sum(
+            1
+            for pool in self._running
+            if pool not in routed and not pool.stopped.is_set()
+            for w in pool.workers
+            if w.state is not WorkerState.STOPPED
+        )
 
     @property
     def closing_all(self) -> bool:
@@ -179,6 +207,13 @@ class Fleet:
         and max), or without one the budget becomes `workers`. Answered once the shares
         are so and their models ready, or after SCALE_WAIT seconds with what they are;
         ValueError if the models' minimums do not allow it."""
+        assert self.slots is not None
+        if self._scaling.locked():
+            raise Busy("a scale is already running")
+        async with self._scaling:
+            return await self._scale_slots(workers, model)
+
+    async def _scale_slots(self, workers: int, model: str | None) -> dict[str, Any]:
         assert self.slots is not None
         started = trio.current_time()
         before = self.slots.shares()
@@ -204,7 +239,7 @@ class Fleet:
         shares = self.slots.shares()
         if model is not None and shares[model] != workers:
             return False
-        if model is None and sum(shares.values()) != workers:
+        if model is None and sum(shares.values()) != self.slots.reachable():
             return False
         names = [model] if model is not None else list(self.pools)
         return all(
@@ -295,88 +330,3 @@ async def _then_cancel(wait: Callable[[], Awaitable[None]], scope: trio.CancelSc
 def bounds_of(config: PoolConfig) -> Bounds:
     """A model's share of the slots, from its own config."""
     return Bounds(config.min_workers, config.max_workers)
-
-
-class PoolRunner:
-    """Runs each model's pool in the fleet's nursery, for as long as the pool runs."""
-
-    def __init__(self, nursery: trio.Nursery, reaper: Reaper | None) -> None:
-        self._nursery = nursery
-        self._reaper = reaper
-        self.fleet: Fleet | None = None  # told of a pool that could not start (not fatal)
-        self._pools: list[Pool] = []  # every pool it started, for the devices they use
-
-    def other_devices(self, asking: Pool) -> list[str | None]:
-        """The devices of every serving worker of the running pools but `asking`."""
-        self._pools = [pool for pool in self._pools if not pool.stopped.is_set()]
-        others = (pool for pool in self._pools if pool is not asking)
-        return [w.device for pool in others for w in pool.workers if w.retiring is None]
-
-    async def start(self, name: str, config: PoolConfig, fatal: bool = True) -> Pool | None:
-        """A pool of model `name`, started. If not `fatal` (a model added or changed
-        while the fleet runs), its command's failing to start stops that pool only: it
-        is logged, and None returned (or, if it failed once started, it is no longer
-        routed to)."""
-        pool: Pool | None = await self._nursery.start(self._run, name, config, fatal)
-        return pool
-
-    async def _run(
-        self,
-        name: str,
-        config: PoolConfig,
-        fatal: bool,
-        task_status: trio.TaskStatus[Pool | None] = trio.TASK_STATUS_IGNORED,
-    ) -> None:
-        started: Pool | None = None
-        try:
-            async with open_pool(config, self._reaper, name, self.other_devices) as pool:
-                started = pool
-                self._pools.append(pool)
-                task_status.started(pool)
-                await pool.stopped.wait()
-        except ModelCommandError as exc:
-            if fatal:
-                raise
-            log.error("model %s cannot start, so it is not served: %s", name, exc)
-            if started is None:
-                task_status.started(None)
-            elif self.fleet is not None and self.fleet.pools.get(name) is started:
-                self.fleet._unroute(name)
-
-
-@asynccontextmanager
-async def open_fleet(
-    config: PoolConfig | None = None, reaper: Reaper | None = None
-) -> AsyncIterator[Fleet]:
-    """Run every model of `config` for the duration of the block, each in a pool of its
-    own (see open_pool, whose errors it raises), and the slots' arbiter; on exit, drain
-    them all at once and stop every model."""
-    config = config or PoolConfig()
-    if not config.models:
-        async with open_pool(config, reaper) as pool:
-            yield Fleet(config, {config.default_model_name: pool})
-        return
-    fleet: Fleet | None = None
-    try:
-        async with trio.open_nursery() as nursery:
-            runner = PoolRunner(nursery, reaper)
-            pools: dict[str, Pool] = {}
-            try:
-                for name, model in config.model_configs.items():
-                    started = await runner.start(name, model)
-                    assert started is not None  # fatal: it raises instead
-                    pools[name] = started
-                fleet = runner.fleet = Fleet(config, pools, runner)
-                assert fleet.slots is not None
-                nursery.start_soon(fleet.slots.run)
-                yield fleet
-            finally:
-                for pool in pools.values():
-                    pool.shutdown()
-                if fleet is not None:
-                    fleet.shutdown()
-    except BaseExceptionGroup as group:
-        fatal = group.subgroup((ModelCommandError, ConfigError))
-        if fatal is None:
-            raise
-        raise first_error(fatal) from None

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from modelpool.core.errors import ModelFailed, ShuttingDown
+from modelpool.core.errors import ModelFailed, ShuttingDown, UnknownModel
 from modelpool.core.job import MAX_ATTEMPTS, Job, Timing
 from modelpool.core.kinds import RestartReason, WorkerState
 from modelpool.pool import report
@@ -48,6 +48,7 @@ from modelpool.process.starter import ModelStarter, Spawner
 from modelpool.queues.base import JobQueue
 from modelpool.queues.open import open_queue
 from modelpool.settings.config import PoolConfig
+from modelpool.settings.models import DEFAULT_NAME
 
 if TYPE_CHECKING:
     from modelpool.process.preload import Preloader
@@ -76,6 +77,8 @@ class Pool:
         # With several models, the devices the other models' workers use (fleet.py): a
         # new worker takes the one the fewest use, whichever model they run.
         self._other_devices = other_devices
+        # With several models, the pool of each by name (Fleet.pool): `predict(model=)`.
+        self._siblings: Callable[[str], Pool] | None = None
         self.reaper = reaper
         self.closing = False
         self.ever_ready = False  # every model was ready at once, at least once
@@ -119,13 +122,24 @@ class Pool:
     # -- what callers use -------------------------------------------------------------
 
     async def predict(
-        self, request: Any, request_id: str | None = None, timing: Timing | None = None
+        self,
+        request: Any,
+        request_id: str | None = None,
+        timing: Timing | None = None,
+        *,
+        model: str | None = None,
     ) -> dict[str, Any]:
         """The model's answer to `request`, or a PoolError saying why there is none.
 
         `request_id` names the request in logs and errors; one is made up if not given.
-        `timing`, if given, is filled in with where the request's time went.
+        `timing`, if given, is filled in with where the request's time went. `model`
+        names another model of the same service (several models): UnknownModel if
+        there is none of that name.
         """
+        if model is not None and model != (self.model_name or DEFAULT_NAME):
+            if self._siblings is None:
+                raise UnknownModel(model, [self.model_name or DEFAULT_NAME])
+            return await self._siblings(model).predict(request, request_id, timing)
         return await self._intake.predict(request, request_id, timing)
 
     @property
@@ -142,12 +156,6 @@ class Pool:
     def local_ready(self) -> int:
         """This node's models that are ready (`ready_count` without other nodes')."""
         return self._ready_models
-
-    def _mean_compute_seconds(self) -> float | None:
-        """Mean time its models took to compute a request (None before the first)."""
-        count = self.metrics.value("modelpool_compute_seconds_count")
-        total = self.metrics.value("modelpool_compute_seconds_sum")
-        return None if not count or total is None else total / count
 
     @property
     def generation(self) -> int:

@@ -1,5 +1,5 @@
-"""`open_pool`: a pool's run, for the duration of a block, and the tasks that run beside
-its workers until it has stopped.
+"""`run_pool`: one model's pool's run, for the duration of a block, and the tasks that
+run beside its workers until it has stopped (`open_pool`, opening.py, is the library's).
 
 The pool (pool.py) is built in a nursery of its own, with the tasks that run for as long
 as it does: the queue's own tasks and the reaper's sweep (a shared queue must still send
@@ -8,7 +8,7 @@ models' refresh (--preload). Neither of the first two ends by itself, so each ru
 nursery of its own that is cancelled once the pool's `stopped` is set, and the pool's
 nursery then has nothing left to wait for. An error that means the pool cannot run at
 all (a model command that cannot be run, a queue no backend can open) comes out of
-`open_pool` as itself, not inside an exception group.
+`run_pool` as itself, not inside an exception group.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ log = logging.getLogger("modelpool.pool")
 
 
 @asynccontextmanager
-async def open_pool(
+async def run_pool(
     config: PoolConfig | None = None,
     reaper: Reaper | None = None,
     model_name: str | None = None,
@@ -54,7 +54,7 @@ async def open_pool(
     """
     config = config or PoolConfig()
     if config.models:
-        raise ConfigError("models", "declares several models: open_fleet runs them, not open_pool")
+        raise ConfigError("models", "declares several models: open_fleet runs them")
     reaper = reaper or Reaper()
     try:
         async with trio.open_nursery() as nursery:

@@ -17,18 +17,24 @@ computing at once, whichever model they run, and each model has a pool of its ow
    waiting times the model's mean compute time over its workers, is longer than the
    model's last start took.
 3. **Holds** a slot with the model it moved to for HOLD_MIN seconds at least, and at
-   least HOLD_STARTS times that model's last start: so no slot flaps between two
-   models faster than its moves pay off, and a steady mix settles with few moves.
+   least HOLD_STARTS times what a start of that model costs now (its fastest start
+   among its workers: a fork's, under --preload): the process started in it is not
+   given away before. So no slot flaps between two models faster than its moves pay
+   off, and a steady mix settles with few moves.
 
-Moves are counted in `modelpool_slot_moves_total{from,to}`. A retired worker's model
-may take up to --exit-grace to exit after the slot has moved: for that long one more
-process than the budget exists, computing nothing.
+A surge's extra worker (a reload's, a recycle's: operations.py) is no slot of its own:
+it is neither counted nor given away, and it replaces a worker of its model one for
+one. The workers of a pool that drains (a model removed or replaced, changes.py) count
+against the budget until they have stopped, so no fill starts beside them; they are
+never given away either. Moves are counted in `modelpool_slot_moves_total{from,to}`.
+A retired worker's model may take up to --exit-grace to exit after the slot has moved:
+for that long one more process than the budget exists, computing nothing.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -40,12 +46,13 @@ from modelpool.process.template import TemplateState
 if TYPE_CHECKING:
     from modelpool.pool.worker import Worker
     from modelpool.process.preload import Preloader
+    from modelpool.settings.config import PoolConfig
 
 log = logging.getLogger("modelpool.slots")
 
 TICK = 0.01  # seconds between two looks at the pools
 HOLD_MIN = 1.0  # seconds a model keeps a slot moved to it, at least
-HOLD_STARTS = 5.0  # ... and at least this many of its starts
+HOLD_STARTS = 2.0  # ... and at least this many of its starts
 
 
 class SlotPool(Protocol):
@@ -59,7 +66,10 @@ class SlotPool(Protocol):
     def closing(self) -> bool: ...
     @property
     def preloader(self) -> Preloader | None: ...
-    def _mean_compute_seconds(self) -> float | None: ...
+    @property
+    def config(self) -> PoolConfig: ...
+    @property
+    def metrics(self) -> ComputeMean: ...
     def _add_worker(
         self,
         config: None = None,
@@ -67,6 +77,10 @@ class SlotPool(Protocol):
         trial: bool = False,
         device: str | None = None,
     ) -> Worker: ...
+
+
+class ComputeMean(Protocol):
+    def mean_compute(self) -> float | None: ...
 
 
 class MoveCounter(Protocol):
@@ -83,7 +97,7 @@ class Bounds:
 
 @dataclass
 class _Seen:
-    """One model's pool as one look saw it."""
+    """One model's pool as one look saw it (its surge workers left out)."""
 
     serving: list[Worker]
     idle: list[Worker]
@@ -97,7 +111,9 @@ class _Seen:
 
 
 class Slots:
-    """The arbiter of one fleet's slots."""
+    """The arbiter of one fleet's slots; `draining` counts the workers of pools that
+    drain (no longer routed to), which the budget counts until they stop; `done` says
+    when to stop looking (the fleet is shutting down)."""
 
     def __init__(
         self,
@@ -105,12 +121,16 @@ class Slots:
         pools: Mapping[str, SlotPool],
         bounds: Mapping[str, Bounds],
         metrics: MoveCounter,
+        draining: Callable[[], int] = lambda: 0,
+        done: Callable[[], bool] = lambda: False,
     ) -> None:
         self.budget = budget
         self._pools = pools
         self.bounds = dict(bounds)
         self._metrics = metrics
-        self._held_until = {name: 0.0 for name in pools}
+        self._draining = draining
+        self._done = done
+        self._held: dict[Worker, float] = {}  # a worker started by a move: held until
         self.moves = 0
 
     def high(self, name: str) -> int:
@@ -137,31 +157,38 @@ class Slots:
             raise ValueError(f"the models keep {floor} slot(s) at least (their min-workers)")
         self.budget = budget
 
+    def reachable(self) -> int:
+        """The slots the models can fill: the budget, or less if their maximums are."""
+        return min(self.budget, sum(self.high(name) for name in self.bounds))
+
     def shares(self) -> dict[str, int]:
-        """The slots each model has now (its workers not retiring)."""
-        return {
-            name: sum(1 for w in pool.workers if w.retiring is None)
-            for name, pool in self._pools.items()
-        }
+        """The slots each model has now (its workers not retiring, surges aside)."""
+        return {name: len(_serving(pool)) for name, pool in self._pools.items()}
 
     async def run(self) -> None:
-        """Look and act every TICK seconds until every pool is closing."""
-        while not all(pool.closing for pool in self._pools.values()):
+        """Look and act every TICK seconds until the fleet shuts down."""
+        while not self._done():
             self.step()
             await trio.sleep(TICK)
 
     def step(self) -> None:
         """One look at every pool, and the fills and moves it calls for."""
-        seen = {name: _look(pool) for name, pool in self._pools.items() if not pool.closing}
+        seen = {
+            name: _look(pool)
+            for name, pool in self._pools.items()
+            if not pool.closing and name in self.bounds
+        }
+        now = trio.current_time()
+        self._held = {w: t for w, t in self._held.items() if t > now and w.retiring is None}
         self._keep_within(seen)
         total = sum(len(each.serving) for each in seen.values())
-        while total < self.budget and (name := self._to_fill(seen)) is not None:
+        draining = self._draining()
+        while total + draining < self.budget and (name := self._to_fill(seen)) is not None:
             self._start(name, seen, None)
             total += 1
         if total > self.budget:
             self._give_back(seen, total - self.budget)
             return
-        now = trio.current_time()
         for name in sorted(seen, key=lambda n: -seen[n].unserved):
             target = seen[name]
             below = len(target.serving) < self.bounds[name].low
@@ -169,15 +196,16 @@ class Slots:
                 continue
             if not below and not self._worth_a_start(name, target):
                 continue
-            donor = self._donor(seen, name, now, below)
-            if donor is not None:
-                self._move(seen, donor, name)
+            found = self._donor(seen, name, below)
+            if found is not None:
+                self._move(seen, *found, name)
 
-    def _move(self, seen: Mapping[str, _Seen], donor: str, target: str) -> None:
-        worker = seen[donor].idle.pop()
+    def _move(self, seen: Mapping[str, _Seen], donor: str, worker: Worker, target: str) -> None:
+        seen[donor].idle.remove(worker)
         seen[donor].serving.remove(worker)
         worker.retire(f"its slot moves to model {target}")
-        self._start(target, seen, worker.device)
+        usable = self._pools[target].config.devices or ()
+        self._start(target, seen, worker.device if worker.device in usable else None)
         self._metrics.count_slot_move(donor, target)
         self.moves += 1
         log.info("slot moved from model %s to model %s", donor, target)
@@ -188,6 +216,8 @@ class Slots:
         for name, each in seen.items():
             while len(each.serving) > self.high(name):
                 pick = each.idle.pop() if each.idle else each.serving[-1]
+                if pick in each.idle:
+                    each.idle.remove(pick)
                 each.serving.remove(pick)
                 pick.retire(f"model {name} keeps {self.high(name)} slot(s)")
 
@@ -201,11 +231,12 @@ class Slots:
         return min(room, key=lambda n: len(seen[n].serving))
 
     def _start(self, name: str, seen: Mapping[str, _Seen], device: str | None) -> None:
-        worker = self._pools[name]._add_worker(device=device)
+        pool = self._pools[name]
+        worker = pool._add_worker(device=device)
         seen[name].serving.append(worker)
         seen[name].coming += 1
-        hold = max(HOLD_MIN, HOLD_STARTS * _start_seconds(self._pools[name]))
-        self._held_until[name] = trio.current_time() + hold
+        hold = max(HOLD_MIN, HOLD_STARTS * _start_seconds(pool))
+        self._held[worker] = trio.current_time() + hold
 
     def _give_back(self, seen: Mapping[str, _Seen], extra: int) -> None:
         """The budget shrank: retire idle workers above their model's minimum."""
@@ -217,19 +248,21 @@ class Slots:
                 extra -= 1
 
     def _donor(
-        self, seen: Mapping[str, _Seen], target: str, now: float, below: bool = False
-    ) -> str | None:
-        """The model that can best spare an idle worker for `target`, if any; for a
-        `target` below its minimum, any model above its own with an idle worker."""
-        able = [
-            name
-            for name, each in seen.items()
-            if name != target
-            and each.idle
-            and len(each.serving) > self.bounds[name].low
-            and (below or (each.queued == 0 and now >= self._held_until[name]))
-        ]
-        return max(able, key=lambda n: (len(seen[n].idle), len(seen[n].serving)), default=None)
+        self, seen: Mapping[str, _Seen], target: str, below: bool = False
+    ) -> tuple[str, Worker] | None:
+        """The model that can best spare an idle worker for `target`, and that worker,
+        if any: one with nothing waiting, above its minimum, whose worker is not held;
+        for a `target` below its minimum, any model above its own with an idle worker."""
+        best: tuple[str, Worker] | None = None
+        for name, each in seen.items():
+            if name == target or len(each.serving) <= self.bounds[name].low:
+                continue
+            free = [w for w in each.idle if below or w not in self._held]
+            if not free or (each.queued and not below):
+                continue
+            if best is None or len(each.idle) > len(seen[best[0]].idle):
+                best = (name, free[-1])
+        return best
 
     def _worth_a_start(self, name: str, seen: _Seen) -> bool:
         """Whether a start pays off: a fork always; a whole load only if the wait it
@@ -237,15 +270,20 @@ class Slots:
         pool = self._pools[name]
         if _forks(pool):
             return True
-        compute = pool._mean_compute_seconds()
+        compute = pool.metrics.mean_compute()
         if compute is None:
             return True  # nothing known yet: a first request waits either way
         saved = seen.unserved * compute / max(1, len(seen.serving))
         return saved > _start_seconds(pool)
 
 
+def _serving(pool: SlotPool) -> list[Worker]:
+    """A pool's workers that hold slots: not retiring, and no surge's extra one."""
+    return [w for w in pool.workers if w.retiring is None and not w.trial]
+
+
 def _look(pool: SlotPool) -> _Seen:
-    serving = [w for w in pool.workers if w.retiring is None]
+    serving = _serving(pool)
     idle = [w for w in serving if w.state is WorkerState.IDLE]
     coming = sum(1 for w in serving if w.state in (WorkerState.STARTING, WorkerState.RESTARTING))
     return _Seen(serving, idle, coming, pool.queue_length)
@@ -261,6 +299,7 @@ def _forks(pool: SlotPool) -> bool:
 
 
 def _start_seconds(pool: SlotPool) -> float:
-    """How long the pool's last model start took (0 if none is known)."""
+    """What a start of the pool's model costs now: its fastest among its workers (a
+    fork's, once its template is loaded; 0 if none is known)."""
     starts = [w.start_seconds for w in pool.workers if w.start_seconds is not None]
-    return max(starts, default=0.0)
+    return min(starts, default=0.0)

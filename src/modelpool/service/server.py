@@ -24,7 +24,8 @@ import trio
 
 from modelpool.http.origins import guard_for
 from modelpool.pool.changes import reconfigure
-from modelpool.pool.fleet import Fleet, open_fleet
+from modelpool.pool.fleet import Fleet
+from modelpool.pool.fleetrun import open_fleet
 from modelpool.pool.operations import NOT_SERVING
 from modelpool.pool.pool import Pool
 from modelpool.process.reaper import Reaper

@@ -67,6 +67,8 @@ class ModelTables:
 def configs_of(config: Any) -> dict[str, Any]:
     """Each model's PoolConfig, by name (see PoolConfig.model_configs); `config` is the
     top level's, whose checks have passed. ConfigError for a table that makes no sense."""
+    if config.workers == 0 and not config.queue:
+        raise ConfigError("workers", "must be at least 1 (0 is for a cluster's front, --queue)")
     if not config.models:
         if config.default_model is not None:
             raise ConfigError("default_model", "names a model, but none is declared (--model)")
