@@ -23,6 +23,7 @@ class PoolError(Exception):
     status: int = 500  # the HTTP status that answers it
     outcome: Outcome = Outcome.ERROR  # its label in modelpool_requests_total{outcome}
     retry_later: bool = False  # a passing condition: the answer says when to retry
+    retry_after: int | None = None  # when to, in seconds, if known (else Retry-After: 1)
     request_id: str | None = None
 
     def payload(self) -> dict[str, Any]:
@@ -66,6 +67,39 @@ class UnknownModel(DetailedError):
 
     def payload(self) -> dict[str, Any]:
         return {**super().payload(), "models": self.models}
+
+
+class DeadlineExceeded(DetailedError):
+    """Its deadline (X-Request-Timeout) passed before a model took it: no model will."""
+
+    message = "deadline exceeded"
+    status = 504
+    outcome = Outcome.DEADLINE_EXCEEDED
+
+
+class DeadlineUnmet(DetailedError):
+    """Refused at once: the work queued ahead of it would take past its deadline."""
+
+    message = "deadline cannot be met"
+    status = 503
+    outcome = Outcome.DEADLINE_UNMET
+    retry_later = True
+
+    def __init__(self, detail: str, retry_after: int) -> None:
+        super().__init__(detail)
+        self.retry_after = retry_after
+
+    def payload(self) -> dict[str, Any]:
+        return {**super().payload(), "retry_after": self.retry_after}
+
+
+class Cancelled(PoolError):
+    """Its caller went away while a model computed it, and the model was killed for it
+    (--cancel-computing): no one reads this answer; it is what the request is counted as."""
+
+    message = "cancelled"
+    status = 499
+    outcome = Outcome.CANCELLED
 
 
 class QueueFull(PoolError):

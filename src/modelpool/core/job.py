@@ -10,6 +10,7 @@ from typing import Any
 import trio
 
 from modelpool.core.errors import PoolError
+from modelpool.core.kinds import Priority
 
 log = logging.getLogger("modelpool.job")
 MAX_ATTEMPTS = 2  # a job whose model died before reading it is tried once more
@@ -25,6 +26,8 @@ class Timing:
     total: float | None = None  # seconds through the pool
     worker: int | str | None = None  # the worker that served it last (node/index if remote)
     pid: int | None = None  # and its model's pid
+    priority: str | None = None  # its class (X-Request-Priority), once its headers are read
+    deadline: float | None = None  # seconds its client said it would wait (X-Request-Timeout)
 
 
 class Job:
@@ -45,6 +48,8 @@ class Job:
         request_id: str,
         wire_id: str | None = None,
         queue_timeout: float | None = None,
+        deadline: float | None = None,
+        priority: Priority = Priority.NORMAL,
     ) -> None:
         self.number = next(_numbers)
         self.request_id = request_id
@@ -54,13 +59,32 @@ class Job:
         self.abandoned = False
         self.attempts = 0
         self.enqueued_at = trio.current_time()
+        # trio time by which its caller wants its answer (X-Request-Timeout), if it said
+        self.deadline = deadline
+        self.priority = priority
         # trio time by which a model must take it (None: it may wait forever)
-        self.take_by = None if queue_timeout is None else self.enqueued_at + queue_timeout
+        waits = [] if queue_timeout is None else [self.enqueued_at + queue_timeout]
+        by = waits + ([] if deadline is None else [deadline])
+        self.take_by = min(by) if by else None
+        # While a model computes it: cancelling this kills the model for it (intake.py,
+        # --cancel-computing), as a timeout does.
+        self.compute_scope: trio.CancelScope | None = None
         self.timing = Timing()
         self.taken = trio.Event()
         self.done = trio.Event()
         self._value: dict[str, Any] | None = None
         self._error: PoolError | None = None
+
+    def past_deadline(self, now: float) -> bool:
+        """Whether its caller's deadline has passed at trio time `now`."""
+        return self.deadline is not None and now >= self.deadline
+
+    def cancel_computing(self) -> bool:
+        """Stop the model computing it (its caller went away); False if none does."""
+        if self.compute_scope is None or self.done.is_set():
+            return False
+        self.compute_scope.cancel()
+        return True
 
     def succeed(self, value: dict[str, Any]) -> None:
         if not self.done.is_set():

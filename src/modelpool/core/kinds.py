@@ -23,7 +23,23 @@ class Outcome(enum.StrEnum):
     SHUTTING_DOWN = "shutting_down"
     CLIENT_GONE = "client_gone"
     QUEUE_UNAVAILABLE = "queue_unavailable"
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # its X-Request-Timeout passed while it waited
+    DEADLINE_UNMET = "deadline_unmet"  # refused at once: its deadline could not be met
+    CANCELLED = "cancelled"  # its caller went away while it computed: the model was killed
     ERROR = "error"  # a PoolError of no more precise kind
+
+
+class Priority(enum.StrEnum):
+    """A request's class (X-Request-Priority): a free model takes the highest waiting."""
+
+    HIGH = "high"
+    NORMAL = "normal"
+    LOW = "low"
+
+    @property
+    def rank(self) -> int:
+        """2 for high, 1 for normal, 0 for low."""
+        return {Priority.HIGH: 2, Priority.NORMAL: 1, Priority.LOW: 0}[self]
 
 
 class FailureKind(enum.StrEnum):
@@ -47,6 +63,7 @@ class RestartReason(enum.StrEnum):
     REFRESH = "refresh"  # a forked model's private memory passed --preload-max-private
     IMMORTAL = "immortal"  # forked before its template's objects were made immortal
     RELOAD = "reload"
+    CANCELLED = "cancelled"  # its request's caller went away (--cancel-computing)
 
 
 class WorkerState(enum.StrEnum):

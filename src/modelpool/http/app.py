@@ -22,6 +22,12 @@ from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
 from modelpool.core import logs
+from modelpool.core.asks import (
+    PRIORITY_HEADER,
+    TIMEOUT_HEADER,
+    request_priority,
+    request_timeout,
+)
 from modelpool.core.codec import Answer, parse_request
 from modelpool.core.errors import BadRequest, ModelFailed, PoolError, UnknownModel
 from modelpool.core.job import Timing
@@ -122,25 +128,33 @@ def create_app(
         return await predict_with(name)
 
     async def predict_with(name: str | None) -> Response:
-        """The model's pool is looked up once the body is read: the one that serves the
-        model then (a change of its config swaps pools, see pool/changes.py)."""
+        """The model's pool is looked up before the body is read (an unknown model is a
+        404 whatever the body) and again once it is: the one that serves the model then
+        (a change of its config swaps pools, see pool/changes.py)."""
         try:
+            fleet.pool(name)
             try:
                 body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
                 value = parse_request(body)
+                within = request_timeout(request.headers.get(TIMEOUT_HEADER))
+                priority = request_priority(request.headers.get(PRIORITY_HEADER))
             except BadRequest:
-                if (counted := fleet.pools.get(name or fleet.default_name)) is not None:
-                    counted.metrics.request_done(
-                        BadRequest.outcome, time.perf_counter() - g.started
-                    )
+                count_bad_request(name)
                 raise
             model = fleet.pool(name)
-            g.timing = Timing()
-            result = await model.predict(value, g.request_id, g.timing)
+            g.timing = Timing(priority=priority, deadline=within)
+            result = await model.predict(
+                value, g.request_id, g.timing, timeout=within, priority=priority
+            )
         except PoolError as exc:
             exc.request_id = g.request_id
             return pool_error_response(exc, config.expose_model_stderr)
         return json_response(200, result)
+
+    def count_bad_request(name: str | None) -> None:
+        """A request refused before it reached its model's pool, counted in its metrics."""
+        if (counted := fleet.pools.get(name or fleet.default_name)) is not None:
+            counted.metrics.request_done(BadRequest.outcome, time.perf_counter() - g.started)
 
     @app.get("/models")
     async def models() -> Response:
@@ -194,8 +208,9 @@ def create_app(
     async def http_error(exc: HTTPException) -> Response:
         code = exc.code or 500
         body = http_error_body(exc, config.max_body)
-        if request.path == "/predict" and code in (408, 413):  # a model's counts its own
-            fleet.default.metrics.request_done(BadRequest.outcome, time.perf_counter() - g.started)
+        name = (request.view_args or {}).get("name")
+        if code in (408, 413) and request.path in ("/predict", f"/models/{name}/predict"):
+            count_bad_request(name)
         body["request_id"] = g.get("request_id")
         response = json_response(code, body)
         allow = dict(exc.get_headers()).get("Allow")
@@ -239,7 +254,7 @@ def log_access(
     total = time.perf_counter() - started
     client = client or "-"
     access_log.info(
-        '%s "%s %s" %d queue=%s compute=%s total=%.3fs worker=%s pid=%s',
+        '%s "%s %s" %d queue=%s compute=%s total=%.3fs worker=%s pid=%s priority=%s deadline=%s',
         client,
         method,
         path,
@@ -249,6 +264,8 @@ def log_access(
         total,
         "-" if timing.worker is None else timing.worker,
         "-" if timing.pid is None else timing.pid,
+        timing.priority or "-",
+        _seconds(timing.deadline),
         extra={
             "client": client,
             "method": method,
@@ -259,6 +276,8 @@ def log_access(
             "total": round(total, 6),
             "worker": timing.worker,
             "pid": timing.pid,
+            "priority": timing.priority,
+            "deadline": timing.deadline,
         },
     )
 
@@ -280,5 +299,6 @@ def pool_error_answer(
     The status and the retry come from the error's class (core/errors.py), so a subclass
     is answered as its parent is."""
     body = exc.payload(expose_stderr) if isinstance(exc, ModelFailed) else exc.payload()
-    headers = {"Retry_After": RETRY_AFTER_SECONDS} if exc.retry_later else {}
+    retry = RETRY_AFTER_SECONDS if exc.retry_after is None else str(exc.retry_after)
+    headers = {"Retry_After": retry} if exc.retry_later else {}
     return exc.status, body, headers

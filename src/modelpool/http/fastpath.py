@@ -45,6 +45,7 @@ import trio
 from werkzeug.exceptions import HTTPException, RequestTimeout
 
 from modelpool.core import logs
+from modelpool.core.asks import PRIORITY_HEADER, TIMEOUT_HEADER, request_priority, request_timeout
 from modelpool.core.codec import parse_request
 from modelpool.core.errors import BadRequest, PoolError
 from modelpool.core.job import Timing
@@ -71,6 +72,8 @@ if TYPE_CHECKING:
 PATH = "/predict"
 TARGET = PATH.encode()
 REQUEST_ID = REQUEST_ID_HEADER.lower().encode()
+TIMEOUT = TIMEOUT_HEADER.lower().encode()
+PRIORITY = PRIORITY_HEADER.lower().encode()
 CONTENT_TYPE = (b"content-type", b"application/json")
 CLOSE = (b"connection", b"close")
 
@@ -104,7 +107,7 @@ class Predictions:
         """A stream for `request` if this path answers it, else None (quart will)."""
         if request.method != b"POST" or request.target.partition(b"?")[0] != TARGET:
             return None
-        request_id = authorization = length = host = origin = None
+        request_id = authorization = length = host = origin = within = priority = None
         keep_alive = request.http_version == b"1.1"  # as h11 decides it
         for name, value in request.headers:  # h11 gives the names in lower case
             if name == b"content-length":
@@ -119,6 +122,10 @@ class Predictions:
                 host = host if host is not None else value
             elif name == b"origin":
                 origin = origin if origin is not None else value
+            elif name == TIMEOUT:
+                within = within if within is not None else value
+            elif name == PRIORITY:
+                priority = priority if priority is not None else value
         # quart answers these: a chunked body (which may grow past the limit as it comes),
         # a Content-Length over the limit (413), a request the API key refuses (401), a
         # Host or an Origin not the service's (403)
@@ -132,7 +139,9 @@ class Predictions:
             if not self._api_key.allows(PATH, header):
                 return None
         client_id = None if request_id is None else request_id.decode("latin-1")
-        return PredictStream(self, responder, connection, client, client_id, keep_alive)
+        stream = PredictStream(self, responder, connection, client, client_id, keep_alive)
+        stream.asks = (_text(within), _text(priority))
+        return stream
 
     async def answer(self, stream: PredictStream) -> tuple[int, Headers, bytes]:
         """The status, headers and body that answer `stream`'s request; the access log
@@ -145,12 +154,18 @@ class Predictions:
         try:
             try:
                 value = parse_request(await stream.body(self._config.body_timeout))
+                within, priority = request_timeout(stream.asks[0]), request_priority(stream.asks[1])
             except (BadRequest, HTTPException):
                 took = time.perf_counter() - started
                 self._fleet.default.metrics.request_done(BadRequest.outcome, took)
                 raise
-            timing = Timing()
-            status, answer = 200, await self._fleet.default.predict(value, request_id, timing)
+            timing = Timing(priority=priority, deadline=within)
+            status, answer = (
+                200,
+                await self._fleet.default.predict(
+                    value, request_id, timing, timeout=within, priority=priority
+                ),
+            )
         except PoolError as exc:
             exc.request_id = request_id
             status, answer, extra = pool_error_answer(exc, self._config.expose_model_stderr)
@@ -193,6 +208,7 @@ class PredictStream:
         self.keep_alive = keep_alive
         self.client = client
         self.client_id = client_id
+        self.asks: tuple[str | None, str | None] = (None, None)  # its timeout and priority
         self._predictions = predictions
         self._responder = responder
         self._connection = connection

@@ -102,10 +102,14 @@ class Fleet:
         request_id: str | None = None,
         timing: Timing | None = None,
         model: str | None = None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (a deadline: see Pool.predict)
+        priority: str = "normal",
     ) -> dict[str, Any]:
         """Model `model`'s answer to `request` (the default model's if None), as
         Pool.predict; UnknownModel if no model has that name."""
-        return await self.pool(model).predict(request, request_id, timing)
+        pool = self.pool(model)
+        return await pool.predict(request, request_id, timing, timeout=timeout, priority=priority)
 
     @property
     def closing(self) -> bool:

@@ -17,6 +17,7 @@ from modelpool.core.errors import ModelCommandError
 from modelpool.pool.fleet import Fleet
 from modelpool.pool.pool import Pool
 from modelpool.pool.running import first_error, run_pool
+from modelpool.process import devices
 from modelpool.process.reaper import Reaper
 from modelpool.settings.config import ConfigError, PoolConfig
 
@@ -88,6 +89,7 @@ async def open_fleet(
             runner = PoolRunner(nursery, reaper)
             pools: dict[str, Pool] = {}
             try:
+                devices.warn_unused(config.devices, config.workers)
                 for name, model in config.model_configs.items():
                     started = await runner.start(name, model)
                     assert started is not None  # fatal: it raises instead

@@ -22,7 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
-from modelpool.core.kinds import Outcome, RestartReason, StartMethod, WorkerState
+from modelpool.core.kinds import Outcome, Priority, RestartReason, StartMethod, WorkerState
 from modelpool.process.template import TemplateState
 
 if TYPE_CHECKING:
@@ -107,6 +107,12 @@ class PoolMetrics:
             buckets=BUCKETS,
             registry=self.registry,
         )
+        self.by_priority = Counter(
+            "modelpool_requests_by_priority",
+            "Requests answered, by class (X-Request-Priority) and outcome",
+            ["priority", "outcome"],
+            registry=self.registry,
+        )
         self._computed = 0
         self._compute_total = 0.0
         self.compute = Histogram(
@@ -147,9 +153,12 @@ class PoolMetrics:
         self.registry.register(_PoolGauges(pool))
         self.recent = Recent()
 
-    def request_done(self, outcome: Outcome, seconds: float) -> None:
+    def request_done(
+        self, outcome: Outcome, seconds: float, priority: Priority = Priority.NORMAL
+    ) -> None:
         counter = self._requests_by_outcome.get(outcome) or self.requests.labels(outcome=outcome)
         counter.inc()
+        self.by_priority.labels(priority=priority, outcome=outcome).inc()
         self.request_time.observe(seconds)
         self.recent.add(outcome, seconds)
 
@@ -202,6 +211,14 @@ class _PoolGauges(Collector):
             "modelpool_queue_length", "Requests waiting for a model", value=pool.queue_length
         )
         yield queue
+        by_class = GaugeMetricFamily(
+            "modelpool_queue_length_by_priority",
+            "Requests waiting for a model, by class (X-Request-Priority)",
+            labels=["priority"],
+        )
+        for priority, waiting in pool.queue.waiting_by_priority().items():
+            by_class.add_metric([priority], waiting)
+        yield by_class
         workers = GaugeMetricFamily("modelpool_workers", "Workers by state", labels=["state"])
         counts = collections.Counter(w.state for w in pool.workers)
         for state in WORKER_STATES:

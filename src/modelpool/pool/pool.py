@@ -1,13 +1,8 @@
-"""The pool: N workers pulling jobs from one FIFO queue.
+"""The pool: N workers of one model pulling jobs from one queue (`open_pool` runs it).
 
-Embed it in any trio program::
-
-    async with open_pool(PoolConfig(workers=2)) as pool:
-        answer = await pool.predict({"data": 3})
-
-The queue is an in-process memory channel by default; with `PoolConfig(queue=
-"redis://...")` it is a Redis stream shared with other nodes (see queues/). The
-pool does not care which: it puts jobs in, its workers take them out.
+The queue is in this process by default; with `PoolConfig(queue="redis://...")` it is
+a Redis stream shared with other nodes (see queues/). The pool does not care which: it
+puts jobs in, its workers take them out.
 
 The pool owns the workers, the queue and the stopping; the rest is done beside it, by
 modules that see only a Protocol of it: the callers' side (intake.py), its reports
@@ -36,7 +31,7 @@ import trio
 
 from modelpool.core.errors import ModelFailed, ShuttingDown, UnknownModel
 from modelpool.core.job import MAX_ATTEMPTS, Job, Timing
-from modelpool.core.kinds import RestartReason, WorkerState
+from modelpool.core.kinds import Priority, RestartReason, WorkerState
 from modelpool.pool import report
 from modelpool.pool.intake import Intake
 from modelpool.pool.metrics import PoolMetrics
@@ -73,11 +68,9 @@ class Pool:
         other_devices: Callable[[Pool], Iterable[str | None]] | None = None,
     ) -> None:
         self.config = config
-        self.model_name = model_name  # with several models (fleet.py): this one's name
-        # With several models, the devices the other models' workers use (fleet.py): a
-        # new worker takes the one the fewest use, whichever model they run.
+        # Several models (fleet.py): its name, the others' devices, each pool by name.
+        self.model_name = model_name
         self._other_devices = other_devices
-        # With several models, the pool of each by name (Fleet.pool): `predict(model=)`.
         self._siblings: Callable[[str], Pool] | None = None
         self.reaper = reaper
         self.closing = False
@@ -108,14 +101,6 @@ class Pool:
             from modelpool.process.preload import Preloader
 
             self.preloader = Preloader(self)  # loads a template once a model is asked for
-        if config.devices and 0 < config.workers < len(config.devices):
-            idle = ", ".join(config.devices[config.workers :])
-            log.warning(
-                "--devices names %d devices but --workers is %d: no model runs on %s",
-                len(config.devices),
-                config.workers,
-                idle,
-            )
         for _ in range(config.workers):
             self._add_worker()
 
@@ -128,19 +113,30 @@ class Pool:
         timing: Timing | None = None,
         *,
         model: str | None = None,
+        # Not a cancel scope's job: the deadline also decides what the queue does with
+        # the request (it is never given to a model past it) and how long it computes.
+        timeout: float | None = None,  # noqa: ASYNC109
+        priority: Priority | str = Priority.NORMAL,
     ) -> dict[str, Any]:
         """The model's answer to `request`, or a PoolError saying why there is none.
 
-        `request_id` names the request in logs and errors; one is made up if not given.
-        `timing`, if given, is filled in with where the request's time went. `model`
-        names another model of the same service (several models): UnknownModel if
-        there is none of that name.
+        `request_id` names the request in logs and errors; one is made up if not given. `timing`,
+        if given, is filled in with where the request's time went. `model` names another model
+        of the same service (several models): UnknownModel if none has that name. `timeout`:
+        seconds the caller will wait in all (DeadlineExceeded if no model took it by then; a
+        model computes it for what is left at most). `priority`: "high", "normal" or "low": a
+        free model takes the oldest request of the highest class waiting. Cancelling the call
+        while a model computes it stops that model as --cancel-computing says.
         """
+        priority = Priority(priority)
         if model is not None and model != (self.model_name or DEFAULT_NAME):
             if self._siblings is None:
                 raise UnknownModel(model, [self.model_name or DEFAULT_NAME])
-            return await self._siblings(model).predict(request, request_id, timing)
-        return await self._intake.predict(request, request_id, timing)
+            other = self._siblings(model)
+            return await other.predict(
+                request, request_id, timing, timeout=timeout, priority=priority
+            )
+        return await self._intake.predict(request, request_id, timing, timeout, priority)
 
     @property
     def queue_length(self) -> int:
@@ -324,6 +320,11 @@ class Pool:
             return
         log.warning("request %s: %s; queued again", job.request_id, reason)
         self.queue.requeue(job)
+
+    def _replacement_forks(self) -> bool:
+        """Whether a model of this pool that stops now is replaced by a fork (--preload,
+        its template ready): a cancelled computation then costs next to nothing."""
+        return self.preloader is not None and self.preloader.forks_now()
 
     def _wants_models(self) -> bool:
         """False once shutting down with nothing left for this node's workers."""

@@ -24,7 +24,7 @@ from modelpool.core.errors import ModelCommandError
 from modelpool.pool.memwatch import watch_memory
 from modelpool.pool.pool import Pool
 from modelpool.pool.refresh import watch_preloaded
-from modelpool.process import threads
+from modelpool.process import devices, threads
 from modelpool.process.reaper import Reaper
 from modelpool.settings.config import ConfigError, PoolConfig
 
@@ -64,6 +64,8 @@ async def run_pool(
             log.info("starting %d model(s)%s: %s", config.workers, model, command)
             if config.workers:
                 log.info("thread budget: %s", threads.plan(config).describe())
+            if model_name is None:  # several models share the devices: see fleetrun.py
+                devices.warn_unused(config.devices, config.workers)
             await nursery.start(run_queue_until_stopped, pool.queue, pool.stopped)
             nursery.start_soon(sweep_until_stopped, reaper, pool.stopped)
             if config.model_max_rss is not None:

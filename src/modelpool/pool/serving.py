@@ -22,7 +22,7 @@ import trio
 
 from modelpool.core import logs
 from modelpool.core.codec import ResultError, parse_result
-from modelpool.core.errors import ModelFailed, ModelTimeout, ShuttingDown
+from modelpool.core.errors import Cancelled, ModelFailed, ModelTimeout, ShuttingDown
 from modelpool.core.kinds import FailureKind, RestartReason, WorkerState
 
 if TYPE_CHECKING:
@@ -162,7 +162,12 @@ class ModelSession:
                 return False
             payload: bytes | None = None
             unread = False  # the model's output ended with the request still in its stdin
-            with trio.move_on_after(self._config.timeout) as deadline:
+            limit = self._config.timeout
+            if job.deadline is not None:  # X-Request-Timeout: what is left of it, at most
+                limit = min(limit, max(0.0, job.deadline - started))
+            # Its caller going away may cancel this (intake.py, --cancel-computing).
+            with trio.CancelScope() as cancelling, trio.move_on_after(limit) as deadline:
+                job.compute_scope = cancelling
                 model.expect_result(job.wire_id)
                 try:
                     await model.send(job.line)
@@ -177,6 +182,11 @@ class ModelSession:
                     # Every byte of the request still in the pipe: the model never read
                     # any of it (it is the last thing written), however late it died.
                     unread = model.unread_input() >= len(job.line)
+            job.compute_scope = None
+            if cancelling.cancelled_caught:
+                job.timing.compute = trio.current_time() - started
+                await self._fail(job, Cancelled(), "its caller went away (--cancel-computing)")
+                return False
             if unread:
                 owned = False
                 self._pool._retry(job, "model died before it read the request")
@@ -185,7 +195,9 @@ class ModelSession:
             job.timing.compute = trio.current_time() - started
             self._pool.metrics.count_compute(job.timing.compute)
             if deadline.cancelled_caught:
-                late = f"no result after {self._config.timeout:g} s"
+                late = f"no result after {limit:g} s"
+                if limit < self._config.timeout:
+                    late += " (what was left of its X-Request-Timeout)"
                 error = ModelTimeout(late + model.missing_result(quote=True))
                 await self._fail(job, error, late + model.missing_result(quote=False))
                 return False
@@ -233,7 +245,7 @@ class ModelSession:
                 job.fail(ShuttingDown())
 
     async def _fail(
-        self, job: Job, error: ModelTimeout | ModelFailed, logged: str | None = None
+        self, job: Job, error: ModelTimeout | ModelFailed | Cancelled, logged: str | None = None
     ) -> None:
         """Kill and reap a model that failed a job, then answer the job.
 
@@ -245,13 +257,23 @@ class ModelSession:
         self._owner.set_state(WorkerState.RESTARTING)
         if isinstance(error, ModelTimeout):
             reason = RestartReason.TIMEOUT
+        elif isinstance(error, Cancelled):
+            reason = RestartReason.CANCELLED
         else:
             reason = RestartReason(error.kind)
         what = str(error) if logged is None else logged
         self._owner.job_failed(reason, str(error), job.request_id, model, what)
         note = model.stderr_note()  # not the lines: they may carry users' data
-        log.error(
-            "%s request %s failed, model killed: %s%s", model.name, job.request_id, what, note
+        level = logging.WARNING if isinstance(error, Cancelled) else logging.ERROR
+        verb = "cancelled" if isinstance(error, Cancelled) else "failed"
+        log.log(
+            level,
+            "%s request %s %s, model killed: %s%s",
+            model.name,
+            job.request_id,
+            verb,
+            what,
+            note,
         )
         job.fail(error)
 

@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from modelpool.core.kinds import WorkerState
-from modelpool.process.template import TemplateState
 
 if TYPE_CHECKING:
     from modelpool.pool.worker import Worker
@@ -291,11 +290,7 @@ def _look(pool: SlotPool) -> _Seen:
 
 def _forks(pool: SlotPool) -> bool:
     """Whether a new worker of `pool` would fork from a ready template."""
-    preloader = pool.preloader
-    if preloader is None or not preloader.templates:
-        return False
-    newest = preloader.templates[max(preloader.templates)]
-    return newest.state is TemplateState.READY
+    return pool.preloader is not None and pool.preloader.forks_now()
 
 
 def _start_seconds(pool: SlotPool) -> float:

@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import collections
 import heapq
+import logging
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, TypeVar
+
+log = logging.getLogger("modelpool.pool")
 
 if TYPE_CHECKING:
     from modelpool.settings.config import PoolConfig
@@ -55,6 +58,18 @@ def variables(config: PoolConfig, device: str | None) -> dict[str, str]:
     if config.device_env is not None:
         found[config.device_env] = device
     return found
+
+
+def warn_unused(devices: Sequence[str] | None, workers: int) -> None:
+    """Say so if fewer workers than devices leave some devices unused."""
+    if devices and 0 < workers < len(devices):
+        idle = ", ".join(devices[workers:])
+        log.warning(
+            "--devices names %d devices but --workers is %d: no model runs on %s",
+            len(devices),
+            workers,
+            idle,
+        )
 
 
 def least_used(devices: Sequence[str], taken: Iterable[str | None]) -> str:

@@ -200,6 +200,11 @@ class Preloader:
     def current(self) -> Template | None:
         return self.templates.get(self._pool.generation)
 
+    def forks_now(self) -> bool:
+        """Whether a model started now is forked: the current template is ready."""
+        template = self.current()
+        return template is not None and template.state is TemplateState.READY
+
     def snapshot(self) -> dict[str, Any] | None:
         template = self.current()
         return None if template is None else template.snapshot()

@@ -62,6 +62,11 @@ class JobQueue(ABC):
         """What /status adds for this kind of queue (the cluster's nodes, for Redis)."""
         return {}
 
+    def waiting_by_priority(self) -> dict[str, int]:
+        """Jobs waiting, by class (X-Request-Priority); {} where classes are not kept
+        (a Redis stream is one FIFO)."""
+        return {}
+
     def problem(self) -> str | None:
         """Why the queue cannot serve now, if it cannot (for /healthz)."""
         return None

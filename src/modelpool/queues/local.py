@@ -1,12 +1,18 @@
-"""The single-machine queue: one trio memory channel in this process.
+"""The single-machine queue: jobs in this process, by class (X-Request-Priority).
 
 It is the default, and the one a pool without `queue` uses; it needs no server and
 imports nothing beyond trio. It lives apart from the interface (base.py) so that the
 Redis queue, which shares only the interface, does not come with it.
 
-A job queued again (its model died before reading it) goes to the head of the queue,
-not behind the jobs that came after it: to a worker already waiting, if one is, or
-else before anything in the channel (`_front`).
+A free worker takes the oldest job of the highest class waiting; within a class, the
+oldest (FIFO). A job counts as one class higher for every `aging` seconds it has
+waited (--priority-aging), so a low one is served within twice that at the latest
+while higher ones keep coming: no class starves. --max-queue is shared: a job that
+finds the queue full takes the place of the newest job of a class below its own
+(which gets 503 queue full, as it would have had it come last), so a flood of low
+requests never turns a high one away, and a high one is refused only by a queue full
+of high ones. A job queued again (its model died before reading it) goes first, before
+any class (`_front`).
 """
 
 from __future__ import annotations
@@ -18,34 +24,45 @@ import trio
 
 from modelpool.core.errors import QueueFull, QueueTimeout
 from modelpool.core.job import Job
+from modelpool.core.kinds import Priority
 from modelpool.queues.base import JobQueue, QueueMetrics
+
+LOWEST_FIRST = sorted(Priority, key=lambda p: p.rank)
 
 
 class LocalQueue(JobQueue):
-    """One memory channel in this process: the single-machine default.
+    """Jobs in this process, by class: the single-machine default.
 
-    Admission is counted here rather than by the channel's buffer, so a request whose
-    caller gave up stops counting against `max_queue` at once, even before a worker
-    pops it and skips it.
+    Admission is counted here, so a request whose caller gave up stops counting against
+    `max_queue` at once, even before a worker finds it and skips it.
     """
 
-    def __init__(self, max_queue: int, metrics: QueueMetrics) -> None:
+    def __init__(self, max_queue: int, metrics: QueueMetrics, aging: float | None = None) -> None:
         self._max_queue = max_queue
         self._metrics = metrics
-        self._send, self._receive = trio.open_memory_channel[Job](math.inf)
-        self._front: deque[Job] = deque()  # jobs queued again, taken before the channel's
+        self._aging = aging
+        self._classes: dict[Priority, deque[Job]] = {p: deque() for p in Priority}
+        self._front: deque[Job] = deque()  # jobs queued again, taken before any class
+        self._waiting = {p: 0 for p in Priority}  # jobs of each class not taken nor given up
+        self._workers = trio.lowlevel.ParkingLot()  # idle workers, waiting for a job
         self._pending = 0
         self._closed = False
         # The wait of each caller whose job no worker took yet: its deadline is the
-        # queue timeout, which `claim` lifts.
+        # queue timeout (or the caller's own deadline), which `claim` lifts.
         self._deadlines: dict[Job, trio.CancelScope] = {}
 
     @property
     def length(self) -> int:
         return self._pending
 
+    def waiting_by_priority(self) -> dict[str, int]:
+        return {str(p): n for p, n in self._waiting.items()}
+
+    def status(self) -> dict[str, object]:
+        return {"queue_by_priority": self.waiting_by_priority()}
+
     async def put(self, job: Job) -> None:
-        if self._pending >= self._max_queue:
+        if self._pending >= self._max_queue and not self._make_room(job.priority):
             raise QueueFull()
         self._enqueue(job)
 
@@ -71,23 +88,24 @@ class LocalQueue(JobQueue):
     def abandon(self, job: Job) -> None:
         job.abandoned = True
         if job.queued:
-            job.queued = False
-            job.line = b""  # it waits in the channel until a worker skips it: keep it small
-            self._pending -= 1
+            self._dequeued(job)
+            job.line = b""  # it waits in its class until a worker skips it: keep it small
 
     async def get(self) -> Job:
-        if self._front:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            job = self._front.popleft()  # nothing awaited since the look: still there
-            await trio.lowlevel.cancel_shielded_checkpoint()
-            return job
-        return await self._receive.receive()
+        await trio.lowlevel.checkpoint_if_cancelled()
+        while True:
+            job = self._next()
+            if job is not None:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+                return job
+            if self._closed:
+                raise trio.EndOfChannel
+            await self._workers.park()
 
     def claim(self, job: Job) -> bool:
-        if job.abandoned:
-            return False
-        job.queued = False
-        self._pending -= 1
+        if _gone(job) or job.past_deadline(trio.current_time()):
+            return False  # its caller's own wait answers it (504 deadline exceeded)
+        self._dequeued(job)
         scope = self._deadlines.get(job)
         if scope is not None:
             scope.deadline = math.inf  # the queue timeout no longer applies
@@ -98,38 +116,93 @@ class LocalQueue(JobQueue):
         return True
 
     def requeue(self, job: Job) -> None:
-        """At the head: a waiting worker gets it at once (the channel hands a job to the
-        worker that has waited longest, and a worker waits only while the channel is
-        empty); with none waiting, the next `get` takes it before the channel's jobs."""
-        if self._receive.statistics().tasks_waiting_receive:
-            self._enqueue(job)
-            return
-        job.queued = True
-        self._pending += 1
+        """At the head, before every class: the next `get` takes it."""
+        self._count_in(job)
         self._front.append(job)
+        self._workers.unpark()
 
     def close(self) -> None:
         self._closed = True
-        self._send.close()
+        self._workers.unpark_all()  # each ends once no job is left (EndOfChannel)
 
     def has_work(self) -> bool:
         return self._pending > 0 or not self._closed
 
     def waiting_callers(self) -> list[Job]:
-        return []  # every job is in the channel or with a worker of this pool
+        return []  # every job is in the queue or with a worker of this pool
 
     def take_unclaimed(self) -> list[Job]:
-        jobs = [job for job in self._front if self.claim(job)]
-        self._front.clear()
-        while True:
-            try:
-                job = self._receive.receive_nowait()
-            except (trio.WouldBlock, trio.EndOfChannel):
-                return jobs
+        jobs = []
+        while (job := self._next()) is not None:
             if self.claim(job):
                 jobs.append(job)
+        return jobs
+
+    # -- inside -----------------------------------------------------------------------
 
     def _enqueue(self, job: Job) -> None:
+        self._count_in(job)
+        self._classes[job.priority].append(job)
+        self._workers.unpark()
+
+    def _count_in(self, job: Job) -> None:
         job.queued = True
         self._pending += 1
-        self._send.send_nowait(job)
+        self._waiting[job.priority] += 1
+
+    def _dequeued(self, job: Job) -> None:
+        """It left the queue (taken, or given up): it no longer counts."""
+        if job.queued:
+            job.queued = False
+            self._pending -= 1
+            self._waiting[job.priority] -= 1
+
+    def _next(self) -> Job | None:
+        """The job a free worker takes now, removed from the queue: a job queued again
+        first, else the head of the class that ranks highest (its aging counted), the
+        older on a tie. Jobs given up on are dropped on the way."""
+        while self._front:
+            job = self._front.popleft()
+            if not _gone(job):
+                return job
+        now = trio.current_time()
+        best: deque[Job] | None = None
+        best_key = (-1, 0.0)
+        for jobs in self._classes.values():
+            while jobs and _gone(jobs[0]):
+                jobs.popleft()
+            if jobs:
+                head = jobs[0]
+                key = (self._rank(head, now), -head.enqueued_at)
+                if key > best_key:
+                    best, best_key = jobs, key
+        return None if best is None else best.popleft()
+
+    def _rank(self, job: Job, now: float) -> int:
+        """Its class's rank, one more for every `aging` seconds it has waited."""
+        rank = job.priority.rank
+        if self._aging is not None and rank < Priority.HIGH.rank:
+            rank += int((now - job.enqueued_at) / self._aging)
+        return min(rank, Priority.HIGH.rank)
+
+    def _make_room(self, priority: Priority) -> bool:
+        """The queue is full: refuse the newest waiting job of the lowest class below
+        `priority` (503 queue full), for a job of `priority`; False if there is none."""
+        for lower in LOWEST_FIRST:
+            if lower.rank >= priority.rank:
+                return False
+            if not self._waiting[lower]:
+                continue
+            for job in reversed(self._classes[lower]):
+                if job.queued and not job.abandoned:
+                    self._dequeued(job)
+                    job.line = b""
+                    job.fail(QueueFull())  # settled: a worker skips it
+                    return True
+        return False
+
+
+def _gone(job: Job) -> bool:
+    """Given up on by its caller, or settled while it waited (refused for a job of a
+    higher class): no worker takes it."""
+    return job.abandoned or job.done.is_set()

@@ -29,5 +29,5 @@ def open_queue(
     `config.queue`, before any model starts.
     """
     if config.queue is None:
-        return LocalQueue(config.max_queue, metrics)
+        return LocalQueue(config.max_queue, metrics, config.priority_aging)
     return backend_for(config.queue).open(config, metrics, node, node_status)

@@ -124,6 +124,18 @@ class Range:
 
 
 @dataclass(frozen=True)
+class OneOf:
+    """A check that the value is one of `words`."""
+
+    words: tuple[str, ...]
+
+    def __call__(self, name: str, value: Any) -> Any:
+        if value not in self.words:
+            raise ConfigError(name, f"must be one of {', '.join(self.words)}, got {value!r}")
+        return value
+
+
+@dataclass(frozen=True)
 class OrNone:
     """A check that lets None through (no limit, none chosen) and checks anything else."""
 

@@ -87,6 +87,8 @@ class PoolConfig:
     device_env: str | None = setting("device_env")  # also set to the device; None: only ours
     models: Mapping[str, Mapping[str, Any]] = setting("models")  # name: its own options
     default_model: str | None = setting("default_model")  # POST /predict's; None: the first
+    priority_aging: float | None = setting("priority_aging")  # s until a class counts one up
+    cancel_computing: str = setting("cancel_computing")  # auto, always, never
     min_workers: int = setting("min_workers")  # with models: slots a model keeps
     max_workers: int | None = setting("max_workers")  # ... and may take; None: `workers`
 

@@ -31,8 +31,8 @@ from modelpool.settings.pool_options import (
     LIBRARY_SETTINGS,
     MODEL_OPTIONS,
     OPERATION_OPTIONS,
-    REQUEST_OPTIONS,
 )
+from modelpool.settings.request_options import REQUEST_OPTIONS
 
 HTTP_OPTIONS = [
     Option(

@@ -9,6 +9,7 @@ what is wrong; the command line reports it with the flag and where the text came
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from modelpool.core.logs import FORMATS
@@ -96,6 +97,17 @@ def log_format(text: str) -> str:
     if text.lower() not in FORMATS:
         raise BadValue(f"must be one of {', '.join(FORMATS)}, got {text!r}")
     return text.lower()
+
+
+def choice(*words: str) -> Callable[[str], str]:
+    """A parser of one of `words` (any case)."""
+
+    def one_of(text: str) -> str:
+        if text.strip().lower() not in words:
+            raise BadValue(f"must be one of {', '.join(words)}, got {text!r}")
+        return text.strip().lower()
+
+    return one_of
 
 
 def text_value(text: str) -> str:

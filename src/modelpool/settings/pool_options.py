@@ -19,7 +19,6 @@ from modelpool.settings.checks import (
     a_device_variable,
     a_node_name,
     a_queue_url,
-    a_schema,
     command_words,
     default_model_cmd,
     device_ids,
@@ -33,7 +32,6 @@ from modelpool.settings.option import (
     MODELS,
     OPERATIONS,
     POOL,
-    REQUESTS,
     Option,
 )
 from modelpool.settings.parsers import (
@@ -44,7 +42,6 @@ from modelpool.settings.parsers import (
     integer,
     mib_or_none,
     number,
-    schema_file,
     seconds_or_none,
     text_value,
     word_list,
@@ -241,60 +238,6 @@ MODEL_OPTIONS = [
         topic=MODELS,
         per_model=True,
         check=a_device_variable,
-    ),
-]
-REQUEST_OPTIONS = [
-    Option(
-        "timeout",
-        number,
-        10.0,
-        "seconds a model may compute one request; past it the model is killed and "
-        "replaced, and the request gets 504",
-        POOL,
-        topic=REQUESTS,
-        per_model=True,
-        check=Range(0, above=True),
-    ),
-    Option(
-        "max_queue",
-        integer,
-        256,
-        "requests that may wait for a model; more get 503",
-        POOL,
-        topic=REQUESTS,
-        per_model=True,
-        check=Range(1, integer=True),
-    ),
-    Option(
-        "queue_timeout",
-        seconds_or_none,
-        120.0,
-        "seconds a request may wait for a free model before it gets 503; 0 waits forever",
-        POOL,
-        topic=REQUESTS,
-        per_model=True,
-        check=OrNone(Range(0, above=True)),
-    ),
-    Option(
-        "id_field",
-        text_value,
-        None,
-        "for models that echo a field: send a unique id under this name in every request "
-        "and accept a result only if it carries the same id (off by default)",
-        POOL,
-        topic=REQUESTS,
-        per_model=True,
-        check=OrNone(not_blank("must be a non-empty field name")),
-    ),
-    Option(
-        "request_schema",
-        schema_file,
-        None,
-        "JSON Schema file every request must match; others get 400 before a model sees them",
-        POOL,
-        topic=REQUESTS,
-        per_model=True,
-        check=OrNone(a_schema),
     ),
 ]
 OPERATION_OPTIONS = [
