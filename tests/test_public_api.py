@@ -28,6 +28,8 @@ EMBEDDING = Path(__file__).resolve().parent.parent / "docs" / "embedding.md"
 DOCUMENTED = {
     "BadRequest",
     "ConfigError",
+    "DeadlineExceeded",
+    "DeadlineUnmet",
     "FirstStartFailed",
     "Fleet",
     "Health",

@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from modelpool.core.errors import (
         BadRequest,
+        DeadlineExceeded,
+        DeadlineUnmet,
         FirstStartFailed,
         ModelCommandError,
         ModelFailed,
@@ -39,6 +41,8 @@ _WHERE = {
     "PoolConfig": "settings.config",
     "ServerConfig": "settings.config",
     "BadRequest": "core.errors",
+    "DeadlineExceeded": "core.errors",
+    "DeadlineUnmet": "core.errors",
     "FirstStartFailed": "core.errors",
     "ModelCommandError": "core.errors",
     "ModelFailed": "core.errors",
@@ -61,6 +65,8 @@ _WHERE = {
 __all__ = [
     "BadRequest",
     "ConfigError",
+    "DeadlineExceeded",
+    "DeadlineUnmet",
     "FirstStartFailed",
     "Fleet",
     "Health",

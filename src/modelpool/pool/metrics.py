@@ -113,6 +113,7 @@ class PoolMetrics:
             ["priority", "outcome"],
             registry=self.registry,
         )
+        self._by_class: dict[tuple[Priority, Outcome], Counter] = {}  # looked up once each
         self._computed = 0
         self._compute_total = 0.0
         self.compute = Histogram(
@@ -158,7 +159,10 @@ class PoolMetrics:
     ) -> None:
         counter = self._requests_by_outcome.get(outcome) or self.requests.labels(outcome=outcome)
         counter.inc()
-        self.by_priority.labels(priority=priority, outcome=outcome).inc()
+        key = (priority, outcome)
+        if (by_class := self._by_class.get(key)) is None:
+            by_class = self._by_class[key] = self.by_priority.labels(priority, outcome)
+        by_class.inc()
         self.request_time.observe(seconds)
         self.recent.add(outcome, seconds)
 
