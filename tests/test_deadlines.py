@@ -8,7 +8,7 @@ import pytest
 import trio
 
 from conftest import error_body, running_server, scripted_config, wait_until
-from modelpool import DeadlineExceeded, PoolConfig, open_pool
+from modelpool import BadRequest, DeadlineExceeded, PoolConfig, open_pool
 
 TIMEOUT = "X-Request-Timeout"
 PRIORITY = "X-Request-Priority"
@@ -222,8 +222,11 @@ async def test_the_library_takes_a_timeout_and_a_priority() -> None:
             with pytest.raises(DeadlineExceeded):
                 await pool.predict({"x": 2}, timeout=0.3)
         assert (await pool.predict({"x": 1}, timeout=5, priority="high"))["echo"] == {"x": 1}
-        with pytest.raises(ValueError):
+        with pytest.raises(BadRequest, match="priority must be one of"):
             await pool.predict({}, priority="urgent")
+        for nonsense in (0, -1, float("nan"), float("inf")):
+            with pytest.raises(BadRequest, match="timeout must be a positive number"):
+                await pool.predict({}, timeout=nonsense)
 
 
 async def test_a_flood_of_low_requests_does_not_hold_high_ones_up_and_stops_by_itself() -> None:
@@ -275,3 +278,10 @@ async def test_the_access_log_says_each_requests_class_and_deadline(
     assert lines[0].getMessage().endswith("priority=high deadline=5.000s")
     assert lines[1].getMessage().endswith("priority=normal deadline=-")
     assert (lines[0].priority, lines[0].deadline) == ("high", 5.0)  # type: ignore[attr-defined]
+
+
+async def test_a_request_aged_into_a_higher_class_keeps_its_place_in_a_full_queue() -> None:
+    sends = [("l1", "low"), ("n1", "normal"), ("n2", "normal")]
+    served = await order_served(scripted_config(max_queue=2, priority_aging=0.15), sends)
+    # when n2 comes, l1 has waited 0.2 s: it ranks above n2, so n2 finds no place
+    assert "l1" in served and "n2:503" in served, served

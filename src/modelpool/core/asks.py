@@ -17,8 +17,9 @@ PRIORITY_HEADER = "X-Request-Priority"
 CLASSES = ", ".join(p.value for p in Priority)
 
 
-def request_timeout(value: str | None) -> float | None:
-    """Seconds from `X-Request-Timeout` (a positive, finite number), None if absent."""
+def request_timeout(value: str | None, name: str = TIMEOUT_HEADER) -> float | None:
+    """Seconds from `X-Request-Timeout` (a positive, finite number), None if absent;
+    `name` is what a refusal calls it (the library's `timeout`)."""
     if value is None:
         return None
     try:
@@ -26,15 +27,21 @@ def request_timeout(value: str | None) -> float | None:
     except ValueError:
         seconds = math.nan
     if not math.isfinite(seconds) or seconds <= 0:
-        raise BadRequest(f"{TIMEOUT_HEADER} must be a positive number of seconds, got {value!r}")
+        raise BadRequest(f"{name} must be a positive number of seconds, got {value!r}")
     return seconds
 
 
-def request_priority(value: str | None) -> Priority:
+def request_priority(value: str | None, name: str = PRIORITY_HEADER) -> Priority:
     """The class from `X-Request-Priority` (normal if absent)."""
     if value is None:
         return Priority.NORMAL
     try:
         return Priority(value.strip().lower())
     except ValueError:
-        raise BadRequest(f"{PRIORITY_HEADER} must be one of {CLASSES}, got {value!r}") from None
+        raise BadRequest(f"{name} must be one of {CLASSES}, got {value!r}") from None
+
+
+def asked(timeout: float | None, priority: Priority | str) -> tuple[float | None, Priority]:
+    """The library's `timeout` and `priority`, judged as the headers are (BadRequest)."""
+    within = None if timeout is None else request_timeout(repr(float(timeout)), "timeout")
+    return within, request_priority(str(priority), "priority")

@@ -26,7 +26,7 @@ import trio
 
 from modelpool.core.errors import UnknownModel
 from modelpool.core.job import Timing
-from modelpool.core.kinds import WorkerState
+from modelpool.core.kinds import Priority, WorkerState
 from modelpool.pool.fleetmetrics import FleetMetrics
 from modelpool.pool.metrics import Recent
 from modelpool.pool.operations import Busy
@@ -104,7 +104,7 @@ class Fleet:
         model: str | None = None,
         *,
         timeout: float | None = None,  # noqa: ASYNC109 (a deadline: see Pool.predict)
-        priority: str = "normal",
+        priority: Priority | str = Priority.NORMAL,
     ) -> dict[str, Any]:
         """Model `model`'s answer to `request` (the default model's if None), as
         Pool.predict; UnknownModel if no model has that name."""
@@ -306,6 +306,10 @@ class Fleet:
             "size": sum(status["size"] for status in each.values()),
             "ready": sum(status["ready"] for status in each.values()),
             "queue": sum(status["queue"] for status in each.values()),
+            "queue_by_priority": {
+                p: sum(status.get("queue_by_priority", {}).get(p, 0) for status in each.values())
+                for p in Priority
+            },
             "shutting_down": any(status["shutting_down"] for status in each.values()),
             "healthy": health.healthy,
             "problem": health.detail,

@@ -44,7 +44,7 @@ class IntakePool(Protocol):
     @property
     def queue(self) -> JobQueue: ...
     @property
-    def local_ready(self) -> int: ...
+    def ready_count(self) -> int: ...
     def _stop_idle_starts(self) -> None: ...
     def _replacement_forks(self) -> bool: ...
 
@@ -80,6 +80,8 @@ class Intake:
         started = trio.current_time()
         outcome: Outcome | None = None
         job: Job | None = None
+        if timing is not None:
+            timing.priority, timing.deadline = priority, within
         try:
             try:
                 deadline = None if within is None else started + within
@@ -129,7 +131,7 @@ class Intake:
     def _refuse_if_late(self, deadline: float, priority: Priority) -> None:
         """DeadlineUnmet if the requests queued ahead of it (of its class and above) would
         keep every model busy past its deadline, at their measured mean compute time."""
-        mean, ready = self._metrics.mean_compute(), self._pool.local_ready
+        mean, ready = self._metrics.mean_compute(), self._pool.ready_count
         if mean is None or not ready:
             return
         by_class = self._pool.queue.waiting_by_priority()

@@ -113,7 +113,10 @@ class PoolMetrics:
             ["priority", "outcome"],
             registry=self.registry,
         )
-        self._by_class: dict[tuple[Priority, Outcome], Counter] = {}  # looked up once each
+        # Declared ahead, as the outcomes are; looked up once each.
+        self._by_class: dict[tuple[Priority, Outcome], Counter] = {
+            (p, o): self.by_priority.labels(p, o) for p in Priority for o in OUTCOMES
+        }
         self._computed = 0
         self._compute_total = 0.0
         self.compute = Histogram(

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from modelpool.core.asks import asked
 from modelpool.core.errors import ModelFailed, ShuttingDown, UnknownModel
 from modelpool.core.job import MAX_ATTEMPTS, Job, Timing
 from modelpool.core.kinds import Priority, RestartReason, WorkerState
@@ -113,8 +114,7 @@ class Pool:
         timing: Timing | None = None,
         *,
         model: str | None = None,
-        # Not a cancel scope's job: the deadline also decides what the queue does with
-        # the request (it is never given to a model past it) and how long it computes.
+        # A deadline, not a cancel scope's: the queue and the model's compute obey it.
         timeout: float | None = None,  # noqa: ASYNC109
         priority: Priority | str = Priority.NORMAL,
     ) -> dict[str, Any]:
@@ -128,7 +128,7 @@ class Pool:
         free model takes the oldest request of the highest class waiting. Cancelling the call
         while a model computes it stops that model as --cancel-computing says.
         """
-        priority = Priority(priority)
+        timeout, priority = asked(timeout, priority)  # BadRequest for nonsense
         if model is not None and model != (self.model_name or DEFAULT_NAME):
             if self._siblings is None:
                 raise UnknownModel(model, [self.model_name or DEFAULT_NAME])

@@ -6,12 +6,13 @@ Redis queue, which shares only the interface, does not come with it.
 
 A free worker takes the oldest job of the highest class waiting; within a class, the
 oldest (FIFO). A job counts as one class higher for every `aging` seconds it has
-waited (--priority-aging), so a low one is served within twice that at the latest
-while higher ones keep coming: no class starves. --max-queue is shared: a job that
-finds the queue full takes the place of the newest job of a class below its own
-(which gets 503 queue full, as it would have had it come last), so a flood of low
-requests never turns a high one away, and a high one is refused only by a queue full
-of high ones. A job queued again (its model died before reading it) goes first, before
+waited (--priority-aging): once it has waited twice that, it ranks with the high ones
+by its age, and no job that comes later goes before it, however high: no class
+starves. --max-queue is shared: a job that finds the queue full takes the place of the
+newest of the jobs that rank lowest now, below its own class (which gets 503 queue
+full, as it would have had it come last), so a flood of low requests never turns a
+high one away, and a high one is refused only by a queue full of high ones (or of
+jobs aged as high). A job queued again (its model died before reading it) goes first, before
 any class (`_front`).
 """
 
@@ -40,7 +41,7 @@ class LocalQueue(JobQueue):
     def __init__(self, max_queue: int, metrics: QueueMetrics, aging: float | None = None) -> None:
         self._max_queue = max_queue
         self._metrics = metrics
-        self._aging = aging
+        self._aging = aging or None  # 0: never
         self._classes: dict[Priority, deque[Job]] = {p: deque() for p in Priority}
         self._front: deque[Job] = deque()  # jobs queued again, taken before any class
         self._waiting = {p: 0 for p in Priority}  # jobs of each class not taken nor given up
@@ -186,20 +187,26 @@ class LocalQueue(JobQueue):
         return min(rank, Priority.HIGH.rank)
 
     def _make_room(self, priority: Priority) -> bool:
-        """The queue is full: refuse the newest waiting job of the lowest class below
-        `priority` (503 queue full), for a job of `priority`; False if there is none."""
+        """The queue is full: refuse the newest of the waiting jobs that rank lowest
+        now, if below `priority` (503 queue full), for a job of `priority`; False if
+        there is none."""
+        now = trio.current_time()
+        victim: Job | None = None
+        victim_key = (priority.rank, -math.inf)  # only a job ranking below it
         for lower in LOWEST_FIRST:
             if lower.rank >= priority.rank:
-                return False
-            if not self._waiting[lower]:
-                continue
-            for job in reversed(self._classes[lower]):
-                if job.queued and not job.abandoned:
-                    self._dequeued(job)
-                    job.line = b""
-                    job.fail(QueueFull())  # settled: a worker skips it
-                    return True
-        return False
+                break
+            for job in self._classes[lower]:
+                if job.queued and not _gone(job):
+                    key = (self._rank(job, now), -job.enqueued_at)
+                    if key < victim_key:
+                        victim, victim_key = job, key
+        if victim is None:
+            return False
+        self._dequeued(victim)
+        victim.line = b""
+        victim.fail(QueueFull())  # settled: a worker skips it
+        return True
 
 
 def _gone(job: Job) -> bool:

@@ -83,7 +83,7 @@ REQUEST_OPTIONS = [
         POOL,
         topic=REQUESTS,
         per_model=True,
-        check=OrNone(Range(0, above=True)),
+        check=OrNone(Range(0)),  # 0: never, as on the command line
     ),
     Option(
         "cancel_computing",
