@@ -117,6 +117,16 @@ def bench_models(session: nox.Session) -> None:
     session.run("python", "benchmarks/bench_models.py", *session.posargs)
 
 
+@nox.session(name="bench-deadlines")
+def bench_deadlines(session: nox.Session) -> None:
+    """Deadlines, classes and cancellation (bench_deadlines.py): 504s at the deadline and
+    none reaching a model late, a high request first past queued normal ones and through
+    a low flood, a hung-up client's model freed, and no cost without the headers against
+    the commit before them (wrk if installed). `-- --quick` for a short run."""
+    session.install(".", "httpx")
+    session.run("python", "benchmarks/bench_deadlines.py", *session.posargs)
+
+
 @nox.session
 def image(session: nox.Session) -> None:
     """The container image (Containerfile), built with podman, offline if need be, and

@@ -76,6 +76,7 @@ WORKERS = 4  # --workers of every service here (bench_models' readiness check ex
 BLOCK = 3.0  # seconds of the requests that keep every model busy
 LATENESS_TARGET = 0.1  # a 504 at most this long after its deadline
 FIRST_FREE_SLACK = 0.05  # the high request starts within this of the first model freed
+ORDER_STAGGER = 0.3  # seconds between the ends of the blockers in the order test
 FLOOD_SLEEP = 0.1  # seconds of each request in the flood and of the high stream
 HIGH_EVERY = 0.2  # seconds between high requests
 FLOOD_FACTOR = 10  # offered load / capacity
@@ -319,7 +320,8 @@ async def deadlines_run(service: Service, log: Path, count: int) -> dict[str, An
 
 
 async def order_run(service: Service, log: Path, normals: int) -> dict[str, Any]:
-    """Models busy, `normals` normal requests waiting, then one high."""
+    """Models busy, `normals` normal requests waiting, then one high. The blockers end
+    ORDER_STAGGER s apart, so which model freed first, and what it took, is plain."""
     answers: list[Answer] = []
 
     async def keep(*args: Any, **kwargs: Any) -> None:
@@ -329,7 +331,7 @@ async def order_run(service: Service, log: Path, normals: int) -> dict[str, Any]
         with trio.fail_after(BLOCK + normals * 0.5 + 30):
             async with trio.open_nursery() as nursery:
                 for i in range(WORKERS):
-                    nursery.start_soon(keep, f"order-block{i}", BLOCK)
+                    nursery.start_soon(keep, f"order-block{i}", BLOCK + i * ORDER_STAGGER)
                 await wait_busy(client, WORKERS)
                 for i in range(normals):
                     nursery.start_soon(keep, f"order-normal{i}", 0.5)
@@ -340,18 +342,22 @@ async def order_run(service: Service, log: Path, normals: int) -> dict[str, Any]
                 queued = (await client.get("/status")).json().get("queue_by_priority")
             await wait_idle(client)
     events = read_model_log(log)
-    first_free = min(events["done"][f"order-block{i}"][1] for i in range(WORKERS))
+    first_pid, first_free = min(
+        (events["done"][f"order-block{i}"] for i in range(WORKERS)), key=lambda e: e[1]
+    )
     later = sorted(
         (t, rid)
         for rid, (_, t) in events["recv"].items()
         if rid.startswith("order-") and t > first_free
     )
     high = next(a for a in answers if a.rid == "order-high")
-    high_start = events["recv"]["order-high"][1]
+    high_pid, high_start = events["recv"]["order-high"]
     rank = [rid for _, rid in later].index("order-high") + 1
     return {
         "queue_by_priority": queued,
         "high_rank": rank,
+        "started_after_first_free": [rid for _, rid in later[:3]],
+        "high_on_first_freed_model": high_pid == first_pid,
         "high_start_after_first_free_s": high_start - first_free,
         "high_wait_s": high_start - high.sent,
         "first_free_after_high_sent_s": first_free - high.sent,
@@ -391,10 +397,10 @@ def latency_figures(answers: list[Answer]) -> dict[str, Any]:
 def flood_clients() -> tuple[int, float]:
     """Closed-loop low clients and their pause after a 503, for ~FLOOD_FACTOR x capacity:
     enough to keep the queue full and every model busy, the rest bouncing off the full
-    queue (each about once per pause + a round trip of ~5 ms)."""
+    queue (each about once per pause + a round trip of ~8 ms)."""
     capacity = WORKERS / FLOOD_SLEEP
     bouncing = 16
-    pause = bouncing / ((FLOOD_FACTOR - 1) * capacity) - 0.005
+    pause = bouncing / ((FLOOD_FACTOR - 1) * capacity) - 0.008
     return FLOOD_QUEUE + WORKERS + bouncing, max(0.005, pause)
 
 
@@ -760,11 +766,16 @@ def report(results: dict[str, Any]) -> tuple[str, dict[str, bool]]:
         None,
     )
     o = results["order"]
-    first = o["high_rank"] == 1 and o["high_start_after_first_free_s"] <= FIRST_FREE_SLACK
+    first = (
+        o["high_rank"] == 1
+        and o["high_on_first_freed_model"]
+        and o["high_start_after_first_free_s"] <= FIRST_FREE_SLACK
+    )
     add(
-        "2 priority: 1 high behind 20 normal, 4 models busy; its place among starts "
-        "after the first model freed",
-        f"#{o['high_rank']}, {ms(o['high_start_after_first_free_s'])} after it "
+        f"2 priority: 1 high behind 20 normal, 4 models busy (ending {ORDER_STAGGER:g} s "
+        "apart); its place among starts after the first model freed",
+        f"#{o['high_rank']} (on that model: {o['high_on_first_freed_model']}), "
+        f"{ms(o['high_start_after_first_free_s'])} after it "
         f"(waited {o['high_wait_s']:.2f} s; first free {o['first_free_after_high_sent_s']:.2f} s "
         f"after it was sent); queue {o['queue_by_priority']}",
         f"#1, ≤ {FIRST_FREE_SLACK * 1000:.0f} ms",
@@ -863,6 +874,14 @@ def header(results: dict[str, Any]) -> str:
         text=True,
         check=False,
     ).stdout.strip()
+    changed = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.splitlines()
+    if changed:
+        commit += f" with {len(changed)} file(s) under src/ changed"
     start, end = results["load_average_start"][0], results["load_average_end"][0]
     busy = "" if max(start, end) < (os.cpu_count() or 1) else " (a busy machine: figures suffer)"
     return (
