@@ -44,4 +44,6 @@ def request_priority(value: str | None, name: str = PRIORITY_HEADER) -> Priority
 def asked(timeout: float | None, priority: Priority | str) -> tuple[float | None, Priority]:
     """The library's `timeout` and `priority`, judged as the headers are (BadRequest)."""
     within = None if timeout is None else request_timeout(repr(float(timeout)), "timeout")
+    if type(priority) is Priority:  # as the HTTP paths pass it: nothing to judge
+        return within, priority
     return within, request_priority(str(priority), "priority")

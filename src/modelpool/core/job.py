@@ -69,6 +69,7 @@ class Job:
         # While a model computes it: cancelling this kills the model for it (intake.py,
         # --cancel-computing), as a timeout does.
         self.compute_scope: trio.CancelScope | None = None
+        self.cancelled_by_caller = False  # that scope was cancelled for its caller
         self.timing = Timing()
         self.taken = trio.Event()
         self.done = trio.Event()
@@ -83,6 +84,7 @@ class Job:
         """Stop the model computing it (its caller went away); False if none does."""
         if self.compute_scope is None or self.done.is_set():
             return False
+        self.cancelled_by_caller = True
         self.compute_scope.cancel()
         return True
 

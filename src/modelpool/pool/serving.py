@@ -165,9 +165,9 @@ class ModelSession:
             limit = self._config.timeout
             if job.deadline is not None:  # X-Request-Timeout: what is left of it, at most
                 limit = min(limit, max(0.0, job.deadline - started))
-            # Its caller going away may cancel this (intake.py, --cancel-computing).
-            with trio.CancelScope() as cancelling, trio.move_on_after(limit) as deadline:
-                job.compute_scope = cancelling
+            # Its caller going away may cancel this too (intake.py, --cancel-computing).
+            with trio.move_on_after(limit) as deadline:
+                job.compute_scope = deadline
                 model.expect_result(job.wire_id)
                 try:
                     await model.send(job.line)
@@ -183,7 +183,7 @@ class ModelSession:
                     # any of it (it is the last thing written), however late it died.
                     unread = model.unread_input() >= len(job.line)
             job.compute_scope = None
-            if cancelling.cancelled_caught:
+            if deadline.cancelled_caught and job.cancelled_by_caller:
                 job.timing.compute = trio.current_time() - started
                 await self._fail(job, Cancelled(), "its caller went away (--cancel-computing)")
                 return False

@@ -14,6 +14,12 @@ full, as it would have had it come last), so a flood of low requests never turns
 high one away, and a high one is refused only by a queue full of high ones (or of
 jobs aged as high). A job queued again (its model died before reading it) goes first, before
 any class (`_front`).
+
+Idle workers wait on a memory channel of tickets, one sent for each job queued: the
+channel hands a ticket straight to the worker that has waited longest (no turn of the
+scheduler in between), and the worker then takes the job that ranks first, whichever
+job the ticket came with. A job given up on leaves its ticket behind: a worker that
+finds no job for it waits for the next.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ class LocalQueue(JobQueue):
         self._classes: dict[Priority, deque[Job]] = {p: deque() for p in Priority}
         self._front: deque[Job] = deque()  # jobs queued again, taken before any class
         self._waiting = {p: 0 for p in Priority}  # jobs of each class not taken nor given up
-        self._workers = trio.lowlevel.ParkingLot()  # idle workers, waiting for a job
+        self._send, self._tickets = trio.open_memory_channel[None](math.inf)
         self._pending = 0
         self._closed = False
         # The wait of each caller whose job no worker took yet: its deadline is the
@@ -83,7 +89,8 @@ class LocalQueue(JobQueue):
         if job.taken.is_set():  # taken just as the deadline passed: its answer comes
             await job.done.wait()
             return
-        self.abandon(job)
+        self._dequeued(job)  # settled below, so no worker takes it (not given up on: its
+        job.line = b""  # caller is told, see intake.py)
         job.fail(QueueTimeout())
 
     def abandon(self, job: Job) -> None:
@@ -93,15 +100,11 @@ class LocalQueue(JobQueue):
             job.line = b""  # it waits in its class until a worker skips it: keep it small
 
     async def get(self) -> Job:
-        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
+            await self._tickets.receive()  # EndOfChannel once closed and every ticket taken
             job = self._next()
             if job is not None:
-                await trio.lowlevel.cancel_shielded_checkpoint()
                 return job
-            if self._closed:
-                raise trio.EndOfChannel
-            await self._workers.park()
 
     def claim(self, job: Job) -> bool:
         if _gone(job) or job.past_deadline(trio.current_time()):
@@ -120,11 +123,11 @@ class LocalQueue(JobQueue):
         """At the head, before every class: the next `get` takes it."""
         self._count_in(job)
         self._front.append(job)
-        self._workers.unpark()
+        self._send.send_nowait(None)
 
     def close(self) -> None:
         self._closed = True
-        self._workers.unpark_all()  # each ends once no job is left (EndOfChannel)
+        self._send.close()
 
     def has_work(self) -> bool:
         return self._pending > 0 or not self._closed
@@ -144,7 +147,7 @@ class LocalQueue(JobQueue):
     def _enqueue(self, job: Job) -> None:
         self._count_in(job)
         self._classes[job.priority].append(job)
-        self._workers.unpark()
+        self._send.send_nowait(None)
 
     def _count_in(self, job: Job) -> None:
         job.queued = True
