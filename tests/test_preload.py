@@ -368,7 +368,9 @@ def test_the_command_line_refuses_a_non_python_command_under_preload(
 
 
 async def test_children_serve_on_when_the_template_is_sigkilled_and_a_new_one_loads() -> None:
-    async with open_pool(model3_config(workers=2, preload=True)) as pool:
+    # No refresh: what the children shared with the dead template is now their own, and
+    # a refresh may replace them by forks of the new one (test_refresh.py)
+    async with open_pool(model3_config(workers=2, preload=True, preload_max_private=0)) as pool:
         await pool.wait_ready()
         old_template = template_pid(pool)
         children = [w.pid for w in pool.workers]
@@ -417,7 +419,12 @@ async def test_a_child_that_is_slow_after_its_fork_serves_on_when_the_template_d
     """A child is in a session of its own before its worker hears of it: the template's
     end (its process group killed) never takes a child along, however slow the child is
     to run after its fork (here an at-fork hook of the model's sleeps in it)."""
-    config = preload_config("slow_after_fork.py", workers=2, env={"AFTER_FORK_SLEEP": "0.5"})
+    config = preload_config(
+        "slow_after_fork.py",
+        workers=2,
+        env={"AFTER_FORK_SLEEP": "0.5"},
+        preload_max_private=0,  # no refresh once the template is gone: as above
+    )
     async with open_pool(config) as pool:
         await pool.wait_ready()
         template = template_pid(pool)
@@ -626,7 +633,10 @@ async def test_a_stuck_template_is_replaced_and_replacements_fork_from_the_new_o
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr("modelpool.process.template.FORK_TIMEOUT", 0.5)
-    async with open_pool(model3_config(workers=2, preload=True, backoff_initial=0.1)) as pool:
+    # No refresh: once its template is gone, what a child shared with it is its own,
+    # and a refresh may then replace it by a fork of the new one (test_refresh.py).
+    config = model3_config(workers=2, preload=True, backoff_initial=0.1, preload_max_private=0)
+    async with open_pool(config) as pool:
         await pool.wait_ready()
         stuck, child, other = template_pid(pool), pool.workers[0].pid, pool.workers[1].pid
         assert child is not None

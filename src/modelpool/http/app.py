@@ -128,13 +128,14 @@ def create_app(
         return await predict_with(name)
 
     async def predict_with(name: str | None) -> Response:
-        """The model's pool is looked up before the body is read (an unknown model is a
-        404 whatever the body) and again once it is: the one that serves the model then
-        (a change of its config swaps pools, see pool/changes.py)."""
+        """The body is read first, whatever follows (an answer before it would leave it
+        unread on the connection, which then could not be kept alive); then an unknown
+        model is a 404, whatever the body; the model's pool is the one that serves it
+        once the body is read (a change of its config swaps pools, see pool/changes.py)."""
         try:
-            fleet.pool(name)
             try:
                 body = await request.get_data(cache=False, as_text=False, parse_form_data=False)
+                fleet.pool(name)
                 value = parse_request(body)
                 within = request_timeout(request.headers.get(TIMEOUT_HEADER))
                 priority = request_priority(request.headers.get(PRIORITY_HEADER))
