@@ -46,6 +46,7 @@ HTTP_TESTS = [
     "tests/test_origins.py",
     "tests/test_keepalive_race.py",
     "tests/test_systemd.py",
+    "tests/test_deadlines.py",
 ]
 
 
