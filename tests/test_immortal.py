@@ -31,6 +31,7 @@ import trio
 from conftest import MODELS, predict_into, wait_until
 from modelpool import ModelFailed, PoolConfig, open_pool
 from modelpool.pool.pool import Pool
+from modelpool.process.immortal import FIRST_FORKS
 from modelpool.process.launch import launcher_command
 from modelpool.process.reaper import TOKEN_VAR
 from modelpool.settings.pycommand import parse_python_command
@@ -133,15 +134,17 @@ async def lookups(pool: Pool, requests: int, outcomes: list) -> None:
 
 
 @pytest.mark.parametrize("python", python_params())
-async def test_first_children_are_replaced_by_surge_once_the_objects_are_immortal(
+async def test_the_first_child_serves_while_the_walk_runs_and_is_replaced_once_it_is_done(
     python: str | None,
 ) -> None:
-    async with open_pool(config(need(python))) as pool:
-        await pool.wait_ready()
-        first = {worker.pid for worker in pool.workers}
+    async with open_pool(config(need(python), keys=1_500_000)) as pool:
+        await pool.wait_ready(FIRST_FORKS)
+        first = {worker.pid for worker in pool.workers if worker.ready}
         template = pool.status()["template"]
-        assert template["immortal"] is False  # the first children did not wait for it
+        assert template["immortal"] is False  # the first child did not wait for it
         assert template["why_not_immortal"] == "being made immortal"
+        # the others wait for it: forked before, they would copy what they read
+        assert sum(1 for w in pool.workers if w.ready) == FIRST_FORKS
         outcomes: list = []
         replaced = trio.Event()
 
@@ -154,7 +157,7 @@ async def test_first_children_are_replaced_by_surge_once_the_objects_are_immorta
                 nursery.start_soon(client)
             template = await wait_immortal(pool)
             await wait_until(
-                lambda: immortal_restarts(pool) == WORKERS, 30, "the first children replaced"
+                lambda: immortal_restarts(pool) == FIRST_FORKS, 30, "the first child replaced"
             )
             await trio.sleep(0.5)
             replaced.set()
@@ -162,16 +165,16 @@ async def test_first_children_are_replaced_by_surge_once_the_objects_are_immorta
         assert not failed, failed[:3]
         assert len(outcomes) > 20
         assert template["why_not_immortal"] is None
-        assert template["immortal_objects"] >= 400_000 * 3  # the keys, the tuples, their ints
+        assert template["immortal_objects"] >= 1_500_000 * 3  # the keys, the tuples, their ints
         await wait_until(
             lambda: all(w.ready for w in pool.workers) and len(pool.workers) == WORKERS,
             30,
-            "the replacements serving, the first children gone",
+            "the replacement serving, the first child gone",
         )
         now = {worker.pid for worker in pool.workers}
         assert not now & first  # every child is of the immortal template now
         assert all(pid is not None and parent_of(pid) == template["pid"] for pid in now)
-        assert immortal_restarts(pool) == WORKERS  # each replaced once
+        assert immortal_restarts(pool) == FIRST_FORKS  # replaced once; the others never
 
 
 @pytest.mark.parametrize("python", python_params())
@@ -183,7 +186,7 @@ async def test_children_forked_before_the_walk_are_replaced_not_refreshed(
     copies as it did and pause the walk, but replaced once, when the objects are
     immortal."""
     async with open_pool(config(need(python), preload_max_private=5)) as pool:
-        await pool.wait_ready()
+        await pool.wait_ready(FIRST_FORKS)
         outcomes: list = []
         done = trio.Event()
 
@@ -196,7 +199,7 @@ async def test_children_forked_before_the_walk_are_replaced_not_refreshed(
                 nursery.start_soon(client)
             await wait_immortal(pool)
             await wait_until(
-                lambda: immortal_restarts(pool) == WORKERS, 30, "the first children replaced"
+                lambda: immortal_restarts(pool) == FIRST_FORKS, 30, "the first child replaced"
             )
             done.set()
         failed = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
@@ -213,7 +216,7 @@ async def test_children_of_an_immortal_template_keep_its_objects_shared_as_they_
         await pool.wait_ready()
         template = await wait_immortal(pool)
         await wait_until(
-            lambda: immortal_restarts(pool) == WORKERS and len(pool.workers) == WORKERS,
+            lambda: immortal_restarts(pool) == FIRST_FORKS and len(pool.workers) == WORKERS,
             30,
             "the first children replaced",
         )
@@ -256,28 +259,21 @@ async def test_immortal_objects_behave_as_before_and_a_child_ends_cleanly(
 
 
 @pytest.mark.parametrize("python", python_params())
-async def test_a_crashed_child_is_replaced_by_a_fork_while_the_walk_runs(
+async def test_a_child_crashed_while_the_walk_runs_is_replaced_by_an_immortal_fork(
     python: str | None,
 ) -> None:
     async with open_pool(config(need(python), keys=1_500_000, workers=2)) as pool:
-        await pool.wait_ready()
-        before = {worker.pid for worker in pool.workers}
+        await pool.wait_ready(FIRST_FORKS)
+        first = {worker.pid for worker in pool.workers if worker.ready}
+        assert pool.status()["template"]["why_not_immortal"] == "being made immortal"
         with pytest.raises(ModelFailed):
-            await pool.predict({"exit": 3})  # one child ends
-        started = trio.current_time()
-        await wait_until(
-            lambda: (
-                all(w.ready for w in pool.workers)
-                and len({w.pid for w in pool.workers} - before) == 1
-            ),
-            10,
-            "the crashed child replaced",
-        )
-        took = trio.current_time() - started
-        still_walking = pool.status()["template"]["why_not_immortal"] == "being made immortal"
-        assert still_walking, "the walk ended before the replacement: too few objects to tell"
-        assert took < 1.0, took  # a fork, served between two slices of the walk
-        await wait_immortal(pool)
+            await pool.predict({"exit": 3})  # the child forked before the walk ends
+        await pool.wait_ready()  # its replacement waited for the walk, as the other did
+        template = pool.status()["template"]
+        assert template["immortal"] is True
+        now = {worker.pid for worker in pool.workers}
+        assert not now & first and all(parent_of(pid or 0) == template["pid"] for pid in now)
+        assert immortal_restarts(pool) == 0  # nothing forked before the walk is left
 
 
 @pytest.mark.parametrize("python", python_params())

@@ -5,10 +5,13 @@ A template's children share its pages until they write them, and reading a Pytho
 object writes its reference count: with --preload-immortal (on by default), the
 launcher marks the template's objects immortal once it is ready (_immortal.py says how,
 and where it is refused: Python 3.11 and older, free-threaded and debug builds). The
-walk takes seconds for millions of objects, so it does not hold up the first models:
-they are forked from the template as it is, while the walk runs. Once it is done
-(`immortal`), each child forked before is replaced by surge (`replace_mortal`), by a
-fork of the immortal template, under the restart reason `immortal`.
+walk takes seconds for millions of objects. The first model does not wait for it: it is
+forked from the template as it is, so the service answers while the walk runs. The
+others wait for it (`before_fork`, WALK_WAIT at most): forked before, each would copy
+the pages of every object it reads, at the cost of the CPU the walk and the first
+model need, and be thrown away after. Once the walk is done (`immortal`), each child
+forked before is replaced by surge (`replace_mortal`), by a fork of the immortal
+template, under the restart reason `immortal`.
 
 `Immortality` is one template process's: a template loaded again walks again.
 """
@@ -27,6 +30,8 @@ from modelpool.process.control import Message
 log = logging.getLogger("modelpool.preload")
 
 REPLACE_EVERY = 1.0  # seconds between two asks to replace the children forked before
+FIRST_FORKS = 1  # forks that do not wait for the walk: the service answers meanwhile
+WALK_WAIT = 60.0  # seconds a later fork waits for the walk, at most
 Replace = Callable[[set[int]], None]  # the pool's: replace the models of these pids by surge
 
 
@@ -40,6 +45,7 @@ class Immortality:
         self._wanted = wanted
         self._on_immortal: Callable[[], None] | None = None
         self._process = 0  # how many template processes it has seen, for replace_mortal
+        self._settled = trio.Event()
         self.reset(ready=False)
 
     def when_immortal(self, callback: Callable[[], None]) -> None:
@@ -50,6 +56,7 @@ class Immortality:
     def reset(self, ready: bool) -> None:
         """A template process reached its fork point (`ready`: it is asked to walk its
         objects), or the last one ended (a new one loads)."""
+        self._settled.set()  # the forks waiting for the last one's walk go on
         self._process += 1
         self.immortal = False
         self.objects: int | None = None
@@ -59,10 +66,23 @@ class Immortality:
             self.why_not = "being made immortal" if ready else "the template is not ready"
         self.walking = self._wanted and ready
         self.mortal: set[int] = set()  # its live children forked before the walk ended
+        self._forks_while_walking = 0
+        self._settled = trio.Event()  # the walk ended (or failed, or the template did)
+        if not self.walking:
+            self._settled.set()
+
+    async def before_fork(self) -> None:
+        """Called before each fork request: the first FIRST_FORKS go at once, the others
+        wait for the walk to end (WALK_WAIT seconds at most)."""
+        if self.walking and self._forks_while_walking >= FIRST_FORKS:
+            with trio.move_on_after(WALK_WAIT):
+                await self._settled.wait()
+        if self.walking:
+            self._forks_while_walking += 1
 
     async def ask(self, sock: trio.socket.SocketType, sending: trio.Lock) -> None:
         """With --preload-immortal, ask the template (now ready) to walk its objects;
-        the first forks do not wait for it."""
+        the first fork does not wait for it (see before_fork)."""
         if not self.walking:
             return
         try:
@@ -83,6 +103,7 @@ class Immortality:
             self.mortal.discard(int(message["pid"]))
         elif event == "immortal" and self.walking:
             self.walking, self.immortal, self.why_not = False, True, None
+            self._settled.set()
             self.objects = int(message["objects"])
             self.seconds = float(message["seconds"])
             log.info(
@@ -96,6 +117,7 @@ class Immortality:
                 self._on_immortal()
         elif event == "not_immortal" and self.walking:
             self.walking, self.mortal = False, set()
+            self._settled.set()
             self.why_not = str(message["reason"])
             log.info("%s: its objects are not made immortal: %s", self.name, self.why_not)
 

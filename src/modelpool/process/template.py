@@ -316,11 +316,12 @@ class Template:
     ) -> ForkedProcess:
         """One child, with its own pipes, token and `env` changes (see env_changes);
         StartFailed if the template cannot."""
+        started_at = trio.current_time()
+        await self.immortality.before_fork()  # the first fork goes at once, not the others
         sock = self._sock
         if sock is None or self.state is not TemplateState.READY:
             gone = TemplateGone if self.state is TemplateState.LOADING else StartFailed
             raise gone(f"{name} failed to start: {self.name} is {self.state}")
-        started_at = trio.current_time()
         stdin_r, stdin_w = os.pipe()
         stdout_r, stdout_w = os.pipe()
         stderr_r, stderr_w = os.pipe()

@@ -177,7 +177,8 @@ MODEL_OPTIONS = [
         "with --preload on CPython 3.12 or 3.13 (the GIL build): once the template is "
         "ready, make its Python objects immortal, so that a model forked from it does not "
         "copy the pages of the objects it reads (their reference counts are no longer "
-        "written); the first models are forked at once and replaced once it is done. "
+        "written); the first model is forked at once and serves meanwhile (it is replaced "
+        "once it is done), the others are forked once it is done. "
         "Template objects are then never freed in a model: their finalizers and weak "
         "reference callbacks never run there",
         POOL,
