@@ -272,7 +272,6 @@ async def test_a_model_flooding_its_output_after_its_answer_does_not_starve_the_
         assert model is not None
         flooding, failed = await _served_in(pool, 1.5)  # while the flooder floods
         assert failed == 0
-        assert flooding >= alone / 3, (alone, flooding)
         # what was read of the flood: the budget, and a chunk or two past it
         lines, _ = model.idle_output
         allowed = OUTPUT_BURST_LINES + OUTPUT_RATE_LINES * (trio.current_time() - answered)
@@ -289,6 +288,11 @@ async def test_a_model_flooding_its_output_after_its_answer_does_not_starve_the_
         assert worker.last_failure["reason"] == "timeout"
         answer = await pool.predict({"n": "after"})
         assert answer["echo"] == {"n": "after"}
+        # Served while it flooded, against before and after it (the machine's load, which
+        # other test processes change, is then measured on both sides of the flood)
+        await pool.wait_ready()
+        after, _ = await _served_in(pool, 1.5)
+        assert flooding >= min(alone, after) / 3, (alone, flooding, after)
 
 
 async def test_a_request_to_a_model_held_back_for_its_output_is_not_delayed() -> None:
