@@ -66,7 +66,7 @@ from typing import Any
 import httpx
 import trio
 
-from benchtools import cpu_of, free_port, rss_mib, stat_fields, stop_group
+from benchtools import cpu_of, free_port, rss_mib, stat_fields, stop_group, table
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINES = Path(__file__).resolve().parent / "baselines"
@@ -543,16 +543,6 @@ def paired_of(over: dict[str, Any], connections: int, key: str, difference: bool
 
 def mark(ok: bool) -> str:
     return "✓" if ok else "✗"
-
-
-def table(rows: list[list[str]]) -> str:
-    """A Markdown table, columns padded so it reads as well in a terminal."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
 
 
 def report(results: dict[str, Any]) -> tuple[str, dict[str, bool]]:

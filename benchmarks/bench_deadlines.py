@@ -51,14 +51,11 @@ import collections
 import contextlib
 import json
 import math
-import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +63,21 @@ from typing import Any
 
 import httpx
 import trio
-from bench_models import BenchError, Service, alive, in_trio, mark, on_sigterm, running, table
+from bench import WRK_SCRIPT, run_wrk
+from bench_models import (
+    BenchError,
+    Service,
+    alive,
+    bench_main,
+    checkout,
+    in_trio,
+    machine_line,
+    mark,
+    running,
+    table,
+)
+
+from benchtools import cpu_of, stat_fields
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -565,38 +576,17 @@ async def cancel_run(service: Service, log: Path, sleep: float, within: float) -
 
 # -- 4. no cost ----------------------------------------------------------------------------
 
-WRK_SCRIPT = """
-wrk.method = "POST"
-wrk.body = '{"sleep": 0}'
-wrk.headers["Content-Type"] = "application/json"
-%s
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    'WRK_JSON {"requests": %%d, "duration_s": %%.6f, "errors": %%d, "non_2xx": %%d, ' ..
-    '"p50_ms": %%.4f, "p99_ms": %%.4f}\\n',
-    summary.requests, summary.duration / 1e6, e.connect + e.read + e.write + e.timeout,
-    e.status, latency:percentile(50) / 1e3, latency:percentile(99) / 1e3))
-end
-"""
 HEADERS = {TIMEOUT: "30", PRIORITY: "high"}
+JSON_TYPE = 'wrk.headers["Content-Type"] = "application/json"\n'
 
 
 def load_wrk(url: str, seconds: float, headers: bool, scratch: Path) -> dict[str, Any]:
+    """bench.py's wrk run, with a sleep-0 body, and the headers if asked."""
     extra = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in HEADERS.items()) if headers else ""
     script = scratch / ("wrk-headers.lua" if headers else "wrk-plain.lua")
-    script.write_text(WRK_SCRIPT % extra)
-    command = ["wrk", "-t1", f"-c{WRK_CONNECTIONS}", f"-d{max(1, math.ceil(seconds))}s"]
-    command += ["--timeout", "10s", "-s", str(script), url + "/predict"]
-    done = subprocess.run(
-        command, capture_output=True, text=True, timeout=seconds + 30, check=False
-    )
-    for line in done.stdout.splitlines():
-        if line.startswith("WRK_JSON "):
-            figures = json.loads(line.removeprefix("WRK_JSON "))
-            figures["req_per_s"] = figures["requests"] / figures["duration_s"]
-            return figures
-    raise BenchError(f"wrk gave no figures (exit {done.returncode}):\n{done.stdout}{done.stderr}")
+    text = WRK_SCRIPT.replace('{"data": 0}', '{"sleep": 0}').replace(JSON_TYPE, JSON_TYPE + extra)
+    script.write_text(text)
+    return run_wrk(script, url, WRK_CONNECTIONS, seconds)
 
 
 async def load_httpx(url: str, seconds: float, headers: bool) -> dict[str, Any]:
@@ -627,12 +617,6 @@ async def load_httpx(url: str, seconds: float, headers: bool) -> dict[str, Any]:
     }
 
 
-def own_cpu(pid: int) -> float:
-    """CPU seconds of one process (the service; its models are processes of their own)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def no_cost_run(
     services: dict[str, Service], rounds: int, seconds: float, scratch: Path
 ) -> dict[str, Any]:
@@ -643,13 +627,13 @@ def no_cost_run(
     def one(name: str, headers: bool, length: float) -> dict[str, Any]:
         service = services["now" if name == "now+headers" else name]
         assert service.proc is not None
-        cpu = own_cpu(service.proc.pid)
+        cpu = cpu_of(stat_fields(service.proc.pid))
         if use_wrk:
             figures = load_wrk(service.url, length, headers, scratch)
         else:
             figures = in_trio(load_httpx, service.url, length, headers)
         figures["cpu_us_per_req"] = (
-            (own_cpu(service.proc.pid) - cpu) / max(1, figures["requests"]) * 1e6
+            (cpu_of(stat_fields(service.proc.pid)) - cpu) / max(1, figures["requests"]) * 1e6
         )
         return figures
 
@@ -868,12 +852,7 @@ def report(results: dict[str, Any]) -> tuple[str, dict[str, bool]]:
 
 
 def header(results: dict[str, Any]) -> str:
-    commit = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+    commit = checkout()
     changed = subprocess.run(
         ["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
         capture_output=True,
@@ -882,14 +861,9 @@ def header(results: dict[str, Any]) -> str:
     ).stdout.splitlines()
     if changed:
         commit += f" with {len(changed)} file(s) under src/ changed"
-    start, end = results["load_average_start"][0], results["load_average_end"][0]
-    busy = "" if max(start, end) < (os.cpu_count() or 1) else " (a busy machine: figures suffer)"
     return (
-        f"modelpool bench_deadlines ({results['mode']}, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, checkout at {commit}): "
-        f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, load average {start:.2f} "
-        f"at start and {end:.2f} at end{busy}.\n"
-        f"--workers {WORKERS}; client, service and models share the cores; ✓/✗: the targets."
+        machine_line("bench_deadlines", results, commit)
+        + f"\n--workers {WORKERS}; client, service and models share the cores; ✓/✗: the targets."
     )
 
 
@@ -972,35 +946,7 @@ def main() -> int:
         figures = trio.run(flood_client, url, int(clients), float(seconds), float(pause))
         print(json.dumps(figures))
         return 0
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, on_sigterm)
-    began = time.perf_counter()
-    load_start = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="modelpool-bench-deadlines-") as scratch:
-        try:
-            results = run(args, Path(scratch))
-        except KeyboardInterrupt:
-            print("bench: interrupted; every process it started is stopped", file=sys.stderr)
-            return 130
-        except BenchError as exc:
-            print(f"bench: {exc}", file=sys.stderr)
-            return 1
-    results["seconds"] = time.perf_counter() - began
-    results["load_average_start"], results["load_average_end"] = load_start, os.getloadavg()
-    text, targets = report(results)
-    results["targets"] = targets
-    print()
-    print(header(results))
-    print()
-    print(text)
-    print()
-    for name, ok in targets.items():
-        print(f"  {mark(ok):<9} {name}")
-    met = sum(targets.values())
-    print(f"targets met: {met}/{len(targets)}  ({results['seconds']:.0f} s; JSON: {args.json})")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    return 0
+    return bench_main(args, "bench-deadlines", run, report, header)
 
 
 if __name__ == "__main__":

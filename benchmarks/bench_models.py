@@ -51,15 +51,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import trio
+from bench import BenchError
 
-from benchtools import descendants, free_port, stop_group
+from benchtools import alive, descendants, free_port, stop_group, table
 
 ROOT = Path(__file__).resolve().parents[1]
 SLEEP_MODEL = Path(__file__).resolve().parent / "sleep_model.py"
@@ -72,10 +73,6 @@ MOVES_TARGET = 0.85  # ideal / measured, with --preload
 BUSY_TARGET = 0.95
 STEADY_MOVES_PER_10S = 1.0  # at most this many moves per 10 s once steady
 OLD_WAY_RATIO = 0.97  # the old way's req/s at least this much of the two-model run's
-
-
-class BenchError(Exception):
-    """The bench itself could not run a step (a service did not start, requests failed)."""
 
 
 # -- services ------------------------------------------------------------------------------
@@ -95,8 +92,8 @@ def toml(config: dict[str, Any]) -> str:
         return json.dumps(v)  # an int, or a string (JSON's escapes are TOML's)
 
     lines = [f"{k} = {value(v)}" for k, v in config.items() if k != "models"]
-    for name, table in config.get("models", {}).items():
-        lines += ["", f"[models.{name}]", *(f"{k} = {value(v)}" for k, v in table.items())]
+    for name, options in config.get("models", {}).items():
+        lines += ["", f"[models.{name}]", *(f"{k} = {value(v)}" for k, v in options.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -178,14 +175,6 @@ class Service:
             print(f"  {self.name} did not stop within 30 s of SIGTERM: killed", flush=True)
         time.sleep(0.2)
         return [pid for pid in below if alive(pid)]
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 @contextlib.contextmanager
@@ -377,16 +366,6 @@ def mark(ok: bool) -> str:
     return "✓ met" if ok else "✗ missed"
 
 
-def table(rows: list[list[str]]) -> str:
-    """A Markdown table, columns padded so it reads as well in a terminal."""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
-
-
 def moves_text(moves: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(moves.items())) or "none"
 
@@ -517,22 +496,33 @@ def report(results: dict[str, Any]) -> tuple[str, dict[str, bool]]:
     return table(rows) + "\n\n" + table(second), targets
 
 
-def header(results: dict[str, Any]) -> str:
-    commit = subprocess.run(
+def checkout() -> str:
+    """The commit this checkout is at, short."""
+    return subprocess.run(
         ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
         capture_output=True,
         text=True,
         check=False,
     ).stdout.strip()
+
+
+def machine_line(name: str, results: dict[str, Any], commit: str) -> str:
+    """A bench's first line: which, when, at what commit, on how busy a machine."""
     start, end = results["load_average_start"][0], results["load_average_end"][0]
     busy = "" if max(start, end) < (os.cpu_count() or 1) else " (a busy machine: figures suffer)"
     return (
-        f"modelpool bench_models ({results['mode']}, "
+        f"modelpool {name} ({results['mode']}, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, checkout at {commit}): "
         f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, load average {start:.2f} "
-        f"at start and {end:.2f} at end{busy}.\n"
-        f"--workers {BUDGET}, benchmarks/sleep_model.py; client, service and models share "
-        f"the cores; ✓/✗: the targets."
+        f"at start and {end:.2f} at end{busy}."
+    )
+
+
+def header(results: dict[str, Any]) -> str:
+    return (
+        machine_line("bench_models", results, checkout())
+        + f"\n--workers {BUDGET}, benchmarks/sleep_model.py; client, service and models share "
+        "the cores; ✓/✗: the targets."
     )
 
 
@@ -621,13 +611,20 @@ def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
     return results
 
 
-def main() -> int:
-    args = parse_args()
+Run = Callable[[argparse.Namespace, Path], dict[str, Any]]
+Report = Callable[[dict[str, Any]], tuple[str, dict[str, bool]]]
+
+
+def bench_main(
+    args: argparse.Namespace, name: str, run: Run, report: Report, header: Callable[..., str]
+) -> int:
+    """Run a bench in a scratch directory, print its report and targets, write its JSON;
+    every process it started is stopped on SIGINT or SIGTERM (exit 130)."""
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, on_sigterm)
     began = time.perf_counter()
     load_start = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="modelpool-bench-models-") as scratch:
+    with tempfile.TemporaryDirectory(prefix=f"modelpool-{name}-") as scratch:
         try:
             results = run(args, Path(scratch))
         except KeyboardInterrupt:
@@ -645,13 +642,17 @@ def main() -> int:
     print()
     print(text)
     print()
-    for name, ok in targets.items():
-        print(f"  {mark(ok):<9} {name}")
+    for target, ok in targets.items():
+        print(f"  {mark(ok):<9} {target}")
     met = sum(targets.values())
     print(f"targets met: {met}/{len(targets)}  ({results['seconds']:.0f} s; JSON: {args.json})")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     return 0
+
+
+def main() -> int:
+    return bench_main(parse_args(), "bench-models", run, report, header)
 
 
 if __name__ == "__main__":

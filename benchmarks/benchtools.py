@@ -53,6 +53,14 @@ def stat_fields(pid: int | str) -> list[str]:
     return stat[stat.rindex(")") + 2 :].split()
 
 
+def alive(pid: int) -> bool:
+    """Whether a process is there and not a zombie."""
+    try:
+        return stat_fields(pid)[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def cpu_of(fields: list[str]) -> float:
     """User and system CPU seconds a process has used so far (its own, not its
     children's), from its `stat_fields`."""
@@ -122,3 +130,13 @@ def newer_pythons() -> list[str]:
         if int(parts[1]) >= 12 and python.exists():
             found.append((int(parts[1]), version.name, str(python)))
     return [python for _, _, python in sorted(found)]
+
+
+def table(rows: list[list[str]]) -> str:
+    """A Markdown table, columns padded so it reads as well in a terminal."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |" for r in rows
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

@@ -85,7 +85,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from benchtools import free_port, rss_mib
+from benchtools import alive, free_port, rss_mib
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "tests" / "models" / "chaos_model.py"
@@ -690,13 +690,6 @@ def own_children() -> list[int]:
         with contextlib.suppress(OSError):
             found += [int(p) for p in (task / "children").read_text().split()]
     return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def command_of(pid: int) -> str:

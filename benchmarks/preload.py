@@ -70,6 +70,7 @@ import httpx
 import trio
 
 from benchtools import (
+    alive,
     descendants,
     free_port,
     model_pids,
@@ -275,7 +276,7 @@ async def replacements(service: Service, trials: int, per_trial: float) -> list[
             victim = idle[0]["pid"]
             killed_at = time.perf_counter()
             os.kill(victim, signal.SIGKILL)
-            while _alive(victim):
+            while alive(victim):
                 await trio.sleep(0.0005)  # dead: the next request cannot go to it
             response = await client.post("/predict", json={})
             took = time.perf_counter() - killed_at
@@ -284,14 +285,6 @@ async def replacements(service: Service, trials: int, per_trial: float) -> list[
             times.append(took)
         nursery.cancel_scope.cancel()
     return times
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")
 
 
 def measure(args: argparse.Namespace, preload: bool) -> dict[str, Any]:
