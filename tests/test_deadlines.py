@@ -7,7 +7,7 @@ import httpx
 import pytest
 import trio
 
-from conftest import error_body, running_server, scripted_config, wait_until
+from conftest import RunningServer, error_body, running_server, scripted_config, wait_until
 from modelpool import BadRequest, DeadlineExceeded, PoolConfig, open_pool
 
 TIMEOUT = "X-Request-Timeout"
@@ -19,16 +19,22 @@ async def occupy(client: httpx.AsyncClient, seconds: float, answers: list) -> No
     answers.append(await client.post("/predict", json={"sleep": seconds}))
 
 
+async def keep_busy(nursery: trio.Nursery, server: RunningServer, seconds: float) -> list:
+    """Keep the pool's one model busy for `seconds`, from once it is; its answer, later."""
+    answers: list = []
+    nursery.start_soon(occupy, server.client, seconds, answers)
+    await wait_until(lambda: server.pool.workers[0].state == "busy", 5, "busy")
+    return answers
+
+
 # -- deadlines --------------------------------------------------------------------------
 
 
 async def test_a_request_still_waiting_at_its_deadline_gets_504_and_never_reaches_a_model() -> None:
     async with running_server(scripted_config()) as server:
         await server.pool.wait_ready()
-        busy: list = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(occupy, server.client, 1.5, busy)
-            await wait_until(lambda: server.pool.workers[0].state == "busy", 5, "busy")
+            await keep_busy(nursery, server, 1.5)
             started = trio.current_time()
             late = await server.client.post("/predict", json={"n": 1}, headers={TIMEOUT: "0.5"})
             took = trio.current_time() - started
@@ -100,7 +106,6 @@ async def order_served(config: PoolConfig, sends: list[tuple[str, str]]) -> list
     served: list[str] = []
     async with running_server(config) as server:
         await server.pool.wait_ready()
-        busy: list = []
 
         async def send(name: str, priority: str) -> None:
             answer = await server.client.post(
@@ -112,8 +117,7 @@ async def order_served(config: PoolConfig, sends: list[tuple[str, str]]) -> list
                 served.append(f"{name}:{answer.status_code}")
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(occupy, server.client, 1.0, busy)
-            await wait_until(lambda: server.pool.workers[0].state == "busy", 5, "busy")
+            await keep_busy(nursery, server, 1.0)
             for name, priority in sends:
                 nursery.start_soon(send, name, priority)
                 await trio.sleep(0.1)  # queued in this order
@@ -144,10 +148,8 @@ async def test_a_full_queue_refuses_the_newest_lower_request_for_a_higher_one() 
 async def test_status_and_metrics_show_the_classes() -> None:
     async with running_server(scripted_config()) as server:
         await server.pool.wait_ready()
-        busy: list = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(occupy, server.client, 0.8, busy)
-            await wait_until(lambda: server.pool.workers[0].state == "busy", 5, "busy")
+            await keep_busy(nursery, server, 0.8)
             for priority in ("high", "low", "low"):
                 nursery.start_soon(
                     lambda p=priority: server.client.post(

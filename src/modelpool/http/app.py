@@ -111,7 +111,7 @@ def create_app(
     @app.after_request
     async def tag(response: Response) -> Response:
         response.headers[REQUEST_ID_HEADER] = g.get("request_id", "")
-        if fleet.closing_all:
+        if fleet.closing:
             response.headers["Connection"] = "close"  # so clients stop sending on it
         if config.access_log:
             started = g.get("started", time.perf_counter())

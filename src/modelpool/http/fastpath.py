@@ -180,7 +180,7 @@ class Predictions:
             (name.replace("_", "-").lower().encode(), v.encode()) for name, v in extra.items()
         ]
         headers.append((REQUEST_ID, request_id.encode()))
-        if self._fleet.closing_all:
+        if self._fleet.closing:
             headers.append(CLOSE)  # so clients stop sending on it
         if self._config.access_log:
             client = stream.client

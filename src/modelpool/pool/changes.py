@@ -110,7 +110,7 @@ async def _change(
     try:
         await new.wait_ready()
     except ShuttingDown:
-        if not fleet.closing_all:
+        if not fleet.closing:
             log.error("model %s: its new config did not start; the old one keeps serving", name)
             report.setdefault("failed", []).append(name)
         return

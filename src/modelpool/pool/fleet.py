@@ -78,7 +78,7 @@ class Fleet:
                 bounds,
                 self.metrics,
                 draining=self._draining_workers,
-                done=lambda: self.closing_all,
+                done=lambda: self.closing,
             )
             for pool in pools.values():
                 pool._siblings = self.pool
@@ -110,10 +110,6 @@ class Fleet:
         Pool.predict; UnknownModel if no model has that name."""
         pool = self.pool(model)
         return await pool.predict(request, request_id, timing, timeout=timeout, priority=priority)
-
-    @property
-    def closing(self) -> bool:
-        return all(pool.closing for pool in self.pools.values())
 
     # What systemd is told (sdnotify.py) and /readyz: every model's figures together.
 
@@ -171,7 +167,7 @@ class Fleet:
         self._running.add(pool)
         if self._serving_http:
             pool.mark_serving_http()
-        if self.closing_all:
+        if self.closing:
             pool.shutdown()
 
     def _route(self, name: str, pool: Pool, config: PoolConfig) -> Pool | None:
@@ -202,8 +198,8 @@ class Fleet:
         )
 
     @property
-    def closing_all(self) -> bool:
-        """Shut down (or killed): every pool is closing."""
+    def closing(self) -> bool:
+        """Shut down (or killed): every pool is closing, routed to or not."""
         return bool(self._running) and all(pool.closing for pool in self._running)
 
     async def scale_slots(self, workers: int, model: str | None) -> dict[str, Any]:

@@ -16,10 +16,10 @@ import trio
 from modelpool.core.errors import ModelCommandError
 from modelpool.pool.fleet import Fleet
 from modelpool.pool.pool import Pool
-from modelpool.pool.running import first_error, run_pool
+from modelpool.pool.running import raise_fatal, run_pool
 from modelpool.process import devices
 from modelpool.process.reaper import Reaper
-from modelpool.settings.config import ConfigError, PoolConfig
+from modelpool.settings.config import PoolConfig
 
 log = logging.getLogger("modelpool.fleet")
 
@@ -104,7 +104,4 @@ async def open_fleet(
                 if fleet is not None:
                     fleet.shutdown()
     except BaseExceptionGroup as group:
-        fatal = group.subgroup((ModelCommandError, ConfigError))
-        if fatal is None:
-            raise
-        raise first_error(fatal) from None
+        raise_fatal(group)

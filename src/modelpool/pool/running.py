@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import trio
 
@@ -77,10 +77,7 @@ async def run_pool(
             finally:
                 pool.shutdown()
     except BaseExceptionGroup as group:
-        fatal = group.subgroup((ModelCommandError, ConfigError))
-        if fatal is None:
-            raise
-        raise first_error(fatal) from None
+        raise_fatal(group)
     finally:
         with trio.CancelScope(shield=True):
             await reaper.final_sweep()
@@ -106,6 +103,15 @@ async def sweep_until_stopped(reaper: Reaper, stopped: trio.Event) -> None:
         nursery.start_soon(reaper.run)
         await stopped.wait()
         nursery.cancel_scope.cancel()
+
+
+def raise_fatal(group: BaseExceptionGroup) -> NoReturn:
+    """Raise an error of `group` that means the pool cannot run (a model command that
+    cannot be run, a queue no backend can open) as itself; else the group."""
+    fatal = group.subgroup((ModelCommandError, ConfigError))
+    if fatal is None:
+        raise group
+    raise first_error(fatal) from None
 
 
 def first_error(group: BaseExceptionGroup) -> BaseException:

@@ -44,7 +44,6 @@ from modelpool.core.kinds import WorkerState
 
 if TYPE_CHECKING:
     from modelpool.pool.worker import Worker
-    from modelpool.process.preload import Preloader
     from modelpool.settings.config import PoolConfig
 
 log = logging.getLogger("modelpool.slots")
@@ -63,8 +62,7 @@ class SlotPool(Protocol):
     def queue_length(self) -> int: ...
     @property
     def closing(self) -> bool: ...
-    @property
-    def preloader(self) -> Preloader | None: ...
+    def _replacement_forks(self) -> bool: ...
     @property
     def config(self) -> PoolConfig: ...
     @property
@@ -267,7 +265,7 @@ class Slots:
         """Whether a start pays off: a fork always; a whole load only if the wait it
         saves is longer than the load."""
         pool = self._pools[name]
-        if _forks(pool):
+        if pool._replacement_forks():
             return True
         compute = pool.metrics.mean_compute()
         if compute is None:
@@ -286,11 +284,6 @@ def _look(pool: SlotPool) -> _Seen:
     idle = [w for w in serving if w.state is WorkerState.IDLE]
     coming = sum(1 for w in serving if w.state in (WorkerState.STARTING, WorkerState.RESTARTING))
     return _Seen(serving, idle, coming, pool.queue_length)
-
-
-def _forks(pool: SlotPool) -> bool:
-    """Whether a new worker of `pool` would fork from a ready template."""
-    return pool.preloader is not None and pool.preloader.forks_now()
 
 
 def _start_seconds(pool: SlotPool) -> float:
