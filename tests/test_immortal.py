@@ -31,15 +31,19 @@ import trio
 from conftest import MODELS, predict_into, wait_until
 from modelpool import ModelFailed, PoolConfig, open_pool
 from modelpool.pool.pool import Pool
-from modelpool.process.immortal import FIRST_FORKS
+from modelpool.process.immortal import forks_before_walk
 from modelpool.process.launch import launcher_command
 from modelpool.process.reaper import TOKEN_VAR
+from modelpool.process.threads import usable_cores
 from modelpool.settings.pycommand import parse_python_command
 
 MODEL = MODELS / "py_objects.py"
 WORKERS = 4
 IMMORTAL_WITHIN = 60.0  # seconds for a walk of a few million objects on a busy machine
 REQUIRE = os.environ.get("MODELPOOL_REQUIRE_PY312") == "1"
+# One model forked before the walk ends, on any machine: each model's thread budget is
+# every core, so none is left to the walk (forks_before_walk).
+EARLY = 1
 
 
 def newer_pythons() -> dict[str, str]:
@@ -91,6 +95,7 @@ def config(python: str, keys: int = 400_000, **overrides: object) -> PoolConfig:
         "env": {"PY_OBJECTS_KEYS": str(keys)},
         "init_timeout": 120,
         "preload_max_private": 0,  # no refresh: what is measured is immortality's
+        "model_threads": usable_cores(),  # EARLY: no core left to the walk
     }
     options.update(overrides)
     return PoolConfig(**options)
@@ -138,13 +143,14 @@ async def test_the_first_child_serves_while_the_walk_runs_and_is_replaced_once_i
     python: str | None,
 ) -> None:
     async with open_pool(config(need(python), keys=1_500_000)) as pool:
-        await pool.wait_ready(FIRST_FORKS)
+        await pool.wait_ready(EARLY)
         first = {worker.pid for worker in pool.workers if worker.ready}
         template = pool.status()["template"]
         assert template["immortal"] is False  # the first child did not wait for it
         assert template["why_not_immortal"] == "being made immortal"
+        assert template["forks_before_walk"] == EARLY
         # the others wait for it: forked before, they would copy what they read
-        assert sum(1 for w in pool.workers if w.ready) == FIRST_FORKS
+        assert sum(1 for w in pool.workers if w.ready) == EARLY
         outcomes: list = []
         replaced = trio.Event()
 
@@ -157,7 +163,7 @@ async def test_the_first_child_serves_while_the_walk_runs_and_is_replaced_once_i
                 nursery.start_soon(client)
             template = await wait_immortal(pool)
             await wait_until(
-                lambda: immortal_restarts(pool) == FIRST_FORKS, 30, "the first child replaced"
+                lambda: immortal_restarts(pool) == EARLY, 30, "the first child replaced"
             )
             await trio.sleep(0.5)
             replaced.set()
@@ -174,7 +180,7 @@ async def test_the_first_child_serves_while_the_walk_runs_and_is_replaced_once_i
         now = {worker.pid for worker in pool.workers}
         assert not now & first  # every child is of the immortal template now
         assert all(pid is not None and parent_of(pid) == template["pid"] for pid in now)
-        assert immortal_restarts(pool) == FIRST_FORKS  # replaced once; the others never
+        assert immortal_restarts(pool) == EARLY  # replaced once; the others never
 
 
 @pytest.mark.parametrize("python", python_params())
@@ -186,7 +192,7 @@ async def test_children_forked_before_the_walk_are_replaced_not_refreshed(
     copies as it did and pause the walk, but replaced once, when the objects are
     immortal."""
     async with open_pool(config(need(python), preload_max_private=5)) as pool:
-        await pool.wait_ready(FIRST_FORKS)
+        await pool.wait_ready(EARLY)
         outcomes: list = []
         done = trio.Event()
 
@@ -199,7 +205,7 @@ async def test_children_forked_before_the_walk_are_replaced_not_refreshed(
                 nursery.start_soon(client)
             await wait_immortal(pool)
             await wait_until(
-                lambda: immortal_restarts(pool) == FIRST_FORKS, 30, "the first child replaced"
+                lambda: immortal_restarts(pool) == EARLY, 30, "the first child replaced"
             )
             done.set()
         failed = [outcome for outcome in outcomes if isinstance(outcome, Exception)]
@@ -216,7 +222,7 @@ async def test_children_of_an_immortal_template_keep_its_objects_shared_as_they_
         await pool.wait_ready()
         template = await wait_immortal(pool)
         await wait_until(
-            lambda: immortal_restarts(pool) == FIRST_FORKS and len(pool.workers) == WORKERS,
+            lambda: immortal_restarts(pool) == EARLY and len(pool.workers) == WORKERS,
             30,
             "the first children replaced",
         )
@@ -263,7 +269,7 @@ async def test_a_child_crashed_while_the_walk_runs_is_replaced_by_an_immortal_fo
     python: str | None,
 ) -> None:
     async with open_pool(config(need(python), keys=1_500_000, workers=2)) as pool:
-        await pool.wait_ready(FIRST_FORKS)
+        await pool.wait_ready(EARLY)
         first = {worker.pid for worker in pool.workers if worker.ready}
         assert pool.status()["template"]["why_not_immortal"] == "being made immortal"
         with pytest.raises(ModelFailed):
@@ -295,6 +301,23 @@ def test_the_walk_leaves_nothing_reachable_mortal(python: str | None) -> None:
     assert report["marked"] > 20_000 and report["looked_at"] > report["marked"], report
 
 
+@pytest.mark.parametrize(
+    ("cores", "threads", "early"),
+    [
+        (2, 1, 1),  # 4 models of 1 thread on 2 cores: the walk's core would be taken
+        (1, 1, 1),  # never none: the service answers while the template walks
+        (8, 1, 7),  # a core spare: forked at once (the pool forks no more than its workers)
+        (8, 2, 3),
+        (16, 4, 3),  # the default budget, 16 cores for 4 models: the last one waits
+        (8, None, 1),  # --model-threads 0: a library may take every core
+    ],
+)
+def test_the_models_forked_before_the_walk_leave_it_a_core(
+    cores: int, threads: int | None, early: int
+) -> None:
+    assert forks_before_walk(cores, threads) == early
+
+
 @pytest.mark.skipif(sys.version_info >= (3, 12), reason="runs the model on the service's 3.11")
 async def test_on_python_3_11_the_objects_are_not_made_immortal_and_status_says_why() -> None:
     async with open_pool(config(sys.executable, keys=1000, workers=2)) as pool:
@@ -320,6 +343,7 @@ async def test_no_preload_immortal_leaves_the_objects_mortal(python: str | None)
         template = pool.status()["template"]
         assert template["immortal"] is False
         assert template["why_not_immortal"] == "turned off (--no-preload-immortal)"
+        assert template["forks_before_walk"] is None  # no walk: every fork goes at once
         answer = await pool.predict({"check": True})
         assert answer["refcount"] < 1000  # a mortal table's count
         assert immortal_restarts(pool) == 0

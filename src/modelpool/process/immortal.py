@@ -5,13 +5,15 @@ A template's children share its pages until they write them, and reading a Pytho
 object writes its reference count: with --preload-immortal (on by default), the
 launcher marks the template's objects immortal once it is ready (_immortal.py says how,
 and where it is refused: Python 3.11 and older, free-threaded and debug builds). The
-walk takes seconds for millions of objects. The first model does not wait for it: it is
-forked from the template as it is, so the service answers while the walk runs. The
-others wait for it (`before_fork`, WALK_WAIT at most): forked before, each would copy
-the pages of every object it reads, at the cost of the CPU the walk and the first
-model need, and be thrown away after. Once the walk is done (`immortal`), each child
-forked before is replaced by surge (`replace_mortal`), by a fork of the immortal
-template, under the restart reason `immortal`.
+walk takes seconds for millions of objects. The first models do not wait for it: they
+are forked from the template as it is, so the service answers while the walk runs, as
+many as leave the walk a core of its own when they compute (`forks_before_walk`: all
+of them on a machine with cores to spare, one where the models' thread budgets take
+every core). The others wait for it (`before_fork`, WALK_WAIT at most): forked before,
+each would take the walk's core, copy the pages of every object it reads, and be thrown
+away after. Once the walk is done (`immortal`), each child forked before is replaced by
+surge (`replace_mortal`), by a fork of the immortal template, under the restart reason
+`immortal`.
 
 `Immortality` is one template process's: a template loaded again walks again.
 """
@@ -30,19 +32,37 @@ from modelpool.process.control import Message
 log = logging.getLogger("modelpool.preload")
 
 REPLACE_EVERY = 1.0  # seconds between two asks to replace the children forked before
-FIRST_FORKS = 1  # forks that do not wait for the walk: the service answers meanwhile
 WALK_WAIT = 60.0  # seconds a later fork waits for the walk, at most
 Replace = Callable[[set[int]], None]  # the pool's: replace the models of these pids by surge
+
+
+def forks_before_walk(cores: int, threads: int | None) -> int:
+    """How many children are forked before the walk ends: as many as leave the walk a
+    core of its own while they compute, each taking `threads` cores (its thread budget;
+    None, --model-threads 0: as many as the machine has), and at least one, so that the
+    service answers while the template walks.
+
+    A child beyond those would take the walk's core: the walk then lasts several times
+    longer, meanwhile every child copies the pages of the objects it reads, and all of
+    them are replaced after. Measured on 2 cores with 4 single-thread models of
+    2,000,000 keys (benchmarks/preload.py): all 4 forked at once were 4/4 ready in 2.6 s
+    but served 0.85 of plain models' requests a second over their first 2,000 requests;
+    one forked at once, the others after the walk, 5.6 s and 1.00.
+    """
+    per_child = cores if threads is None else max(1, threads)
+    return max(1, (cores - 1) // per_child)
 
 
 class Immortality:
     """Whether one template's objects are immortal (its process's: reset when it loads
     again), and which of its children were forked before they were."""
 
-    def __init__(self, name: str, wanted: bool) -> None:
-        """`wanted`: --preload-immortal."""
+    def __init__(self, name: str, wanted: bool, early: int) -> None:
+        """`wanted`: --preload-immortal; `early`: the forks that do not wait for the walk
+        (`forks_before_walk`)."""
         self.name = name
         self._wanted = wanted
+        self.early = early
         self._on_immortal: Callable[[], None] | None = None
         self._process = 0  # how many template processes it has seen, for replace_mortal
         self._settled = trio.Event()
@@ -72,9 +92,9 @@ class Immortality:
             self._settled.set()
 
     async def before_fork(self) -> None:
-        """Called before each fork request: the first FIRST_FORKS go at once, the others
+        """Called before each fork request: the first `early` go at once, the others
         wait for the walk to end (WALK_WAIT seconds at most)."""
-        if self.walking and self._forks_while_walking >= FIRST_FORKS:
+        if self.walking and self._forks_while_walking >= self.early:
             with trio.move_on_after(WALK_WAIT):
                 await self._settled.wait()
         if self.walking:
@@ -82,7 +102,7 @@ class Immortality:
 
     async def ask(self, sock: trio.socket.SocketType, sending: trio.Lock) -> None:
         """With --preload-immortal, ask the template (now ready) to walk its objects;
-        the first fork does not wait for it (see before_fork)."""
+        the first forks do not wait for it (see before_fork)."""
         if not self.walking:
             return
         try:
@@ -139,4 +159,5 @@ class Immortality:
             "why_not_immortal": why_not,
             "immortal_objects": self.objects,
             "immortal_seconds": self.seconds,
+            "forks_before_walk": self.early if self._wanted else None,
         }

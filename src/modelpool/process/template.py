@@ -25,7 +25,7 @@ from modelpool.process.control import BadMessage, Requests
 from modelpool.process.devices import ROOM_VAR
 from modelpool.process.forked import ForkedProcess
 from modelpool.process.forkpoint import first_word
-from modelpool.process.immortal import Immortality
+from modelpool.process.immortal import Immortality, forks_before_walk
 from modelpool.process.launch import launcher_command
 from modelpool.process.lending import Lending
 from modelpool.process.model import ModelProcess, StartFailed, model_environment, open_model
@@ -90,7 +90,8 @@ class Template:
         self._env: dict[str, str] = {}  # the environment the ready template started with
         self._lending: Lending | None = None  # unsafe to fork: lent as a plain model
         self.adopted_by: str | None = None  # the worker that took it so (lending.py)
-        self.immortality = Immortality(self.name, config.preload_immortal)  # see immortal.py
+        early = forks_before_walk(threads.usable_cores(), threads.per_model(config))
+        self.immortality = Immortality(self.name, config.preload_immortal, early)  # immortal.py
 
     # -- its life -----------------------------------------------------------------------
 
@@ -317,7 +318,7 @@ class Template:
         """One child, with its own pipes, token and `env` changes (see env_changes);
         StartFailed if the template cannot."""
         started_at = trio.current_time()
-        await self.immortality.before_fork()  # the first fork goes at once, not the others
+        await self.immortality.before_fork()  # the first go at once, the others after the walk
         sock = self._sock
         if sock is None or self.state is not TemplateState.READY:
             gone = TemplateGone if self.state is TemplateState.LOADING else StartFailed

@@ -177,8 +177,9 @@ MODEL_OPTIONS = [
         "with --preload on CPython 3.12 or 3.13 (the GIL build): once the template is "
         "ready, make its Python objects immortal, so that a model forked from it does not "
         "copy the pages of the objects it reads (their reference counts are no longer "
-        "written); the first model is forked at once and serves meanwhile (it is replaced "
-        "once it is done), the others are forked once it is done. "
+        "written); models that leave the walk a core of its own (at least one) are forked at "
+        "once and serve meanwhile (they are replaced once it is done), the others are "
+        "forked once it is done. "
         "Template objects are then never freed in a model: their finalizers and weak "
         "reference callbacks never run there",
         POOL,
