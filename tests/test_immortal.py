@@ -171,6 +171,7 @@ async def test_the_first_child_serves_while_the_walk_runs_and_is_replaced_once_i
         assert not failed, failed[:3]
         assert len(outcomes) > 20
         assert template["why_not_immortal"] is None
+        assert template["forks_before_walk"] == EARLY  # still said once it is done
         assert template["immortal_objects"] >= 1_500_000 * 3  # the keys, the tuples, their ints
         await wait_until(
             lambda: all(w.ready for w in pool.workers) and len(pool.workers) == WORKERS,
@@ -330,6 +331,7 @@ async def test_on_python_3_11_the_objects_are_not_made_immortal_and_status_says_
         template = pool.status()["template"]
         assert template["immortal"] is False
         assert "Python 3.11 has no immortal objects" in template["why_not_immortal"]
+        assert template["forks_before_walk"] is None  # no walk: every fork goes at once
         assert (await pool.predict({"lookups": 10}))["pid"] in {w.pid for w in pool.workers}
         await trio.sleep(0.5)
         assert immortal_restarts(pool) == 0  # nothing to replace

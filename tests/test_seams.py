@@ -50,7 +50,7 @@ CONFIG_ATTRIBUTES += ["server_names", "wsgi_max_body_size", "errorlog", "accessl
 MODULE_NAMES = {
     hypercorn.config: ["Config", "Sockets"],
     hypercorn.events: ["Closed", "Event", "RawData", "Updated"],
-    hypercorn.protocol.events: ["Body", "EndBody", "StreamClosed", "Data", "Event"],
+    hypercorn.protocol.events: ["Body", "EndBody", "StreamClosed", "Data", "Event", "Response"],
     hypercorn.protocol.h11: ["STREAM_ID", "H11Protocol"],
     hypercorn.trio.tcp_server: ["MAX_RECV", "TCPServer"],
     hypercorn.trio.lifespan: ["Lifespan"],
@@ -148,7 +148,7 @@ def test_the_seams_names_and_ours_are_not_hypercorns() -> None:
     from modelpool.http.listener import PromptTCPServer
 
     theirs_protocol = set(dir(H11PROTOCOL)) | set(vars(new_protocol()))
-    overridden = {"handle", *_hypercorn.H11_HOOKS}  # on purpose, as the seam says
+    overridden = {"handle", "stream_send", *_hypercorn.H11_HOOKS}  # on purpose, as the seam says
     for cls in (_hypercorn.H11Protocol, HTTP11Protocol):
         clash = (own_names(cls) - overridden) & theirs_protocol
         assert not clash, moved(f"H11Protocol now has {sorted(clash)}, as {cls.__name__} does")
@@ -276,6 +276,33 @@ async def test_h11_events_are_framed_and_a_stream_is_closed_by_the_helpers() -> 
     assert [bytes(e.data[:12]) for e in sent] == [b"HTTP/1.1 204"], moved("_send_h11_event")
     assert [type(e) for e in received] == [_hypercorn.StreamClosed], moved("_close_stream")
     assert protocol.stream is None, moved("_close_stream keeps the stream")
+
+
+async def test_a_response_goes_through_stream_send_and_closes_an_unfinished_request() -> None:
+    """hypercorn's ASGI stream hands the start of a response to the protocol's
+    `stream_send` as a `Response` (http1.py adds `Connection: close` there), and closes
+    the connection after a response sent before the request was read to its end."""
+    from modelpool.http import _hypercorn
+
+    seen: list[Any] = []
+    sent: list[Any] = []
+
+    class Probe(_hypercorn.H11Protocol):
+        async def stream_send(self, event: Any) -> None:
+            seen.append(event)
+            await super().stream_send(event)
+
+    wrapped = _hypercorn.wrap_app(answer_ok, 2**20, "asgi")
+    head = b"POST / HTTP/1.1\r\nHost: localhost\r\nContent-Length: 10\r\n\r\n"
+    async with _hypercorn.TaskGroup() as task_group:
+        protocol = new_protocol(Probe, wrapped, task_group, sent)
+        await protocol.handle(_hypercorn.RawData(head))  # its body never comes
+        await trio.testing.wait_all_tasks_blocked()
+    starts = [event for event in seen if isinstance(event, _hypercorn.Response)]
+    assert [event.status_code for event in starts] == [200], moved(f"stream_send got {seen}")
+    assert any(isinstance(event, _hypercorn.Closed) for event in sent), moved(
+        "a response to a request not read to its end no longer closes the connection"
+    )
 
 
 async def test_the_connections_hooks_are_called_by_hypercorns_own_run() -> None:

@@ -34,7 +34,10 @@ And it relies on what these classes do, which no test of hypercorn's promises:
   (`TCPServer._idle_timeout`, a task started afresh for every request), which the
   listener never starts;
 - it recycles the connection for its next request from inside the app's `send` of a
-  response's last body chunk (connections.py shields that `send`);
+  response's last body chunk (connections.py shields that `send`), and only if the
+  request was read to its end by then: else it closes the connection;
+- its ASGI stream hands the start of a response to the protocol's public `stream_send`
+  as a `Response` event, which a subclass may amend (http1.py adds `Connection: close`);
 - the connection calls only `initiate` and `handle` on its `protocol`, so an
   `H11Protocol` can stand in for hypercorn's `ProtocolWrapper`, which would switch to
   HTTP/2 (`use_protocol`); and hands `Closed` to `close_socket`;
@@ -56,7 +59,7 @@ import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.events import Closed, Event, RawData, Updated
 from hypercorn.protocol import h11 as _h11
-from hypercorn.protocol.events import Body, EndBody, StreamClosed
+from hypercorn.protocol.events import Body, EndBody, Response, StreamClosed
 from hypercorn.protocol.events import Data as PassThrough
 from hypercorn.protocol.events import Event as StreamEvent
 from hypercorn.trio import tcp_server as _tcp
@@ -96,6 +99,7 @@ __all__ = [
     "LifespanState",
     "PassThrough",
     "RawData",
+    "Response",
     "Scope",
     "Sockets",
     "StreamClosed",

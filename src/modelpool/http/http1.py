@@ -45,6 +45,7 @@ connection limit, one whose body arrives below --min-body-rate is the first to g
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 from http import HTTPStatus
@@ -66,7 +67,9 @@ from modelpool.http._hypercorn import (
     H11Protocol,
     PassThrough,
     RawData,
+    Response,
     StreamClosed,
+    StreamEvent,
     Updated,
 )
 
@@ -170,6 +173,25 @@ class HTTP11Protocol(H11Protocol):
         else:
             await self.send(RawData(data=data))
         await self.stream_send(StreamClosed(stream_id=STREAM_ID))
+
+    async def stream_send(self, event: StreamEvent) -> None:
+        """hypercorn's, but a response sent before its request was read to its end (a
+        refusal that does not read the body: 413, 401, 403, 415) says `Connection: close`.
+
+        hypercorn closes the connection after such a response (it goes on to the next
+        request only once both sides are done), and a client not told so sent its next
+        request on the connection, to find it closed ("Server disconnected without
+        sending a response", when the body came after the headers). A server that closes
+        a connection after a response says so in it (RFC 9112 section 9.6).
+        """
+        if (
+            isinstance(event, Response)
+            and event.status_code >= 200
+            and self.connection.their_state is not h11.DONE
+            and CLOSE not in event.headers
+        ):
+            event = dataclasses.replace(event, headers=[*event.headers, CLOSE])
+        await super().stream_send(event)
 
     async def handle(self, event: Event) -> None:
         if isinstance(event, RawData) and self.connection.their_state is h11.MUST_CLOSE:

@@ -159,5 +159,6 @@ class Immortality:
             "why_not_immortal": why_not,
             "immortal_objects": self.objects,
             "immortal_seconds": self.seconds,
-            "forks_before_walk": self.early if self._wanted else None,
+            # how many go before the walk ends; None where there is no walk
+            "forks_before_walk": self.early if self.walking or self.immortal else None,
         }
