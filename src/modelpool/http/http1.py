@@ -187,7 +187,7 @@ class HTTP11Protocol(H11Protocol):
         if (
             isinstance(event, Response)
             and event.status_code >= 200
-            and self.connection.their_state is not h11.DONE
+            and self.connection.their_state is h11.SEND_BODY  # not DONE, nor an Upgrade's
             and CLOSE not in event.headers
         ):
             event = dataclasses.replace(event, headers=[*event.headers, CLOSE])
