@@ -460,12 +460,7 @@ def mission(
     batches = []
     for slow in (0, slow_clients):
         for server in servers:
-            try:
-                batch = trio.run(run_batch, server, durations, slow, trickle)
-            except BaseExceptionGroup as group:  # a Ctrl-C inside the batch's nurseries
-                if group.subgroup(KeyboardInterrupt) is not None:
-                    raise KeyboardInterrupt from None
-                raise
+            batch = in_trio(run_batch, server, durations, slow, trickle)
             print(
                 f"  {server.name:<10} {slow} slow clients: {batch.measured_s:6.2f} s "
                 f"(ideal {batch.ideal_s:.2f} s) = {batch.efficiency:.1%}"
@@ -738,6 +733,16 @@ def on_sigterm(signum: int, frame: object) -> None:
     """SIGTERM acts as Ctrl-C: a KeyboardInterrupt, which trio too delivers safely, so
     every `finally` stops its servers."""
     signal.raise_signal(signal.SIGINT)
+
+
+def in_trio(fn: Any, *args: Any) -> Any:
+    """`trio.run(fn, *args)`, a Ctrl-C inside its nurseries raised as KeyboardInterrupt."""
+    try:
+        return trio.run(fn, *args)
+    except BaseExceptionGroup as group:
+        if group.subgroup(KeyboardInterrupt) is not None:
+            raise KeyboardInterrupt from None
+        raise
 
 
 def main() -> int:

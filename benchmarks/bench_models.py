@@ -58,7 +58,7 @@ from typing import Any
 
 import httpx
 import trio
-from bench import BenchError
+from bench import BenchError, in_trio, on_sigterm
 
 from benchtools import alive, descendants, free_port, stop_group, table
 
@@ -545,20 +545,6 @@ def parse_args() -> argparse.Namespace:
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
-
-
-def on_sigterm(signum: int, frame: object) -> None:
-    """SIGTERM acts as Ctrl-C, so every `finally` stops its service."""
-    signal.raise_signal(signal.SIGINT)
-
-
-def in_trio(fn: Any, *args: Any) -> Any:
-    try:
-        return trio.run(fn, *args)
-    except BaseExceptionGroup as group:  # a Ctrl-C inside a nursery
-        if group.subgroup(KeyboardInterrupt) is not None:
-            raise KeyboardInterrupt from None
-        raise
 
 
 def run(args: argparse.Namespace, log_dir: Path) -> dict[str, Any]:
