@@ -41,16 +41,11 @@ async def run_pool(
     model_name: str | None = None,
     other_devices: Callable[[Pool], Iterable[str | None]] | None = None,
 ) -> AsyncIterator[Pool]:
-    """Run a pool for the duration of the block; on exit, drain it and stop every model.
-
-    `reaper` decides how far the pool goes to kill what its models leave behind; the
-    default kills each model's group, tree and token carriers (see reaper.py). Raises
-    ModelCommandError at once if the model command cannot even be executed, and
-    FirstStartFailed (a ModelCommandError) once every model's first start failed,
-    unless `config.keep_trying`; ConfigError before any model starts if no queue
-    backend can open `config.queue` (see queues/backends.py). `model_name` names it in
-    logs and /status, one of several models (fleet.py), whose workers' devices
-    `other_devices` says (a new worker takes the least used).
+    """One model's pool for the duration of the block, as `open_pool` (opening.py) says,
+    with the same errors: `open_pool` runs it for a config of one model, `open_fleet`
+    for each of several. `model_name` names it in logs and /status, one of several models
+    (fleet.py), whose workers' devices `other_devices` says (a new worker takes the least
+    used).
     """
     config = config or PoolConfig()
     if config.models:
