@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -33,7 +34,7 @@ import pytest
 import trio
 from redisserver import free_port, redis_server
 
-from conftest import FAST_MODEL3, MODELS, children_of
+from conftest import FAST_MODEL3, MODEL3, MODELS, children_of
 from modelpool.service.sdnotify import EXTEND_EVERY
 from serverproc import ServerProcess, clean_env, server_process, wait_listening, wait_ready
 
@@ -133,13 +134,21 @@ def assert_models_inherit_nothing(server: ServerProcess) -> None:
         assert not sockets_of(pid), f"model {pid} inherited sockets {sockets_of(pid)}"
 
 
-async def test_systemd_hears_extensions_ready_status_watchdog_reload_and_stop() -> None:
+async def test_systemd_hears_extensions_ready_status_watchdog_reload_and_stop(
+    tmp_path: Path,
+) -> None:
     async with notify_socket() as heard:
-        # Models that load for about 2 s: long after the service first tells systemd how
-        # it is, however fast this machine imports the HTTP stack meanwhile.
+        # Models that load for about 2 s, and begin only once the service has first told
+        # systemd how it is (its first STATUS=, with an extension, while none is ready):
+        # however long a busy machine takes to import the HTTP stack meanwhile.
+        gate = tmp_path / "gate"
+        wait_then_load = 'while [ ! -e "$0" ]; do sleep 0.05; done; exec "$@"'
+        model = shlex.join(["sh", "-c", wait_then_load, str(gate), *MODEL3])
         slow_enough = {"MODEL3_STEP_SECONDS": "0.4"}
         env = {**slow_enough, "NOTIFY_SOCKET": heard.address, "WATCHDOG_USEC": "1000000"}
-        async with server_process("--workers", "2", env=env) as server:
+        async with server_process("--workers", "2", "--model-cmd", model, env=env) as server:
+            await heard.wait_for("STATUS")
+            gate.touch()
             ready = await heard.wait_for("READY", "1")
             extensions = heard.having("EXTEND_TIMEOUT_USEC")
             assert extensions, "no EXTEND_TIMEOUT_USEC while the models started"
