@@ -134,6 +134,13 @@ class Run:
     def may_send(self) -> bool:
         return not self.stopping and self.sent < self.args.requests
 
+    def begin(self) -> None:
+        """Count a request sent and in flight as it is decided on, not when its task first
+        runs: behind schedule, the open loop starts several in one turn of trio's loop,
+        and each would pass `may_send` (--requests) and the --max-in-flight cap."""
+        self.sent += 1
+        self.in_flight += 1
+
 
 # -- the service, when we start one -----------------------------------------------------
 
@@ -175,9 +182,8 @@ async def wait_ready(client: httpx.AsyncClient, within: float) -> int:
 
 
 async def send_one(run: Run, client: httpx.AsyncClient, started: float) -> None:
+    """One request, counted by its caller (`Run.begin`)."""
     kind = run.random.choices(run.kinds, run.weights)[0]
-    run.sent += 1
-    run.in_flight += 1
     status = -1
     try:
         response = await client.post(
@@ -194,6 +200,7 @@ async def send_one(run: Run, client: httpx.AsyncClient, started: float) -> None:
 async def closed_loop(run: Run, client: httpx.AsyncClient) -> None:
     async def user() -> None:
         while run.may_send():
+            run.begin()
             await send_one(run, client, run.now())
 
     async with trio.open_nursery() as nursery:
@@ -214,6 +221,7 @@ async def open_loop(run: Run, client: httpx.AsyncClient) -> None:
             if run.in_flight >= run.args.max_in_flight:
                 run.capped += 1
                 continue
+            run.begin()
             nursery.start_soon(send_one, run, client, scheduled)
 
 
