@@ -191,7 +191,9 @@ async def hang_up_mid_computation(config: PoolConfig) -> tuple[int | None, int |
 async def test_a_client_gone_mid_computation_frees_its_fork_at_once() -> None:
     config = scripted_config(preload=True)
     before, after, freed = await hang_up_mid_computation(config)
-    assert after != before and freed < 0.5, freed
+    # at once (milliseconds), not once its 3 s are done (2.7 s after the hang-up): half of
+    # that is the margin a busy machine needs (0.51 s seen with a second suite beside it)
+    assert after != before and freed < 1.35, freed
 
 
 async def test_without_preload_auto_lets_the_model_finish_and_serve_on() -> None:
