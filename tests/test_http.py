@@ -247,6 +247,9 @@ async def test_health_readiness_and_status() -> None:
         await server.pool.wait_ready()
         assert (await client.get("/readyz")).json()["ready"] == 2
         await client.post("/predict", json={"n": 1})
+        # The answer goes out before its worker says it is idle again (serving.py): wait.
+        pool = server.pool
+        await wait_until(lambda: all(w.state == "idle" for w in pool.workers), 5, "idle")
         status = (await client.get("/status")).json()
         assert status["size"] == 2
         assert status["queue"] == 0
