@@ -20,6 +20,7 @@ import trio
 
 from conftest import hostile_config, predict_into, wait_until
 from modelpool import PoolConfig, open_pool
+from modelpool.core.errors import QueueTimeout
 from modelpool.pool.pool import Pool
 
 BIG_MIB = 400
@@ -72,10 +73,14 @@ async def _make_every_child_big(pool: Pool) -> None:
             big |= {a["pid"] for a in answers if isinstance(a, dict)}
 
 
-def _dies_unread(tmp_path: Path, workers: int = 1, delay: float = 0) -> PoolConfig:
-    """dies_unread.py: the first model dies on its first request, `delay` s after it came."""
+def _dies_unread(
+    tmp_path: Path, workers: int = 1, delay: float = 0, load: float = 0, **overrides: object
+) -> PoolConfig:
+    """dies_unread.py: the first model dies on its first request, `delay` s after it
+    came; the others take `load` s to load."""
     env = {"DIES_UNREAD_MARKER": str(tmp_path / "first"), "DIES_UNREAD_DELAY": str(delay)}
-    return hostile_config("dies_unread.py", env=env, workers=workers)
+    env["DIES_UNREAD_LOAD"] = str(load)
+    return hostile_config("dies_unread.py", env=env, workers=workers, **overrides)
 
 
 async def test_a_request_queued_again_is_served_by_the_worker_that_took_it_meanwhile(
@@ -125,3 +130,25 @@ async def test_a_request_queued_again_goes_before_the_requests_that_came_after_i
             assert isinstance(answer, dict), (name, answer)
             counts[name] = answer["count"]
         assert counts == {"A": 1, "B": 2, "C": 3}
+
+
+async def test_a_request_queued_again_waits_no_longer_than_the_queue_timeout(
+    tmp_path: Path,
+) -> None:
+    """Its model died before reading it, and the replacement takes 8 s to load: the
+    request waits for a model again, but only a --queue-timeout (1 s) from then, as any
+    request does; it does not wait for the replacement (or a back-off of up to
+    --backoff-max) unbounded. The replacement serves the next one."""
+    config = _dies_unread(tmp_path, load=8, queue_timeout=1.0)
+    async with open_pool(config) as pool:
+        await pool.wait_ready()
+        started = trio.current_time()
+        with pytest.raises(QueueTimeout):
+            await pool.predict({"name": "A"})
+        waited = trio.current_time() - started
+        assert 0.9 <= waited < 5, waited  # its queue timeout again, not the 8 s load
+        assert pool.queue_length == 0
+        await pool.wait_ready()
+        answer = await pool.predict({"name": "B"})
+        assert answer["echo"] == {"name": "B"} and answer["count"] == 1
+        assert sum(w.failed for w in pool.workers) == 0  # no model failed a request

@@ -4,7 +4,8 @@ others answer.
 
 The first to create the file named by DIES_UNREAD_MARKER writes its pid there, waits
 (select) until a request is in its stdin, waits DIES_UNREAD_DELAY seconds more (default
-0), and exits with code 3, the request unread. Every other one answers each request
+0), and exits with code 3, the request unread. Every other one waits
+DIES_UNREAD_LOAD seconds (default 0) before its ready line, then answers each request
 {"sleep": s, ...} after s seconds with {"echo": <request>, "pid": <its pid>, "count":
 <requests it has answered, this one included>}.
 """
@@ -22,6 +23,8 @@ except FileExistsError:
 if marker is not None:  # its pid is there before it is ready: a test reads it then
     os.write(marker, str(os.getpid()).encode())
     os.close(marker)
+if marker is None:
+    time.sleep(float(os.environ.get("DIES_UNREAD_LOAD", "0")))
 print("ready: Model-initialized", flush=True)
 if marker is not None:
     select.select([0], [], [])

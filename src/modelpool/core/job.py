@@ -62,10 +62,9 @@ class Job:
         # trio time by which its caller wants its answer (X-Request-Timeout), if it said
         self.deadline = deadline
         self.priority = priority
+        self._queue_timeout = queue_timeout
         # trio time by which a model must take it (None: it may wait forever)
-        waits = [] if queue_timeout is None else [self.enqueued_at + queue_timeout]
-        by = waits + ([] if deadline is None else [deadline])
-        self.take_by = min(by) if by else None
+        self.take_by = self._take_by(self.enqueued_at)
         # While a model computes it: cancelling this kills the model for it (intake.py,
         # --cancel-computing), as a timeout does.
         self.compute_scope: trio.CancelScope | None = None
@@ -75,6 +74,20 @@ class Job:
         self.done = trio.Event()
         self._value: dict[str, Any] | None = None
         self._error: PoolError | None = None
+
+    def _take_by(self, since: float) -> float | None:
+        """A queue timeout from `since`, or its deadline if that comes first."""
+        waits = [] if self._queue_timeout is None else [since + self._queue_timeout]
+        by = waits + ([] if self.deadline is None else [self.deadline])
+        return min(by) if by else None
+
+    def queue_again(self, now: float) -> None:
+        """Its model died before it could read it: it waits for a model once more, for a
+        whole queue timeout from `now` (its deadline still comes first). The fault was
+        no caller's, so the wait it already had is not held against it; but a wait for
+        a replacement model that backs off for up to --backoff-max is bounded too."""
+        self.taken = trio.Event()
+        self.take_by = self._take_by(now)
 
     def past_deadline(self, now: float) -> bool:
         """Whether its caller's deadline has passed at trio time `now`."""

@@ -120,7 +120,12 @@ class LocalQueue(JobQueue):
         return True
 
     def requeue(self, job: Job) -> None:
-        """At the head, before every class: the next `get` takes it."""
+        """At the head, before every class: the next `get` takes it. Its caller's wait
+        has a deadline again (`Job.queue_again`): no model may be free for a while."""
+        job.queue_again(trio.current_time())
+        scope = self._deadlines.get(job)
+        if scope is not None:
+            scope.deadline = math.inf if job.take_by is None else job.take_by
         self._count_in(job)
         self._front.append(job)
         self._send.send_nowait(None)
