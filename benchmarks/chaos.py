@@ -277,7 +277,11 @@ class Session:
             mine.sent += 1
         try:
             with trio.fail_after(CLIENT_DEADLINE):
-                response = await client.post(self.route(model), json={"id": request_id, **extra})
+                response = await client.post(
+                    self.route(model),
+                    json={"id": request_id, **extra},
+                    headers={"X-Request-ID": request_id},  # the service's log names it so
+                )
         except (httpx.TimeoutException, trio.TooSlowError) as exc:
             self.tally.missing += 1
             self.tally.missing_examples.append(f"{request_id}: {type(exc).__name__} {exc}")
@@ -563,6 +567,7 @@ def main() -> int:
         "lost": t.lost,
         "lost_kinds": dict(sorted(t.lost_kinds.items())),
         "missing": t.missing,
+        "unanswered": t.lost_examples[:5] + t.missing_examples[:5],  # "<request id>: why"
         "left_behind": len(left),
         "service_exit_code": exit_code,
         "chaos": dict(sorted(t.chaos.items())),

@@ -30,6 +30,7 @@ async def test_a_short_chaos_session_keeps_every_promise(
     template, a slot moved by a fork): each request to one of them, every answer from a
     process of the model asked, and slots moved between them."""
     summary_file = tmp_path / "chaos.json"
+    service_log = tmp_path / "service.log"
     done = await trio.run_process(
         [
             sys.executable,
@@ -38,6 +39,8 @@ async def test_a_short_chaos_session_keeps_every_promise(
             str(DURATION),
             "--json",
             str(summary_file),
+            "--service-log",
+            str(service_log),
             *(["--preload"] if preload else []),
             *(["--models", str(models)] if models > 1 else []),
         ],
@@ -45,13 +48,13 @@ async def test_a_short_chaos_session_keeps_every_promise(
         check=False,
     )
     output = done.stdout.decode()
-    assert done.returncode == 0, output
     summary = json.loads(summary_file.read_text())
+    assert done.returncode == 0, (output, _told(service_log, summary))
     assert summary["wrong_id"] == 0
     # a connection closed or reset before its answer: "Server disconnected without sending
     # a response" and the like, by kind
-    assert summary["lost"] == 0, summary["lost_kinds"]
-    assert summary["missing"] == 0
+    assert summary["lost"] == 0, (summary["lost_kinds"], _told(service_log, summary))
+    assert summary["missing"] == 0, _told(service_log, summary)
     assert summary["left_behind"] == 0
     assert summary["service_exit_code"] == 0
     assert all(summary["checks"].values()), summary["checks"]
@@ -69,3 +72,11 @@ async def test_a_short_chaos_session_keeps_every_promise(
         assert summary["slot_moves"] >= 1
         assert set(summary["models"]) == {f"m{i}" for i in range(models)}
         assert all(m["ok"] > 0 for m in summary["models"].values()), summary["models"]
+
+
+def _told(service_log: Path, summary: dict) -> list[str]:
+    """What the service logged of the requests that got no answer, by their ids (each
+    request is sent with its id as X-Request-ID), to tell where one was lost."""
+    ids = [example.split(":")[0] for example in summary["unanswered"]]
+    lines = service_log.read_text(errors="replace").splitlines()
+    return [line for line in lines if any(i in line for i in ids)][:40] or lines[-40:]
