@@ -34,7 +34,7 @@ import pytest
 import trio
 from redisserver import free_port, redis_server
 
-from conftest import FAST_MODEL3, MODEL3, MODELS, children_of
+from conftest import FAST_MODEL3, MODEL3, MODELS, children_of, wait_until
 from modelpool.service.sdnotify import EXTEND_EVERY
 from serverproc import ServerProcess, clean_env, server_process, wait_listening, wait_ready
 
@@ -286,6 +286,10 @@ async def test_systemd_socket_activate_starts_modelpool_on_its_socket() -> None:
     passed = [f"--setenv={name}" for name in env]  # it passes on only the variables named
     command = [binary, "-l", f"127.0.0.1:{port}", *passed, *MODELPOOL, "--port", "1"]
     async with running(command, env) as server:
+        # It listens once it has said so (a busy machine may take a while to run it);
+        # modelpool starts only with the first connection.
+        listening = f"Listening on 127.0.0.1:{port}"
+        await wait_until(lambda: any(listening in line for line in server.log), 20, listening)
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
             response = await client.post("/predict", json={"data": 0.1})
             assert response.status_code == 200, response.text
