@@ -75,10 +75,9 @@ class LocalQueue(JobQueue):
 
     async def wait(self, job: Job) -> None:
         # One wait, whose deadline is the queue timeout until a worker takes the job and
-        # lifts it (see `claim`): waiting for "taken", then for "done", cost the caller a
-        # task switch per request.
-        deadline = math.inf if job.take_by is None else job.take_by
-        with trio.CancelScope(deadline=deadline) as scope:
+        # lifts it (see `claim`; `requeue` sets it again): waiting for "taken", then for
+        # "done", cost the caller a task switch per request.
+        with trio.CancelScope(deadline=_take_deadline(job)) as scope:
             self._deadlines[job] = scope
             try:
                 await job.done.wait()
@@ -125,7 +124,7 @@ class LocalQueue(JobQueue):
         job.queue_again(trio.current_time())
         scope = self._deadlines.get(job)
         if scope is not None:
-            scope.deadline = math.inf if job.take_by is None else job.take_by
+            scope.deadline = _take_deadline(job)
         self._count_in(job)
         self._front.append(job)
         self._send.send_nowait(None)
@@ -215,6 +214,11 @@ class LocalQueue(JobQueue):
         victim.line = b""
         victim.fail(QueueFull())  # settled: a worker skips it
         return True
+
+
+def _take_deadline(job: Job) -> float:
+    """Its caller's wait's deadline while no model has taken it: `take_by`, if any."""
+    return math.inf if job.take_by is None else job.take_by
 
 
 def _gone(job: Job) -> bool:
