@@ -23,7 +23,7 @@ except FileExistsError:
 if marker is not None:  # its pid is there before it is ready: a test reads it then
     os.write(marker, str(os.getpid()).encode())
     os.close(marker)
-if marker is None:
+else:
     time.sleep(float(os.environ.get("DIES_UNREAD_LOAD", "0")))
 print("ready: Model-initialized", flush=True)
 if marker is not None:
